@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Idempotent set-up: virtual environment, tba-fed with its dependencies, offline assets.
+# A second run only checks a stamp keyed on pyproject.toml and returns in well under a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${TBA_FED_VENV:-.venv}
+STAMP="$VENV/.tba-fed-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+
+if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
+  python=$(command -v python3.11 || command -v python3)
+  [[ -x "$VENV/bin/python" ]] || "$python" -m venv "$VENV"
+  # torch/torchvision pairs that import together on the CPU (PyPI's torchvision does not import beside
+  # every torch build); pip on Python 3.11 takes the x86_64 pair from local disk where it lies there.
+  case "$(uname -m)" in
+    aarch64|arm64) torch_pins=(torch==2.9.1 torchvision==0.24.1) ;;
+    *) torch_pins=(torch==2.14.1 torchvision==0.29.1) ;;
+  esac
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${torch_pins[@]}"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${torch_pins[@]}" -e '.[assets,test]'
+  echo "$want" > "$STAMP"
+fi

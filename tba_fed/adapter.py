@@ -1,0 +1,105 @@
+"""A thin view of a timm vision transformer as a sequence of residual blocks.
+
+TBA only needs three things from a model: its embedding (patches, prefix tokens, position
+embedding), its block sequence, and its final norm and head. timm's ``VisionTransformer`` family
+(``vit_*``, ``deit_*`` incl. distilled, ``vit_*_dinov2`` with layer-scale and register tokens)
+shares that structure, so the adapter works through timm's own submodules instead of copying
+their ``forward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .errors import TBAInputError
+
+TokenMode = Literal["all", "cls", "patch"]
+TOKEN_MODES: tuple[str, ...] = ("all", "cls", "patch")
+
+
+class ViTAdapter:
+    """Runs embedding -> blocks[i:j] -> norm/head of a timm ViT and captures block outputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, VisionTransformer):
+            raise TBAInputError(
+                "model",
+                f"{type(model).__name__} is not a timm VisionTransformer",
+                "use a timm ViT family model such as vit_*, deit_* or vit_*_dinov2",
+            )
+        if not isinstance(model.blocks, nn.Sequential) or len(model.blocks) == 0:
+            raise TBAInputError("model", "the model has no nn.Sequential of blocks")
+        self.model = model
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class, distillation and register tokens that precede the patch tokens."""
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.model.cls_token is not None
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The input of block 0, exactly as timm's ``forward_features`` computes it."""
+        m = self.model
+        x = m.patch_embed(images)
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        return m.norm_pre(x)
+
+    def iter_block_outputs(self, images: torch.Tensor, last: int) -> Iterator[torch.Tensor]:
+        """Yield the outputs of blocks 0..last and stop: later blocks are never run."""
+        if not 0 <= last < self.num_blocks:
+            raise TBAInputError("block", f"block {last} is out of range 0..{self.num_blocks - 1}")
+        x = self.embed(images)
+        for block in self.model.blocks[: last + 1]:
+            x = block(x)
+            yield x
+
+    def run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Apply blocks[start:stop] to a token tensor."""
+        for block in self.model.blocks[start:stop]:
+            x = block(x)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm then timm's head (pooling, fc_norm, classifier)."""
+        return self.model.forward_head(self.model.norm(x))
+
+    def select_tokens(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """Rows that enter the statistics: [batch, tokens, dim] -> [rows, dim].
+
+        ``all`` keeps every token (the paper's default), ``cls`` the class token only, ``patch``
+        the patch tokens only (no class, distillation or register tokens).
+        """
+        self.check_token_mode(mode)
+        if mode == "all":
+            rows = x
+        elif mode == "cls":
+            rows = x[:, :1]
+        else:
+            rows = x[:, self.num_prefix_tokens :]
+        return rows.reshape(-1, x.shape[-1])
+
+    def check_token_mode(self, mode: str) -> None:
+        if mode not in TOKEN_MODES:
+            raise TBAInputError("token_mode", f"unknown token mode {mode!r}", f"use one of {', '.join(TOKEN_MODES)}")
+        if mode == "cls" and not self.has_class_token:
+            raise TBAInputError("token_mode", "cls needs a model with a class token", "use all or patch")
+
+    def block_parameter_count(self, index: int) -> int:
+        return sum(p.numel() for p in self.model.blocks[index].parameters())

@@ -1,0 +1,66 @@
+"""Streaming passes of the frozen model that fill the accumulators.
+
+Memory depends on the batch size, never on the number of images; the forward stops after the
+last block that a computation needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import ViTAdapter
+from .errors import TBAInputError
+from .plan import Span
+from .stats import SimilarityStats, SpanStats
+
+
+def _images(batches: Iterable, adapter: ViTAdapter, device: torch.device, desc: str) -> Iterator[torch.Tensor]:
+    dtype = next(adapter.model.parameters()).dtype
+    seen = 0
+    for batch in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise TBAInputError("data", "batches must be image tensors [batch, channels, height, width]")
+        seen += images.shape[0]
+        yield images.to(device=device, dtype=dtype)
+    if seen == 0:
+        raise TBAInputError("data", "no images", "check the data source and the calibration split")
+
+
+def collect_similarity(adapter: ViTAdapter, batches: Iterable, *, token_mode: str = "all",
+                       device: str | torch.device = "cpu") -> SimilarityStats:
+    """One pass over all blocks: pairwise similarity sums of every block pair."""
+    adapter.check_token_mode(token_mode)
+    stats = SimilarityStats.zeros(adapter.num_blocks)
+    adapter.model.to(device)
+    with torch.inference_mode():
+        for images in _images(batches, adapter, torch.device(device), "similarity"):
+            outputs = [adapter.select_tokens(x, token_mode) for x in
+                       adapter.iter_block_outputs(images, adapter.num_blocks - 1)]
+            stats.update(outputs, images=images.shape[0])
+    return stats
+
+
+def collect_span_stats(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str = "all",
+                       device: str | torch.device = "cpu") -> dict[Span, SpanStats]:
+    """One pass up to the last needed block: G, C and sums for every span at once."""
+    if not spans:
+        raise TBAInputError("plan", "no spans to calibrate")
+    adapter.check_token_mode(token_mode)
+    stats = {span: SpanStats.zeros(adapter.embed_dim) for span in spans}
+    needed = {i for span in spans for i in (span.start, span.end)}
+    last = max(needed)
+    adapter.model.to(device)
+    with torch.inference_mode():
+        for images in _images(batches, adapter, torch.device(device), "statistics"):
+            kept: dict[int, torch.Tensor] = {}
+            for index, x in enumerate(adapter.iter_block_outputs(images, last)):
+                if index in needed:
+                    kept[index] = adapter.select_tokens(x, token_mode)
+            for span, acc in stats.items():
+                acc.update(kept[span.start], kept[span.end], images=images.shape[0])
+    return stats
+

@@ -1,0 +1,166 @@
+"""The ``tba-fed`` command: analyze block similarity, compress a model, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .checkpoint import save_compressed
+from .config import RunConfig, load_config, merge_overrides
+from .data import build_dataset, calibration_split, make_loader
+from .errors import TBAInputError
+from .fileio import atomic_directory
+from .models import create_model
+from .pipeline import analyze, calibrate, choose_plan
+from .report import similarity_markdown, write_similarity
+
+_logger = logging.getLogger("tba_fed")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML run config; the flags below override it")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", dest="model.name", metavar="NAME", help="timm architecture, e.g. deit_small_patch16_224")
+    g.add_argument("--pretrained", dest="model.pretrained", action="store_true", default=None, help="timm hub weights")
+    g.add_argument("--checkpoint", dest="model.checkpoint", metavar="FILE", help="local .safetensors/.pth weights")
+    g.add_argument("--model-seed", dest="model.seed", type=int, metavar="N", help="seed of a random initialisation")
+    g.add_argument("--model-arg", dest="model_args", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="timm create_model override, e.g. img_size=64 or depth=6 (repeatable)")
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", metavar="PATH|synthetic", help="image folder (one sub-folder per class) or 'synthetic'")
+    g.add_argument("--num-images", dest="data.num_images", type=int, metavar="N", help="calibration images (default 500)")
+    g.add_argument("--holdout-fraction", dest="data.holdout_fraction", type=float, metavar="F",
+                   help="share of the images kept out of the fit to compare each map with dropping blocks (0.1)")
+    g.add_argument("--batch-size", dest="data.batch_size", type=int, metavar="N")
+    g.add_argument("--data-seed", dest="data.seed", type=int, metavar="N")
+    g = parser.add_argument_group("method")
+    g.add_argument("--token-mode", dest="token_mode", choices=["all", "cls", "patch"], help="tokens that enter the fit")
+    g.add_argument("--device", dest="device", help="cpu (default) or cuda")
+    g.add_argument("--output", "-o", dest="output", type=Path, metavar="DIR", help="output directory")
+    g.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
+                   help="replace an existing tba-fed output directory")
+
+
+def _add_compress_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("plan")
+    g.add_argument("--plan", dest="plan", metavar="SPANS", help='spans to replace, e.g. "1->2, 4->5" (0-based)')
+    g.add_argument("--budget-blocks", dest="budget.blocks", type=int, metavar="N", help="choose spans removing N blocks")
+    g.add_argument("--budget-params", dest="budget.params", type=int, metavar="N",
+                   help="choose spans removing at least N parameters")
+    g.add_argument("--metric", dest="budget.metric", choices=["mse", "cosine", "angular"], help="cost used to choose spans")
+    g.add_argument("--identity-spans", dest="identity_spans", metavar="SPANS",
+                   help="spans whose blocks are simply dropped instead of fitted")
+    g.add_argument("--bias", dest="bias", action=argparse.BooleanOptionalAction, default=None, help="affine map (default on)")
+    g.add_argument("--ridge", dest="ridge", type=float, metavar="R", help="ridge relative to tr(G)/d (default 0)")
+
+
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k in RunConfig.model_fields}
+    if args.data is not None:
+        overrides.update({"data.source": "synthetic"} if args.data == "synthetic"
+                         else {"data.source": "image_folder", "data.path": args.data})
+    for key, value in args.model_args or []:
+        overrides[f"model.kwargs.{key}"] = value
+    return load_config(args.config, overrides)
+
+
+def _prepare(config: RunConfig):
+    model = create_model(config.model)
+    dataset = build_dataset(config.data, model)
+    calibration, holdout = calibration_split(dataset, config.data)
+    _logger.info("data: %d calibration and %d held-out images", len(calibration), len(holdout))
+    return model, make_loader(calibration, config.data), make_loader(holdout, config.data) if len(holdout) else None
+
+
+def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
+    model, calibration, _ = _prepare(config)
+    similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
+    with atomic_directory(config.output, overwrite=config.overwrite, marker="similarity.json") as tmp:
+        write_similarity(tmp, similarity, metric)
+    print(similarity_markdown(similarity, metric))
+    return config.output
+
+
+def run_compress(config: RunConfig) -> Path:
+    model, calibration, holdout = _prepare(config)
+    similarity = None
+    if config.plan is not None:
+        plan = config.plan
+    elif config.budget is not None:
+        similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
+        plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
+                           metric=config.budget.metric, bias=config.bias)
+        _logger.info("chosen plan for the budget: %s", plan)
+    else:
+        raise TBAInputError("plan", "give a plan or a budget", 'e.g. --plan "1->2" or --budget-blocks 2')
+    result = calibrate(model, plan, calibration, holdout, token_mode=config.token_mode, bias=config.bias,
+                       ridge=config.ridge, identity=config.identity_spans or "", device=config.device, source=config.model)
+    save_compressed(result, config.output, overwrite=config.overwrite, similarity=similarity)
+    print((config.output / "report.md").read_text())
+    print(f"compressed model written to {config.output}/ (maps.safetensors, manifest.yaml, report.md)")
+    return config.output
+
+
+def run_demo(output: Path | None, overwrite: bool) -> Path:
+    text = importlib.resources.files("tba_fed").joinpath("configs/demo.yaml").read_text()
+    raw = yaml.safe_load(text)
+    overrides = {"output": output, "overwrite": True if overwrite else None}
+    config = RunConfig.model_validate(merge_overrides(raw, overrides))
+    _logger.info("demo config:\n%s", text)
+    return run_compress(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tba-fed", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tba-fed {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("analyze", help="similarity of every block pair (table, JSON, PNG heatmap)")
+    _add_run_flags(p)
+    p.add_argument("--metric", dest="metric_name", choices=["mse", "cosine", "angular"], default="mse",
+                   help="metric shown in the table and heatmap (all three are in the JSON)")
+    p = sub.add_parser("compress", help="fit the linear maps of a plan or budget and save the compressed model")
+    _add_run_flags(p)
+    _add_compress_flags(p)
+    p = sub.add_parser("demo", help="compress the embedded default model and data (no arguments needed)")
+    p.add_argument("--output", "-o", type=Path, help="output directory (default outputs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    start = time.perf_counter()
+    try:
+        if args.command == "demo":
+            run_demo(args.output, args.overwrite)
+        elif args.command == "analyze":
+            run_analyze(_config_from_args(args), args.metric_name)
+        else:
+            run_compress(_config_from_args(args))
+    except TBAInputError as err:
+        print(f"tba-fed: error: {err}", file=sys.stderr)
+        return 2
+    _logger.info("done in %.1f s", time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""The compressed model: a timm ViT whose blocks s+1..e are replaced by one linear map.
+
+Only ``model.blocks`` is rewritten, so timm's own ``forward``, ``forward_features`` and
+``forward_head`` keep working unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .adapter import ViTAdapter
+from .plan import Plan, Span, validate_plan
+from .solver import LinearMap
+
+
+class BlockApproximation(nn.Module):
+    """Stands in for blocks s+1..e: x -> x Wᵀ + b applied to every token (an identity map has no parameters)."""
+
+    def __init__(self, span: Span, dim: int, *, bias: bool, identity: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.span = span
+        self.linear = None if identity else nn.Linear(dim, dim, bias=bias, dtype=dtype)
+
+    @classmethod
+    def from_map(cls, span: Span, linear_map: LinearMap, dtype: torch.dtype = torch.float32) -> BlockApproximation:
+        dim = linear_map.weight.shape[0]
+        module = cls(span, dim, bias=linear_map.bias is not None, identity=linear_map.kind == "identity",
+                     dtype=dtype)
+        if module.linear is not None:
+            with torch.no_grad():
+                module.linear.weight.copy_(linear_map.weight.to(dtype))
+                if linear_map.bias is not None:
+                    module.linear.bias.copy_(linear_map.bias.to(dtype))
+        return module
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        return x if self.linear is None else self.linear(x)
+
+    def extra_repr(self) -> str:
+        return f"span={self.span}, kind={'identity' if self.linear is None else 'linear'}"
+
+
+def build_compressed(model: nn.Module, maps: Mapping[Span, LinearMap]) -> nn.Module:
+    """A copy of `model` with each span's blocks replaced by its map (the original is untouched).
+
+    Maps are cast from float64 to the model's dtype.
+    """
+    adapter = ViTAdapter(model)
+    plan = validate_plan(maps, adapter.num_blocks)
+    compressed = copy.deepcopy(model)
+    dtype = next(model.parameters()).dtype
+    new_blocks: list[nn.Module] = []
+    index = 0
+    for span in plan.spans:
+        new_blocks.extend(compressed.blocks[index : span.start + 1])
+        new_blocks.append(BlockApproximation.from_map(span, maps[span], dtype))
+        index = span.end + 1
+    new_blocks.extend(compressed.blocks[index:])
+    compressed.blocks = nn.Sequential(*new_blocks)
+    return compressed.eval()
+
+
+@dataclass(frozen=True)
+class SpanParameters:
+    span: str
+    blocks_removed: int
+    block_params: int
+    map_params: int
+    removed: int
+    paper_removed: int
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    original: int
+    compressed: int
+    removed: int
+    paper_removed: int
+    spans: tuple[SpanParameters, ...]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def parameter_report(model: nn.Module, plan: Plan, *, bias: bool, identity: frozenset[Span] = frozenset()) -> ParameterReport:
+    """Exact parameter counts, plus the paper's Table-1 convention for comparison.
+
+    The paper counts, per replaced block, that block's parameters minus one d×d+d map; the true
+    count subtracts one map per span (none for an identity span, d×d without bias).
+    """
+    adapter = ViTAdapter(model)
+    d = adapter.embed_dim
+    rows = []
+    for span in plan.spans:
+        block_params = sum(adapter.block_parameter_count(i) for i in span.removed)
+        map_params = 0 if span in identity else d * d + (d if bias else 0)
+        paper = sum(adapter.block_parameter_count(i) - (d * d + d) for i in span.removed)
+        rows.append(SpanParameters(str(span), len(span.removed), block_params, map_params, block_params - map_params, paper))
+    original = count_parameters(model)
+    removed = sum(r.removed for r in rows)
+    return ParameterReport(original, original - removed, removed, sum(r.paper_removed for r in rows), tuple(rows))

@@ -1,0 +1,141 @@
+"""Run configuration: YAML files and CLI flags validated into one typed object.
+
+Every section forbids unknown keys, so a misspelt YAML key is an error that names it instead of a
+setting that silently does nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import TBAInputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """Which network to compress and where its weights come from.
+
+    ``checkpoint`` set: local weights for the timm architecture ``name``; ``pretrained``: timm hub
+    weights; otherwise a random initialisation seeded by ``seed`` (reproducible, for smoke runs).
+    ``kwargs`` are timm ``create_model`` overrides such as ``img_size`` or ``depth``.
+    """
+
+    name: str = Field(min_length=1)
+    pretrained: bool = False
+    checkpoint: Path | None = None
+    seed: int = 0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if self.pretrained and self.checkpoint is not None:
+            raise ValueError("set either pretrained or checkpoint, not both")
+        return self
+
+
+class DataConfig(_Section):
+    """Calibration images: a deterministic synthetic set or an image folder (one folder per class)."""
+
+    source: Literal["synthetic", "image_folder"] = "synthetic"
+    path: Path | None = None
+    num_images: int = Field(500, ge=1, description="calibration images used (paper: 500)")
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(0, ge=0)
+    seed: int = 0
+    num_classes: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _path_for_folder(self) -> DataConfig:
+        if self.source == "image_folder" and self.path is None:
+            raise ValueError("source image_folder needs path")
+        return self
+
+
+class BudgetConfig(_Section):
+    blocks: int | None = Field(None, ge=1)
+    params: int | None = Field(None, ge=1)
+    metric: Literal["mse", "cosine", "angular"] = "mse"
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> BudgetConfig:
+        if (self.blocks is None) == (self.params is None):
+            raise ValueError("give exactly one of blocks or params")
+        return self
+
+
+class RunConfig(_Section):
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    plan: str | None = Field(None, description='spans in the paper notation, e.g. "1->2, 4->5"')
+    budget: BudgetConfig | None = None
+    identity_spans: str | None = Field(None, description="spans whose blocks are simply dropped, e.g. '9->11'")
+    token_mode: Literal["all", "cls", "patch"] = "all"
+    bias: bool = True
+    ridge: float = Field(0.0, ge=0.0)
+    device: str = "cpu"
+    output: Path = Path("outputs/tba-fed")
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _plan_or_budget(self) -> RunConfig:
+        if self.plan is not None and self.budget is not None:
+            raise ValueError("set either plan or budget, not both")
+        return self
+
+
+def _format_validation_error(err: ValidationError) -> TBAInputError:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "config"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+        fix = "check the spelling against the documented keys"
+    elif first["type"] == "missing":
+        fix = "add it to the YAML file or pass the matching flag"
+    else:
+        fix = None
+    return TBAInputError(field, message, fix)
+
+
+def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply dotted-key overrides (``{"data.batch_size": 8}``) on a nested dict; None means unset."""
+    merged = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in base.items()}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.get(key)
+            node[key] = dict(child) if isinstance(child, Mapping) else {}
+            node = node[key]
+        node[leaf] = value
+    return merged
+
+
+def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a YAML file (if any), apply overrides, validate; errors name the offending field."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise TBAInputError("config", f"{path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise TBAInputError("config", f"{path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise TBAInputError("config", f"{path} must hold a mapping at top level")
+        raw = loaded or {}
+    try:
+        return RunConfig.model_validate(merge_overrides(raw, overrides or {}))
+    except ValidationError as err:
+        raise _format_validation_error(err) from None

@@ -1,0 +1,19 @@
+"""Errors that tell the user which input was wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class TBAInputError(ValueError):
+    """Bad user input: a config field, CLI flag, plan, model or data.
+
+    `field` names the offending input (e.g. ``plan`` or ``model.name``) so the message
+    can be traced back to the YAML key or CLI flag that caused it.
+    """
+
+    def __init__(self, field: str, message: str, fix: str | None = None) -> None:
+        self.field = field
+        self.fix = fix
+        text = f"{field}: {message}"
+        if fix:
+            text += f" ({fix})"
+        super().__init__(text)

@@ -1,0 +1,62 @@
+"""Model sources: random init (seeded), timm hub weights, or a local checkpoint."""
+
+from __future__ import annotations
+
+import logging
+
+import timm
+import torch
+from torch import nn
+
+from .adapter import ViTAdapter
+from .config import ModelConfig
+from .errors import TBAInputError
+
+_logger = logging.getLogger(__name__)
+
+
+def _load_checkpoint(model: nn.Module, config: ModelConfig) -> None:
+    path = config.checkpoint
+    assert path is not None
+    if not path.is_file():
+        raise TBAInputError("model.checkpoint", f"{path} does not exist", "give a .safetensors or .pth file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    elif path.suffix in (".pth", ".pt", ".bin"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    else:
+        raise TBAInputError("model.checkpoint", f"unsupported file type {path.suffix!r}", "use .safetensors or .pth")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise TBAInputError("model.checkpoint", f"{path} does not fit {config.name}: {err}") from None
+
+
+def create_model(config: ModelConfig) -> nn.Module:
+    """Build the frozen base model in eval mode; random weights are reproducible from the seed."""
+    if config.name not in timm.list_models():
+        raise TBAInputError("model.name", f"unknown timm model {config.name!r}", "see timm.list_models('vit*')")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = timm.create_model(config.name, pretrained=config.pretrained, **config.kwargs)
+    except TypeError as err:
+        raise TBAInputError("model.kwargs", f"not accepted by {config.name}: {err}") from None
+    except (OSError, RuntimeError) as err:
+        if not config.pretrained:
+            raise
+        raise TBAInputError(
+            "model.pretrained",
+            f"could not fetch hub weights for {config.name} ({type(err).__name__}: {err})",
+            "without internet use model.checkpoint with a local file, or the offline model dinov2-s-imgfocus",
+        ) from None
+    if config.checkpoint is not None:
+        _load_checkpoint(model, config)
+    ViTAdapter(model)  # a non-ViT fails here, before any data is read
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _logger.info("model %s: %.2fM parameters", config.name, sum(p.numel() for p in model.parameters()) / 1e6)
+    return model.eval()

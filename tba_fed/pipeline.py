@@ -1,0 +1,167 @@
+"""The centralised TBA run as plain functions: analyse, choose a plan, fit, build.
+
+The federated server calls the same ``solve_plan`` on statistics merged from sites, so both paths
+share every line that turns statistics into a model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapter import ViTAdapter
+from .calibrate import collect_similarity, collect_span_stats
+from .compressed import ParameterReport, build_compressed, parameter_report
+from .config import ModelConfig
+from .errors import TBAInputError
+from .plan import Plan, Span, parse_plan, select_plan
+from .solver import FitQuality, LinearMap, SolveDiagnostics, fit_quality, solve_span
+from .stats import SimilarityStats, SpanStats
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpanFit:
+    """A span's map with its fit on the calibration sums and, if given, on the held-out sums."""
+
+    span: Span
+    map: LinearMap
+    diagnostics: SolveDiagnostics | None
+    calibration: FitQuality
+    identity_calibration: FitQuality
+    holdout: FitQuality | None = None
+    identity_holdout: FitQuality | None = None
+
+    def summary(self) -> dict:
+        def rel(q: FitQuality | None) -> float | None:
+            return None if q is None else q.relative_error
+
+        return {
+            "span": str(self.span),
+            "kind": self.map.kind,
+            "condition_number": None if self.diagnostics is None else self.diagnostics.condition_number,
+            "ridge_lambda": None if self.diagnostics is None else self.diagnostics.ridge_lambda,
+            "solver": None if self.diagnostics is None else self.diagnostics.method,
+            "calibration_relative_error": self.calibration.relative_error,
+            "calibration_r2": self.calibration.r2,
+            "identity_calibration_relative_error": self.identity_calibration.relative_error,
+            "holdout_relative_error": rel(self.holdout),
+            "identity_holdout_relative_error": rel(self.identity_holdout),
+        }
+
+
+def solve_plan(
+    calibration: Mapping[Span, SpanStats],
+    holdout: Mapping[Span, SpanStats] | None = None,
+    *,
+    bias: bool = True,
+    ridge: float = 0.0,
+    identity: Collection[Span] = (),
+) -> dict[Span, SpanFit]:
+    """Fit every span from (merged) statistics; spans in `identity` just drop their blocks."""
+    fits = {}
+    for span, stats in sorted(calibration.items()):
+        skip = LinearMap.identity(stats.dim)
+        if span in identity:
+            linear_map, diagnostics = skip, None
+        else:
+            linear_map, diagnostics = solve_span(stats, bias=bias, ridge=ridge)
+        held = holdout.get(span) if holdout is not None else None
+        has_held = held is not None and held.tokens > 0
+        fits[span] = SpanFit(
+            span=span,
+            map=linear_map,
+            diagnostics=diagnostics,
+            calibration=fit_quality(stats, linear_map),
+            identity_calibration=fit_quality(stats, skip),
+            holdout=fit_quality(held, linear_map) if has_held else None,
+            identity_holdout=fit_quality(held, skip) if has_held else None,
+        )
+        fit = fits[span]
+        if fit.holdout is not None and fit.identity_holdout is not None and linear_map.kind == "linear" \
+                and fit.holdout.relative_error >= fit.identity_holdout.relative_error:
+            _logger.warning("span %s: the fitted map (held-out error %.4g) is no better than dropping the blocks "
+                            "(%.4g); consider identity_spans: %s", span, fit.holdout.relative_error,
+                            fit.identity_holdout.relative_error, span)
+    return fits
+
+
+@dataclass
+class Compression:
+    """A compressed model with everything needed to report on it and save it."""
+
+    model: nn.Module
+    plan: Plan
+    fits: dict[Span, SpanFit]
+    parameters: ParameterReport
+    token_mode: str
+    bias: bool
+    ridge: float
+    calibration_images: int
+    holdout_images: int
+    source: ModelConfig | None = None
+
+
+def analyze(model: nn.Module, batches: Iterable, *, token_mode: str = "all",
+            device: str | torch.device = "cpu") -> SimilarityStats:
+    """Similarity of every block pair over the images in `batches`."""
+    return collect_similarity(ViTAdapter(model), batches, token_mode=token_mode, device=device)
+
+
+def choose_plan(model: nn.Module, similarity: SimilarityStats, *, blocks: int | None = None, params: int | None = None,
+                metric: str = "mse", bias: bool = True) -> Plan:
+    """Cheapest non-overlapping spans for a budget of blocks or (net) parameters."""
+    adapter = ViTAdapter(model)
+    d = adapter.embed_dim
+    return select_plan(similarity.metric(metric), blocks=blocks, params=params,
+                       block_params=adapter.block_parameter_count(0), map_params=d * d + (d if bias else 0))
+
+
+def calibrate(
+    model: nn.Module,
+    plan: Plan | str,
+    calibration: Iterable,
+    holdout: Iterable | None = None,
+    *,
+    token_mode: str = "all",
+    bias: bool = True,
+    ridge: float = 0.0,
+    identity: Collection[Span] | str = (),
+    device: str | torch.device = "cpu",
+    source: ModelConfig | None = None,
+) -> Compression:
+    """Fit the plan's maps on `calibration` batches and build the compressed model.
+
+    `holdout` batches (never used in the fit) measure each map against simply dropping its blocks.
+    """
+    adapter = ViTAdapter(model)
+    if isinstance(plan, str):
+        plan = parse_plan(plan, adapter.num_blocks)
+    if isinstance(identity, str):
+        identity = parse_plan(identity, adapter.num_blocks, field="identity_spans").spans if identity.strip() else ()
+    unknown = [str(s) for s in identity if s not in plan.spans]
+    if unknown:
+        raise TBAInputError("identity_spans", f"{', '.join(unknown)} not in the plan {plan}")
+    calib = collect_span_stats(adapter, calibration, plan.spans, token_mode=token_mode, device=device)
+    held = collect_span_stats(adapter, holdout, plan.spans, token_mode=token_mode, device=device) \
+        if holdout is not None else None
+    fits = solve_plan(calib, held, bias=bias, ridge=ridge, identity=frozenset(identity))
+    compressed = build_compressed(model, {span: fit.map for span, fit in fits.items()})
+    first = plan.spans[0]
+    return Compression(
+        model=compressed,
+        plan=plan,
+        fits=fits,
+        parameters=parameter_report(model, plan, bias=bias, identity=frozenset(identity)),
+        token_mode=token_mode,
+        bias=bias,
+        ridge=ridge,
+        calibration_images=calib[first].images,
+        holdout_images=0 if held is None else held[first].images,
+        source=source,
+    )

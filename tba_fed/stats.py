@@ -1,0 +1,196 @@
+"""Mergeable float64 sufficient statistics: the contract between sites and the server.
+
+Everything TBA needs is a sum over images, so each accumulator supports ``update`` (stream a
+batch), ``+`` (merge two disjoint sets of images) and ``to_arrays``/``from_arrays`` (plain numpy
+arrays, what a site sends). Merging any split of the data gives the same sums as one pass, which is
+why the federated path reproduces the centralised one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import TBAInputError
+
+Arrays = dict[str, np.ndarray]
+SIMILARITY_METRICS: tuple[str, ...] = ("mse", "cosine", "angular")
+
+
+def _check_arrays(arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], kind: str) -> None:
+    """Reject a payload whose keys, shapes, dtypes or values are not what `kind` expects."""
+    missing = sorted(set(shapes) - set(arrays))
+    extra = sorted(set(arrays) - set(shapes))
+    if missing or extra:
+        raise TBAInputError(kind, f"expected keys {sorted(shapes)}, missing {missing}, unexpected {extra}")
+    for key, shape in shapes.items():
+        value = np.asarray(arrays[key])
+        if value.dtype != np.float64:
+            raise TBAInputError(f"{kind}.{key}", f"dtype {value.dtype}, expected float64")
+        if value.shape != shape:
+            raise TBAInputError(f"{kind}.{key}", f"shape {value.shape}, expected {shape}")
+        if not np.isfinite(value).all():
+            raise TBAInputError(f"{kind}.{key}", "contains NaN or Inf")
+    for key in ("tokens", "images"):
+        count = float(np.asarray(arrays[key]))
+        if count < 0 or count != math.floor(count):
+            raise TBAInputError(f"{kind}.{key}", f"count {count} is not a non-negative integer")
+
+
+def _as_float64(x: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(x).all():
+        raise TBAInputError("activations", f"{what} contains NaN or Inf", "check the model weights and input images")
+    return x.detach().to(torch.float64)
+
+
+@dataclass
+class _Accumulator:
+    """Shared merge/serialise logic; subclasses declare float64 tensor fields plus two counts."""
+
+    tokens: int
+    images: int
+
+    def _tensor_fields(self) -> list[str]:
+        return [f.name for f in fields(self) if f.name not in ("tokens", "images")]
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {name: tuple(getattr(self, name).shape) for name in self._tensor_fields()}
+        return shapes | {"tokens": (), "images": ()}
+
+    def __add__(self, other: Any) -> Any:
+        if not isinstance(other, type(self)):
+            return NotImplemented
+        if self._shapes() != other._shapes():
+            raise TBAInputError(type(self).__name__, f"cannot merge shapes {self._shapes()} and {other._shapes()}")
+        merged = {name: getattr(self, name) + getattr(other, name) for name in self._tensor_fields()}
+        return type(self)(tokens=self.tokens + other.tokens, images=self.images + other.images, **merged)
+
+    def __radd__(self, other: Any) -> Any:
+        return self if other == 0 else self.__add__(other)
+
+    def to_arrays(self) -> Arrays:
+        out = {name: getattr(self, name).detach().cpu().numpy().copy() for name in self._tensor_fields()}
+        out["tokens"] = np.asarray(float(self.tokens))
+        out["images"] = np.asarray(float(self.images))
+        return out
+
+    @classmethod
+    def _from_checked(cls, arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Any:
+        _check_arrays(arrays, shapes, cls.__name__)
+        tensors = {k: torch.from_numpy(np.array(arrays[k], dtype=np.float64)) for k in shapes if k not in ("tokens", "images")}
+        return cls(tokens=int(arrays["tokens"]), images=int(arrays["images"]), **tensors)
+
+
+@dataclass
+class SimilarityStats(_Accumulator):
+    """Pairwise sums over tokens between the outputs of blocks 0..L-1 (entries a < b are used).
+
+    From these sums: the normalised MSE of the pair (a, b) is Σ‖x_b − x_a‖² / Σ‖x_b‖², the relative
+    error of simply dropping blocks a+1..b (scale-free, so models are comparable); cosine distance is
+    1 − mean token cosine (ShortGPT); angular distance is mean arccos(cos)/π (ReplaceMe).
+    """
+
+    sq_dist: torch.Tensor
+    cos_sum: torch.Tensor
+    angle_sum: torch.Tensor
+    sq_norm: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_blocks: int) -> SimilarityStats:
+        z = lambda: torch.zeros(num_blocks, num_blocks, dtype=torch.float64)  # noqa: E731
+        return cls(tokens=0, images=0, sq_dist=z(), cos_sum=z(), angle_sum=z(),
+                   sq_norm=torch.zeros(num_blocks, dtype=torch.float64))
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.sq_norm.shape[0])
+
+    def update(self, outputs: Sequence[torch.Tensor], images: int) -> None:
+        """Add one batch: ``outputs[k]`` holds block k's selected token rows, [rows, dim]."""
+        if len(outputs) != self.num_blocks:
+            raise TBAInputError("outputs", f"got {len(outputs)} block outputs, expected {self.num_blocks}")
+        xs = [_as_float64(x, f"block {k} output") for k, x in enumerate(outputs)]
+        norms = [x.norm(dim=1) for x in xs]
+        for b, xb in enumerate(xs):
+            self.sq_norm[b] += norms[b].square().sum()
+            for a in range(b):
+                cos = ((xs[a] * xb).sum(dim=1) / (norms[a] * norms[b]).clamp_min(1e-300)).clamp(-1.0, 1.0)
+                self.sq_dist[a, b] += (xb - xs[a]).square().sum()
+                self.cos_sum[a, b] += cos.sum()
+                self.angle_sum[a, b] += torch.arccos(cos).sum() / math.pi
+        self.tokens += int(xs[0].shape[0])
+        self.images += images
+
+    def metric(self, name: str = "mse") -> np.ndarray:
+        """[L, L] matrix of a similarity cost, meaningful for a < b (NaN elsewhere)."""
+        if self.tokens == 0:
+            raise TBAInputError("data", "no images were accumulated", "check the calibration data")
+        upper = np.triu(np.ones((self.num_blocks, self.num_blocks), dtype=bool), k=1)
+        if name == "mse":
+            values = self.sq_dist / self.sq_norm.clamp_min(1e-300)[None, :]
+        elif name == "cosine":
+            values = 1.0 - self.cos_sum / self.tokens
+        elif name == "angular":
+            values = self.angle_sum / self.tokens
+        else:
+            raise TBAInputError("metric", f"unknown similarity metric {name!r}", f"use one of {', '.join(SIMILARITY_METRICS)}")
+        return np.where(upper, values.numpy(), np.nan)
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> SimilarityStats:
+        num_blocks = int(np.asarray(arrays.get("sq_norm", np.zeros(0))).shape[0])
+        square = (num_blocks, num_blocks)
+        shapes = {"sq_dist": square, "cos_sum": square, "angle_sum": square, "sq_norm": (num_blocks,),
+                  "tokens": (), "images": ()}
+        return cls._from_checked(arrays, shapes)
+
+
+@dataclass
+class SpanStats(_Accumulator):
+    """Least-squares sums for one span s->e: G = Σ x_s x_sᵀ, C = Σ x_s x_eᵀ, Σx_s, Σx_e, Σ‖x_e‖².
+
+    With the token count they determine the affine fit, its residual and the identity skip's
+    residual, so no activation ever has to leave the place it was computed.
+    """
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    sum_x: torch.Tensor
+    sum_y: torch.Tensor
+    sum_yy: torch.Tensor
+
+    @classmethod
+    def zeros(cls, dim: int) -> SpanStats:
+        return cls(tokens=0, images=0,
+                   gram=torch.zeros(dim, dim, dtype=torch.float64), cross=torch.zeros(dim, dim, dtype=torch.float64),
+                   sum_x=torch.zeros(dim, dtype=torch.float64), sum_y=torch.zeros(dim, dtype=torch.float64),
+                   sum_yy=torch.zeros((), dtype=torch.float64))
+
+    @property
+    def dim(self) -> int:
+        return int(self.sum_x.shape[0])
+
+    def update(self, x: torch.Tensor, y: torch.Tensor, images: int) -> None:
+        """Add rows x (block s output) and y (block e output), both [rows, dim]."""
+        if x.shape != y.shape or x.ndim != 2 or x.shape[1] != self.dim:
+            raise TBAInputError("activations", f"shapes {tuple(x.shape)} and {tuple(y.shape)} do not match dim {self.dim}")
+        x64, y64 = _as_float64(x, "span input"), _as_float64(y, "span target")
+        self.gram += x64.T @ x64
+        self.cross += x64.T @ y64
+        self.sum_x += x64.sum(dim=0)
+        self.sum_y += y64.sum(dim=0)
+        self.sum_yy += y64.square().sum()
+        self.tokens += int(x64.shape[0])
+        self.images += images
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> SpanStats:
+        dim = int(np.asarray(arrays.get("sum_x", np.zeros(0))).shape[0])
+        shapes = {"gram": (dim, dim), "cross": (dim, dim), "sum_x": (dim,), "sum_y": (dim,), "sum_yy": (),
+                  "tokens": (), "images": ()}
+        return cls._from_checked(arrays, shapes)

@@ -1,0 +1,45 @@
+"""Tiny random timm ViTs: real architectures, small enough for a unit test to run in seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from tba_fed import ModelConfig, create_model
+from tba_fed.data import SyntheticImages
+
+TINY = {"img_size": 32, "patch_size": 8, "depth": 6, "embed_dim": 48, "num_heads": 3, "num_classes": 5}
+FAMILIES = {
+    "vit": ModelConfig(name="vit_tiny_patch16_224", kwargs=TINY),
+    "deit_distilled": ModelConfig(name="deit_tiny_distilled_patch16_224", kwargs=TINY),
+    "dinov2_reg": ModelConfig(name="vit_small_patch14_reg4_dinov2",
+                              kwargs={**TINY, "img_size": 28, "patch_size": 7, "init_values": 0.5}),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> ModelConfig:
+    return FAMILIES["vit"]
+
+
+@pytest.fixture()
+def tiny_vit(tiny_config: ModelConfig) -> torch.nn.Module:
+    return create_model(tiny_config)
+
+
+def loader(num_images: int = 24, *, size: int = 32, seed: int = 0, batch_size: int = 8) -> DataLoader:
+    return DataLoader(SyntheticImages(num_images, size, seed=seed), batch_size=batch_size)
+
+
+def stacked_rows(model: torch.nn.Module, batches: DataLoader, block: int, token_mode: str = "all") -> torch.Tensor:
+    """Block `block`'s selected token rows for every image, stacked: the reference for sums."""
+    from tba_fed import ViTAdapter
+
+    adapter = ViTAdapter(model)
+    rows = []
+    with torch.no_grad():
+        for images, _ in batches:
+            outputs = list(adapter.iter_block_outputs(images, block))
+            rows.append(adapter.select_tokens(outputs[block], token_mode))
+    return torch.cat(rows).double()
