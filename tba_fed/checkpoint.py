@@ -6,11 +6,14 @@ checkpoint path, or seeded random init), which is what sites in a federation alr
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from . import __version__
@@ -19,9 +22,9 @@ from .config import ModelConfig
 from .errors import TBAInputError
 from .fileio import atomic_directory
 from .models import create_model
-from .plan import parse_plan
+from .plan import Span, parse_plan
 from .pipeline import Compression
-from .report import compression_dict, compression_markdown, write_json, write_similarity
+from .report import compression_dict, compression_markdown, write_similarity
 from .solver import LinearMap
 from .stats import SimilarityStats
 
@@ -29,33 +32,56 @@ MAPS_FILE = "maps.safetensors"
 MANIFEST_FILE = "manifest.yaml"
 
 
+def map_tensors(maps: Mapping[Span, LinearMap]) -> dict[str, torch.Tensor]:
+    """The saved (and transmitted) form of the maps: ``span.{s}-{e}.weight`` / ``.bias``, float64."""
+    tensors: dict[str, torch.Tensor] = {}
+    for span, linear_map in sorted(maps.items()):
+        if linear_map.kind == "linear":
+            tensors[f"span.{span.key}.weight"] = linear_map.weight.to(torch.float64).contiguous()
+            if linear_map.bias is not None:
+                tensors[f"span.{span.key}.bias"] = linear_map.bias.to(torch.float64).contiguous()
+    return tensors
+
+
+def maps_checksum(maps: Mapping[Span, LinearMap]) -> str:
+    """sha256 of the exact bytes of maps.safetensors, so a site can prove what it installed."""
+    return hashlib.sha256(save(map_tensors(maps))).hexdigest()
+
+
+def write_compressed(path: str | Path, maps: Mapping[Span, LinearMap], manifest: dict, *, overwrite: bool = False,
+                     files: Mapping[str, str] | None = None,
+                     extra: Callable[[Path], None] | None = None) -> Path:
+    """Write maps.safetensors + manifest.yaml (+ text files) atomically: complete or absent."""
+    path = Path(path)
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        (tmp / MAPS_FILE).write_bytes(save(map_tensors(maps)))
+        (tmp / MANIFEST_FILE).write_text(yaml.safe_dump(manifest, sort_keys=False))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        if extra is not None:
+            extra(tmp)
+    return path
+
+
 def save_compressed(result: Compression, path: str | Path, *, overwrite: bool = False,
                     similarity: SimilarityStats | None = None) -> Path:
-    """Write maps, manifest and report (and the similarity that chose the plan) atomically.
-
-    The directory appears complete or not at all.
-    """
+    """Write maps, manifest and report (and the similarity that chose the plan) atomically."""
     if result.source is None:
         raise TBAInputError("source", "saving needs the model's source so load_compressed can rebuild the base weights",
                             "pass source=ModelConfig(...) to calibrate")
-    tensors: dict[str, torch.Tensor] = {}
-    for span, fit in result.fits.items():
-        if fit.map.kind == "linear":
-            tensors[f"span.{span.key}.weight"] = fit.map.weight.contiguous()
-            if fit.map.bias is not None:
-                tensors[f"span.{span.key}.bias"] = fit.map.bias.contiguous()
     report = compression_dict(result)
-    manifest = {"format": "tba-fed/compressed", "tba_fed_version": __version__, **report,
-                "identity_spans": [str(s) for s, f in result.fits.items() if f.map.kind == "identity"]}
-    path = Path(path)
-    with atomic_directory(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / MAPS_FILE))
-        (tmp / MANIFEST_FILE).write_text(yaml.safe_dump(manifest, sort_keys=False))
-        write_json(tmp / "report.json", report)
-        (tmp / "report.md").write_text(compression_markdown(report))
-        if similarity is not None:
-            write_similarity(tmp, similarity)
-    return path
+    maps = {span: fit.map for span, fit in result.fits.items()}
+    return write_compressed(
+        path, maps, manifest(report, maps), overwrite=overwrite,
+        files={"report.json": json.dumps(report, indent=2) + "\n", "report.md": compression_markdown(report)},
+        extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)),
+    )
+
+
+def manifest(report: dict, maps: Mapping[Span, LinearMap]) -> dict:
+    """What load_compressed needs (model source, plan, identity spans) plus the run's diagnostics."""
+    return {"format": "tba-fed/compressed", "tba_fed_version": __version__, **report,
+            "identity_spans": [str(s) for s, m in sorted(maps.items()) if m.kind == "identity"]}
 
 
 def load_compressed(path: str | Path) -> nn.Module:

@@ -133,6 +133,14 @@ def run_prepare(force: bool) -> None:
     print(f"dinov2-s-imgfocus: verified weights at {path}")
 
 
+def run_simulate(config: Path) -> None:
+    from .federation.simulate import simulate
+
+    report, output = simulate(config)
+    print((output / "report.md").read_text())
+    print(f"federated run of {report['federation']['sites_connected']} sites: compressed model and report in {output}/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tba-fed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tba-fed {__version__}")
@@ -145,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="fit the linear maps of a plan or budget and save the compressed model")
     _add_run_flags(p)
     _add_compress_flags(p)
+    p = sub.add_parser("simulate", help="federated run in Flower's simulation engine on this machine")
+    p.add_argument("config", type=Path, help="federated run YAML (see configs/federated-*.yaml)")
     p = sub.add_parser("prepare", help="fetch, convert and verify the offline DINOv2-S weights into $TBA_FED_CACHE")
     p.add_argument("--force", action="store_true", help="redo the conversion and the onnxruntime check")
     p = sub.add_parser("demo", help="compress the embedded default model and data (no arguments needed)")
@@ -163,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             run_prepare(args.force)
         elif args.command == "demo":
             run_demo(args.output, args.overwrite)
+        elif args.command == "simulate":
+            run_simulate(args.config)
         elif args.command == "analyze":
             run_analyze(_config_from_args(args), args.metric_name)
         else:

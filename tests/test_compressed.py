@@ -93,7 +93,8 @@ def test_failed_save_leaves_nothing(tmp_path, tiny_config, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "compression_markdown", broken)
+    # fails after maps.safetensors has been written into the temporary directory
+    monkeypatch.setattr(checkpoint.yaml, "safe_dump", broken)
     with pytest.raises(OSError, match="disk full"):
         save_compressed(result, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,51 @@
+"""Flower ClientApp of a tba-fed site: unpack a request, call tba_fed, pack the sums."""
+
+from __future__ import annotations
+
+import json
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from tba_fed.federation import app_logging
+from tba_fed.federation.server import from_record, to_record
+from tba_fed.federation.site import cached_model, install, resolve_site, similarity_reply, statistics_reply
+from tba_fed.federation.wire import decode_maps
+from tba_fed.plan import parse_plan
+
+app = ClientApp()
+app_logging()
+
+
+def _setup(msg: Message, context: Context):
+    config = msg.content.config_records["config"]
+    model = cached_model(str(config["model"]))
+    site = resolve_site(context.node_config, context.run_config, model)
+    return config, model, site
+
+
+def _reply(msg: Message, site_name: str, **records) -> Message:
+    return Message(RecordDict({"meta": ConfigRecord({"site": site_name}), **records}), reply_to=msg)
+
+
+@app.query("similarity")
+def similarity(msg: Message, context: Context) -> Message:
+    config, model, site = _setup(msg, context)
+    return _reply(msg, site.name, similarity=to_record(similarity_reply(model, site, str(config["token-mode"]))))
+
+
+@app.query("statistics")
+def statistics(msg: Message, context: Context) -> Message:
+    config, model, site = _setup(msg, context)
+    plan = parse_plan(str(config["plan"]), len(model.blocks))
+    return _reply(msg, site.name, statistics=to_record(statistics_reply(model, site, plan, str(config["token-mode"]))))
+
+
+@app.train("install")
+def install_maps(msg: Message, context: Context) -> Message:
+    config, model, site = _setup(msg, context)
+    plan = parse_plan(str(config["plan"]), len(model.blocks))
+    identity = parse_plan(str(config["identity-spans"]), len(model.blocks)).spans if config["identity-spans"] else ()
+    maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, identity, model.embed_dim)
+    digest = install(model, site, maps, json.loads(str(config["report"])))
+    return _reply(msg, site.name, install=ConfigRecord({"checksum": digest}))

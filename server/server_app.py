@@ -1,0 +1,23 @@
+"""Flower ServerApp of tba-fed: read the run's YAML and drive the rounds in tba_fed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from tba_fed.federation import app_logging
+from tba_fed.federation.config import load_federated_config
+from tba_fed.federation.server import run_server
+
+app = ServerApp()
+app_logging()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    path = str(context.run_config.get("config-path", ""))
+    if not path:
+        raise ValueError("run config 'config-path' is empty: pass --run-config \"config-path='/abs/run.yaml'\"")
+    run_server(grid, load_federated_config(Path(path)))

@@ -1,0 +1,79 @@
+"""Configuration of a federated run (server side) and of one site (its own YAML in deployment)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from ..config import DataConfig, RunConfig, _format_validation_error, _Section, merge_overrides
+from ..errors import TBAInputError
+
+
+class PartitionConfig(_Section):
+    """How a simulation splits one dataset into sites (deterministic given the seed)."""
+
+    scheme: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    shards_per_site: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class FederationConfig(_Section):
+    num_sites: int = Field(3, ge=1, description="simulated sites (SuperNodes)")
+    partition: PartitionConfig = PartitionConfig()
+    min_sites: int = Field(1, ge=1, description="the run fails if fewer sites reply validly in a round")
+    min_images_per_site: int = Field(1, ge=1, description="replies summarising fewer images are rejected")
+    round_timeout: float = Field(600.0, gt=0, description="seconds the server waits for replies in a round")
+    psd_tolerance: float = Field(1e-9, ge=0, description="relative tolerance of the Gram PSD check")
+    cpus_per_site: float = Field(1.0, gt=0, description="simulation: CPU cores given to each site")
+
+    @model_validator(mode="after")
+    def _enough_sites(self) -> FederationConfig:
+        if self.min_sites > self.num_sites:
+            raise ValueError(f"min_sites ({self.min_sites}) exceeds num_sites ({self.num_sites})")
+        return self
+
+
+class FederatedRunConfig(RunConfig):
+    """A RunConfig plus the federation section; ``data`` is the pooled data a simulation partitions."""
+
+    federation: FederationConfig = FederationConfig()
+    output: Path = Path("outputs/federated")
+
+
+class SiteConfig(_Section):
+    """One site's own settings (deployment: ``--node-config 'site-config="site.yaml"'``)."""
+
+    name: str = Field(min_length=1)
+    data: DataConfig
+    output: Path = Field(description="where this site writes its compressed model")
+    device: str = "cpu"
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise TBAInputError("config", f"{path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise TBAInputError("config", f"{path} is not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise TBAInputError("config", f"{path} must hold a mapping at top level")
+    return loaded
+
+
+def load_federated_config(path: Path, overrides: dict[str, Any] | None = None) -> FederatedRunConfig:
+    try:
+        return FederatedRunConfig.model_validate(merge_overrides(_load_yaml(path), overrides or {}))
+    except ValidationError as err:
+        raise _format_validation_error(err) from None
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    try:
+        return SiteConfig.model_validate(_load_yaml(path))
+    except ValidationError as err:
+        raise _format_validation_error(err) from None

@@ -1,0 +1,220 @@
+"""The server's side: ask sites for sums, validate and add them, solve, install, report.
+
+Rounds: (1) similarity, only when a budget must choose the plan; (2) span statistics; (3) install
+(maps + plan out, checksums back). Every reply is validated before it is summed; a site that errors,
+times out or sends a bad reply is excluded and named in the report. A round with fewer than
+``min_sites`` valid replies stops the run with a message naming every site and its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from ..adapter import ViTAdapter
+from ..checkpoint import manifest, maps_checksum, write_compressed
+from ..compressed import build_compressed, parameter_report
+from ..errors import TBAInputError
+from ..models import create_model
+from ..pipeline import Compression, choose_plan, solve_plan
+from ..plan import parse_plan
+from ..report import compression_dict, compression_markdown, write_similarity
+from .config import FederatedRunConfig
+from .wire import Arrays, decode_similarity, decode_spans, encode_maps, payload_bytes
+
+_logger = logging.getLogger(__name__)
+
+
+class FederationError(RuntimeError):
+    """Too few sites took part validly: the run cannot produce a trustworthy result."""
+
+
+@dataclass
+class RoundLog:
+    name: str
+    seconds: float = 0.0
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def accepted(self) -> list[str]:
+        return [s for s, v in self.sites.items() if v["status"] == "ok"]
+
+
+def to_record(arrays: Arrays) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> Arrays:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Array payload of a message (what the statistics cost on the wire, before framing)."""
+    return sum(payload_bytes(from_record(record)) for record in content.array_records.values())
+
+
+def _site_name(node_id: int, reply: Message | None) -> str:
+    if reply is not None and not reply.has_error() and "meta" in reply.content.config_records:
+        return str(reply.content.config_records["meta"].get("site", node_id))
+    return f"node-{node_id}"
+
+
+def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Callable[[], RecordDict],
+             decode: Callable[[RecordDict], Any], log: RoundLog, *, timeout: float, min_sites: int) -> dict[str, Any]:
+    """Send one message per node, validate each reply with `decode`, keep the valid ones."""
+    start = time.perf_counter()
+    contents = {node: make_content() for node in nodes}
+    messages = [Message(content=contents[node], dst_node_id=node, message_type=message_type) for node in nodes]
+    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    accepted: dict[str, Any] = {}
+    for node in nodes:
+        reply = replies.get(node)
+        name = _site_name(node, reply)
+        entry: dict[str, Any] = {"node_id": node, "bytes_sent": record_bytes(contents[node])}
+        if reply is None:
+            entry.update(status="no reply", reason=f"no reply within {timeout:.0f} s")
+        elif reply.has_error():
+            entry.update(status="error", reason=f"site error {reply.error.code}: {reply.error.reason}")
+        else:
+            try:
+                accepted[name] = decode(reply.content)
+                entry.update(status="ok", bytes_received=record_bytes(reply.content))
+            except (TBAInputError, KeyError, ValueError) as err:
+                entry.update(status="rejected", reason=str(err))
+        if entry["status"] != "ok":
+            _logger.warning("round %s: excluded %s: %s", log.name, name, entry["reason"])
+        log.sites[name] = entry
+    log.seconds = time.perf_counter() - start
+    if len(accepted) < min_sites:
+        detail = "; ".join(f"{s}: {v['status']} ({v.get('reason', '')})" for s, v in log.sites.items())
+        raise FederationError(f"round {log.name}: {len(accepted)} valid replies, min_sites is {min_sites}. {detail}")
+    return accepted
+
+
+def wait_for_nodes(grid: Grid, wanted: int, minimum: int, timeout: float) -> list[int]:
+    """Wait until `wanted` sites are connected, or settle for `minimum` when the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted or (time.monotonic() > deadline and len(nodes) >= minimum):
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationError(f"only {len(nodes)} sites connected within {timeout:.0f} s; min_sites is {minimum}")
+        time.sleep(1.0)
+
+
+def _check_images(stats_images: int, minimum: int, field: str) -> None:
+    if stats_images < minimum:
+        raise TBAInputError(field, f"summarises {stats_images} images, the minimum per site is {minimum}")
+
+
+def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
+    """The whole federated run; returns the report that is also written to ``config.output``."""
+    fed = config.federation
+    model = create_model(config.model)
+    adapter = ViTAdapter(model)
+    model_json = config.model.model_dump_json()
+    nodes = wait_for_nodes(grid, fed.num_sites, fed.min_sites, fed.round_timeout)
+    _logger.info("federation: %d sites connected", len(nodes))
+    rounds: list[RoundLog] = []
+    similarity = None
+
+    def content(**values: Any) -> Callable[[], RecordDict]:
+        settings = {"model": model_json, "token-mode": config.token_mode, **values}
+        return lambda: RecordDict({"config": ConfigRecord(settings)})
+
+    if config.plan is not None:
+        plan = parse_plan(config.plan, adapter.num_blocks)
+    elif config.budget is not None:
+        log = RoundLog("similarity")
+        rounds.append(log)
+
+        def decode_similarity_reply(reply: RecordDict):
+            stats = decode_similarity(from_record(reply.array_records["similarity"]), adapter.num_blocks)
+            _check_images(stats.images, fed.min_images_per_site, "similarity.images")
+            return stats
+
+        replies = exchange(grid, nodes, f"{MessageType.QUERY}.similarity", content(), decode_similarity_reply, log,
+                           timeout=fed.round_timeout, min_sites=fed.min_sites)
+        similarity = sum(replies.values())
+        plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
+                           metric=config.budget.metric, bias=config.bias)
+        _logger.info("plan chosen from %d sites' similarity: %s", len(replies), plan)
+    else:
+        raise TBAInputError("plan", "give a plan or a budget")
+
+    log = RoundLog("statistics")
+    rounds.append(log)
+
+    def decode_statistics_reply(reply: RecordDict):
+        stats = decode_spans(from_record(reply.array_records["statistics"]), plan.spans, adapter.embed_dim,
+                             psd_tolerance=fed.psd_tolerance)
+        _check_images(stats["calibration"][plan.spans[0]].images, fed.min_images_per_site, "statistics.images")
+        return stats
+
+    replies = exchange(grid, nodes, f"{MessageType.QUERY}.statistics", content(plan=str(plan)),
+                       decode_statistics_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites)
+    merged = {split: {span: sum(r[split][span] for r in replies.values()) for span in plan.spans}
+              for split in ("calibration", "holdout")}
+    identity = parse_plan(config.identity_spans, adapter.num_blocks, "identity_spans").spans \
+        if config.identity_spans else ()
+    fits = solve_plan(merged["calibration"], merged["holdout"], bias=config.bias, ridge=config.ridge,
+                      identity=frozenset(identity))
+    maps = {span: fit.map for span, fit in fits.items()}
+    result = Compression(
+        model=build_compressed(model, maps), plan=plan, fits=fits,
+        parameters=parameter_report(model, plan, bias=config.bias, identity=frozenset(identity)),
+        token_mode=config.token_mode, bias=config.bias, ridge=config.ridge,
+        calibration_images=merged["calibration"][plan.spans[0]].images,
+        holdout_images=merged["holdout"][plan.spans[0]].images, source=config.model,
+    )
+    report = compression_dict(result)
+
+    log = RoundLog("install")
+    rounds.append(log)
+    expected = maps_checksum(maps)
+
+    def install_content() -> RecordDict:
+        return RecordDict({"maps": to_record(encode_maps(maps)),
+                           "config": ConfigRecord({"model": model_json, "plan": str(plan), "report": json.dumps(report),
+                                                   "identity-spans": ", ".join(str(s) for s in identity)})})
+
+    def decode_install_reply(reply: RecordDict):
+        digest = str(reply.config_records["install"]["checksum"])
+        if digest != expected:
+            raise TBAInputError("install.checksum", f"site installed maps with sha256 {digest[:12]}…, "
+                                                    f"the server sent {expected[:12]}…")
+        return digest
+
+    exchange(grid, nodes, f"{MessageType.TRAIN}.install", install_content, decode_install_reply, log,
+             timeout=fed.round_timeout, min_sites=fed.min_sites)
+    report["federation"] = {
+        "sites_connected": len(nodes),
+        "maps_sha256": expected,
+        "rounds": [{"name": r.name, "seconds": round(r.seconds, 3), "sites": r.sites} for r in rounds],
+    }
+    write_compressed(config.output, maps, manifest(report, maps), overwrite=True,
+                     files={"report.json": json.dumps(report, indent=2) + "\n",
+                            "report.md": compression_markdown(report) + federation_markdown(report["federation"])},
+                     extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)))
+    _logger.info("federated run complete: %s written", config.output)
+    return report
+
+
+def federation_markdown(fed: dict[str, Any]) -> str:
+    lines = ["", "## Federation", "", f"- sites connected: {fed['sites_connected']}; maps sha256 `{fed['maps_sha256']}`",
+             "", "| round | site | status | bytes sent | bytes received | reason |", "|---|---|---|---|---|---|"]
+    for rnd in fed["rounds"]:
+        for site, entry in rnd["sites"].items():
+            lines.append(f"| {rnd['name']} ({rnd['seconds']:.1f} s) | {site} | {entry['status']} "
+                         f"| {entry.get('bytes_sent', 0):,} | {entry.get('bytes_received', 0):,} "
+                         f"| {entry.get('reason', '')} |")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,140 @@
+"""``tba-fed simulate``: the federated run in Flower's simulation engine on one machine.
+
+Starts a private SuperLink in simulation mode on a free loopback port (its own FLWR_HOME, so nothing
+of the user's Flower set-up is touched), submits the app with ``flwr run``, streams its logs, and
+always stops the SuperLink it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from ..errors import TBAInputError
+from .config import FederatedRunConfig, load_federated_config
+
+_logger = logging.getLogger(__name__)
+FEDERATION = "tba-fed-sim"
+
+
+def app_directory() -> Path:
+    """The Flower app (pyproject.toml with [tool.flwr.app], clients/, server/): tba-fed's source tree."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        project = parent / "pyproject.toml"
+        if project.is_file() and "[tool.flwr.app]" in project.read_text() and (parent / "clients").is_dir():
+            return parent
+    raise TBAInputError("app", "the Flower app (tba-fed's source tree with clients/ and server/) was not found",
+                        "run from a clone of the tba-fed repository (pip install -e .)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """Environment for Flower's processes: a private FLWR_HOME, and this interpreter's bin first on PATH
+    (the SuperLink starts flower-superexec and flwr-serverapp by name)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def _executable(name: str) -> str:
+    found = str(Path(sys.executable).with_name(name))
+    if not Path(found).exists():
+        found = shutil.which(name) or found
+    if not Path(found).exists():
+        raise TBAInputError("flwr", f"{name} not found", "install flwr[simulation] in this environment")
+    return found
+
+
+@contextlib.contextmanager
+def local_superlink(home: Path, port: int, *, simulation: bool = False, certificates: Path | None = None,
+                    node_auth: bool = False, timeout: float = 60.0) -> Iterator[subprocess.Popen]:
+    """A SuperLink on 127.0.0.1:port for the duration of the block, stopped by the pid we started.
+
+    ``certificates``: a folder from scripts/make-certificates.sh (TLS); ``node_auth``: only registered
+    SuperNode keys may connect (needs TLS).
+    """
+    args = [_executable("flower-superlink"), "--port", str(port), "--disable-runtime-dependency-installation",
+            "--database", str(home / "superlink.db")]
+    if certificates is None:
+        args.append("--insecure")
+    else:
+        args += ["--ssl-certfile", str(certificates / "server.pem"), "--ssl-keyfile", str(certificates / "server.key"),
+                 "--ssl-ca-certfile", str(certificates / "ca.crt")]
+    if node_auth:
+        args.append("--enable-supernode-auth")
+    if simulation:
+        args.append("--simulation")
+    log = open(home / "superlink.log", "w")  # noqa: SIM115 - closed in finally
+    process = subprocess.Popen(args, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"flower-superlink did not start: {(home / 'superlink.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def absolute_paths(config: FederatedRunConfig) -> FederatedRunConfig:
+    """Resolve relative paths against the caller's directory: Flower runs the apps elsewhere."""
+    data = config.data.model_copy(update={"path": config.data.path.resolve() if config.data.path else None})
+    checkpoint = config.model.checkpoint.resolve() if config.model.checkpoint else None
+    model = config.model.model_copy(update={"checkpoint": checkpoint})
+    return config.model_copy(update={"output": config.output.resolve(), "data": data, "model": model})
+
+
+def simulate(config_path: str | Path, *, timeout: float | None = None) -> tuple[dict, Path]:
+    """Run the federation described by the YAML at `config_path`; return its report and output directory."""
+    config = absolute_paths(load_federated_config(Path(config_path)))  # a bad config fails before anything starts
+    fed = config.federation
+    app = app_directory()
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="tba-fed-flwr-") as tmp:
+        home = Path(tmp)
+        resolved = home / "run.yaml"
+        resolved.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        port = free_port()
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
+            f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        with local_superlink(home, port, simulation=True):
+            command = [_executable("flwr"), "run", str(app), FEDERATION, "--stream",
+                       "--federation-config", f"num-supernodes={fed.num_sites} "
+                                              f"client-resources-num-cpus={fed.cpus_per_site}",
+                       "--run-config", f"config-path={json.dumps(str(resolved))}"]
+            _logger.info("simulating %d sites: %s", fed.num_sites, " ".join(command))
+            limit = timeout or (fed.round_timeout * 4 + 300)
+            completed = subprocess.run(command, env=flower_env(home), cwd=app, timeout=limit, check=False)
+    report_path = config.output / "report.json"
+    if completed.returncode != 0 or not report_path.is_file() or report_path.stat().st_mtime < started:
+        raise RuntimeError(f"the federated run failed (flwr exit code {completed.returncode}): no new report in "
+                           f"{config.output}; see the log above")
+    return json.loads(report_path.read_text()), config.output

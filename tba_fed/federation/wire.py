@@ -1,0 +1,139 @@
+"""What travels between sites and the server, and the checks every reply must pass.
+
+Statistics travel as flat ``{name: float64 ndarray}`` dicts (a Flower ``ArrayRecord``). Symmetric
+matrices travel packed as their upper triangle; scalars (sums, counts) as 1-element vectors, since
+Flower's ``Array`` does not keep 0-d shapes. Nothing per-image ever appears: only sums and counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from ..checkpoint import map_tensors
+from ..errors import TBAInputError
+from ..plan import Span
+from ..solver import LinearMap
+from ..stats import SimilarityStats, SpanStats
+
+Arrays = dict[str, np.ndarray]
+SPLITS = ("calibration", "holdout")
+
+
+def pack_symmetric(matrix: np.ndarray) -> np.ndarray:
+    return matrix[np.triu_indices(matrix.shape[0])].copy()
+
+
+def unpack_symmetric(packed: np.ndarray, field: str) -> np.ndarray:
+    n = int((np.sqrt(8 * packed.size + 1) - 1) / 2)
+    if packed.ndim != 1 or n * (n + 1) // 2 != packed.size:
+        raise TBAInputError(field, f"packed length {packed.size} is not a triangular number")
+    full = np.zeros((n, n), dtype=packed.dtype)
+    full[np.triu_indices(n)] = packed
+    return full + np.triu(full, 1).T
+
+
+SCALARS = ("sum_yy", "tokens", "images")
+
+
+def _vectors(arrays: Mapping[str, np.ndarray]) -> Arrays:
+    return {k: np.atleast_1d(v) for k, v in arrays.items()}
+
+
+def _scalars(arrays: Mapping[str, np.ndarray]) -> Arrays:
+    """Undo the 1-element encoding of the known scalar fields; other shapes are left to validation."""
+    out = dict(arrays)
+    for key in SCALARS:
+        if key in out and np.shape(out[key]) == (1,):
+            out[key] = np.asarray(out[key]).reshape(())
+    return out
+
+
+def encode_similarity(stats: SimilarityStats) -> Arrays:
+    return _vectors(stats.to_arrays())
+
+
+def decode_similarity(arrays: Mapping[str, np.ndarray], num_blocks: int) -> SimilarityStats:
+    stats = SimilarityStats.from_arrays(_scalars(arrays))
+    if stats.num_blocks != num_blocks:
+        raise TBAInputError("similarity", f"covers {stats.num_blocks} blocks, the model has {num_blocks}")
+    return stats
+
+
+def encode_spans(per_split: Mapping[str, Mapping[Span, SpanStats]]) -> Arrays:
+    """``{split}/{s}-{e}/{name}``; the Gram matrix as ``gram_triu``."""
+    out: Arrays = {}
+    for split, stats in per_split.items():
+        for span, acc in stats.items():
+            for name, value in _vectors(acc.to_arrays()).items():
+                key = f"{split}/{span.key}/{name}"
+                if name == "gram":
+                    out[key + "_triu"] = pack_symmetric(value)
+                else:
+                    out[key] = value
+    return out
+
+
+def decode_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int, *,
+                 psd_tolerance: float = 1e-9) -> dict[str, dict[Span, SpanStats]]:
+    """Rebuild and check every span's statistics: keys, shapes, dtypes, finiteness, Gram PSD."""
+    spans = list(spans)
+    expected = {f"{split}/{span.key}/{name}" for split in SPLITS for span in spans
+                for name in ("gram_triu", "cross", "sum_x", "sum_y", "sum_yy", "tokens", "images")}
+    missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+    if missing or extra:
+        raise TBAInputError("statistics", f"missing keys {missing[:4]}, unexpected keys {extra[:4]}")
+    out: dict[str, dict[Span, SpanStats]] = {split: {} for split in SPLITS}
+    for split in SPLITS:
+        for span in spans:
+            prefix = f"{split}/{span.key}/"
+            packed = np.asarray(arrays[prefix + "gram_triu"])
+            if packed.dtype != np.float64:
+                raise TBAInputError(prefix + "gram_triu", f"dtype {packed.dtype}, expected float64")
+            fields = {name: np.asarray(arrays[prefix + name]) for name in ("cross", "sum_x", "sum_y", "sum_yy",
+                                                                           "tokens", "images")}
+            acc = SpanStats.from_arrays(_scalars({"gram": unpack_symmetric(packed, prefix + "gram_triu"), **fields}))
+            if acc.dim != dim:
+                raise TBAInputError(prefix + "sum_x", f"dimension {acc.dim}, the model has {dim}")
+            check_psd(acc.gram, prefix + "gram", psd_tolerance)
+            out[split][span] = acc
+    return out
+
+
+def check_psd(gram: torch.Tensor, field: str, tolerance: float) -> None:
+    """A Gram matrix Σxxᵀ is positive semi-definite; a reply whose G is not was corrupted or forged."""
+    eigvals = torch.linalg.eigvalsh(gram)
+    scale = max(float(eigvals[-1]), 1e-300)
+    if float(eigvals[0]) < -tolerance * scale:
+        raise TBAInputError(field, f"not positive semi-definite (smallest eigenvalue {float(eigvals[0]):.3g}, "
+                                   f"largest {scale:.3g})")
+
+
+def encode_maps(maps: Mapping[Span, LinearMap]) -> Arrays:
+    return {k: v.numpy() for k, v in map_tensors(maps).items()}
+
+
+def decode_maps(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], identity: Iterable[Span],
+                dim: int) -> dict[Span, LinearMap]:
+    identity = set(identity)
+    maps: dict[Span, LinearMap] = {}
+    for span in spans:
+        if span in identity:
+            maps[span] = LinearMap.identity(dim)
+            continue
+        key = f"span.{span.key}"
+        weight = arrays.get(key + ".weight")
+        if weight is None or weight.shape != (dim, dim) or weight.dtype != np.float64 or not np.isfinite(weight).all():
+            raise TBAInputError(key + ".weight", f"expected a finite float64 [{dim}, {dim}] array")
+        bias = arrays.get(key + ".bias")
+        if bias is not None and (bias.shape != (dim,) or bias.dtype != np.float64 or not np.isfinite(bias).all()):
+            raise TBAInputError(key + ".bias", f"expected a finite float64 [{dim}] array")
+        maps[span] = LinearMap(torch.from_numpy(np.array(weight)),
+                               None if bias is None else torch.from_numpy(np.array(bias)))
+    return maps
+
+
+def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
+    return int(sum(np.asarray(v).nbytes for v in arrays.values()))

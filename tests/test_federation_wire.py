@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+
+from tba_fed import Span, SpanStats, TBAInputError, ViTAdapter, solve_plan
+from tba_fed.calibrate import collect_span_stats
+from tba_fed.federation.wire import (decode_maps, decode_spans, encode_maps, encode_spans, pack_symmetric,
+                                     unpack_symmetric)
+
+from conftest import loader
+
+SPANS = [Span(0, 2), Span(3, 4)]
+
+
+def _site_arrays(model, seed):
+    adapter = ViTAdapter(model)
+    return encode_spans({"calibration": collect_span_stats(adapter, loader(16, seed=seed), SPANS),
+                         "holdout": collect_span_stats(adapter, loader(8, seed=seed + 100), SPANS)})
+
+
+def test_symmetric_packing_round_trip():
+    a = np.random.default_rng(0).standard_normal((7, 7))
+    g = a @ a.T
+    packed = pack_symmetric(g)
+    assert packed.shape == (28,)
+    assert np.array_equal(unpack_symmetric(packed, "g"), g)
+    with pytest.raises(TBAInputError, match="triangular"):
+        unpack_symmetric(np.zeros(5), "g")
+
+
+def test_sites_sums_equal_centralised_solution(tiny_vit):
+    """Three sites' decoded replies, summed, give the centralised maps to 1e-9 (float64)."""
+    sites = [decode_spans(_site_arrays(tiny_vit, seed), SPANS, 48) for seed in (1, 2, 3)]
+    merged = {split: {s: sum(site[split][s] for site in sites) for s in SPANS} for split in ("calibration", "holdout")}
+    fed = solve_plan(merged["calibration"], merged["holdout"], bias=True)
+    adapter = ViTAdapter(tiny_vit)
+    batches = [b for seed in (1, 2, 3) for b in loader(16, seed=seed)]
+    central = solve_plan(collect_span_stats(adapter, batches, SPANS), bias=True)
+    for span in SPANS:
+        w_f, w_c = fed[span].map.weight, central[span].map.weight
+        assert float((w_f - w_c).norm() / w_c.norm()) < 1e-9
+        assert float((fed[span].map.bias - central[span].map.bias).norm() / central[span].map.bias.norm()) < 1e-9
+    assert fed[SPANS[0]].holdout is not None
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda a: a.pop("calibration/0-2/cross"), "missing keys"),
+    (lambda a: a.__setitem__("extra", np.zeros(1)), "unexpected keys"),
+    (lambda a: a.__setitem__("calibration/0-2/cross", a["calibration/0-2/cross"].astype(np.float32)), "dtype"),
+    (lambda a: a.__setitem__("holdout/3-4/sum_x", np.full(48, np.inf)), "NaN or Inf"),
+    (lambda a: a.__setitem__("calibration/0-2/sum_x", np.zeros(47)), "shape"),
+    (lambda a: a.__setitem__("calibration/3-4/tokens", np.asarray(-3.0)), "non-negative integer"),
+    (lambda a: a.__setitem__("calibration/0-2/gram_triu", -a["calibration/0-2/gram_triu"]), "positive semi-definite"),
+])
+def test_bad_replies_are_rejected_with_the_field(tiny_vit, corrupt, match):
+    arrays = _site_arrays(tiny_vit, 1)
+    corrupt(arrays)
+    with pytest.raises(TBAInputError, match=match):
+        decode_spans(arrays, SPANS, 48)
+
+
+def test_maps_round_trip_and_validation():
+    gen = torch.Generator().manual_seed(0)
+    from tba_fed import LinearMap
+
+    maps = {Span(0, 2): LinearMap(torch.randn(4, 4, generator=gen, dtype=torch.float64),
+                                  torch.randn(4, generator=gen, dtype=torch.float64)),
+            Span(3, 4): LinearMap.identity(4)}
+    arrays = encode_maps(maps)
+    assert set(arrays) == {"span.0-2.weight", "span.0-2.bias"}
+    back = decode_maps(arrays, maps, [Span(3, 4)], 4)
+    assert torch.equal(back[Span(0, 2)].weight, maps[Span(0, 2)].weight) and back[Span(3, 4)].kind == "identity"
+    arrays["span.0-2.weight"] = arrays["span.0-2.weight"][:3]
+    with pytest.raises(TBAInputError, match="span.0-2.weight"):
+        decode_maps(arrays, maps, [Span(3, 4)], 4)
