@@ -182,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     except TBAInputError as err:
         print(f"tba-fed: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if type(err).__name__ not in ("SimulationError", "FederationError"):
+            raise
+        print(f"tba-fed: error: {err}", file=sys.stderr)
+        return 1
     _logger.info("done in %.1f s", time.perf_counter() - start)
     return 0
 

@@ -42,21 +42,30 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Calibration images: a deterministic synthetic set or an image folder (one folder per class)."""
+    """Images to calibrate on, preprocessed with the model's timm data config.
 
-    source: Literal["synthetic", "image_folder"] = "synthetic"
+    Sources: ``synthetic`` (deterministic, for tests), ``image_folder`` (one sub-folder per class),
+    ``fashion_mnist`` (IDX files of Debian's dataset-fashion-mnist), ``cifar10``/``cifar100``
+    (torchvision, from a local root), ``medmnist`` (a MedMNIST-style .npz file).
+    """
+
+    source: Literal["synthetic", "image_folder", "fashion_mnist", "cifar10", "cifar100", "medmnist"] = "synthetic"
     path: Path | None = None
+    split: Literal["train", "val", "test"] = "train"
+    download: bool = Field(False, description="cifar: fetch into path if missing (needs internet)")
     num_images: int = Field(500, ge=1, description="calibration images used (paper: 500)")
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(0, ge=0)
     seed: int = 0
-    num_classes: int = Field(10, ge=1)
+    num_classes: int = Field(10, ge=1, description="synthetic only")
 
     @model_validator(mode="after")
-    def _path_for_folder(self) -> DataConfig:
-        if self.source == "image_folder" and self.path is None:
-            raise ValueError("source image_folder needs path")
+    def _consistent(self) -> DataConfig:
+        if self.source in ("image_folder", "medmnist", "cifar10", "cifar100") and self.path is None:
+            raise ValueError(f"source {self.source} needs path")
+        if self.split == "val" and self.source != "medmnist":
+            raise ValueError(f"split val exists only for medmnist, not {self.source}")
         return self
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
@@ -29,10 +32,18 @@ class SyntheticImages(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
+    def _generator(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+
+    @property
+    def targets(self) -> np.ndarray:
+        return np.array([int(torch.randint(self.num_classes, (1,), generator=self._generator(i)))
+                         for i in range(self.num_images)])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < self.num_images:
             raise IndexError(index)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        gen = self._generator(index)
         label = int(torch.randint(self.num_classes, (1,), generator=gen))
         coarse = torch.randn(1, 3, 8, 8, generator=gen)
         image = nn.functional.interpolate(coarse, size=self.image_size, mode="bilinear", align_corners=False)[0]
@@ -57,10 +68,107 @@ def _input_size(model: nn.Module) -> int:
     return int(data_config(model)["input_size"][-1])
 
 
+class ArrayImages(Dataset):
+    """uint8 images held as one array ([N, H, W] or [N, H, W, 3]), preprocessed on access.
+
+    Grayscale becomes 3 channels; images are resized to the model's input size with its
+    interpolation and normalised with its mean/std, the same as timm's eval transform minus the crop.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, data_cfg: dict) -> None:
+        self.images = images
+        self.targets = labels.astype(np.int64)
+        self.size = tuple(data_cfg["input_size"][1:])
+        self.mode = "bicubic" if data_cfg.get("interpolation") == "bicubic" else "bilinear"
+        self.mean = torch.tensor(data_cfg["mean"]).view(3, 1, 1)
+        self.std = torch.tensor(data_cfg["std"]).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = torch.from_numpy(np.array(self.images[index])).float() / 255.0
+        image = image.expand(3, *image.shape) if image.ndim == 2 else image.permute(2, 0, 1)
+        image = nn.functional.interpolate(image[None], size=self.size, mode=self.mode, align_corners=False,
+                                          antialias=True)[0].clamp(0.0, 1.0)
+        return (image - self.mean) / self.std, int(self.targets[index])
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _read_idx(path: Path, magic: int, field: str) -> np.ndarray:
+    if not path.is_file():
+        raise TBAInputError(field, f"{path} does not exist",
+                            "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set data.path")
+    with gzip.open(path, "rb") as handle:
+        raw = handle.read()
+    found, count = struct.unpack(">II", raw[:8])
+    if found != magic:
+        raise TBAInputError(field, f"{path} is not an IDX file of the expected kind (magic {found:#x}, expected {magic:#x})")
+    if magic == 2051:
+        rows, cols = struct.unpack(">II", raw[8:16])
+        data = np.frombuffer(raw, dtype=np.uint8, offset=16)
+        shape: tuple[int, ...] = (count, rows, cols)
+    else:
+        data = np.frombuffer(raw, dtype=np.uint8, offset=8)
+        shape = (count,)
+    if data.size != int(np.prod(shape)):
+        raise TBAInputError(field, f"{path} is truncated: {data.size} values for shape {shape}")
+    return data.reshape(shape)
+
+
+def fashion_mnist(config: DataConfig, data_cfg: dict) -> ArrayImages:
+    root = Path(config.path) if config.path is not None else FASHION_MNIST_DIR
+    prefix = "train" if config.split == "train" else "t10k"
+    images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz", 2051, "data.path")
+    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 2049, "data.path")
+    if len(images) != len(labels):
+        raise TBAInputError("data.path", f"{root}: {len(images)} images but {len(labels)} labels")
+    return ArrayImages(images, labels, data_cfg)
+
+
+def medmnist(config: DataConfig, data_cfg: dict) -> ArrayImages:
+    path = Path(config.path)  # type: ignore[arg-type]
+    if not path.is_file():
+        raise TBAInputError("data.path", f"{path} does not exist", "give a MedMNIST-style .npz file")
+    with np.load(path) as npz:
+        keys = (f"{config.split}_images", f"{config.split}_labels")
+        missing = [k for k in keys if k not in npz.files]
+        if missing:
+            raise TBAInputError("data.path", f"{path} lacks {missing}",
+                                "a MedMNIST .npz holds train/val/test_images and train/val/test_labels")
+        images, labels = npz[keys[0]], npz[keys[1]].reshape(-1)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
+        raise TBAInputError("data.path", f"{path}: expected uint8 images [N, H, W(, 3)] and N labels, "
+                                         f"got {images.dtype} {images.shape} and {labels.shape}")
+    return ArrayImages(images, labels, data_cfg)
+
+
+def cifar(config: DataConfig, model: nn.Module) -> Dataset:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    if config.split not in ("train", "test"):
+        raise TBAInputError("data.split", "CIFAR has train and test splits")
+    cls = CIFAR10 if config.source == "cifar10" else CIFAR100
+    transform = create_transform(**data_config(model), is_training=False)
+    try:
+        return cls(str(config.path), train=config.split == "train", download=config.download, transform=transform)
+    except RuntimeError as err:
+        raise TBAInputError("data.path", f"{config.path}: {err}",
+                            f"put the {config.source} python version there, or set download: true with internet") from None
+
+
 def build_dataset(config: DataConfig, model: nn.Module) -> Dataset:
     """The configured source, preprocessed with the model's timm data config."""
     if config.source == "synthetic":
         return SyntheticImages(config.num_images, _input_size(model), num_classes=config.num_classes, seed=config.seed)
+    if config.source == "fashion_mnist":
+        return fashion_mnist(config, data_config(model))
+    if config.source == "medmnist":
+        return medmnist(config, data_config(model))
+    if config.source in ("cifar10", "cifar100"):
+        return cifar(config, model)
     from torchvision.datasets import ImageFolder
 
     root = Path(config.path) if config.path is not None else None

@@ -54,7 +54,8 @@ def create_model(config: ModelConfig) -> nn.Module:
     if config.name in OFFLINE_MODELS:
         return _freeze(_create_offline(config), config)
     if not timm.is_model(config.name):
-        raise TBAInputError("model.name", f"unknown timm model {config.name!r}", f"see timm.list_models('vit*'), or use an offline model: {', '.join(OFFLINE_MODELS)}")
+        raise TBAInputError("model.name", f"unknown timm model {config.name!r}",
+                            f"see timm.list_models('vit*'), or use an offline model: {', '.join(OFFLINE_MODELS)}")
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)

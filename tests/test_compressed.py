@@ -3,7 +3,7 @@ import timm
 import torch
 from torch import nn
 
-from tba_fed import (BlockApproximation, LinearMap, ModelConfig, Span, TBAInputError, ViTAdapter, build_compressed,
+from tba_fed import (BlockApproximation, LinearMap, Span, TBAInputError, ViTAdapter, build_compressed,
                      calibrate, create_model, load_compressed, parameter_report, parse_plan, save_compressed)
 
 from conftest import loader

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from tba_fed import Span, SpanStats, TBAInputError, ViTAdapter, solve_plan
+from tba_fed import Span, TBAInputError, ViTAdapter, solve_plan
 from tba_fed.calibrate import collect_span_stats
 from tba_fed.federation.wire import (decode_maps, decode_spans, encode_maps, encode_spans, pack_symmetric,
                                      unpack_symmetric)

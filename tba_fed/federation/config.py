@@ -28,7 +28,8 @@ class FederationConfig(_Section):
     min_images_per_site: int = Field(1, ge=1, description="replies summarising fewer images are rejected")
     round_timeout: float = Field(600.0, gt=0, description="seconds the server waits for replies in a round")
     psd_tolerance: float = Field(1e-9, ge=0, description="relative tolerance of the Gram PSD check")
-    cpus_per_site: float = Field(1.0, gt=0, description="simulation: CPU cores given to each site")
+    cpus_per_site: int = Field(1, ge=1, description="simulation: CPU cores reserved per site (sites beyond the "
+                                                     "machine's cores wait their turn)")
 
     @model_validator(mode="after")
     def _enough_sites(self) -> FederationConfig:

@@ -23,6 +23,7 @@ from ..adapter import ViTAdapter
 from ..checkpoint import manifest, maps_checksum, write_compressed
 from ..compressed import build_compressed, parameter_report
 from ..errors import TBAInputError
+from ..fileio import check_output_dir
 from ..models import create_model
 from ..pipeline import Compression, choose_plan, solve_plan
 from ..plan import parse_plan
@@ -118,6 +119,7 @@ def _check_images(stats_images: int, minimum: int, field: str) -> None:
 def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     """The whole federated run; returns the report that is also written to ``config.output``."""
     fed = config.federation
+    check_output_dir(config.output, overwrite=config.overwrite)  # fail before any site works, not after
     model = create_model(config.model)
     adapter = ViTAdapter(model)
     model_json = config.model.model_dump_json()
@@ -200,7 +202,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         "maps_sha256": expected,
         "rounds": [{"name": r.name, "seconds": round(r.seconds, 3), "sites": r.sites} for r in rounds],
     }
-    write_compressed(config.output, maps, manifest(report, maps), overwrite=True,
+    write_compressed(config.output, maps, manifest(report, maps), overwrite=config.overwrite,
                      files={"report.json": json.dumps(report, indent=2) + "\n",
                             "report.md": compression_markdown(report) + federation_markdown(report["federation"])},
                      extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)))
@@ -210,9 +212,9 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
 def federation_markdown(fed: dict[str, Any]) -> str:
     lines = ["", "## Federation", "", f"- sites connected: {fed['sites_connected']}; maps sha256 `{fed['maps_sha256']}`",
-             "", "| round | site | status | bytes sent | bytes received | reason |", "|---|---|---|---|---|---|"]
+             "", "| round | site | status | array bytes sent | array bytes received | reason |", "|---|---|---|---|---|---|"]
     for rnd in fed["rounds"]:
-        for site, entry in rnd["sites"].items():
+        for site, entry in sorted(rnd["sites"].items()):
             lines.append(f"| {rnd['name']} ({rnd['seconds']:.1f} s) | {site} | {entry['status']} "
                          f"| {entry.get('bytes_sent', 0):,} | {entry.get('bytes_received', 0):,} "
                          f"| {entry.get('reason', '')} |")

@@ -23,10 +23,15 @@ from pathlib import Path
 import yaml
 
 from ..errors import TBAInputError
+from ..fileio import check_output_dir
 from .config import FederatedRunConfig, load_federated_config
 
 _logger = logging.getLogger(__name__)
 FEDERATION = "tba-fed-sim"
+
+
+class SimulationError(RuntimeError):
+    """The Flower run did not complete (its log was streamed above)."""
 
 
 def app_directory() -> Path:
@@ -115,6 +120,7 @@ def simulate(config_path: str | Path, *, timeout: float | None = None) -> tuple[
     """Run the federation described by the YAML at `config_path`; return its report and output directory."""
     config = absolute_paths(load_federated_config(Path(config_path)))  # a bad config fails before anything starts
     fed = config.federation
+    check_output_dir(config.output, overwrite=config.overwrite)
     app = app_directory()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="tba-fed-flwr-") as tmp:
@@ -135,6 +141,6 @@ def simulate(config_path: str | Path, *, timeout: float | None = None) -> tuple[
             completed = subprocess.run(command, env=flower_env(home), cwd=app, timeout=limit, check=False)
     report_path = config.output / "report.json"
     if completed.returncode != 0 or not report_path.is_file() or report_path.stat().st_mtime < started:
-        raise RuntimeError(f"the federated run failed (flwr exit code {completed.returncode}): no new report in "
+        raise SimulationError(f"the federated run failed (flwr exit code {completed.returncode}): no new report in "
                            f"{config.output}; see the log above")
     return json.loads(report_path.read_text()), config.output

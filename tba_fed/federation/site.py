@@ -23,6 +23,7 @@ from ..config import DataConfig, ModelConfig
 from ..data import build_dataset, calibration_split, make_loader
 from ..errors import TBAInputError
 from ..models import create_model
+from ..partition import partition, site_split
 from ..plan import Plan, Span
 from ..solver import LinearMap
 from ..stats import SpanStats
@@ -56,8 +57,6 @@ def simulated_indices(data: DataConfig, targets: np.ndarray, num_sites: int, sit
     The pool is the same seeded sample of ``data.num_images`` images a centralised run would use;
     it is partitioned across sites, then each site keeps ``holdout_fraction`` of its share out of the fit.
     """
-    from ..partition import partition, site_split  # TEMP lazy
-
     rng = np.random.default_rng(data.seed)
     pool = rng.permutation(len(targets))[: min(data.num_images, len(targets))]
     parts = partition(targets[pool], num_sites, scheme=scheme, alpha=alpha, shards_per_site=shards_per_site,
@@ -84,7 +83,7 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], 
     p = run.federation.partition
     calibration, holdout = simulated_indices(run.data, np.asarray(dataset.targets), num_sites, site, p.scheme,
                                              alpha=p.alpha, shards_per_site=p.shards_per_site, seed=p.seed)
-    output = run.output / "sites" / f"site-{site}"
+    output = run.output.with_name(run.output.name + "-sites") / f"site-{site}"
     return Site(f"site-{site}", make_loader(Subset(dataset, calibration.tolist()), run.data),
                 make_loader(Subset(dataset, holdout.tolist()), run.data) if len(holdout) else None, output, run.device)
 

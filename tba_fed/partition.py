@@ -1,0 +1,88 @@
+"""Splitting one dataset into simulated sites: IID, Dirichlet label skew, or class shards.
+
+Deterministic given the seed; the parts are disjoint and together cover every index. Real
+deployments need none of this: each site simply has its own data config (``SiteConfig``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+
+from .errors import TBAInputError
+
+_logger = logging.getLogger(__name__)
+
+Scheme = Literal["iid", "dirichlet", "shards"]
+
+
+def partition(targets: np.ndarray, num_sites: int, *, scheme: Scheme = "iid", alpha: float = 0.5,
+              shards_per_site: int = 2, seed: int = 0, min_per_site: int = 1, max_attempts: int = 100) -> list[np.ndarray]:
+    """Index arrays (sorted) of each site's share of ``targets``' positions."""
+    targets = np.asarray(targets)
+    n = len(targets)
+    if num_sites < 1:
+        raise TBAInputError("federation.num_sites", f"must be >= 1, got {num_sites}")
+    if n < num_sites * min_per_site:
+        raise TBAInputError("data.num_images", f"{n} images cannot give {num_sites} sites {min_per_site} each")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid":
+        parts = np.array_split(rng.permutation(n), num_sites)
+    elif scheme == "dirichlet":
+        parts = _dirichlet(targets, num_sites, alpha, rng, min_per_site, max_attempts)
+    elif scheme == "shards":
+        shards = np.array_split(np.argsort(targets, kind="stable"), num_sites * shards_per_site)
+        order = rng.permutation(len(shards))
+        parts = [np.concatenate([shards[j] for j in order[i::num_sites]]) for i in range(num_sites)]
+    else:
+        raise TBAInputError("federation.partition.scheme", f"unknown scheme {scheme!r}", "use iid, dirichlet or shards")
+    parts = [np.sort(p) for p in parts]
+    if min(len(p) for p in parts) < min_per_site:
+        raise TBAInputError("federation.partition", f"a site got fewer than {min_per_site} images",
+                            "use fewer sites or more images")
+    return parts
+
+
+def _dirichlet(targets: np.ndarray, num_sites: int, alpha: float, rng: np.random.Generator, min_per_site: int,
+               max_attempts: int) -> list[np.ndarray]:
+    """Per class, shares drawn from Dir(alpha); redrawn (as is standard) until every site has enough."""
+    classes = np.unique(targets)
+    for _ in range(max_attempts):
+        parts: list[list[int]] = [[] for _ in range(num_sites)]
+        for c in classes:
+            members = rng.permutation(np.flatnonzero(targets == c))
+            shares = rng.dirichlet(np.full(num_sites, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+            for site, chunk in enumerate(np.split(members, cuts)):
+                parts[site].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_per_site:
+            return [np.asarray(p, dtype=np.int64) for p in parts]
+    raise TBAInputError("federation.partition.alpha", f"Dirichlet({alpha}) left a site with fewer than {min_per_site} "
+                                                      f"images in {max_attempts} draws", "raise alpha or the image count")
+
+
+def site_split(indices: np.ndarray, holdout_fraction: float, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A site's (calibration, held-out) indices; the held-out part never enters the fit."""
+    order = np.random.default_rng(seed).permutation(np.asarray(indices))
+    held = int(round(len(order) * holdout_fraction))
+    if len(order) - held < 1:
+        raise TBAInputError("data.holdout_fraction", f"leaves no calibration images out of {len(order)}")
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def class_histograms(targets: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """[sites, classes] counts."""
+    targets = np.asarray(targets)
+    return np.stack([np.bincount(targets[p], minlength=num_classes) for p in parts])
+
+
+def log_histograms(targets: np.ndarray, parts: list[np.ndarray], num_classes: int) -> str:
+    """A per-site class histogram table, logged and returned."""
+    hist = class_histograms(targets, parts, num_classes)
+    header = "site | " + " ".join(f"{c:>5}" for c in range(num_classes)) + " | total"
+    rows = [f"{i:>4} | " + " ".join(f"{v:>5}" for v in row) + f" | {row.sum():>5}" for i, row in enumerate(hist)]
+    table = "\n".join([header, *rows])
+    _logger.info("class histogram per site:\n%s", table)
+    return table
