@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from tba_fed.compressed import build_compressed
 from tba_fed.federation import app_logging
-from tba_fed.federation.server import from_record, to_record
-from tba_fed.federation.site import cached_model, install, resolve_site, similarity_reply, statistics_reply
-from tba_fed.federation.wire import decode_maps
+from tba_fed.federation.records import from_record, to_record
+from tba_fed.federation.site import (accuracy_reply, cached_model, install, probe_reply, resolve_site, similarity_reply,
+                                     statistics_reply)
+from tba_fed.federation.wire import decode_heads, decode_maps
 from tba_fed.plan import parse_plan
 
 app = ClientApp()
@@ -41,11 +43,32 @@ def statistics(msg: Message, context: Context) -> Message:
     return _reply(msg, site.name, statistics=to_record(statistics_reply(model, site, plan, str(config["token-mode"]))))
 
 
-@app.train("install")
-def install_maps(msg: Message, context: Context) -> Message:
-    config, model, site = _setup(msg, context)
+def _compressed(msg: Message, config, model):
     plan = parse_plan(str(config["plan"]), len(model.blocks))
     identity = parse_plan(str(config["identity-spans"]), len(model.blocks)).spans if config["identity-spans"] else ()
     maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, identity, model.embed_dim)
+    return maps, build_compressed(model, maps)
+
+
+@app.query("probe")
+def probe(msg: Message, context: Context) -> Message:
+    config, model, site = _setup(msg, context)
+    _, compressed = _compressed(msg, config, model)
+    return _reply(msg, site.name, probe=to_record(probe_reply(model, compressed, site, int(config["num-classes"]))))
+
+
+@app.evaluate("accuracy")
+def evaluate_accuracy(msg: Message, context: Context) -> Message:
+    config, model, site = _setup(msg, context)
+    _, compressed = _compressed(msg, config, model)
+    heads = decode_heads(from_record(msg.content.array_records["heads"]), int(model.num_features),
+                         int(config["num-classes"]))
+    return _reply(msg, site.name, accuracy=MetricRecord(accuracy_reply(model, compressed, site, heads)))
+
+
+@app.train("install")
+def install_maps(msg: Message, context: Context) -> Message:
+    config, model, site = _setup(msg, context)
+    maps, _ = _compressed(msg, config, model)
     digest = install(model, site, maps, json.loads(str(config["report"])))
     return _reply(msg, site.name, install=ConfigRecord({"checksum": digest}))

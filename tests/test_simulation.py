@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 from torch.utils.data import Subset
 
-from tba_fed import ModelConfig, ViTAdapter, solve_plan
+from tba_fed import ModelConfig, ViTAdapter, load_compressed, solve_plan
 from tba_fed.calibrate import collect_span_stats
 from tba_fed.data import build_dataset, make_loader
 from tba_fed.federation.config import load_federated_config
@@ -18,6 +18,7 @@ from tba_fed.federation.simulate import simulate
 from tba_fed.federation.site import simulated_indices
 from tba_fed.models import create_model
 from tba_fed.plan import parse_plan
+from tba_fed.probe import accuracy, collect_probe_stats, solve_probe
 
 from conftest import TINY
 
@@ -29,6 +30,7 @@ def _config(tmp_path, num_sites: int, scheme: str) -> dict:
         "budget": {"blocks": 2},
         "federation": {"num_sites": num_sites, "partition": {"scheme": scheme, "alpha": 0.1, "seed": 7},
                        "min_sites": num_sites, "round_timeout": 300},
+        "evaluation": {"enabled": True, "num_classes": 10},
         "output": str(tmp_path / "out"),
     }
 
@@ -47,9 +49,10 @@ def test_federated_maps_equal_centralised(tmp_path, num_sites, scheme):
     model = create_model(ModelConfig(name="vit_tiny_patch16_224", kwargs=TINY))
     dataset = build_dataset(config.data, model)
     p = config.federation.partition
-    indices = [simulated_indices(config.data, np.asarray(dataset.targets), num_sites, site, p.scheme, alpha=p.alpha,
-                                 shards_per_site=p.shards_per_site, seed=p.seed)[0] for site in range(num_sites)]
-    union = np.concatenate(indices)
+    splits = [simulated_indices(config.data, np.asarray(dataset.targets), num_sites, site, p.scheme, alpha=p.alpha,
+                                shards_per_site=p.shards_per_site, seed=p.seed) for site in range(num_sites)]
+    union = np.concatenate([calibration for calibration, _ in splits])
+    held = np.concatenate([holdout for _, holdout in splits])
     assert len(np.unique(union)) == len(union)
     plan = parse_plan(report["plan"], 6)
     central = solve_plan(collect_span_stats(ViTAdapter(model), make_loader(Subset(dataset, union.tolist()),
@@ -60,4 +63,10 @@ def test_federated_maps_equal_centralised(tmp_path, num_sites, scheme):
             got = maps[f"span.{span.key}.{name}"]
             assert float((got - expected).norm() / expected.norm()) < 1e-9
     assert report["calibration_images"] == len(union)
+    # rounds 4-5: the pooled accuracy of federated probe heads equals the centralised probe's
+    train, test = (make_loader(Subset(dataset, idx.tolist()), config.data) for idx in (union, held))
+    for which, net in (("original", model), ("compressed", load_compressed(output))):
+        head = solve_probe(collect_probe_stats(net, train, 10), ridge=1e-6)
+        correct, total = accuracy(net, head, test)
+        assert report["evaluation"]["pooled"][which] == correct / total and report["evaluation"]["test_images"] == total
     assert json.loads((output / "report.json").read_text())["plan"] == report["plan"]

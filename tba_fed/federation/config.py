@@ -38,10 +38,20 @@ class FederationConfig(_Section):
         return self
 
 
+class EvaluationConfig(_Section):
+    """Rounds 4-5: a closed-form probe for the original and the compressed model, fitted on the sites'
+    calibration images, scored on their held-out images."""
+
+    enabled: bool = False
+    num_classes: int = Field(10, ge=2)
+    probe_ridge: float = Field(1e-6, ge=0)
+
+
 class FederatedRunConfig(RunConfig):
     """A RunConfig plus the federation section; ``data`` is the pooled data a simulation partitions."""
 
     federation: FederationConfig = FederationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     output: Path = Path("outputs/federated")
 
 

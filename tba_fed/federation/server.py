@@ -15,8 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from ..adapter import ViTAdapter
@@ -27,9 +26,12 @@ from ..fileio import check_output_dir
 from ..models import create_model
 from ..pipeline import Compression, choose_plan, solve_plan
 from ..plan import parse_plan
+from ..probe import solve_probe
 from ..report import compression_dict, compression_markdown, write_similarity
 from .config import FederatedRunConfig
-from .wire import Arrays, decode_similarity, decode_spans, encode_maps, payload_bytes
+from .records import from_record, to_record
+from .wire import (MODELS, decode_probe, decode_similarity, decode_spans, encode_heads, encode_maps,
+                   payload_bytes)
 
 _logger = logging.getLogger(__name__)
 
@@ -46,14 +48,6 @@ class RoundLog:
 
     def accepted(self) -> list[str]:
         return [s for s, v in self.sites.items() if v["status"] == "ok"]
-
-
-def to_record(arrays: Arrays) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def from_record(record: ArrayRecord) -> Arrays:
-    return {k: v.numpy() for k, v in record.items()}
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -197,6 +191,9 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
     exchange(grid, nodes, f"{MessageType.TRAIN}.install", install_content, decode_install_reply, log,
              timeout=fed.round_timeout, min_sites=fed.min_sites)
+    if config.evaluation.enabled:
+        report["evaluation"] = evaluate_rounds(grid, nodes, config, model_json, plan, identity, maps,
+                                               int(model.num_features), rounds)
     report["federation"] = {
         "sites_connected": len(nodes),
         "maps_sha256": expected,
@@ -204,10 +201,66 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     }
     write_compressed(config.output, maps, manifest(report, maps), overwrite=config.overwrite,
                      files={"report.json": json.dumps(report, indent=2) + "\n",
-                            "report.md": compression_markdown(report) + federation_markdown(report["federation"])},
+                            "report.md": compression_markdown(report) + (evaluation_markdown(report["evaluation"])
+                                                                         if "evaluation" in report else "")
+                                         + federation_markdown(report["federation"])},
                      extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)))
     _logger.info("federated run complete: %s written", config.output)
     return report
+
+
+def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, model_json: str, plan, identity,
+                    maps, dim: int, rounds: list[RoundLog]) -> dict[str, Any]:
+    """Rounds 4-5: probe sums from every site, heads solved here, correct counts back."""
+    fed, ev = config.federation, config.evaluation
+    settings = {"model": model_json, "plan": str(plan), "identity-spans": ", ".join(str(s) for s in identity),
+                "num-classes": ev.num_classes}
+    log = RoundLog("probe")
+    rounds.append(log)
+
+    def decode_probe_reply(reply: RecordDict):
+        stats = decode_probe(from_record(reply.array_records["probe"]), dim, ev.num_classes, psd_tolerance=fed.psd_tolerance)
+        _check_images(stats["original"].images, fed.min_images_per_site, "probe.images")
+        return stats
+
+    replies = exchange(grid, nodes, f"{MessageType.QUERY}.probe",
+                       lambda: RecordDict({"maps": to_record(encode_maps(maps)), "config": ConfigRecord(settings)}),
+                       decode_probe_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites)
+    heads = {which: solve_probe(sum(r[which] for r in replies.values()), ridge=ev.probe_ridge) for which in MODELS}
+    log = RoundLog("accuracy")
+    rounds.append(log)
+
+    def decode_accuracy_reply(reply: RecordDict) -> dict[str, int]:
+        counts = {k: reply.metric_records["accuracy"][k] for k in ("original_correct", "compressed_correct", "total")}
+        if any(not isinstance(v, int) or v < 0 for v in counts.values()) or \
+                max(counts["original_correct"], counts["compressed_correct"]) > counts["total"]:
+            raise TBAInputError("accuracy", f"counts must be integers with 0 <= correct <= total, got {counts}")
+        return counts
+
+    counts = exchange(grid, nodes, f"{MessageType.EVALUATE}.accuracy",
+                      lambda: RecordDict({"maps": to_record(encode_maps(maps)), "heads": to_record(encode_heads(heads)),
+                                          "config": ConfigRecord(settings)}),
+                      decode_accuracy_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites)
+    total = sum(c["total"] for c in counts.values())
+    pooled = {which: sum(c[f"{which}_correct"] for c in counts.values()) / max(total, 1) for which in MODELS}
+    per_site = {site: {"images": c["total"], "original": c["original_correct"] / max(c["total"], 1),
+                       "compressed": c["compressed_correct"] / max(c["total"], 1)} for site, c in sorted(counts.items())}
+    _logger.info("accuracy (pooled over %d held-out images): original %.4f, compressed %.4f", total,
+                 pooled["original"], pooled["compressed"])
+    return {"probe": "closed-form ridge probe on the final-norm class token", "probe_ridge": ev.probe_ridge,
+            "probe_images": int(sum(r["original"].images for r in replies.values())), "test_images": total,
+            "pooled": pooled, "sites": per_site}
+
+
+def evaluation_markdown(evaluation: dict[str, Any]) -> str:
+    lines = ["", "## Accuracy", "", f"{evaluation['probe']} (ridge {evaluation['probe_ridge']}), fitted on "
+             f"{evaluation['probe_images']} calibration images of all sites, tested on their held-out images.", "",
+             "| site | held-out images | original | compressed |", "|---|---|---|---|"]
+    for site, row in evaluation["sites"].items():
+        lines.append(f"| {site} | {row['images']} | {row['original']:.4f} | {row['compressed']:.4f} |")
+    lines.append(f"| **pooled** | {evaluation['test_images']} | {evaluation['pooled']['original']:.4f} "
+                 f"| {evaluation['pooled']['compressed']:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def federation_markdown(fed: dict[str, Any]) -> str:

@@ -25,10 +25,11 @@ from ..errors import TBAInputError
 from ..models import create_model
 from ..partition import partition, site_split
 from ..plan import Plan, Span
+from ..probe import ProbeHead, accuracy, collect_probe_stats
 from ..solver import LinearMap
 from ..stats import SpanStats
 from .config import load_federated_config, load_site_config
-from .wire import Arrays, encode_similarity, encode_spans
+from .wire import Arrays, encode_probe, encode_similarity, encode_spans
 
 _logger = logging.getLogger(__name__)
 
@@ -99,6 +100,21 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str) 
     holdout = (collect_span_stats(adapter, site.holdout, plan.spans, token_mode=token_mode, device=site.device)
                if site.holdout is not None else {s: SpanStats.zeros(adapter.embed_dim) for s in plan.spans})
     return encode_spans({"calibration": calibration, "holdout": holdout})
+
+
+def probe_reply(model: nn.Module, compressed: nn.Module, site: Site, num_classes: int) -> Arrays:
+    """Probe sums of the original and the compressed model on this site's calibration images."""
+    return encode_probe({"original": collect_probe_stats(model, site.calibration, num_classes, device=site.device),
+                         "compressed": collect_probe_stats(compressed, site.calibration, num_classes, device=site.device)})
+
+
+def accuracy_reply(model: nn.Module, compressed: nn.Module, site: Site, heads: Mapping[str, ProbeHead]) -> dict[str, int]:
+    """Correct counts on this site's held-out images: integers, no per-image outcome."""
+    if site.holdout is None:
+        raise TBAInputError("data.holdout_fraction", f"{site.name} has no held-out images to evaluate on")
+    original, total = accuracy(model, heads["original"], site.holdout, device=site.device)
+    compressed_correct, _ = accuracy(compressed, heads["compressed"], site.holdout, device=site.device)
+    return {"original_correct": original, "compressed_correct": compressed_correct, "total": total}
 
 
 def install(model: nn.Module, site: Site, maps: Mapping[Span, LinearMap], report: dict) -> str:

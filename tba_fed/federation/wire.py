@@ -15,6 +15,7 @@ import torch
 from ..checkpoint import map_tensors
 from ..errors import TBAInputError
 from ..plan import Span
+from ..probe import ProbeHead, ProbeStats
 from ..solver import LinearMap
 from ..stats import SimilarityStats, SpanStats
 
@@ -100,6 +101,54 @@ def decode_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: i
             check_psd(acc.gram, prefix + "gram", psd_tolerance)
             out[split][span] = acc
     return out
+
+
+MODELS = ("original", "compressed")
+
+
+def encode_probe(per_model: Mapping[str, ProbeStats]) -> Arrays:
+    """``{model}/{name}``; the feature Gram as ``gram_triu``."""
+    out: Arrays = {}
+    for which, stats in per_model.items():
+        for name, value in _vectors(stats.to_arrays()).items():
+            out[f"{which}/{name}_triu" if name == "gram" else f"{which}/{name}"] = \
+                pack_symmetric(value) if name == "gram" else value
+    return out
+
+
+def decode_probe(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int, *,
+                 psd_tolerance: float = 1e-9) -> dict[str, ProbeStats]:
+    expected = {f"{m}/{n}" for m in MODELS for n in ("gram_triu", "cross", "sum_f", "class_counts", "tokens", "images")}
+    missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+    if missing or extra:
+        raise TBAInputError("probe", f"missing keys {missing[:4]}, unexpected keys {extra[:4]}")
+    out = {}
+    for which in MODELS:
+        packed = np.asarray(arrays[f"{which}/gram_triu"])
+        if packed.dtype != np.float64:
+            raise TBAInputError(f"{which}/gram_triu", f"dtype {packed.dtype}, expected float64")
+        fields = {n: np.asarray(arrays[f"{which}/{n}"]) for n in ("cross", "sum_f", "class_counts", "tokens", "images")}
+        stats = ProbeStats.from_arrays(_scalars({"gram": unpack_symmetric(packed, f"{which}/gram_triu"), **fields}))
+        if stats.gram.shape[0] != dim or stats.num_classes != num_classes:
+            raise TBAInputError(f"{which}/cross", f"shape {tuple(stats.cross.shape)}, expected ({dim}, {num_classes})")
+        check_psd(stats.gram, f"{which}/gram", psd_tolerance)
+        out[which] = stats
+    return out
+
+
+def encode_heads(heads: Mapping[str, ProbeHead]) -> Arrays:
+    return {f"{which}/{name}": getattr(head, name).numpy() for which, head in heads.items() for name in ("weight", "bias")}
+
+
+def decode_heads(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int) -> dict[str, ProbeHead]:
+    heads = {}
+    for which in MODELS:
+        weight, bias = arrays.get(f"{which}/weight"), arrays.get(f"{which}/bias")
+        for key, value, shape in ((f"{which}/weight", weight, (num_classes, dim)), (f"{which}/bias", bias, (num_classes,))):
+            if value is None or value.shape != shape or value.dtype != np.float64 or not np.isfinite(value).all():
+                raise TBAInputError(key, f"expected a finite float64 array of shape {shape}")
+        heads[which] = ProbeHead(torch.from_numpy(np.array(weight)), torch.from_numpy(np.array(bias)))
+    return heads
 
 
 def check_psd(gram: torch.Tensor, field: str, tolerance: float) -> None:
