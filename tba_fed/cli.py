@@ -116,13 +116,27 @@ def run_compress(config: RunConfig) -> Path:
     return config.output
 
 
-def run_demo(output: Path | None, overwrite: bool) -> Path:
-    text = importlib.resources.files("tba_fed").joinpath("configs/demo.yaml").read_text()
-    raw = yaml.safe_load(text)
-    overrides = {"output": output, "overwrite": True if overwrite else None}
-    config = RunConfig.model_validate(merge_overrides(raw, overrides))
-    _logger.info("demo config:\n%s", text)
-    return run_compress(config)
+def run_demo(output: Path) -> None:
+    """Both halves of the mission on the embedded defaults: a federated run, then a short Table 1."""
+    from .experiment import ExperimentConfig, run_experiment
+    from .federation.simulate import simulate
+
+    resources = importlib.resources.files("tba_fed").joinpath("configs")
+    federated = yaml.safe_load(resources.joinpath("demo-federated.yaml").read_text())
+    federated["output"] = str(output / "federated")
+    path = output / "demo-federated.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(federated, sort_keys=False))
+    _, folder = simulate(path)
+    print((folder / "report.md").read_text())
+    table = ExperimentConfig.model_validate(
+        merge_overrides(yaml.safe_load(resources.joinpath("demo-table1.yaml").read_text()),
+                        {"output": str(output / "table1")}))
+    table_folder = run_experiment(table)
+    print((table_folder / "table.md").read_text())
+    print(f"federated run (3 simulated sites): compressed model and report in {folder}/ (report.md)\n"
+          f"short Table-1 run: {table_folder}/table.md (full protocol: tba-fed experiment "
+          f"configs/table1-dinov2-fashion-mnist.yaml)")
 
 
 def run_experiment_command(path: Path, output: Path | None) -> None:
@@ -171,9 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="federated run YAML (see configs/federated-*.yaml)")
     p = sub.add_parser("prepare", help="fetch, convert and verify the offline DINOv2-S weights into $TBA_FED_CACHE")
     p.add_argument("--force", action="store_true", help="redo the conversion and the onnxruntime check")
-    p = sub.add_parser("demo", help="compress the embedded default model and data (no arguments needed)")
-    p.add_argument("--output", "-o", type=Path, help="output directory (default outputs/demo)")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous demo output")
+    p = sub.add_parser("demo", help="federated run of 3 simulated sites + a short Table 1 on the real offline model")
+    p.add_argument("--output", "-o", type=Path, default=Path("outputs/demo"), help="output directory (outputs/demo)")
     return parser
 
 
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             run_prepare(args.force)
         elif args.command == "demo":
-            run_demo(args.output, args.overwrite)
+            run_demo(args.output)
         elif args.command == "experiment":
             run_experiment_command(args.config, args.output)
         elif args.command == "simulate":

@@ -243,22 +243,26 @@ def table_markdown(rows: list[dict], config: ExperimentConfig) -> str:
     original = next((s for s in summary if s["approximation"] == "original"), None)
     head = "| Approx. | Map | Params. (paper conv.) | Params. (exact) | " + " | ".join(datasets) + " |"
     lines = [head, "|---" * (4 + len(datasets)) + "|"]
-    order = sorted({(s["approximation"], s["kind"]) for s in summary if s["approximation"] != "original"},
-                   key=lambda ak: (-cell[(datasets[0], *ak)]["paper_params_removed"] if (datasets[0], *ak) in cell else 0,
-                                   config.approximations.index(ak[0]) if ak[0] in config.approximations else 99, ak[1] != "linear"))
-    for approx, kind in order:
-        any_cell = next(cell[(d, approx, kind)] for d in datasets if (d, approx, kind) in cell)
-        values = []
-        for d in datasets:
-            s = cell.get((d, approx, kind))
-            values.append("" if s is None else f"{s['accuracy_mean']:.2f} ± {s['accuracy_std']:.2f} ({s['relative_change']:+.2f}%)")
-        lines.append(f"| {approx} | {kind} | -{any_cell['paper_params_removed'] / 1e6:.2f}M | -{any_cell['params_removed']:,} | "
-                     + " | ".join(values) + " |")
+    def rank(key: tuple[str, str]) -> tuple:
+        first = next(cell[(d, *key)] for d in datasets if (d, *key) in cell)
+        position = config.approximations.index(key[0]) if key[0] in config.approximations else len(config.approximations)
+        return -first["paper_params_removed"], position, key[1] != "linear"
+
+    def fmt(s: dict | None, change: bool = True) -> str:
+        if s is None:
+            return ""
+        text = f"{s['accuracy_mean']:.2f} ± {s['accuracy_std']:.2f}"
+        return text + (f" ({s['relative_change']:+.2f}%)" if change else "")
+
+    for approx, kind in sorted({(s["approximation"], s["kind"]) for s in summary if s["approximation"] != "original"},
+                               key=rank):
+        first = next(cell[(d, approx, kind)] for d in datasets if (d, approx, kind) in cell)
+        lines.append(f"| {approx} | {kind} | -{first['paper_params_removed'] / 1e6:.2f}M | -{first['params_removed']:,} | "
+                     + " | ".join(fmt(cell.get((d, approx, kind))) for d in datasets) + " |")
     if original is not None:
         params = next(r["params"] for r in rows if r["approximation"] == "original")
-        values = [f"{cell[(d, 'original', 'original')]['accuracy_mean']:.2f} ± {cell[(d, 'original', 'original')]['accuracy_std']:.2f}"
-                  if (d, "original", "original") in cell else "" for d in datasets]
-        lines.append(f"| original | | {params / 1e6:.2f}M | {params:,} | " + " | ".join(values) + " |")
+        lines.append(f"| original | | {params / 1e6:.2f}M | {params:,} | "
+                     + " | ".join(fmt(cell.get((d, "original", "original")), change=False) for d in datasets) + " |")
     seeds = sorted({r["seed"] for r in rows})
     note = (f"\nAccuracy (%) of a closed-form ridge probe on the final-norm class token, mean ± std over seeds {seeds}; "
             f"in brackets the change relative to the original. {config.calibration_images} calibration images, "
