@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -42,12 +43,12 @@ class FederationError(RuntimeError):
 
 @dataclass
 class RoundLog:
+    """One round's outcome per site; `nodes` are the sites whose replies were valid (asked next round)."""
+
     name: str
     seconds: float = 0.0
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def accepted(self) -> list[str]:
-        return [s for s, v in self.sites.items() if v["status"] == "ok"]
+    nodes: list[int] = field(default_factory=list)
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -61,9 +62,19 @@ def _site_name(node_id: int, reply: Message | None) -> str:
     return f"node-{node_id}"
 
 
+def received_schema(content: RecordDict) -> dict[str, list[int]]:
+    """Names and shapes of every array a reply carried: what the report shows the server received."""
+    return {f"{name}:{key}": list(np.shape(value)) for name, record in content.array_records.items()
+            for key, value in from_record(record).items()}
+
+
 def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Callable[[], RecordDict],
-             decode: Callable[[RecordDict], Any], log: RoundLog, *, timeout: float, min_sites: int) -> dict[str, Any]:
-    """Send one message per node, validate each reply with `decode`, keep the valid ones."""
+             decode: Callable[[RecordDict], Any], log: RoundLog, *, timeout: float, min_sites: int,
+             images: Callable[[Any], int] | None = None) -> dict[str, Any]:
+    """Send one message per node, validate each reply with `decode`, keep the valid ones.
+
+    `images` reads the image count a valid reply summarises, for the report.
+    """
     start = time.perf_counter()
     contents = {node: make_content() for node in nodes}
     messages = [Message(content=contents[node], dst_node_id=node, message_type=message_type) for node in nodes]
@@ -80,13 +91,17 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
         else:
             try:
                 accepted[name] = decode(reply.content)
-                entry.update(status="ok", bytes_received=record_bytes(reply.content))
+                entry.update(status="ok", bytes_received=record_bytes(reply.content),
+                             received=received_schema(reply.content))
+                if images is not None:
+                    entry["images"] = images(accepted[name])
             except (TBAInputError, KeyError, ValueError) as err:
                 entry.update(status="rejected", reason=str(err))
         if entry["status"] != "ok":
             _logger.warning("round %s: excluded %s: %s", log.name, name, entry["reason"])
         log.sites[name] = entry
     log.seconds = time.perf_counter() - start
+    log.nodes = [log.sites[name]["node_id"] for name in accepted]
     if len(accepted) < min_sites:
         detail = "; ".join(f"{s}: {v['status']} ({v.get('reason', '')})" for s, v in log.sites.items())
         raise FederationError(f"round {log.name}: {len(accepted)} valid replies, min_sites is {min_sites}. {detail}")
@@ -138,7 +153,8 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
             return stats
 
         replies = exchange(grid, nodes, f"{MessageType.QUERY}.similarity", content(), decode_similarity_reply, log,
-                           timeout=fed.round_timeout, min_sites=fed.min_sites)
+                           timeout=fed.round_timeout, min_sites=fed.min_sites, images=lambda stats: stats.images)
+        nodes = log.nodes
         similarity = sum(replies.values())
         plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
                            metric=config.budget.metric, bias=config.bias)
@@ -156,7 +172,9 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         return stats
 
     replies = exchange(grid, nodes, f"{MessageType.QUERY}.statistics", content(plan=str(plan)),
-                       decode_statistics_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites)
+                       decode_statistics_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
+                       images=lambda stats: stats["calibration"][plan.spans[0]].images)
+    nodes = log.nodes
     merged = {split: {span: sum(r[split][span] for r in replies.values()) for span in plan.spans}
               for split in ("calibration", "holdout")}
     identity = parse_plan(config.identity_spans, adapter.num_blocks, "identity_spans").spans \
@@ -191,6 +209,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
     exchange(grid, nodes, f"{MessageType.TRAIN}.install", install_content, decode_install_reply, log,
              timeout=fed.round_timeout, min_sites=fed.min_sites)
+    nodes = log.nodes
     if config.evaluation.enabled:
         report["evaluation"] = evaluate_rounds(grid, nodes, config, model_json, plan, identity, maps,
                                                int(model.num_features), rounds)
@@ -225,7 +244,9 @@ def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, mo
 
     replies = exchange(grid, nodes, f"{MessageType.QUERY}.probe",
                        lambda: RecordDict({"maps": to_record(encode_maps(maps)), "config": ConfigRecord(settings)}),
-                       decode_probe_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites)
+                       decode_probe_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
+                       images=lambda stats: stats["original"].images)
+    nodes = log.nodes
     heads = {which: solve_probe(sum(r[which] for r in replies.values()), ridge=ev.probe_ridge) for which in MODELS}
     log = RoundLog("accuracy")
     rounds.append(log)
@@ -240,7 +261,8 @@ def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, mo
     counts = exchange(grid, nodes, f"{MessageType.EVALUATE}.accuracy",
                       lambda: RecordDict({"maps": to_record(encode_maps(maps)), "heads": to_record(encode_heads(heads)),
                                           "config": ConfigRecord(settings)}),
-                      decode_accuracy_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites)
+                      decode_accuracy_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
+                      images=lambda c: c["total"])
     total = sum(c["total"] for c in counts.values())
     pooled = {which: sum(c[f"{which}_correct"] for c in counts.values()) / max(total, 1) for which in MODELS}
     per_site = {site: {"images": c["total"], "original": c["original_correct"] / max(c["total"], 1),
@@ -265,10 +287,12 @@ def evaluation_markdown(evaluation: dict[str, Any]) -> str:
 
 def federation_markdown(fed: dict[str, Any]) -> str:
     lines = ["", "## Federation", "", f"- sites connected: {fed['sites_connected']}; maps sha256 `{fed['maps_sha256']}`",
-             "", "| round | site | status | array bytes sent | array bytes received | reason |", "|---|---|---|---|---|---|"]
+             "", "| round | site | status | images | array bytes sent | array bytes received | reason |",
+             "|---|---|---|---|---|---|---|"]
     for rnd in fed["rounds"]:
         for site, entry in sorted(rnd["sites"].items()):
             lines.append(f"| {rnd['name']} ({rnd['seconds']:.1f} s) | {site} | {entry['status']} "
+                         f"| {entry.get('images', '')} "
                          f"| {entry.get('bytes_sent', 0):,} | {entry.get('bytes_received', 0):,} "
                          f"| {entry.get('reason', '')} |")
     return "\n".join(lines) + "\n"

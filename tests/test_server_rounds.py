@@ -1,0 +1,161 @@
+"""The server's rounds against in-process sites (a stand-in Grid that calls tba_fed's real site
+functions): faulty replies are rejected and named, silent sites time out, too few sites fail clearly.
+The real Flower runtime is exercised by test_simulation.py and test_deployment.py."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from tba_fed import ModelConfig, ViTAdapter, solve_plan
+from tba_fed.calibrate import collect_span_stats
+from tba_fed.federation.config import load_federated_config
+from tba_fed.federation.records import from_record, to_record
+from tba_fed.federation.server import FederationError, run_server
+from tba_fed.federation.site import Site, accuracy_reply, cached_model, install, probe_reply, statistics_reply
+from tba_fed.federation.wire import decode_heads, decode_maps
+from tba_fed.compressed import build_compressed
+from tba_fed.plan import parse_plan
+
+from conftest import TINY, loader
+
+MODEL = ModelConfig(name="vit_tiny_patch16_224", kwargs=TINY)
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    """Flower stamps outgoing messages with the ServerApp's run and task ids; outside a run there are
+    none, so give the process the identity a ServerApp would have (internal API, test-only)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+def _corrupt(kind: str):
+    def apply(arrays: dict) -> dict:
+        key = "calibration/1-2/"
+        if kind == "shape":
+            arrays[key + "sum_x"] = np.zeros(7)
+        elif kind == "nan":
+            arrays[key + "cross"] = arrays[key + "cross"].copy()
+            arrays[key + "cross"][0, 0] = np.nan
+        elif kind == "negative":
+            arrays[key + "images"] = np.array([-4.0])
+        elif kind == "non-psd":
+            arrays[key + "gram_triu"] = -arrays[key + "gram_triu"]
+        return arrays
+    return apply
+
+
+class InProcessGrid:
+    """Answers each message like a ClientApp would, from tba_fed's site functions."""
+
+    def __init__(self, tmp_path, behaviours: dict[int, str]) -> None:
+        self.behaviours = behaviours
+        self.sites = {node: Site(f"site-{node}", loader(24, seed=node), loader(8, seed=100 + node), tmp_path / f"site-{node}")
+                      for node in behaviours}
+        self.received: list[dict] = []
+
+    def get_node_ids(self):
+        return list(self.behaviours)
+
+    def send_and_receive(self, messages, *, timeout):
+        replies = []
+        for msg in messages:
+            node, kind = msg.metadata.dst_node_id, self.behaviours[msg.metadata.dst_node_id]
+            if kind == "silent":
+                continue
+            config = msg.content.config_records["config"]
+            model = cached_model(str(config["model"]))
+            site = self.sites[node]
+            records = {"meta": ConfigRecord({"site": site.name})}
+            action = msg.metadata.message_type.split(".", 1)[1]
+            if kind == "crash" and action == "statistics":
+                replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
+                                               error=SimpleNamespace(code=0, reason="ClientApp raised: disk failure")))
+                continue
+            plan = parse_plan(str(config["plan"]), 6) if "plan" in config else None
+            if action == "statistics":
+                arrays = statistics_reply(model, site, plan, str(config["token-mode"]))
+                records["statistics"] = to_record(_corrupt(kind)(arrays))
+            else:
+                maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, (), 48)
+                compressed = build_compressed(model, maps)
+                if action == "install":
+                    records["install"] = ConfigRecord({"checksum": install(model, site, maps,
+                                                                           json.loads(str(config["report"])))})
+                elif action == "probe":
+                    records["probe"] = to_record(probe_reply(model, compressed, site, 10))
+                else:
+                    heads = decode_heads(from_record(msg.content.array_records["heads"]), 48, 10)
+                    records["accuracy"] = MetricRecord(accuracy_reply(model, compressed, site, heads))
+            content = RecordDict(records)
+            replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
+                                           content=content))
+        return replies
+
+
+def _config(tmp_path, **federation):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": MODEL.model_dump(mode="json"), "plan": "1->2, 3->5",
+                                    "federation": {"num_sites": 7, "min_sites": 2, "round_timeout": 5, **federation},
+                                    "evaluation": {"enabled": True}, "output": str(tmp_path / "server")}))
+    return load_federated_config(path)
+
+
+def test_faulty_sites_are_rejected_named_and_excluded(tmp_path):
+    behaviours = {1: "good", 2: "good", 3: "shape", 4: "nan", 5: "negative", 6: "non-psd", 7: "silent", 8: "crash"}
+    grid = InProcessGrid(tmp_path, behaviours)
+    report = run_server(grid, _config(tmp_path, num_sites=8))
+    rounds = {r["name"]: r["sites"] for r in report["federation"]["rounds"]}
+    stats = rounds["statistics"]
+    assert {s for s, v in stats.items() if v["status"] == "ok"} == {"site-1", "site-2"}
+    assert "shape" in stats["site-3"]["reason"] and stats["site-3"]["status"] == "rejected"
+    assert "NaN" in stats["site-4"]["reason"]
+    assert "non-negative integer" in stats["site-5"]["reason"]
+    assert "positive semi-definite" in stats["site-6"]["reason"]
+    assert stats["node-7"]["status"] == "no reply"
+    assert stats["node-8"]["status"] == "error" and "disk failure" in stats["node-8"]["reason"]
+    # later rounds only involve the sites whose statistics were used
+    assert set(rounds["install"]) == set(rounds["accuracy"]) == {"site-1", "site-2"}
+    # the maps are those of the two valid sites' data, nothing of the rejected ones
+    model = cached_model(MODEL.model_dump_json())
+    batches = list(loader(24, seed=1)) + list(loader(24, seed=2))
+    plan = parse_plan("1->2, 3->5", 6)
+    central = solve_plan(collect_span_stats(ViTAdapter(model), batches, plan.spans), bias=True)
+    from safetensors.torch import load_file
+
+    maps = load_file(str(tmp_path / "server" / "maps.safetensors"))
+    for span in plan.spans:
+        expected = central[span].map.weight
+        assert float((maps[f"span.{span.key}.weight"] - expected).norm() / expected.norm()) < 1e-9
+    assert report["evaluation"]["test_images"] == 16
+    assert "| site-3 | rejected |" in (tmp_path / "server" / "report.md").read_text()
+
+
+def test_only_named_aggregates_reach_the_server(tmp_path):
+    report = run_server(InProcessGrid(tmp_path, {1: "good", 2: "good"}), _config(tmp_path, num_sites=2))
+    allowed = {"statistics": {"gram_triu": [48 * 49 // 2], "cross": [48, 48], "sum_x": [48], "sum_y": [48],
+                              "sum_yy": [1], "tokens": [1], "images": [1]},
+               "probe": {"gram_triu": [48 * 49 // 2], "cross": [48, 10], "sum_f": [48], "class_counts": [10],
+                         "tokens": [1], "images": [1]}}
+    seen = 0
+    for rnd in report["federation"]["rounds"]:
+        for entry in rnd["sites"].values():
+            for key, shape in entry.get("received", {}).items():
+                record, name = key.split(":", 1)
+                assert shape == allowed[record][name.rsplit("/", 1)[1]], (key, shape)
+                seen += 1
+    assert seen == 2 * (2 * 2 * 7 + 2 * 6)  # 2 sites x (2 splits x 2 spans x 7 sums + 2 models x 6 sums)
+
+
+def test_too_few_sites_fail_with_a_clear_message(tmp_path):
+    with pytest.raises(FederationError, match=r"round statistics: 1 valid replies, min_sites is 2.*site-2: rejected"):
+        run_server(InProcessGrid(tmp_path, {1: "good", 2: "nan"}), _config(tmp_path, num_sites=2))
+    assert not (tmp_path / "server").exists()
