@@ -16,8 +16,12 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
     aarch64|arm64) torch_pins=(torch==2.9.1 torchvision==0.24.1) ;;
     *) torch_pins=(torch==2.14.1 torchvision==0.29.1) ;;
   esac
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${torch_pins[@]}"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${torch_pins[@]}" -e '.[assets,test]'
+  pip_install() {  # this machine's pip config names local indexes that may be absent: hide that noise only
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
+      2> >(grep -v "is neither a file nor a directory" >&2)
+  }
+  pip_install "${torch_pins[@]}"
+  pip_install "${torch_pins[@]}" -e '.[assets,test]'
   echo "$want" > "$STAMP"
 fi
 

@@ -1,8 +1,6 @@
 """A real deployment on loopback: flower-superlink with TLS and SuperNode authentication, three
-flower-supernode processes each reading its own site YAML, and `flwr run`; one site's data is broken.
-
-This is the sequence docs/deployment.md gives to hospitals, run end to end.
-"""
+flower-supernode processes each reading its own site YAML, and `flwr run`, the sequence
+docs/deployment.md gives to hospitals. Every process started here is stopped by pid, pass or fail."""
 
 from __future__ import annotations
 
@@ -30,86 +28,120 @@ from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _write(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+MODEL = {"name": "vit_tiny_patch16_224", "kwargs": TINY}
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
+def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     home = tmp / "flwr-home"
     home.mkdir()
     certs = tmp / "certs"
-    subprocess.run(["bash", str(REPO / "scripts/make-certificates.sh"), str(certs), "127.0.0.1",
-                    "hospital-a", "hospital-b", "hospital-c"], check=True, capture_output=True)
+    subprocess.run(["bash", str(REPO / "scripts/make-certificates.sh"), str(certs), "127.0.0.1", *SITES],
+                   check=True, capture_output=True)
     port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{certs / "ca.crt"}"\n')
     env = flower_env(home)
-    model = {"name": "vit_tiny_patch16_224", "kwargs": TINY}
-    sites = {}
-    for seed, name in enumerate(("hospital-a", "hospital-b", "hospital-c"), start=1):
-        data = {"source": "synthetic", "num_images": 24, "seed": seed, "batch_size": 8, "holdout_fraction": 0.25}
-        if name == "hospital-c":
-            data = {"source": "image_folder", "path": str(tmp / "missing-folder")}
-        sites[name] = _write(tmp / f"{name}.yaml", {"name": name, "data": data, "output": str(tmp / name)})
-    run = _write(tmp / "run.yaml", {"model": model, "plan": "1->2, 3->5",
-                                    "federation": {"num_sites": 3, "min_sites": 2, "round_timeout": 120},
-                                    "output": str(tmp / "server")})
+    nodes = {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(local_superlink(home, port, certificates=certs, node_auth=True))
-        for name in sites:
+        for seed, name in enumerate(SITES, start=1):
             subprocess.run([str(BIN / "flwr"), "supernode", "register", str(certs / f"{name}.key.pub"), "hospitals"],
                            env=env, check=True, capture_output=True)
-        for name, site_yaml in sites.items():
-            log = stack.enter_context(open(tmp / f"{name}.log", "w"))
-            node = subprocess.Popen(
+            data = {"source": "synthetic", "num_images": 24, "seed": seed, "batch_size": 8, "holdout_fraction": 0.25}
+            site_yaml = tmp / f"{name}.yaml"
+            site_yaml.write_text(yaml.safe_dump({"name": name, "data": data, "output": str(tmp / name)}))
+            log = tmp / f"{name}.log"
+            handle = stack.enter_context(open(log, "w"))
+            process = subprocess.Popen(
                 [str(BIN / "flower-supernode"), "--root-certificates", str(certs / "ca.crt"),
                  "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                  "--auth-supernode-private-key", str(certs / f"{name}.key"),
-                 "--node-config", f'site-config="{site_yaml}"'], env=env, stdout=log, stderr=subprocess.STDOUT)
-            stack.callback(lambda p=node: (p.terminate(), p.wait(timeout=20)))
-        result = subprocess.run([str(BIN / "flwr"), "run", str(app_directory()), "hospitals", "--stream",
-                                 "--run-config", f'config-path="{run}"'], env=env, cwd=REPO, capture_output=True,
-                                text=True, timeout=600)
-    return tmp, result, sites
+                 "--node-config", f'site-config="{site_yaml}"'], env=env, stdout=handle, stderr=subprocess.STDOUT)
+            stack.callback(_stop, process)
+            nodes[name] = {"process": process, "log": log, "yaml": site_yaml}
+        yield {"tmp": tmp, "env": env, "nodes": nodes}
 
 
-def test_deployment_with_tls_and_node_auth_excludes_the_broken_site(deployment):
-    tmp, result, sites = deployment
-    report = json.loads((tmp / "server" / "report.json").read_text())
-    statistics = next(r for r in report["federation"]["rounds"] if r["name"] == "statistics")
-    assert statistics["sites"]["hospital-a"]["status"] == "ok"
-    assert statistics["sites"]["hospital-b"]["status"] == "ok"
-    broken = [s for s, v in statistics["sites"].items() if v["status"] == "error"]
-    assert len(broken) == 1 and "missing-folder" in statistics["sites"][broken[0]]["reason"]
-    # both healthy sites installed exactly the server's maps, byte for byte
-    for name in ("hospital-a", "hospital-b"):
-        digest = hashlib.sha256((tmp / name / "compressed" / "maps.safetensors").read_bytes()).hexdigest()
-        assert digest == report["federation"]["maps_sha256"]
-    assert not (tmp / "hospital-c" / "compressed").exists()
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
-def test_deployed_maps_equal_centralised_on_the_healthy_sites(deployment):
-    tmp, _, sites = deployment
-    model = create_model(ModelConfig(name="vit_tiny_patch16_224", kwargs=TINY))
-    adapter = ViTAdapter(model)
-    plan = parse_plan("1->2, 3->5", 6)
+def _run(cluster, name: str, config: dict) -> subprocess.Popen:
+    run = cluster["tmp"] / f"{name}.yaml"
+    run.write_text(yaml.safe_dump({"model": MODEL, "output": str(cluster["tmp"] / name), **config}))
+    return subprocess.Popen([str(BIN / "flwr"), "run", str(app_directory()), "hospitals", "--stream",
+                             "--run-config", f'config-path="{run}"'], env=cluster["env"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _centralised(cluster, sites, plan):
+    model = create_model(ModelConfig.model_validate(MODEL))
     batches = []
-    for name in ("hospital-a", "hospital-b"):
-        data = DataConfig.model_validate(yaml.safe_load(sites[name].read_text())["data"])
+    for name in sites:
+        data = DataConfig.model_validate(yaml.safe_load(cluster["nodes"][name]["yaml"].read_text())["data"])
         calibration, _ = calibration_split(build_dataset(data, model), data)
         batches += list(make_loader(calibration, data))
-    central = solve_plan(collect_span_stats(adapter, batches, plan.spans), bias=True)
-    maps = load_file(str(tmp / "server" / "maps.safetensors"))
-    for span in plan.spans:
-        for name, expected in (("weight", central[span].map.weight), ("bias", central[span].map.bias)):
+    return solve_plan(collect_span_stats(ViTAdapter(model), batches, plan.spans), bias=True), batches
+
+
+def _assert_maps_equal(folder: Path, central) -> None:
+    maps = load_file(str(folder / "maps.safetensors"))
+    for span, fit in central.items():
+        for name, expected in (("weight", fit.map.weight), ("bias", fit.map.bias)):
             got = maps[f"span.{span.key}.{name}"]
             assert float((got - expected).norm() / expected.norm()) < 1e-9
-    images = next(iter(batches))[0]
+
+
+def test_three_hospitals_with_tls_and_node_auth(cluster):
+    run = _run(cluster, "all-sites", {"plan": "1->2, 3->5",
+                                      "federation": {"num_sites": 3, "min_sites": 3, "round_timeout": 300}})
+    out, _ = run.communicate(timeout=600)
+    folder = cluster["tmp"] / "all-sites"
+    assert (folder / "report.json").is_file(), out[-3000:]
+    report = json.loads((folder / "report.json").read_text())
+    for rnd in report["federation"]["rounds"]:
+        assert sorted(rnd["sites"]) == list(SITES) and {v["status"] for v in rnd["sites"].values()} == {"ok"}
+    central, batches = _centralised(cluster, SITES, parse_plan("1->2, 3->5", 6))
+    _assert_maps_equal(folder, central)
+    images = batches[0][0]
     with torch.no_grad():
-        assert torch.equal(load_compressed(tmp / "server")(images), load_compressed(tmp / "hospital-a" / "compressed")(images))
+        expected = load_compressed(folder)(images)
+        for name in SITES:  # every hospital installed exactly the server's maps
+            site_maps = cluster["tmp"] / name / "compressed"
+            digest = hashlib.sha256((site_maps / "maps.safetensors").read_bytes()).hexdigest()
+            assert digest == report["federation"]["maps_sha256"]
+            assert torch.equal(load_compressed(site_maps)(images), expected)
+
+
+def test_a_site_killed_mid_run_is_excluded_and_named(cluster):
+    victim = cluster["nodes"]["hospital-c"]
+    run = _run(cluster, "site-killed", {"budget": {"blocks": 2},
+                                        "federation": {"num_sites": 3, "min_sites": 2, "round_timeout": 60}})
+    seen = []
+    for line in run.stdout:  # the server's streamed log: round 1 is complete once the plan is chosen...
+        seen.append(line)
+        if "plan chosen from 3 sites' similarity" in line:
+            break
+    else:
+        pytest.fail("the server never finished the similarity round:\n" + "".join(seen[-40:]))
+    _stop(victim["process"])  # ...and hospital-c dies before round 2
+    out, _ = run.communicate(timeout=600)
+    folder = cluster["tmp"] / "site-killed"
+    assert (folder / "report.json").is_file(), out[-3000:]
+    rounds = {r["name"]: r["sites"] for r in json.loads((folder / "report.json").read_text())["federation"]["rounds"]}
+    assert rounds["similarity"]["hospital-c"]["status"] == "ok"
+    missing = [s for s, v in rounds["statistics"].items() if v["status"] == "no reply"]
+    assert len(missing) == 1 and "no reply within 60 s" in rounds["statistics"][missing[0]]["reason"]
+    assert sorted(rounds["install"]) == ["hospital-a", "hospital-b"]
+    report = json.loads((folder / "report.json").read_text())
+    central, _ = _centralised(cluster, ("hospital-a", "hospital-b"), parse_plan(report["plan"], 6))
+    _assert_maps_equal(folder, central)

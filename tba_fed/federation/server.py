@@ -43,9 +43,11 @@ class FederationError(RuntimeError):
 
 @dataclass
 class RoundLog:
-    """One round's outcome per site; `nodes` are the sites whose replies were valid (asked next round)."""
+    """One round's outcome per site; `nodes` are the sites whose replies were valid (asked next round);
+    `names` maps node ids to the names sites gave, shared by all rounds of a run."""
 
     name: str
+    names: dict[int, str]
     seconds: float = 0.0
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     nodes: list[int] = field(default_factory=list)
@@ -56,10 +58,11 @@ def record_bytes(content: RecordDict) -> int:
     return sum(payload_bytes(from_record(record)) for record in content.array_records.values())
 
 
-def _site_name(node_id: int, reply: Message | None) -> str:
+def _site_name(node_id: int, reply: Message | None, names: dict[int, str]) -> str:
+    """A site's own name once it has sent one (remembered in `names` for later rounds), else its node id."""
     if reply is not None and not reply.has_error() and "meta" in reply.content.config_records:
-        return str(reply.content.config_records["meta"].get("site", node_id))
-    return f"node-{node_id}"
+        names[node_id] = str(reply.content.config_records["meta"].get("site", node_id))
+    return names.get(node_id, f"node-{node_id}")
 
 
 def received_schema(content: RecordDict) -> dict[str, list[int]]:
@@ -82,7 +85,7 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
     accepted: dict[str, Any] = {}
     for node in nodes:
         reply = replies.get(node)
-        name = _site_name(node, reply)
+        name = _site_name(node, reply, log.names)
         entry: dict[str, Any] = {"node_id": node, "bytes_sent": record_bytes(contents[node])}
         if reply is None:
             entry.update(status="no reply", reason=f"no reply within {timeout:.0f} s")
@@ -133,7 +136,9 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     adapter = ViTAdapter(model)
     model_json = config.model.model_dump_json()
     nodes = wait_for_nodes(grid, fed.num_sites, fed.min_sites, fed.round_timeout)
-    _logger.info("federation: %d sites connected", len(nodes))
+    connected = len(nodes)
+    names: dict[int, str] = {}
+    _logger.info("federation: %d sites connected", connected)
     rounds: list[RoundLog] = []
     similarity = None
 
@@ -144,7 +149,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     if config.plan is not None:
         plan = parse_plan(config.plan, adapter.num_blocks)
     elif config.budget is not None:
-        log = RoundLog("similarity")
+        log = RoundLog("similarity", names)
         rounds.append(log)
 
         def decode_similarity_reply(reply: RecordDict):
@@ -162,7 +167,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     else:
         raise TBAInputError("plan", "give a plan or a budget")
 
-    log = RoundLog("statistics")
+    log = RoundLog("statistics", names)
     rounds.append(log)
 
     def decode_statistics_reply(reply: RecordDict):
@@ -191,7 +196,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     )
     report = compression_dict(result)
 
-    log = RoundLog("install")
+    log = RoundLog("install", names)
     rounds.append(log)
     expected = maps_checksum(maps)
 
@@ -214,7 +219,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         report["evaluation"] = evaluate_rounds(grid, nodes, config, model_json, plan, identity, maps,
                                                int(model.num_features), rounds)
     report["federation"] = {
-        "sites_connected": len(nodes),
+        "sites_connected": connected,
         "maps_sha256": expected,
         "rounds": [{"name": r.name, "seconds": round(r.seconds, 3), "sites": r.sites} for r in rounds],
     }
@@ -232,9 +237,10 @@ def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, mo
                     maps, dim: int, rounds: list[RoundLog]) -> dict[str, Any]:
     """Rounds 4-5: probe sums from every site, heads solved here, correct counts back."""
     fed, ev = config.federation, config.evaluation
+    names = rounds[0].names
     settings = {"model": model_json, "plan": str(plan), "identity-spans": ", ".join(str(s) for s in identity),
                 "num-classes": ev.num_classes}
-    log = RoundLog("probe")
+    log = RoundLog("probe", names)
     rounds.append(log)
 
     def decode_probe_reply(reply: RecordDict):
@@ -248,7 +254,7 @@ def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, mo
                        images=lambda stats: stats["original"].images)
     nodes = log.nodes
     heads = {which: solve_probe(sum(r[which] for r in replies.values()), ridge=ev.probe_ridge) for which in MODELS}
-    log = RoundLog("accuracy")
+    log = RoundLog("accuracy", names)
     rounds.append(log)
 
     def decode_accuracy_reply(reply: RecordDict) -> dict[str, int]:

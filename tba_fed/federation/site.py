@@ -90,8 +90,9 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], 
 
 
 def similarity_reply(model: nn.Module, site: Site, token_mode: str) -> Arrays:
-    return encode_similarity(collect_similarity(ViTAdapter(model), site.calibration, token_mode=token_mode,
-                                                device=site.device))
+    stats = collect_similarity(ViTAdapter(model), site.calibration, token_mode=token_mode, device=site.device)
+    _logger.info("%s: similarity sums over %d images", site.name, stats.images)
+    return encode_similarity(stats)
 
 
 def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str) -> Arrays:
@@ -99,6 +100,8 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str) 
     calibration = collect_span_stats(adapter, site.calibration, plan.spans, token_mode=token_mode, device=site.device)
     holdout = (collect_span_stats(adapter, site.holdout, plan.spans, token_mode=token_mode, device=site.device)
                if site.holdout is not None else {s: SpanStats.zeros(adapter.embed_dim) for s in plan.spans})
+    _logger.info("%s: span sums over %d calibration and %d held-out images", site.name,
+                 calibration[plan.spans[0]].images, holdout[plan.spans[0]].images)
     return encode_spans({"calibration": calibration, "holdout": holdout})
 
 
