@@ -50,7 +50,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data-seed", dest="data.seed", type=int, metavar="N")
     g = parser.add_argument_group("method")
     g.add_argument("--token-mode", dest="token_mode", choices=["all", "cls", "patch"], help="tokens that enter the fit")
-    g.add_argument("--device", dest="device", help="cpu (default) or cuda")
+    g.add_argument("--device", dest="device", help="cpu (default), cuda, cuda:N, or auto (the GPU if torch sees one)")
     g.add_argument("--output", "-o", dest="output", type=Path, metavar="DIR", help="output directory")
     g.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
                    help="replace an existing tba-fed output directory")

@@ -8,12 +8,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import TBAInputError
+
+
+def resolve_device(value: str) -> str:
+    """``auto`` means the GPU when torch sees one, else the CPU (the default everywhere)."""
+    import torch
+
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if value != "cpu" and not value.startswith(("cuda", "mps")):
+        raise ValueError(f"unknown device {value!r}: use cpu, cuda, cuda:N or auto")
+    return value
+
+
+Device = Annotated[str, AfterValidator(resolve_device)]
 
 
 class _Section(BaseModel):
@@ -90,7 +104,7 @@ class RunConfig(_Section):
     token_mode: Literal["all", "cls", "patch"] = "all"
     bias: bool = True
     ridge: float = Field(0.0, ge=0.0)
-    device: str = "cpu"
+    device: Device = "cpu"
     output: Path = Path("outputs/tba-fed")
     overwrite: bool = False
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .adapter import ViTAdapter
 from .calibrate import collect_span_stats
 from .compressed import parameter_report
-from .config import DataConfig, ModelConfig, _format_validation_error, _Section
+from .config import DataConfig, Device, ModelConfig, _format_validation_error, _Section
 from .data import build_dataset
 from .errors import TBAInputError
 from .fileio import atomic_write_text
@@ -64,7 +64,7 @@ class ExperimentConfig(_Section):
     ridge: float = Field(0.0, ge=0)
     probe_ridge: float = Field(1e-6, ge=0)
     batch_size: int = Field(50, ge=1)
-    device: str = "cpu"
+    device: Device = "cpu"
     output: Path = Path("outputs/experiment")
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from ..config import DataConfig, RunConfig, _format_validation_error, _Section, merge_overrides
+from ..config import DataConfig, Device, RunConfig, _format_validation_error, _Section, merge_overrides
 from ..errors import TBAInputError
 
 
@@ -61,7 +61,7 @@ class SiteConfig(_Section):
     name: str = Field(min_length=1)
     data: DataConfig
     output: Path = Field(description="where this site writes its compressed model")
-    device: str = "cpu"
+    device: Device = "cpu"
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:

@@ -20,11 +20,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import yaml
 
+from ..data import build_dataset
 from ..errors import TBAInputError
 from ..fileio import check_output_dir
+from ..models import create_model
+from ..partition import log_histograms
 from .config import FederatedRunConfig, load_federated_config
+from .site import simulated_indices
 
 _logger = logging.getLogger(__name__)
 FEDERATION = "tba-fed-sim"
@@ -116,11 +121,28 @@ def absolute_paths(config: FederatedRunConfig) -> FederatedRunConfig:
     return config.model_copy(update={"output": config.output.resolve(), "data": data, "model": model})
 
 
+def site_gpus(device: str, num_sites: int) -> float:
+    """Simulated sites share the GPU (a fraction each, so they run side by side); none on the CPU."""
+    return 0.0 if not device.startswith("cuda") else round(1.0 / num_sites, 4)
+
+
+def log_site_histograms(config: FederatedRunConfig) -> str:
+    """The class histogram of every simulated site (the same partition the sites will compute)."""
+    model = create_model(config.model)
+    targets = np.asarray(build_dataset(config.data, model).targets)
+    p = config.federation.partition
+    parts = [np.concatenate(simulated_indices(config.data, targets, config.federation.num_sites, site, p.scheme,
+                                              alpha=p.alpha, shards_per_site=p.shards_per_site, seed=p.seed))
+             for site in range(config.federation.num_sites)]
+    return log_histograms(targets, parts, int(targets.max()) + 1)
+
+
 def simulate(config_path: str | Path, *, timeout: float | None = None) -> tuple[dict, Path]:
     """Run the federation described by the YAML at `config_path`; return its report and output directory."""
     config = absolute_paths(load_federated_config(Path(config_path)))  # a bad config fails before anything starts
     fed = config.federation
     check_output_dir(config.output, overwrite=config.overwrite)
+    log_site_histograms(config)
     app = app_directory()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="tba-fed-flwr-") as tmp:
@@ -132,9 +154,10 @@ def simulate(config_path: str | Path, *, timeout: float | None = None) -> tuple[
             f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
             f'address = "127.0.0.1:{port}"\ninsecure = true\n')
         with local_superlink(home, port, simulation=True):
-            command = [_executable("flwr"), "run", str(app), FEDERATION, "--stream",
-                       "--federation-config", f"num-supernodes={fed.num_sites} "
-                                              f"client-resources-num-cpus={fed.cpus_per_site}",
+            resources = f"num-supernodes={fed.num_sites} client-resources-num-cpus={fed.cpus_per_site}"
+            if gpus := site_gpus(config.device, fed.num_sites):
+                resources += f" client-resources-num-gpus={gpus}"
+            command = [_executable("flwr"), "run", str(app), FEDERATION, "--stream", "--federation-config", resources,
                        "--run-config", f"config-path={json.dumps(str(resolved))}"]
             _logger.info("simulating %d sites: %s", fed.num_sites, " ".join(command))
             limit = timeout or (fed.round_timeout * 4 + 300)

@@ -1,0 +1,40 @@
+import pytest
+import torch
+import yaml
+
+from tba_fed import TBAInputError
+from tba_fed.config import load_config
+from tba_fed.federation.config import load_federated_config, load_site_config
+from tba_fed.federation.simulate import absolute_paths, site_gpus
+
+
+def test_device_auto_resolves_to_what_torch_sees(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "vit_tiny_patch16_224"}, "device": "auto"}))
+    assert load_config(path).device == ("cuda" if torch.cuda.is_available() else "cpu")
+    path.write_text(yaml.safe_dump({"model": {"name": "vit_tiny_patch16_224"}, "device": "tpu"}))
+    with pytest.raises(TBAInputError, match="device: .*unknown device 'tpu'"):
+        load_config(path)
+
+
+def test_simulated_sites_share_a_gpu_only_when_asked():
+    assert site_gpus("cuda", 4) == 0.25 and site_gpus("cuda:1", 3) == 0.3333 and site_gpus("cpu", 3) == 0.0
+
+
+def test_federated_config_validation_names_fields(tmp_path):
+    path = tmp_path / "fed.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "vit_tiny_patch16_224"}, "plan": "1->2",
+                                    "federation": {"num_sites": 2, "min_sites": 3}}))
+    with pytest.raises(TBAInputError, match=r"federation: .*min_sites \(3\) exceeds num_sites \(2\)"):
+        load_federated_config(path)
+    path.write_text(yaml.safe_dump({"model": {"name": "vit_tiny_patch16_224"}, "federation": {"round_timout": 5}}))
+    with pytest.raises(TBAInputError, match="federation.round_timout: unknown key"):
+        load_federated_config(path)
+    path.write_text(yaml.safe_dump({"model": {"name": "vit_tiny_patch16_224"}, "output": "rel/out",
+                                    "data": {"source": "image_folder", "path": "rel/images"}}))
+    resolved = absolute_paths(load_federated_config(path))
+    assert resolved.output.is_absolute() and resolved.data.path.is_absolute()
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"name": "h", "data": {"source": "synthetic"}}))
+    with pytest.raises(TBAInputError, match="output: Field required"):
+        load_site_config(site)
