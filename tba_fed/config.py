@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,6 +32,9 @@ Device = Annotated[str, AfterValidator(resolve_device)]
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_S = TypeVar("_S", bound=_Section)
 
 
 class ModelConfig(_Section):
@@ -145,20 +148,28 @@ def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     return merged
 
 
-def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a YAML file (if any), apply overrides, validate; errors name the offending field."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise TBAInputError("config", f"{path} does not exist") from None
-        except yaml.YAMLError as err:
-            raise TBAInputError("config", f"{path} is not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise TBAInputError("config", f"{path} must hold a mapping at top level")
-        raw = loaded or {}
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from a file, with errors that name the file."""
     try:
-        return RunConfig.model_validate(merge_overrides(raw, overrides or {}))
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise TBAInputError("config", f"{path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise TBAInputError("config", f"{path} is not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise TBAInputError("config", f"{path} must hold a mapping at top level")
+    return loaded or {}
+
+
+def validate(model: type[_S], raw: Mapping[str, Any]) -> _S:
+    """Validate a config section; the error names the first offending field and how to fix it."""
+    try:
+        return model.model_validate(raw)
     except ValidationError as err:
         raise _format_validation_error(err) from None
+
+
+def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a YAML file (if any), apply overrides, validate; errors name the offending field."""
+    raw = read_yaml(path) if path is not None else {}
+    return validate(RunConfig, merge_overrides(raw, overrides or {}))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .adapter import ViTAdapter
 from .calibrate import collect_span_stats
 from .compressed import parameter_report
-from .config import DataConfig, Device, ModelConfig, _format_validation_error, _Section
+from .config import DataConfig, Device, ModelConfig, _Section, read_yaml, validate
 from .data import build_dataset
 from .errors import TBAInputError
 from .fileio import atomic_write_text
@@ -69,16 +69,7 @@ class ExperimentConfig(_Section):
 
 
 def load_experiment_config(path: Path) -> ExperimentConfig:
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise TBAInputError("config", f"{path} does not exist") from None
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as err:
-        raise _format_validation_error(err) from None
+    return validate(ExperimentConfig, read_yaml(path))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from tba_fed import ModelConfig, ViTAdapter, load_compressed, solve_plan
 from tba_fed.calibrate import collect_span_stats
 from tba_fed.config import DataConfig
 from tba_fed.data import build_dataset, calibration_split, make_loader
-from tba_fed.federation.simulate import app_directory, flower_env, free_port, local_superlink
+from tba_fed.federation.simulate import app_directory, flower_env, free_port, local_superlink, stop_process
 from tba_fed.models import create_model
 from tba_fed.plan import parse_plan
 
@@ -61,18 +61,9 @@ def cluster(tmp_path_factory):
                  "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                  "--auth-supernode-private-key", str(certs / f"{name}.key"),
                  "--node-config", f'site-config="{site_yaml}"'], env=env, stdout=handle, stderr=subprocess.STDOUT)
-            stack.callback(_stop, process)
+            stack.callback(stop_process, process)
             nodes[name] = {"process": process, "log": log, "yaml": site_yaml}
         yield {"tmp": tmp, "env": env, "nodes": nodes}
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _run(cluster, name: str, config: dict) -> subprocess.Popen:
@@ -133,7 +124,7 @@ def test_a_site_killed_mid_run_is_excluded_and_named(cluster):
             break
     else:
         pytest.fail("the server never finished the similarity round:\n" + "".join(seen[-40:]))
-    _stop(victim["process"])  # ...and hospital-c dies before round 2
+    stop_process(victim["process"])  # ...and hospital-c dies before round 2
     out, _ = run.communicate(timeout=600)
     folder = cluster["tmp"] / "site-killed"
     assert (folder / "report.json").is_file(), out[-3000:]

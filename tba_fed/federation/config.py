@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from ..config import DataConfig, Device, RunConfig, _format_validation_error, _Section, merge_overrides
-from ..errors import TBAInputError
+from ..config import DataConfig, Device, RunConfig, _Section, merge_overrides, read_yaml, validate
 
 
 class PartitionConfig(_Section):
@@ -64,27 +62,9 @@ class SiteConfig(_Section):
     device: Device = "cpu"
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise TBAInputError("config", f"{path} does not exist") from None
-    except yaml.YAMLError as err:
-        raise TBAInputError("config", f"{path} is not valid YAML: {err}") from None
-    if not isinstance(loaded, dict):
-        raise TBAInputError("config", f"{path} must hold a mapping at top level")
-    return loaded
-
-
 def load_federated_config(path: Path, overrides: dict[str, Any] | None = None) -> FederatedRunConfig:
-    try:
-        return FederatedRunConfig.model_validate(merge_overrides(_load_yaml(path), overrides or {}))
-    except ValidationError as err:
-        raise _format_validation_error(err) from None
+    return validate(FederatedRunConfig, merge_overrides(read_yaml(path), overrides or {}))
 
 
 def load_site_config(path: Path) -> SiteConfig:
-    try:
-        return SiteConfig.model_validate(_load_yaml(path))
-    except ValidationError as err:
-        raise _format_validation_error(err) from None
+    return validate(SiteConfig, read_yaml(path))

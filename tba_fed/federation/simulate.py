@@ -104,13 +104,18 @@ def local_superlink(home: Path, port: int, *, simulation: bool = False, certific
             time.sleep(0.3)
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
+    """Terminate a process we started, killing it if it does not exit in time."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def absolute_paths(config: FederatedRunConfig) -> FederatedRunConfig:
