@@ -42,8 +42,14 @@ def test_federated_maps_equal_centralised(tmp_path, num_sites, scheme):
     path.write_text(yaml.safe_dump(_config(tmp_path, num_sites, scheme)))
     report, output = simulate(path)
     assert report["federation"]["sites_connected"] == num_sites
+    sums = {"gram_triu", "cross", "sum_x", "sum_y", "sum_yy", "sum_f", "class_counts", "tokens", "images",
+            "sq_dist", "cos_sum", "angle_sum", "sq_norm"}
     for rnd in report["federation"]["rounds"]:
         assert [v["status"] for v in rnd["sites"].values()] == ["ok"] * num_sites, rnd
+        for entry in rnd["sites"].values():  # every array the server received is a named sum, never per image
+            for key, shape in entry.get("received", {}).items():
+                assert key.rsplit("/", 1)[-1].split(":")[-1] in sums, key
+                assert all(n in (1, 6, 10, 48, 48 * 49 // 2) for n in shape), (key, shape)
     # the centralised engine on the union of the sites' calibration images
     config = load_federated_config(path)
     model = create_model(ModelConfig(name="vit_tiny_patch16_224", kwargs=TINY))
