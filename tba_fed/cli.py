@@ -42,7 +42,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model-arg", dest="model_args", type=_key_value, action="append", metavar="KEY=VALUE",
                    help="timm create_model override, e.g. img_size=64 or depth=6 (repeatable)")
     g = parser.add_argument_group("data")
-    g.add_argument("--data", metavar="PATH|synthetic", help="image folder (one sub-folder per class) or 'synthetic'")
+    g.add_argument("--data", metavar="SOURCE|PATH",
+                   help="synthetic, fashion_mnist, an image folder (one sub-folder per class) or a MedMNIST .npz file")
     g.add_argument("--num-images", dest="data.num_images", type=int, metavar="N", help="calibration images (default 500)")
     g.add_argument("--holdout-fraction", dest="data.holdout_fraction", type=float, metavar="F",
                    help="share of the images kept out of the fit to compare each map with dropping blocks (0.1)")
@@ -71,9 +72,11 @@ def _add_compress_flags(parser: argparse.ArgumentParser) -> None:
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = {k: v for k, v in vars(args).items() if "." in k or k in RunConfig.model_fields}
-    if args.data is not None:
-        overrides.update({"data.source": "synthetic"} if args.data == "synthetic"
-                         else {"data.source": "image_folder", "data.path": args.data})
+    if args.data in ("synthetic", "fashion_mnist"):
+        overrides["data.source"] = args.data
+    elif args.data is not None:
+        source = "medmnist" if args.data.endswith(".npz") else "image_folder"
+        overrides.update({"data.source": source, "data.path": args.data})
     for key, value in args.model_args or []:
         overrides[f"model.kwargs.{key}"] = value
     return load_config(args.config, overrides)
