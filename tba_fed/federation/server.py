@@ -146,8 +146,12 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         settings = {"model": model_json, "token-mode": config.token_mode, **values}
         return lambda: RecordDict({"config": ConfigRecord(settings)})
 
+    identity = parse_plan(config.identity_spans, adapter.num_blocks, "identity_spans").spans \
+        if config.identity_spans else ()
     if config.plan is not None:
         plan = parse_plan(config.plan, adapter.num_blocks)
+        if unknown := [str(s) for s in identity if s not in plan.spans]:
+            raise TBAInputError("identity_spans", f"{', '.join(unknown)} not in the plan {plan}")
     elif config.budget is not None:
         log = RoundLog("similarity", names)
         rounds.append(log)
@@ -182,8 +186,6 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     nodes = log.nodes
     merged = {split: {span: sum(r[split][span] for r in replies.values()) for span in plan.spans}
               for split in ("calibration", "holdout")}
-    identity = parse_plan(config.identity_spans, adapter.num_blocks, "identity_spans").spans \
-        if config.identity_spans else ()
     fits = solve_plan(merged["calibration"], merged["holdout"], bias=config.bias, ridge=config.ridge,
                       identity=frozenset(identity))
     maps = {span: fit.map for span, fit in fits.items()}
