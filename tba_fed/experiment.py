@@ -140,10 +140,13 @@ def run_seed(config: ExperimentConfig, model: nn.Module, spec: DatasetSpec, seed
         return DataLoader(Subset(dataset, idx.tolist()), batch_size=config.batch_size)
 
     spans = sorted({s for v in variants if v.plan is not None for s in v.plan.spans})
+    _logger.info("%s seed %d: fitting %d spans on %d calibration images", spec.name, seed, len(spans), len(calibration))
     stats = collect_span_stats(adapter, loader(train, calibration), spans, token_mode=config.token_mode,
                                device=config.device)
     fits = solve_plan(stats, bias=config.bias, ridge=config.ridge)
     maps = {span: fit.map for span, fit in fits.items()}
+    _logger.info("%s seed %d: probe statistics of %d variants on %d images, then accuracy on %d test images",
+                 spec.name, seed, len(variants), len(probe_train), len(probe_test))
     probe_stats = _probe_pass(adapter, tqdm(loader(train, probe_train), desc=f"{spec.name} seed {seed}: probe fit",
                                             leave=False, disable=None), variants, maps, num_classes, None, config.device)
     heads = {label: solve_probe(s, ridge=config.probe_ridge) for label, s in probe_stats.items()}
