@@ -95,7 +95,7 @@ def main() -> None:
         return
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}\n")
-    print(f"| span | timm inference (img/s) | statistics pass (img/s) | ratio |\n|---|---|---|---|")
+    print("| span | timm inference (img/s) | statistics pass (img/s) | ratio |\n|---|---|---|---|")
     for row in throughput(args):
         print(f"| {row['span']} | {row['inference_img_s']:.1f} | {row['stats_img_s']:.1f} | {row['ratio']:.3f} |")
     memory = []

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from tba_fed.compressed import build_compressed
 from tba_fed.federation import app_logging
 from tba_fed.federation.records import from_record, to_record
-from tba_fed.federation.site import (accuracy_reply, cached_model, install, probe_reply, resolve_site, similarity_reply,
-                                     statistics_reply)
-from tba_fed.federation.wire import decode_heads, decode_maps
+from tba_fed.federation.secure_aggregation import secure_fit
+from tba_fed.federation.site import (RunSpec, accuracy_reply, cached_model, install, probe_reply, resolve_site,
+                                     run_spec, secure_statistics, similarity_reply, statistics_reply)
+from tba_fed.federation.wire import decode_heads, decode_maps, decode_priors
 from tba_fed.plan import parse_plan
 
 app = ClientApp()
@@ -26,6 +28,10 @@ def _setup(msg: Message, context: Context):
     return config, model, site
 
 
+def _run(msg: Message, config) -> RunSpec:
+    return run_spec(msg.metadata.run_id, dict(config))
+
+
 def _reply(msg: Message, site_name: str, **records) -> Message:
     return Message(RecordDict({"meta": ConfigRecord({"site": site_name}), **records}), reply_to=msg)
 
@@ -33,14 +39,17 @@ def _reply(msg: Message, site_name: str, **records) -> Message:
 @app.query("similarity")
 def similarity(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context)
-    return _reply(msg, site.name, similarity=to_record(similarity_reply(model, site, str(config["token-mode"]))))
+    return _reply(msg, site.name, similarity=to_record(similarity_reply(model, site, str(config["token-mode"]),
+                                                                                _run(msg, config))))
 
 
 @app.query("statistics")
 def statistics(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context)
     plan = parse_plan(str(config["plan"]), len(model.blocks))
-    return _reply(msg, site.name, statistics=to_record(statistics_reply(model, site, plan, str(config["token-mode"]))))
+    priors = decode_priors(str(config["prior-maps"]), plan.spans, model.embed_dim) if config.get("prior-maps") else None
+    return _reply(msg, site.name, statistics=to_record(statistics_reply(model, site, plan, str(config["token-mode"]),
+                                                                        _run(msg, config), priors)))
 
 
 def _compressed(msg: Message, config, model):
@@ -54,7 +63,8 @@ def _compressed(msg: Message, config, model):
 def probe(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context)
     _, compressed = _compressed(msg, config, model)
-    return _reply(msg, site.name, probe=to_record(probe_reply(model, compressed, site, int(config["num-classes"]))))
+    return _reply(msg, site.name, probe=to_record(probe_reply(model, compressed, site, int(config["num-classes"]),
+                                                                      _run(msg, config))))
 
 
 @app.evaluate("accuracy")
@@ -63,7 +73,7 @@ def evaluate_accuracy(msg: Message, context: Context) -> Message:
     _, compressed = _compressed(msg, config, model)
     heads = decode_heads(from_record(msg.content.array_records["heads"]), int(model.num_features),
                          int(config["num-classes"]))
-    return _reply(msg, site.name, accuracy=MetricRecord(accuracy_reply(model, compressed, site, heads)))
+    return _reply(msg, site.name, accuracy=MetricRecord(accuracy_reply(model, compressed, site, heads, _run(msg, config))))
 
 
 @app.train("install")
@@ -72,3 +82,14 @@ def install_maps(msg: Message, context: Context) -> Message:
     maps, _ = _compressed(msg, config, model)
     digest = install(model, site, maps, json.loads(str(config["report"])))
     return _reply(msg, site.name, install=ConfigRecord({"checksum": digest}))
+
+
+@app.train(mods=[secaggplus_mod])
+def secure_statistics_round(msg: Message, context: Context) -> Message:
+    """SecAgg+ round of tba_fed.federation.secure_aggregation.secure_sum (legacy message type "train").
+
+    secaggplus_mod is a per-handler mod: only this handler sees SecAgg+, and it answers the setup, key-sharing and
+    unmasking stages itself; the handler runs at the masked-vector stage, checks the arrays against their bounds
+    and hands them, divided by the bounds in sorted key order, to the mod for masking.
+    """
+    return secure_fit(msg, context, secure_statistics)

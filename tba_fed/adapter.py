@@ -80,6 +80,12 @@ class ViTAdapter:
         """Final norm then timm's head (pooling, fc_norm, classifier)."""
         return self.model.forward_head(self.model.norm(x))
 
+    def tokens_per_image(self, mode: str) -> int:
+        """Rows one image contributes in a token mode: public, it scales the sensitivities."""
+        self.check_token_mode(mode)
+        patches = int(self.model.patch_embed.num_patches)
+        return {"all": patches + self.num_prefix_tokens, "cls": 1, "patch": patches}[mode]
+
     def select_tokens(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         """Rows that enter the statistics: [batch, tokens, dim] -> [rows, dim].
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .adapter import ViTAdapter
 from .errors import TBAInputError
 from .plan import Span
+from .privacy.sensitivity import clip_images
 from .stats import SimilarityStats, SpanStats
 
 
@@ -30,23 +31,36 @@ def _images(batches: Iterable, adapter: ViTAdapter, device: torch.device, desc: 
         raise TBAInputError("data", "no images", "check the data source and the calibration split")
 
 
+def _per_image(adapter: ViTAdapter, x: torch.Tensor, token_mode: str) -> torch.Tensor:
+    """Selected tokens kept per image: [images, tokens, dim] (the privacy unit is one image)."""
+    return adapter.select_tokens(x, token_mode).reshape(x.shape[0], -1, x.shape[-1])
+
+
 def collect_similarity(adapter: ViTAdapter, batches: Iterable, *, token_mode: str = "all",
-                       device: str | torch.device = "cpu") -> SimilarityStats:
-    """One pass over all blocks: pairwise similarity sums of every block pair."""
+                       device: str | torch.device = "cpu", clip: Sequence[float] | None = None) -> SimilarityStats:
+    """One pass over all blocks: pairwise similarity sums of every block pair.
+
+    `clip[b]` bounds each image's token matrix at block b (Frobenius) before it is summed.
+    """
     adapter.check_token_mode(token_mode)
+    if clip is not None and len(clip) != adapter.num_blocks:
+        raise TBAInputError("privacy.clip", f"{len(clip)} clipping bounds for {adapter.num_blocks} blocks")
     stats = SimilarityStats.zeros(adapter.num_blocks)
     adapter.model.to(device)
     with torch.inference_mode():
         for images in _images(batches, adapter, torch.device(device), "similarity"):
-            outputs = [adapter.select_tokens(x, token_mode) for x in
+            outputs = [_per_image(adapter, x, token_mode) for x in
                        adapter.iter_block_outputs(images, adapter.num_blocks - 1)]
-            stats.update(outputs, images=images.shape[0])
+            if clip is not None:
+                outputs = [clip_images(x, bound)[0] for x, bound in zip(outputs, clip)]
+            stats.update([x.reshape(-1, x.shape[-1]) for x in outputs], images=images.shape[0])
     return stats
 
 
 def collect_span_stats(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str = "all",
                        device: str | torch.device = "cpu") -> dict[Span, SpanStats]:
-    """One pass up to the last needed block: G, C and sums for every span at once."""
+    """One pass up to the last needed block: G, C and sums for every span at once (private releases
+    use `privacy.clipped.collect_clipped_span_sums` instead)."""
     if not spans:
         raise TBAInputError("plan", "no spans to calibrate")
     adapter.check_token_mode(token_mode)

@@ -169,6 +169,15 @@ def run_simulate(config: Path) -> None:
     print(f"federated run of {report['federation']['sites_connected']} sites: compressed model and report in {output}/")
 
 
+def run_privacy_report(site_config: Path) -> None:
+    """A site's ledger and remaining budget, read from the site's own YAML (its policy names the ledger)."""
+    from .federation.config import load_site_config
+    from .privacy.ledger import PrivacyLedger, ledger_report
+
+    policy = load_site_config(site_config).privacy
+    print(ledger_report(PrivacyLedger(policy.ledger), policy.epsilon, policy.delta))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tba-fed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tba-fed {__version__}")
@@ -186,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, help="output directory (finished seeds there are reused)")
     p = sub.add_parser("simulate", help="federated run in Flower's simulation engine on this machine")
     p.add_argument("config", type=Path, help="federated run YAML (see configs/federated-*.yaml)")
+    p = sub.add_parser("privacy", help="a site's privacy ledger: every release and the budget left")
+    privacy = p.add_subparsers(dest="privacy_command", required=True)
+    p = privacy.add_parser("report", help="print the site's ledger and remaining (ε, δ) budget")
+    p.add_argument("site_config", type=Path, help="the site's YAML (its privacy section names the ledger)")
     p = sub.add_parser("prepare", help="fetch, convert and verify the offline DINOv2-S weights into $TBA_FED_CACHE")
     p.add_argument("--force", action="store_true", help="redo the conversion and the onnxruntime check")
     p = sub.add_parser("demo", help="federated run of 3 simulated sites + a short Table 1 on the real offline model")
@@ -196,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)  # opacus configures the root logger when imported
     start = time.perf_counter()
     try:
         if args.command == "prepare":
@@ -207,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             run_experiment_command(args.config, args.output)
         elif args.command == "simulate":
             run_simulate(args.config)
+        elif args.command == "privacy":
+            run_privacy_report(args.site_config)
         elif args.command == "analyze":
             run_analyze(_config_from_args(args), args.metric_name)
         else:

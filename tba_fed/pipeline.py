@@ -62,15 +62,23 @@ def solve_plan(
     bias: bool = True,
     ridge: float = 0.0,
     identity: Collection[Span] = (),
+    priors: Mapping[Span, LinearMap] | None = None,
+    ridge_lambdas: Mapping[Span, float] | None = None,
 ) -> dict[Span, SpanFit]:
-    """Fit every span from (merged) statistics; spans in `identity` just drop their blocks."""
+    """Fit every span from (merged) statistics; spans in `identity` just drop their blocks.
+
+    `priors` are what each span's ridge shrinks toward (default zero); `ridge_lambdas` replace the
+    relative `ridge` per span by an absolute λ (chosen from the noise level in private runs).
+    """
     fits = {}
     for span, stats in sorted(calibration.items()):
         skip = LinearMap.identity(stats.dim)
         if span in identity:
             linear_map, diagnostics = skip, None
         else:
-            linear_map, diagnostics = solve_span(stats, bias=bias, ridge=ridge)
+            linear_map, diagnostics = solve_span(stats, bias=bias, ridge=ridge,
+                                                 ridge_lambda=(ridge_lambdas or {}).get(span),
+                                                 prior=(priors or {}).get(span))
         held = holdout.get(span) if holdout is not None else None
         has_held = held is not None and held.tokens > 0
         fits[span] = SpanFit(

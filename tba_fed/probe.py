@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import TBAInputError
+from .privacy.sensitivity import clip_images
 from .stats import SpanStats, _Accumulator, _as_float64
 from .solver import solve_span
 
@@ -99,14 +100,19 @@ def solve_probe(stats: ProbeStats, *, ridge: float = 1e-6) -> ProbeHead:
 
 
 def collect_probe_stats(model: nn.Module, batches: Iterable, num_classes: int, *,
-                        device: str | torch.device = "cpu") -> ProbeStats:
-    """Stream labelled batches through the frozen model and sum the probe statistics."""
+                        device: str | torch.device = "cpu", clip: float | None = None) -> ProbeStats:
+    """Stream labelled batches through the frozen model and sum the probe statistics.
+
+    `clip` bounds each image's feature vector (L2) before it is summed, for private releases.
+    """
     stats: ProbeStats | None = None
     dtype = next(model.parameters()).dtype
     model.to(device).eval()
     with torch.inference_mode():
         for images, labels in tqdm(batches, desc="probe", unit="batch", leave=False, disable=None):
             feats = features(model, images.to(device=device, dtype=dtype))
+            if clip is not None:
+                feats, _ = clip_images(feats, clip)
             if stats is None:
                 stats = ProbeStats.zeros(feats.shape[1], num_classes)
             stats.update(feats, labels)

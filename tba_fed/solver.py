@@ -83,8 +83,12 @@ def fit_quality(stats: SpanStats, linear_map: LinearMap) -> FitQuality:
     )
 
 
-def solve_span(stats: SpanStats, *, bias: bool = False, ridge: float = 0.0) -> tuple[LinearMap, SolveDiagnostics]:
-    """Least squares T = (G + λI)⁻¹ C with λ = ridge · tr(G)/d.
+def solve_span(stats: SpanStats, *, bias: bool = False, ridge: float = 0.0, ridge_lambda: float | None = None,
+               prior: LinearMap | None = None) -> tuple[LinearMap, SolveDiagnostics]:
+    """Least squares T = (G + λI)⁻¹ (C + λP) with λ = ridge · tr(G)/d (or `ridge_lambda` itself).
+
+    The ridge shrinks the map toward the prior P (default: zero); P = I means "drop the blocks",
+    the natural prior on a residual stream. Only the weight is shrunk, never the bias.
 
     Cholesky is used when G + λI is positive definite. When it is not (fewer tokens than
     dimensions, constant features, ridge 0), the minimum-norm solution G⁺C from an
@@ -92,13 +96,18 @@ def solve_span(stats: SpanStats, *, bias: bool = False, ridge: float = 0.0) -> t
     Gram with such an eigenvalue is treated as singular even if Cholesky happens to succeed), the
     fallback is logged and named in the diagnostics; a small ridge avoids it.
     """
-    if ridge < 0:
-        raise TBAInputError("ridge", f"must be >= 0, got {ridge}")
+    if ridge < 0 or (ridge_lambda is not None and not ridge_lambda >= 0):
+        raise TBAInputError("ridge", f"must be >= 0, got {ridge if ridge_lambda is None else ridge_lambda}")
     if stats.tokens == 0:
         raise TBAInputError("data", "no calibration tokens", "check the calibration data")
     gram, cross = _augmented(stats, bias)
     d = stats.dim
-    lam = ridge * float(torch.trace(stats.gram)) / d
+    lam = ridge * float(torch.trace(stats.gram)) / d if ridge_lambda is None else float(ridge_lambda)
+    if prior is not None:
+        if prior.weight.shape != (d, d):
+            raise TBAInputError("prior", f"prior map of shape {tuple(prior.weight.shape)} for dimension {d}")
+        cross = cross.clone()
+        cross[:d] += lam * prior.weight.T.to(torch.float64)
     reg = gram.clone()
     reg.diagonal()[:d] += lam
     eigvals = torch.linalg.eigvalsh(reg)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -38,3 +40,21 @@ def test_federated_config_validation_names_fields(tmp_path):
     site.write_text(yaml.safe_dump({"name": "h", "data": {"source": "synthetic"}}))
     with pytest.raises(TBAInputError, match="output: Field required"):
         load_site_config(site)
+    site.write_text(yaml.safe_dump({"name": "h", "data": {"source": "synthetic"}, "output": "out"}))
+    with pytest.raises(TBAInputError, match="privacy: Field required"):  # a site must state its policy
+        load_site_config(site)
+    site.write_text(yaml.safe_dump({"name": "h", "data": {"source": "synthetic"}, "output": "out",
+                                    "privacy": {"epsilon": 1.0}}))
+    with pytest.raises(TBAInputError, match="privacy.ledger must be set"):
+        load_site_config(site)
+
+
+def test_shipped_federated_and_deployment_configs_validate():
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    for path in [*configs.glob("federated-*.yaml"), configs / "deployment" / "run.yaml"]:
+        load_federated_config(path)
+    for path in (configs / "deployment").glob("site-*.yaml"):
+        site = load_site_config(path)
+        assert site.privacy.require_dp and site.privacy.ledger is not None
+    private = load_federated_config(configs / "deployment" / "run.yaml")
+    assert private.privacy is not None and private.privacy.seed is None  # deployments draw secure noise

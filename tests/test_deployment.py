@@ -23,6 +23,8 @@ from tba_fed.data import build_dataset, calibration_split, make_loader
 from tba_fed.federation.simulate import app_directory, flower_env, free_port, local_superlink, stop_process
 from tba_fed.models import create_model
 from tba_fed.plan import parse_plan
+from tba_fed.privacy.ledger import PrivacyLedger
+from tba_fed.privacy.policy import RELEASES
 
 from conftest import TINY
 
@@ -53,7 +55,9 @@ def cluster(tmp_path_factory):
                            env=env, check=True, capture_output=True)
             data = {"source": "synthetic", "num_images": 24, "seed": seed, "batch_size": 8, "holdout_fraction": 0.25}
             site_yaml = tmp / f"{name}.yaml"
-            site_yaml.write_text(yaml.safe_dump({"name": name, "data": data, "output": str(tmp / name)}))
+            policy = {"require_dp": False, "epsilon": 20.0, "min_images": 5, "releases": list(RELEASES),
+                      "ledger": str(tmp / name / "privacy-ledger.json")}
+            site_yaml.write_text(yaml.safe_dump({"name": name, "data": data, "output": str(tmp / name), "privacy": policy}))
             log = tmp / f"{name}.log"
             handle = stack.enter_context(open(log, "w"))
             process = subprocess.Popen(
@@ -111,6 +115,28 @@ def test_three_hospitals_with_tls_and_node_auth(cluster):
             digest = hashlib.sha256((site_maps / "maps.safetensors").read_bytes()).hexdigest()
             assert digest == report["federation"]["maps_sha256"]
             assert torch.equal(load_compressed(site_maps)(images), expected)
+
+
+def test_private_run_with_secure_aggregation_across_three_hospitals(cluster):
+    run = _run(cluster, "private", {"plan": "1->2, 3->5", "privacy": {"epsilon": 8.0, "aggregation": "secure",
+                                                                      "public_images": 32},
+                                    "federation": {"num_sites": 3, "min_sites": 3, "round_timeout": 300,
+                                                   "max_images_per_site": 1000}})
+    out, _ = run.communicate(timeout=600)
+    folder = cluster["tmp"] / "private"
+    assert (folder / "report.json").is_file(), out[-3000:]
+    report = json.loads((folder / "report.json").read_text())
+    privacy = report["privacy"]
+    assert privacy["aggregation"].startswith("secure aggregation") and privacy["sites_summed"] == 3
+    assert privacy["noise_sites"] == 3 and privacy["noise"].startswith("secure (CSPRNG")
+    statistics = next(r for r in report["federation"]["rounds"] if r["name"].startswith("statistics"))
+    assert list(statistics["sites"]) == ["secure sum"]  # the server saw the sum, not a site's reply
+    for name in SITES:
+        entries = PrivacyLedger(cluster["tmp"] / name / "privacy-ledger.json").entries()
+        statistics_entry = [e for e in entries if e.release == "statistics"][-1]
+        assert statistics_entry.noise_multiplier == pytest.approx(privacy["noise_multiplier"])
+        assert statistics_entry.aggregation == "secure (noise split over 3 sites)"
+        assert statistics_entry.noise.startswith("secure")
 
 
 def test_a_site_killed_mid_run_is_excluded_and_named(cluster):

@@ -5,6 +5,7 @@ The real Flower runtime is exercised by test_simulation.py and test_deployment.p
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,8 +18,12 @@ from tba_fed.calibrate import collect_span_stats
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.records import from_record, to_record
 from tba_fed.federation.server import FederationError, run_server
-from tba_fed.federation.site import Site, accuracy_reply, cached_model, install, probe_reply, statistics_reply
-from tba_fed.federation.wire import decode_heads, decode_maps
+from tba_fed.federation.config import FederationConfig
+from tba_fed.federation.site import Site, accuracy_reply, cached_model, install, probe_reply, run_spec, statistics_reply
+from tba_fed.privacy.accounting import noise_multiplier
+from tba_fed.privacy.ledger import PrivacyLedger
+from tba_fed.privacy.policy import SitePolicy
+from tba_fed.federation.wire import decode_heads, decode_maps, decode_priors
 from tba_fed.compressed import build_compressed
 from tba_fed.plan import parse_plan
 
@@ -56,9 +61,12 @@ def _corrupt(kind: str):
 class InProcessGrid:
     """Answers each message like a ClientApp would, from tba_fed's site functions."""
 
-    def __init__(self, tmp_path, behaviours: dict[int, str]) -> None:
+    def __init__(self, tmp_path, behaviours: dict[int, str], policy: SitePolicy | None = None, images: int = 24) -> None:
         self.behaviours = behaviours
-        self.sites = {node: Site(f"site-{node}", loader(24, seed=node), loader(8, seed=100 + node), tmp_path / f"site-{node}")
+        policy = policy or FederationConfig().site_policy
+        self.sites = {node: Site(f"site-{node}", loader(images, seed=node), loader(8, seed=100 + node),
+                                 tmp_path / f"site-{node}",
+                                 policy.model_copy(update={"ledger": tmp_path / f"site-{node}" / "ledger.json"}))
                       for node in behaviours}
         self.received: list[dict] = []
 
@@ -81,8 +89,10 @@ class InProcessGrid:
                                                error=SimpleNamespace(code=0, reason="ClientApp raised: disk failure")))
                 continue
             plan = parse_plan(str(config["plan"]), 6) if "plan" in config else None
+            run = run_spec("run-1", dict(config))
             if action == "statistics":
-                arrays = statistics_reply(model, site, plan, str(config["token-mode"]))
+                priors = decode_priors(str(config["prior-maps"]), plan.spans, 48) if config.get("prior-maps") else None
+                arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors)
                 records["statistics"] = to_record(_corrupt(kind)(arrays))
             else:
                 maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, (), 48)
@@ -91,10 +101,10 @@ class InProcessGrid:
                     records["install"] = ConfigRecord({"checksum": install(model, site, maps,
                                                                            json.loads(str(config["report"])))})
                 elif action == "probe":
-                    records["probe"] = to_record(probe_reply(model, compressed, site, 10))
+                    records["probe"] = to_record(probe_reply(model, compressed, site, 10, run))
                 else:
                     heads = decode_heads(from_record(msg.content.array_records["heads"]), 48, 10)
-                    records["accuracy"] = MetricRecord(accuracy_reply(model, compressed, site, heads))
+                    records["accuracy"] = MetricRecord(accuracy_reply(model, compressed, site, heads, run))
             content = RecordDict(records)
             replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
                                            content=content))
@@ -159,3 +169,28 @@ def test_too_few_sites_fail_with_a_clear_message(tmp_path):
     with pytest.raises(FederationError, match=r"round statistics: 1 valid replies, min_sites is 2.*site-2: rejected"):
         run_server(InProcessGrid(tmp_path, {1: "good", 2: "nan"}), _config(tmp_path, num_sites=2))
     assert not (tmp_path / "server").exists()
+
+
+def test_private_run_reports_privacy_priors_and_every_site_ledgers_its_releases(tmp_path):
+    grid = InProcessGrid(tmp_path, {1: "good", 2: "good", 3: "good"}, images=40)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": MODEL.model_dump(mode="json"), "plan": "1->2, 3->5",
+        "federation": {"num_sites": 3, "min_sites": 2, "round_timeout": 5},
+        "evaluation": {"enabled": True}, "privacy": {"epsilon": 4.0, "seed": 11, "public_images": 32},
+        "output": str(tmp_path / "server")}))
+    report = run_server(grid, load_federated_config(path))
+    privacy = report["privacy"]
+    assert privacy["releases"] == ["statistics", "probe", "accuracy"]
+    assert privacy["noise_multiplier"] == pytest.approx(noise_multiplier(4.0, 1e-5, 3))
+    assert "seeded" in privacy["noise"] and report["prior"] == "public"
+    assert set(report["prior_comparison"]) == {"1->2", "3->5"}
+    assert set(report["prior_comparison"]["1->2"]) == {"identity", "public prior", "federated", "federated + public prior"}
+    assert report["prior_comparison"]["1->2"]["identity"] == pytest.approx(1.0)
+    for site in grid.sites.values():
+        entries = PrivacyLedger(site.policy.ledger).entries()
+        assert [e.release for e in entries] == ["statistics", "probe", "accuracy"]
+        assert all(e.noise_multiplier == pytest.approx(privacy["noise_multiplier"]) for e in entries)
+        assert entries[0].noise_std["1->2:gram"] == pytest.approx(
+            privacy["noise_multiplier"] * privacy["clip_spans"]["1->2"][0] / math.sqrt(0.45 / 2))
+    assert "## Privacy" in (tmp_path / "server" / "report.md").read_text()

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from ..config import DataConfig, Device, RunConfig, _Section, merge_overrides, read_yaml, validate
+from ..privacy.policy import RELEASES, SitePolicy
 
 
 class PartitionConfig(_Section):
@@ -28,6 +29,10 @@ class FederationConfig(_Section):
     psd_tolerance: float = Field(1e-9, ge=0, description="relative tolerance of the Gram PSD check")
     cpus_per_site: int = Field(1, ge=1, description="simulation: CPU cores reserved per site (sites beyond the "
                                                      "machine's cores wait their turn)")
+    max_images_per_site: int = Field(100_000, ge=1, description="secure aggregation: fixed-point range of the sums")
+    site_policy: SitePolicy = Field(
+        SitePolicy(require_dp=False, epsilon=100.0, min_images=1, releases=RELEASES, allow_seeded_noise=True),
+        description="simulation: every simulated site's privacy policy (deployments: each site's own YAML)")
 
     @model_validator(mode="after")
     def _enough_sites(self) -> FederationConfig:
@@ -45,12 +50,35 @@ class EvaluationConfig(_Section):
     probe_ridge: float = Field(1e-6, ge=0)
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy of a run: what the server asks every site for (each site caps it)."""
+
+    epsilon: float = Field(gt=0, description="ε of the whole run at each site (all its releases)")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    aggregation: Literal["local", "secure"] = Field(
+        "local", description="secure: SecAgg+ sums, each site adds σ/√min_sites of the noise")
+    seed: int | None = Field(None, description="seeded noise (tests, simulations); sites in secure mode refuse it")
+    clip_scale: float = Field(1.0, gt=0, description="clipping bounds = this × the median norms on public photos")
+    public_images: int = Field(336, ge=16, description="random crops of the bundled public photos (prior, clip bounds)")
+
+
 class FederatedRunConfig(RunConfig):
     """A RunConfig plus the federation section; ``data`` is the pooled data a simulation partitions."""
 
     federation: FederationConfig = FederationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    privacy: PrivacyConfig | None = None
+    prior: Literal["zero", "identity", "public"] | None = Field(
+        None, description="what the ridge shrinks maps toward: zero, identity (drop the blocks) or a map fitted on "
+                          "public photos; default: public with privacy, zero without")
     output: Path = Path("outputs/federated")
+
+    @model_validator(mode="after")
+    def _secure_needs_sites(self) -> FederatedRunConfig:
+        if self.privacy is not None and self.privacy.aggregation == "secure" and self.federation.min_sites < 2:
+            raise ValueError("privacy.aggregation 'secure' needs federation.min_sites >= 2 (SecAgg+ sums 2+ sites)")
+        return self
 
 
 class SiteConfig(_Section):
@@ -60,6 +88,13 @@ class SiteConfig(_Section):
     data: DataConfig
     output: Path = Field(description="where this site writes its compressed model")
     device: Device = "cpu"
+    privacy: SitePolicy = Field(description="this site's privacy policy: its caps hold whatever the server asks")
+
+    @model_validator(mode="after")
+    def _ledger(self) -> SiteConfig:
+        if self.privacy.ledger is None:
+            raise ValueError("privacy.ledger must be set: the file where this site records every release")
+        return self
 
 
 def load_federated_config(path: Path, overrides: dict[str, Any] | None = None) -> FederatedRunConfig:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
@@ -27,12 +29,22 @@ from ..fileio import check_output_dir
 from ..models import create_model
 from ..pipeline import Compression, choose_plan, solve_plan
 from ..plan import parse_plan
+from ..privacy.accounting import noise_multiplier
+from ..privacy.clipped import to_span_stats
+from ..privacy.policy import PrivacyRequest
+from ..privacy.postprocess import adassp_ridge, psd_projection
+from ..privacy.sensitivity import probe_parts, span_parts
+from ..privacy.solve import compare_priors, private_inputs
 from ..probe import solve_probe
+from ..public_images import public_loader
+from ..public_prior import public_norms, public_prior_maps, public_span_bounds
 from ..report import compression_dict, compression_markdown, write_similarity
+from ..solver import LinearMap
 from .config import FederatedRunConfig
+from .private_rounds import privacy_markdown, privacy_summary, secure_statistics_round
 from .records import from_record, to_record
-from .wire import (MODELS, decode_probe, decode_similarity, decode_spans, encode_heads, encode_maps,
-                   payload_bytes)
+from .wire import (MODELS, decode_private_spans, decode_probe, decode_similarity, decode_spans, encode_heads,
+                   encode_maps, encode_priors, payload_bytes)
 
 _logger = logging.getLogger(__name__)
 
@@ -148,6 +160,26 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
     identity = parse_plan(config.identity_spans, adapter.num_blocks, "identity_spans").spans \
         if config.identity_spans else ()
+    privacy = config.privacy
+    prior_kind = config.prior or ("public" if privacy is not None else "zero")
+    public = public_loader(model, privacy.public_images if privacy else 336) if privacy or prior_kind == "public" else None
+    norms = public_norms(model, public, config.token_mode) if privacy is not None else None
+    tokens = adapter.tokens_per_image(config.token_mode)
+    releases = (() if config.plan is not None else ("similarity",)) + ("statistics",) + \
+        (("probe", "accuracy") if config.evaluation.enabled else ())
+    sigma = noise_multiplier(privacy.epsilon, privacy.delta, len(releases), privacy.accountant) if privacy else None
+
+    def request(secure: bool = False, **clip: Any) -> PrivacyRequest | None:
+        """The privacy part of a round's specification (None: exact sums). Only the statistics round goes
+        through secure aggregation; every other release carries the full noise at each site."""
+        if privacy is None:
+            return None
+        return PrivacyRequest(epsilon=privacy.epsilon, delta=privacy.delta, accountant=privacy.accountant,
+                              releases=releases, aggregation="secure" if secure else "local",
+                              noise_sites=fed.min_sites if secure else 1, seed=privacy.seed, **clip)
+
+    def private(req: PrivacyRequest | None) -> dict[str, str]:
+        return {"privacy": req.to_json() if req is not None else ""}
     if config.plan is not None:
         plan = parse_plan(config.plan, adapter.num_blocks)
         if unknown := [str(s) for s in identity if s not in plan.spans]:
@@ -156,12 +188,15 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         log = RoundLog("similarity", names)
         rounds.append(log)
 
+        similarity_request = request(clip_blocks=norms.block_bounds(privacy.clip_scale)) if norms else None
+
         def decode_similarity_reply(reply: RecordDict):
             stats = decode_similarity(from_record(reply.array_records["similarity"]), adapter.num_blocks)
             _check_images(stats.images, fed.min_images_per_site, "similarity.images")
             return stats
 
-        replies = exchange(grid, nodes, f"{MessageType.QUERY}.similarity", content(), decode_similarity_reply, log,
+        replies = exchange(grid, nodes, f"{MessageType.QUERY}.similarity", content(**private(similarity_request)),
+                           decode_similarity_reply, log,
                            timeout=fed.round_timeout, min_sites=fed.min_sites, images=lambda stats: stats.images)
         nodes = log.nodes
         similarity = sum(replies.values())
@@ -171,23 +206,60 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     else:
         raise TBAInputError("plan", "give a plan or a budget")
 
-    log = RoundLog("statistics", names)
-    rounds.append(log)
+    public_maps = public_prior_maps(model, public, plan.spans, config.token_mode, config.bias) if public else {}
+    dim = adapter.embed_dim
+    priors = ({s: LinearMap(torch.eye(dim, dtype=torch.float64), None) for s in plan.spans} if prior_kind == "identity"
+              else public_maps if prior_kind == "public"
+              else {s: LinearMap(torch.zeros(dim, dim, dtype=torch.float64), None) for s in plan.spans})
+    statistics_request = bounds = None
+    if privacy is not None:
+        held_out_crops = public_loader(model, privacy.public_images, seed=1)  # residual bounds not fitted on
+        bounds = public_span_bounds(model, held_out_crops, plan.spans, priors, config.token_mode, privacy.clip_scale)
+        statistics_request = request(privacy.aggregation == "secure",
+                                     clip_spans={str(s): b.as_tuple() for s, b in bounds.items()})
+    settings = {"plan": str(plan), **private(statistics_request),
+                **({"prior-maps": encode_priors(priors)} if privacy is not None else {})}
+    if privacy is not None and privacy.aggregation == "secure":
+        log = RoundLog("statistics (secure aggregation)", names)
+        rounds.append(log)
+        released, summed = secure_statistics_round(grid, nodes, config, statistics_request, plan, dim, sigma,
+                                                   content(**settings)(), log)
+    else:
+        log = RoundLog("statistics", names)
+        rounds.append(log)
 
-    def decode_statistics_reply(reply: RecordDict):
-        stats = decode_spans(from_record(reply.array_records["statistics"]), plan.spans, adapter.embed_dim,
-                             psd_tolerance=fed.psd_tolerance)
-        _check_images(stats["calibration"][plan.spans[0]].images, fed.min_images_per_site, "statistics.images")
-        return stats
+        def decode_statistics_reply(reply: RecordDict):
+            arrays = from_record(reply.array_records["statistics"])
+            if privacy is not None:
+                return decode_private_spans(arrays, plan.spans, dim)
+            stats = decode_spans(arrays, plan.spans, dim, psd_tolerance=fed.psd_tolerance)
+            _check_images(stats["calibration"][plan.spans[0]].images, fed.min_images_per_site, "statistics.images")
+            return stats
 
-    replies = exchange(grid, nodes, f"{MessageType.QUERY}.statistics", content(plan=str(plan)),
-                       decode_statistics_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
-                       images=lambda stats: stats["calibration"][plan.spans[0]].images)
-    nodes = log.nodes
-    merged = {split: {span: sum(r[split][span] for r in replies.values()) for span in plan.spans}
-              for split in ("calibration", "holdout")}
-    fits = solve_plan(merged["calibration"], merged["holdout"], bias=config.bias, ridge=config.ridge,
-                      identity=frozenset(identity))
+        def images(stats) -> int:
+            first = stats["calibration"][plan.spans[0]]
+            return first.images if privacy is None else int(round(float(first.weight)))
+
+        replies = exchange(grid, nodes, f"{MessageType.QUERY}.statistics", content(**settings),
+                           decode_statistics_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
+                           images=images)
+        nodes = log.nodes
+        summed = len(replies)
+        released = {split: {span: sum(r[split][span] for r in replies.values()) for span in plan.spans}
+                    for split in ("calibration", "holdout")}
+    merged = released if privacy is None else {
+        split: {s: to_span_stats(sums, priors[s], tokens) for s, sums in per_span.items()}
+        for split, per_span in released.items()}
+    calibration, ridge_lambdas, privacy_report = merged["calibration"], None, None
+    if privacy is not None:
+        parts = {p.name: p for p in span_parts(plan.spans, bounds)}
+        spread = math.sqrt(summed / statistics_request.noise_sites)
+        gram_std = {s: parts[f"{s}:gram"].std(sigma) * spread for s in plan.spans}
+        calibration, ridges = private_inputs(merged["calibration"], gram_std, bias=config.bias)
+        ridge_lambdas = {s: r.ridge_lambda for s, r in ridges.items()}
+        privacy_report = privacy_summary(privacy, statistics_request, sigma, summed, ridges, gram_std)
+    fits = solve_plan(calibration, merged["holdout"], bias=config.bias, ridge=config.ridge,
+                      identity=frozenset(identity), priors=priors, ridge_lambdas=ridge_lambdas)
     maps = {span: fit.map for span, fit in fits.items()}
     result = Compression(
         model=build_compressed(model, maps), plan=plan, fits=fits,
@@ -197,6 +269,15 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         holdout_images=merged["holdout"][plan.spans[0]].images, source=config.model,
     )
     report = compression_dict(result)
+    report["prior"] = prior_kind
+    if privacy_report is not None:
+        report["privacy"] = privacy_report
+    if (privacy is not None or public_maps) and merged["holdout"][plan.spans[0]].tokens > 0:
+        report["prior_comparison"] = {
+            str(s): compare_priors(calibration[s], merged["holdout"][s], bias=config.bias, ridge=config.ridge,
+                                   ridge_lambda=None if ridge_lambdas is None else ridge_lambdas[s],
+                                   public=public_maps.get(s))
+            for s in plan.spans if s not in identity}
 
     log = RoundLog("install", names)
     rounds.append(log)
@@ -218,8 +299,9 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
              timeout=fed.round_timeout, min_sites=fed.min_sites)
     nodes = log.nodes
     if config.evaluation.enabled:
+        probe_request = request(clip_features=norms.feature_bound(privacy.clip_scale)) if norms else None
         report["evaluation"] = evaluate_rounds(grid, nodes, config, model_json, plan, identity, maps,
-                                               int(model.num_features), rounds)
+                                               int(model.num_features), rounds, probe_request, sigma)
     report["federation"] = {
         "sites_connected": connected,
         "maps_sha256": expected,
@@ -227,7 +309,8 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     }
     write_compressed(config.output, maps, manifest(report, maps), overwrite=config.overwrite,
                      files={"report.json": json.dumps(report, indent=2) + "\n",
-                            "report.md": compression_markdown(report) + (evaluation_markdown(report["evaluation"])
+                            "report.md": compression_markdown(report) + privacy_markdown(report)
+                                         + (evaluation_markdown(report["evaluation"])
                                                                          if "evaluation" in report else "")
                                          + federation_markdown(report["federation"])},
                      extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)))
@@ -236,17 +319,19 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
 
 def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, model_json: str, plan, identity,
-                    maps, dim: int, rounds: list[RoundLog]) -> dict[str, Any]:
-    """Rounds 4-5: probe sums from every site, heads solved here, correct counts back."""
+                    maps, dim: int, rounds: list[RoundLog], request: PrivacyRequest | None = None,
+                    sigma: float | None = None) -> dict[str, Any]:
+    """Rounds 4-5: probe sums from every site, heads solved here, correct counts back (noisy under DP)."""
     fed, ev = config.federation, config.evaluation
     names = rounds[0].names
     settings = {"model": model_json, "plan": str(plan), "identity-spans": ", ".join(str(s) for s in identity),
-                "num-classes": ev.num_classes}
+                "num-classes": ev.num_classes, "privacy": request.to_json() if request is not None else ""}
     log = RoundLog("probe", names)
     rounds.append(log)
 
     def decode_probe_reply(reply: RecordDict):
-        stats = decode_probe(from_record(reply.array_records["probe"]), dim, ev.num_classes, psd_tolerance=fed.psd_tolerance)
+        stats = decode_probe(from_record(reply.array_records["probe"]), dim, ev.num_classes,
+                             psd_tolerance=None if request is not None else fed.psd_tolerance)
         _check_images(stats["original"].images, fed.min_images_per_site, "probe.images")
         return stats
 
@@ -255,7 +340,10 @@ def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, mo
                        decode_probe_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
                        images=lambda stats: stats["original"].images)
     nodes = log.nodes
-    heads = {which: solve_probe(sum(r[which] for r in replies.values()), ridge=ev.probe_ridge) for which in MODELS}
+    pooled_stats = {which: sum(r[which] for r in replies.values()) for which in MODELS}
+    if request is not None:
+        pooled_stats = {which: private_probe_stats(stats, request, sigma, len(replies)) for which, stats in pooled_stats.items()}
+    heads = {which: solve_probe(stats, ridge=ev.probe_ridge) for which, stats in pooled_stats.items()}
     log = RoundLog("accuracy", names)
     rounds.append(log)
 
@@ -280,6 +368,15 @@ def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, mo
     return {"probe": "closed-form ridge probe on the final-norm class token", "probe_ridge": ev.probe_ridge,
             "probe_images": int(sum(r["original"].images for r in replies.values())), "test_images": total,
             "pooled": pooled, "sites": per_site}
+
+
+def private_probe_stats(stats, request: PrivacyRequest, sigma: float, sites: int):
+    """Noisy probe sums made solvable: Gram projected onto the PSD cone plus the AdaSSP ridge on its diagonal."""
+    std = {p.name: p for p in probe_parts(MODELS, request.clip_features)}["original:gram"].std(sigma) * math.sqrt(sites)
+    choice = adassp_ridge(stats.gram, std)
+    gram = psd_projection(stats.gram)
+    gram.diagonal().add_(choice.ridge_lambda)
+    return replace(stats, gram=gram)
 
 
 def evaluation_markdown(evaluation: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,19 @@ from ..data import build_dataset, calibration_split, make_loader
 from ..errors import TBAInputError
 from ..models import create_model
 from ..partition import partition, site_split
-from ..plan import Plan, Span
+from ..plan import Plan, Span, parse_plan
+from ..privacy.accounting import noise_multiplier
+from ..privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy
+from ..privacy.clipped import ClippedSpanSums, collect_clipped_span_sums
+from ..privacy.ranges import clamp, span_ranges
+from ..privacy.release import noisy_counts, noisy_probe, noisy_similarity, noisy_spans
+from ..privacy.sensitivity import accuracy_parts, probe_parts, similarity_parts, span_parts
 from ..probe import ProbeHead, accuracy, collect_probe_stats
 from ..solver import LinearMap
 from ..stats import SpanStats
 from .config import load_federated_config, load_site_config
-from .wire import Arrays, encode_probe, encode_similarity, encode_spans
+from .site_privacy import grant_release
+from .wire import MODELS, Arrays, decode_priors, encode_private_spans, encode_probe, encode_similarity, encode_spans
 
 _logger = logging.getLogger(__name__)
 
@@ -42,7 +50,18 @@ class Site:
     calibration: DataLoader
     holdout: DataLoader | None
     output: Path | None
+    policy: SitePolicy
     device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a release serves: the run's id, its privacy request (None: exact sums), and the rest of
+    the specification as text (hashed into the ledger)."""
+
+    run_id: str
+    privacy: PrivacyRequest | None
+    spec: tuple[str, ...] = ()
 
 
 @functools.lru_cache(maxsize=2)
@@ -73,7 +92,8 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], 
         dataset = build_dataset(config.data, model)
         calibration, holdout = calibration_split(dataset, config.data)
         return Site(config.name, make_loader(calibration, config.data),
-                    make_loader(holdout, config.data) if len(holdout) else None, config.output, config.device)
+                    make_loader(holdout, config.data) if len(holdout) else None, config.output, config.privacy,
+                    config.device)
     if "partition-id" not in node_config:
         raise TBAInputError("node-config", "neither site-config nor partition-id is set",
                             "start the SuperNode with --node-config 'site-config=\"/path/site.yaml\"'")
@@ -85,39 +105,127 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], 
     calibration, holdout = simulated_indices(run.data, np.asarray(dataset.targets), num_sites, site, p.scheme,
                                              alpha=p.alpha, shards_per_site=p.shards_per_site, seed=p.seed)
     output = run.output.with_name(run.output.name + "-sites") / f"site-{site}"
+    policy = run.federation.site_policy
+    if policy.ledger is None:
+        policy = policy.model_copy(update={"ledger": output / "privacy-ledger.json"})
     return Site(f"site-{site}", make_loader(Subset(dataset, calibration.tolist()), run.data),
-                make_loader(Subset(dataset, holdout.tolist()), run.data) if len(holdout) else None, output, run.device)
+                make_loader(Subset(dataset, holdout.tolist()), run.data) if len(holdout) else None, output, policy,
+                run.device)
 
 
-def similarity_reply(model: nn.Module, site: Site, token_mode: str) -> Arrays:
-    stats = collect_similarity(ViTAdapter(model), site.calibration, token_mode=token_mode, device=site.device)
+def run_spec(run_id: int | str, config: Mapping[str, Any]) -> RunSpec:
+    """The run specification a release serves; the privacy request is data, validated by its schema."""
+    privacy = str(config.get("privacy", ""))
+    spec = tuple(f"{key}={config[key]}" for key in sorted(config) if key != "privacy")
+    return RunSpec(str(run_id), PrivacyRequest.from_json(privacy) if privacy else None, spec)
+
+
+def _images(loader: DataLoader | None) -> int:
+    return 0 if loader is None else len(loader.dataset)  # type: ignore[arg-type]
+
+
+def _grant(site: Site, run: RunSpec, release: str, parts):
+    return grant_release(site.policy, run.privacy, release, _images(site.calibration), site_name=site.name,
+                         run_id=run.run_id, spec=run.spec, parts=parts)
+
+
+def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec) -> Arrays:
+    adapter = ViTAdapter(model)
+    request = run.privacy
+    if request is not None and len(request.clip_blocks) != adapter.num_blocks:
+        raise TBAInputError("privacy.clip_blocks", f"{len(request.clip_blocks)} bounds for {adapter.num_blocks} blocks")
+    tokens = adapter.tokens_per_image(token_mode)
+    parts = similarity_parts(request.clip_blocks, tokens) if request is not None else None
+    grant = _grant(site, run, "similarity", parts)
+    stats = collect_similarity(adapter, site.calibration, token_mode=token_mode, device=site.device,
+                               clip=None if grant is None else request.clip_blocks)
     _logger.info("%s: similarity sums over %d images", site.name, stats.images)
+    if grant is not None:
+        stats = noisy_similarity(stats, parts, grant.site_sigma, grant.noise, tokens)
     return encode_similarity(stats)
 
 
-def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str) -> Arrays:
+def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, run: RunSpec,
+                     priors: Mapping[Span, LinearMap] | None = None) -> Arrays:
+    """Exact span sums, or (private run) noisy weighted residual-form sums around the run's priors."""
     adapter = ViTAdapter(model)
-    calibration = collect_span_stats(adapter, site.calibration, plan.spans, token_mode=token_mode, device=site.device)
-    holdout = (collect_span_stats(adapter, site.holdout, plan.spans, token_mode=token_mode, device=site.device)
-               if site.holdout is not None else {s: SpanStats.zeros(adapter.embed_dim) for s in plan.spans})
-    _logger.info("%s: span sums over %d calibration and %d held-out images", site.name,
-                 calibration[plan.spans[0]].images, holdout[plan.spans[0]].images)
-    return encode_spans({"calibration": calibration, "holdout": holdout})
+    request = run.privacy
+    if request is None:
+        _grant(site, run, "statistics", None)
+        calibration = collect_span_stats(adapter, site.calibration, plan.spans, token_mode=token_mode, device=site.device)
+        holdout = (collect_span_stats(adapter, site.holdout, plan.spans, token_mode=token_mode, device=site.device)
+                   if site.holdout is not None else {s: SpanStats.zeros(adapter.embed_dim) for s in plan.spans})
+        _logger.info("%s: span sums over %d calibration and %d held-out images", site.name,
+                     calibration[plan.spans[0]].images, holdout[plan.spans[0]].images)
+        return encode_spans({"calibration": calibration, "holdout": holdout})
+    bounds = request.span_bounds(plan.spans)
+    if priors is None or set(priors) != set(plan.spans):
+        raise TBAInputError("prior", "a private statistics release needs the run's prior map for every span")
+    parts = span_parts(plan.spans, bounds)
+    grant = _grant(site, run, "statistics", parts)
+    per_split = {}
+    for split, loader in (("calibration", site.calibration), ("holdout", site.holdout)):
+        per_split[split] = (collect_clipped_span_sums(adapter, loader, plan.spans, token_mode=token_mode, bounds=bounds,
+                                                      priors=priors, device=site.device)
+                            if loader is not None else {s: ClippedSpanSums.zeros(adapter.embed_dim) for s in plan.spans})
+    first = per_split["calibration"][plan.spans[0]]
+    _logger.info("%s: private span sums over %d calibration images (%d down-weighted to their bounds)", site.name,
+                 first.images, first.clipped)
+    return encode_private_spans(noisy_spans(per_split, parts, grant.site_sigma, grant.noise))
 
 
-def probe_reply(model: nn.Module, compressed: nn.Module, site: Site, num_classes: int) -> Arrays:
+def secure_statistics(config: Mapping[str, Any], context: Any) -> tuple[Arrays, dict[str, float]]:
+    """The statistics release under secure aggregation: noisy sums (this site's share of the noise)
+    and the fixed-point range of each array, for `secure_aggregation.secure_fit`. The run's prior
+    maps travel in the config as text (Flower's legacy FitIns config holds scalars only)."""
+    model = cached_model(str(config["model"]))
+    site = resolve_site(context.node_config, context.run_config, model)
+    adapter = ViTAdapter(model)
+    plan = parse_plan(str(config["plan"]), adapter.num_blocks)
+    run = run_spec(context.run_id, config)
+    request = run.privacy
+    if request is None or request.aggregation != "secure":
+        raise PolicyRefusal("privacy.aggregation", "a secure-aggregation round must carry a privacy request with "
+                                                   "aggregation 'secure'")
+    max_images = int(config["max-images"])
+    if _images(site.calibration) + _images(site.holdout) > max_images:
+        raise PolicyRefusal("federation.max_images_per_site", f"{site.name} holds more images than the fixed-point "
+                                                              f"range allows ({max_images})", "raise max_images_per_site")
+    priors = decode_priors(str(config.get("prior-maps", "")), plan.spans, adapter.embed_dim)
+    arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors)
+    bounds = request.span_bounds(plan.spans)
+    site_sigma = noise_multiplier(request.epsilon, request.delta, len(request.releases), request.accountant) / \
+        math.sqrt(request.noise_sites)
+    ranges = span_ranges(plan.spans, bounds, max_images, span_parts(plan.spans, bounds), site_sigma)
+    return clamp(arrays, ranges), ranges
+
+
+def probe_reply(model: nn.Module, compressed: nn.Module, site: Site, num_classes: int, run: RunSpec) -> Arrays:
     """Probe sums of the original and the compressed model on this site's calibration images."""
-    return encode_probe({"original": collect_probe_stats(model, site.calibration, num_classes, device=site.device),
-                         "compressed": collect_probe_stats(compressed, site.calibration, num_classes, device=site.device)})
+    request = run.privacy
+    if request is not None and request.clip_features is None:
+        raise TBAInputError("privacy.clip_features", "a private probe release needs a feature clipping bound")
+    parts = probe_parts(MODELS, request.clip_features) if request is not None else None
+    grant = _grant(site, run, "probe", parts)
+    clip = None if grant is None else request.clip_features
+    stats = {"original": collect_probe_stats(model, site.calibration, num_classes, device=site.device, clip=clip),
+             "compressed": collect_probe_stats(compressed, site.calibration, num_classes, device=site.device, clip=clip)}
+    if grant is not None:
+        stats = noisy_probe(stats, parts, grant.site_sigma, grant.noise)
+    return encode_probe(stats)
 
 
-def accuracy_reply(model: nn.Module, compressed: nn.Module, site: Site, heads: Mapping[str, ProbeHead]) -> dict[str, int]:
-    """Correct counts on this site's held-out images: integers, no per-image outcome."""
+def accuracy_reply(model: nn.Module, compressed: nn.Module, site: Site, heads: Mapping[str, ProbeHead],
+                   run: RunSpec) -> dict[str, int]:
+    """Correct counts on this site's held-out images: integers, no per-image outcome (noisy under DP)."""
     if site.holdout is None:
         raise TBAInputError("data.holdout_fraction", f"{site.name} has no held-out images to evaluate on")
+    parts = accuracy_parts() if run.privacy is not None else None
+    grant = _grant(site, run, "accuracy", parts)
     original, total = accuracy(model, heads["original"], site.holdout, device=site.device)
     compressed_correct, _ = accuracy(compressed, heads["compressed"], site.holdout, device=site.device)
-    return {"original_correct": original, "compressed_correct": compressed_correct, "total": total}
+    counts = {"original_correct": original, "compressed_correct": compressed_correct, "total": total}
+    return counts if grant is None else noisy_counts(counts, parts, grant.site_sigma, grant.noise)
 
 
 def install(model: nn.Module, site: Site, maps: Mapping[Span, LinearMap], report: dict) -> str:

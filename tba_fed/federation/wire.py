@@ -7,6 +7,8 @@ Flower's ``Array`` does not keep 0-d shapes. Nothing per-image ever appears: onl
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 from ..checkpoint import map_tensors
 from ..errors import TBAInputError
 from ..plan import Span
+from ..privacy.clipped import ClippedSpanSums
 from ..probe import ProbeHead, ProbeStats
 from ..solver import LinearMap
 from ..stats import SimilarityStats, SpanStats
@@ -78,7 +81,7 @@ def encode_spans(per_split: Mapping[str, Mapping[Span, SpanStats]]) -> Arrays:
 
 
 def decode_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int, *,
-                 psd_tolerance: float = 1e-9) -> dict[str, dict[Span, SpanStats]]:
+                 psd_tolerance: float | None = 1e-9) -> dict[str, dict[Span, SpanStats]]:
     """Rebuild and check every span's statistics: keys, shapes, dtypes, finiteness, Gram PSD."""
     spans = list(spans)
     expected = {f"{split}/{span.key}/{name}" for split in SPLITS for span in spans
@@ -117,7 +120,7 @@ def encode_probe(per_model: Mapping[str, ProbeStats]) -> Arrays:
 
 
 def decode_probe(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int, *,
-                 psd_tolerance: float = 1e-9) -> dict[str, ProbeStats]:
+                 psd_tolerance: float | None = 1e-9) -> dict[str, ProbeStats]:
     expected = {f"{m}/{n}" for m in MODELS for n in ("gram_triu", "cross", "sum_f", "class_counts", "tokens", "images")}
     missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
     if missing or extra:
@@ -151,8 +154,14 @@ def decode_heads(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int) -
     return heads
 
 
-def check_psd(gram: torch.Tensor, field: str, tolerance: float) -> None:
-    """A Gram matrix Σxxᵀ is positive semi-definite; a reply whose G is not was corrupted or forged."""
+def check_psd(gram: torch.Tensor, field: str, tolerance: float | None) -> None:
+    """A Gram matrix Σxxᵀ is positive semi-definite; a reply whose G is not was corrupted or forged.
+
+    ``tolerance=None`` skips the check: a differentially private Gram carries symmetric noise and is
+    legitimately indefinite (the server projects it onto the PSD cone instead).
+    """
+    if tolerance is None:
+        return
     eigvals = torch.linalg.eigvalsh(gram)
     scale = max(float(eigvals[-1]), 1e-300)
     if float(eigvals[0]) < -tolerance * scale:
@@ -186,3 +195,72 @@ def decode_maps(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], identit
 
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
     return int(sum(np.asarray(v).nbytes for v in arrays.values()))
+
+
+PRIVATE_SPAN_FIELDS = ("gram_triu", "cross_residual", "sum_x", "sum_r", "sum_rr", "weight")
+
+
+def encode_private_spans(per_split: Mapping[str, Mapping[Span, ClippedSpanSums]]) -> Arrays:
+    """A private release: weighted residual-form sums ``{split}/{s}-{e}/{name}`` (Gram as ``gram_triu``)."""
+    out: Arrays = {}
+    for split, spans in per_split.items():
+        for span, sums in spans.items():
+            for name, value in _vectors(sums.to_arrays()).items():
+                key = f"{split}/{span.key}/{name}"
+                out[key + "_triu" if name == "gram" else key] = pack_symmetric(value) if name == "gram" else value
+    return out
+
+
+def private_span_shapes(spans: Iterable[Span], dim: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"gram_triu": (dim * (dim + 1) // 2,), "cross_residual": (dim, dim), "sum_x": (dim,), "sum_r": (dim,),
+              "sum_rr": (1,), "weight": (1,)}
+    return {f"{split}/{span.key}/{name}": shape for split in SPLITS for span in spans for name, shape in shapes.items()}
+
+
+def decode_private_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int
+                         ) -> dict[str, dict[Span, ClippedSpanSums]]:
+    """Rebuild and check a private release: keys, shapes, float64, finiteness (noise makes the Gram
+    indefinite and the weight fractional, so neither PSD nor integrality is checked here)."""
+    spans = list(spans)
+    shapes = private_span_shapes(spans, dim)
+    missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
+    if missing or extra:
+        raise TBAInputError("statistics", f"missing keys {missing[:4]}, unexpected keys {extra[:4]}")
+    for key, shape in shapes.items():
+        value = np.asarray(arrays[key])
+        if value.dtype != np.float64:
+            raise TBAInputError(key, f"dtype {value.dtype}, expected float64")
+        if value.shape != shape:
+            raise TBAInputError(key, f"shape {value.shape}, expected {shape}")
+        if not np.all(np.isfinite(value)):
+            raise TBAInputError(key, "holds NaN or Inf")
+    out: dict[str, dict[Span, ClippedSpanSums]] = {split: {} for split in SPLITS}
+    for split in SPLITS:
+        for span in spans:
+            p = f"{split}/{span.key}/"
+            t = {name: torch.from_numpy(np.array(arrays[p + name])) for name in PRIVATE_SPAN_FIELDS}
+            out[split][span] = ClippedSpanSums(
+                gram=torch.from_numpy(unpack_symmetric(np.asarray(arrays[p + "gram_triu"]), p + "gram_triu")),
+                cross_residual=t["cross_residual"], sum_x=t["sum_x"], sum_r=t["sum_r"],
+                sum_rr=t["sum_rr"].reshape(()), weight=t["weight"].reshape(()))
+    return out
+
+
+def encode_priors(maps: Mapping[Span, LinearMap]) -> str:
+    """Prior maps as text for a config record (Flower's legacy FitIns config holds scalars only):
+    JSON of ``{name: [shape, base64 of little-endian float64]}``, decoded with full validation."""
+    arrays = {k: v.numpy().astype("<f8") for k, v in map_tensors(maps).items()}
+    return json.dumps({k: [list(v.shape), base64.b64encode(v.tobytes()).decode()] for k, v in arrays.items()})
+
+
+def decode_priors(text: str, spans: Iterable[Span], dim: int) -> dict[Span, LinearMap]:
+    try:
+        raw = json.loads(text)
+        arrays = {k: np.frombuffer(base64.b64decode(v[1], validate=True), dtype="<f8").astype(np.float64).reshape(v[0])
+                  for k, v in raw.items()}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise TBAInputError("prior-maps", f"not a valid encoding of prior maps ({err})") from None
+    spans = list(spans)
+    if extra := sorted(set(arrays) - {f"span.{s.key}.{n}" for s in spans for n in ("weight", "bias")}):
+        raise TBAInputError("prior-maps", f"unexpected keys {extra[:4]}")
+    return decode_maps(arrays, spans, (), dim)

@@ -1,0 +1,88 @@
+"""The server's private side: the secure-aggregation statistics round and the privacy report.
+
+Under secure aggregation the server never holds one site's sums: SecAgg+ hands it the sum over at
+least ``min_sites`` sites, which is decoded and validated like any private reply (keys, shapes,
+float64, finiteness; no PSD check, since the noisy Gram is legitimately indefinite).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import RecordDict
+from flwr.serverapp import Grid
+
+from ..plan import Plan, Span
+from ..privacy.policy import PrivacyRequest
+from ..privacy.postprocess import RidgeChoice
+from ..privacy.clipped import ClippedSpanSums
+from ..privacy.ranges import span_ranges
+from ..privacy.sensitivity import span_parts
+from .config import FederatedRunConfig, PrivacyConfig
+from .secure_aggregation import secure_sum
+from .wire import decode_private_spans, private_span_shapes
+
+_logger = logging.getLogger(__name__)
+
+
+def secure_statistics_round(grid: Grid, nodes: list[int], config: FederatedRunConfig, request: PrivacyRequest,
+                            plan: Plan, dim: int, sigma: float, content: RecordDict, log: Any
+                            ) -> tuple[dict[str, dict[Span, ClippedSpanSums]], int]:
+    """SecAgg+ sum of the sites' noisy span sums (each site adds σ/√noise_sites of the noise)."""
+    fed = config.federation
+    bounds = request.span_bounds(plan.spans)
+    site_sigma = sigma / request.noise_sites**0.5
+    ranges = span_ranges(plan.spans, bounds, fed.max_images_per_site, span_parts(plan.spans, bounds), site_sigma)
+    settings = dict(content.config_records["config"].items())
+    result = secure_sum(grid, nodes, {**settings, "max-images": fed.max_images_per_site}, ranges,
+                        private_span_shapes(plan.spans, dim), timeout=fed.round_timeout, min_sites=fed.min_sites)
+    summed = decode_private_spans(result.arrays, plan.spans, dim)
+    log.seconds = result.seconds
+    log.sites["secure sum"] = {"node_id": -1, "status": "ok",
+                               "images": int(round(float(summed["calibration"][plan.spans[0]].weight))),
+                               "reason": f"SecAgg+ sum of {result.sites} sites; quantisation error <= "
+                                         f"{max(b / ranges[k] for k, b in result.error_bound.items()):.2e} of each range"}
+    log.nodes = list(nodes)
+    _logger.info("statistics: secure sum of %d sites in %.1f s", result.sites, result.seconds)
+    return summed, result.sites
+
+
+def privacy_summary(privacy: PrivacyConfig, request: PrivacyRequest, sigma: float, sites: int,
+                    ridges: Mapping[Span, RidgeChoice], gram_std: Mapping[Span, float]) -> dict[str, Any]:
+    secure = privacy.aggregation == "secure"
+    return {
+        "epsilon": privacy.epsilon, "delta": privacy.delta, "accountant": privacy.accountant,
+        "releases": list(request.releases), "noise_multiplier": sigma,
+        "aggregation": "secure aggregation (SecAgg+), noise split over sites" if secure else "local noise at each site",
+        "noise_sites": request.noise_sites, "sites_summed": sites,
+        "noise": "seeded (tests and simulations only: NOT private)" if privacy.seed is not None
+                 else "secure (CSPRNG, sum of 4 Gaussian draws)",
+        "clip_spans": {k: list(v) for k, v in request.clip_spans.items()},
+        "spans": {str(s): {"gram_noise_std": gram_std[s], "ridge_lambda": r.ridge_lambda, "noise_bound": r.noise_bound,
+                           "min_eigenvalue_estimate": r.min_eigenvalue_estimate} for s, r in ridges.items()},
+    }
+
+
+def privacy_markdown(report: Mapping[str, Any]) -> str:
+    lines = []
+    if "privacy" in report:
+        p = report["privacy"]
+        lines += ["", "## Privacy", "",
+                  f"- (ε, δ) = ({p['epsilon']:g}, {p['delta']:g}) per site over {len(p['releases'])} release(s) "
+                  f"({', '.join(p['releases'])}), {p['accountant'].upper()} accounting: noise multiplier σ = "
+                  f"{p['noise_multiplier']:.4g}",
+                  f"- {p['aggregation']}; {p['sites_summed']} sites summed; noise: {p['noise']}",
+                  "- the Gram matrices were projected onto the PSD cone; ridge λ from AdaSSP (noise bound minus a "
+                  "private estimate of the smallest eigenvalue):", ""]
+        lines += [f"  - {s}: λ = {v['ridge_lambda']:.4g} (noise bound {v['noise_bound']:.4g})" for s, v in p["spans"].items()]
+    if "prior_comparison" in report:
+        noisy = " (estimated from noisy held-out sums)" if "privacy" in report else ""
+        names = list(next(iter(report["prior_comparison"].values())))
+        lines += ["", "## What the sites' data bought", "",
+                  f"Held-out error relative to dropping the blocks{noisy}; installed prior: {report['prior']}.", "",
+                  "| span | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for span, row in report["prior_comparison"].items():
+            lines.append(f"| {span} | " + " | ".join(f"{row[n]:.4f}" for n in names) + " |")
+    return "\n".join(lines) + "\n" if lines else ""

@@ -1,0 +1,138 @@
+"""A site's persistent privacy ledger: every release, its mechanism, and the budget left.
+
+The ledger is one JSON document replaced atomically (temporary file, fsync, rename, fsync of the
+directory), under an exclusive lock, so a crash mid-write leaves the previous complete ledger.
+A release is recorded before its payload leaves the site (write-ahead): a crash after recording
+can only over-count the budget, never under-count it. A ledger that cannot be read is an error,
+never an empty ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import TBAInputError
+from .accounting import epsilon_spent
+
+_logger = logging.getLogger(__name__)
+FORMAT = "tba-fed privacy ledger 1"
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    run_id: str
+    release: str
+    spec_sha256: str
+    mechanism: str
+    noise_multiplier: float
+    noise_std: dict[str, float]
+    noise: str
+    aggregation: str
+    images: int
+    epsilon_run: float
+    delta: float
+    time: str
+
+
+class BudgetExceeded(TBAInputError):
+    """The release would take the site past its privacy budget: refused, nothing sent."""
+
+
+class PrivacyLedger:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def entries(self) -> list[LedgerEntry]:
+        if not self.path.exists():
+            return []
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("format") != FORMAT:
+                raise ValueError(f"unknown format {data.get('format')!r}")
+            return [LedgerEntry(**entry) for entry in data["entries"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise TBAInputError("privacy.ledger", f"{self.path} is unreadable ({err}); refusing to release anything",
+                                "restore the ledger from backup; never delete it to reset a budget") from None
+
+    def spent(self, delta: float, accountant: str = "rdp") -> float:
+        """ε spent so far at `delta`, composing every recorded release."""
+        return epsilon_spent([(e.noise_multiplier, 1) for e in self.entries()], delta, accountant)
+
+    def record(self, entry: LedgerEntry, *, budget: float, delta: float, planned: list[float],
+               accountant: str = "rdp") -> float:
+        """Append `entry` if the budget allows the whole run (`planned` σ of its releases not yet recorded).
+
+        Budgets are accounted at the site's `delta`. Returns the ε spent after this release. A second
+        release with the same run id and release name is refused: a fresh noisy copy would spend budget again.
+        """
+        with self._locked():
+            entries = self.entries()
+            if any(e.run_id == entry.run_id and e.release == entry.release for e in entries):
+                raise BudgetExceeded("privacy.ledger", f"run {entry.run_id} already made its {entry.release!r} release; "
+                                                       "releasing again would spend budget twice")
+            history = [(e.noise_multiplier, 1) for e in entries] + [(sigma, 1) for sigma in planned]
+            projected = epsilon_spent(history, delta, accountant)
+            if projected > budget * (1 + 1e-9):
+                spent = epsilon_spent([(e.noise_multiplier, 1) for e in entries], delta, accountant)
+                raise BudgetExceeded("privacy.epsilon", f"this run would bring the site to ε={projected:.3f} at "
+                                                        f"δ={delta:g}; its budget is {budget:g} "
+                                                        f"({spent:.3f} spent)", "ask for a smaller ε")
+            self._write([*entries, entry])
+            after = epsilon_spent([(e.noise_multiplier, 1) for e in [*entries, entry]], delta, accountant)
+        _logger.info("ledger %s: recorded %s of run %s (σ=%.4g); ε spent %.4f of %g", self.path, entry.release,
+                     entry.run_id, entry.noise_multiplier, after, budget)
+        return after
+
+    def _write(self, entries: list[LedgerEntry]) -> None:
+        text = json.dumps({"format": FORMAT, "entries": [asdict(e) for e in entries]}, indent=2) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def ledger_report(ledger: PrivacyLedger, budget: float, delta: float, accountant: str = "rdp") -> str:
+    """Markdown: every release and the budget left (``tba-fed privacy report``)."""
+    entries = ledger.entries()
+    spent = ledger.spent(delta, accountant)
+    lines = [f"# Privacy ledger {ledger.path}", "",
+             f"- releases: {len(entries)}; ε spent {spent:.4f} of {budget:g} at δ={delta:g} ({accountant.upper()} "
+             f"composition); remaining {max(budget - spent, 0.0):.4f}", "",
+             "| time | run | release | σ | run ε | images | noise | aggregation | spec sha256 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(f"| {e.time} | {e.run_id} | {e.release} | {e.noise_multiplier:.4g} | {e.epsilon_run:g} | {e.images} "
+                     f"| {e.noise} | {e.aggregation} | `{e.spec_sha256[:12]}` |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,129 @@
+"""What a site agrees to release, and the privacy request a run makes of it.
+
+The request travels from the server as data (JSON validated against `PrivacyRequest`, unknown keys
+refused); the policy lives in the site's own YAML. `check_request` fails closed: anything the policy
+does not allow is refused with the reason, before a single image is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from ..config import _format_validation_error, _Section
+from ..errors import TBAInputError
+from ..plan import Span
+from .clipped import SpanBounds
+
+RELEASES = ("similarity", "statistics", "probe", "accuracy")
+Release = Literal["similarity", "statistics", "probe", "accuracy"]
+
+
+class PolicyRefusal(TBAInputError):
+    """The site's policy does not allow what the server asked: nothing is computed or sent."""
+
+
+class PrivacyRequest(_Section):
+    """The privacy part of a run specification, as the server sends it to every site."""
+
+    epsilon: float = Field(gt=0, description="ε the whole run may spend at each site")
+    delta: float = Field(gt=0, lt=1)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    releases: tuple[Release, ...] = Field(min_length=1, description="every release the run will make, in order")
+    aggregation: Literal["local", "secure"] = Field(
+        "local", description="local: each site adds the full noise; secure: SecAgg+ sum, noise split over noise_sites")
+    noise_sites: int = Field(1, ge=1, description="secure aggregation: sites whose noise shares add up to σ")
+    seed: int | None = Field(None, description="seeded noise for tests and simulations; None draws from the CSPRNG")
+    clip_spans: dict[str, tuple[float, float, float, float, float]] = Field(
+        default_factory=dict, description="span -> per-image bounds of ‖XᵀX‖, ‖XᵀR‖, ‖Σx‖, ‖Σr‖, ‖R‖² (clipped.SpanBounds)")
+    clip_blocks: tuple[float, ...] = ()
+    clip_features: float | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrivacyRequest:
+        if len(set(self.releases)) != len(self.releases):
+            raise ValueError("releases must not repeat")
+        if self.aggregation == "local" and self.noise_sites != 1:
+            raise ValueError("noise_sites > 1 splits the noise, which is only safe under secure aggregation")
+        bounds = [b for pair in self.clip_spans.values() for b in pair] + list(self.clip_blocks) + \
+                 ([self.clip_features] if self.clip_features is not None else [])
+        if any(not (b > 0 and b < float("inf")) for b in bounds):
+            raise ValueError("clipping bounds must be positive and finite")
+        return self
+
+    def span_bounds(self, spans: Sequence[Span]) -> dict[Span, SpanBounds]:
+        """Per-image bounds of each span's statistics; a span without bounds is an error."""
+        if missing := [str(s) for s in spans if str(s) not in self.clip_spans]:
+            raise TBAInputError("privacy.clip_spans", f"no clipping bounds for {', '.join(missing)}")
+        return {span: SpanBounds(*self.clip_spans[str(span)]) for span in spans}
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> PrivacyRequest:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as err:
+            raise _format_validation_error(err) from None
+
+
+class SitePolicy(_Section):
+    """A site's own privacy policy: its caps hold whatever the server asks."""
+
+    require_dp: bool = Field(True, description="refuse runs that ask for exact (noise-free) statistics")
+    epsilon: float = Field(1.0, gt=0, description="total ε this site's data may spend over all runs")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ at which budgets are accounted; runs may not ask for more")
+    min_images: int = Field(100, ge=1, description="refuse a release summarising fewer images")
+    releases: tuple[Release, ...] = Field(("statistics",), description="statistics this site will release at all")
+    max_clip: float | None = Field(None, gt=0, description="refuse clipping bounds above this (fixed-point safety)")
+    secure_aggregation: Literal["allowed", "required", "refused"] = "allowed"
+    min_noise_sites: int = Field(3, ge=2, description="split noise only if at least this many sites' shares add up")
+    allow_seeded_noise: bool = Field(False, description="seeded noise is for tests and simulations only")
+    ledger: Path | None = Field(None, description="this site's privacy ledger (JSON, written atomically); "
+                                                  "simulations keep one per site beside the site's output")
+
+
+def spec_hash(*parts: str) -> str:
+    """sha256 of the run specification a release served (recorded in the ledger)."""
+    return hashlib.sha256(json.dumps(list(parts)).encode()).hexdigest()
+
+
+def check_request(policy: SitePolicy, request: PrivacyRequest | None, release: str, images: int) -> None:
+    """Refuse, with the reason, any release the policy does not allow."""
+    def refuse(field: str, message: str, fix: str | None = None) -> None:
+        raise PolicyRefusal(field, f"refused by the site's privacy policy: {message}", fix)
+
+    if release not in policy.releases:
+        refuse("privacy.releases", f"this site does not release {release!r} (it releases {', '.join(policy.releases)})")
+    if images < policy.min_images:
+        refuse("privacy.min_images", f"{images} images, the site's minimum per release is {policy.min_images}")
+    if request is None:
+        if policy.require_dp:
+            refuse("privacy", "the run asks for exact statistics and this site requires differential privacy",
+                   "set a privacy section in the run config")
+        return
+    if release not in request.releases:
+        refuse("privacy.releases", f"{release!r} is not among the releases the run declared: {request.releases}")
+    if request.delta > policy.delta:
+        refuse("privacy.delta", f"δ {request.delta:g} exceeds the site's cap {policy.delta:g}")
+    if request.epsilon > policy.epsilon:
+        refuse("privacy.epsilon", f"ε {request.epsilon:g} exceeds the site's total budget {policy.epsilon:g}")
+    if request.seed is not None and not policy.allow_seeded_noise:
+        refuse("privacy.seed", "seeded noise is not private; this site draws noise from its CSPRNG only")
+    if request.aggregation == "secure" and policy.secure_aggregation == "refused":
+        refuse("privacy.aggregation", "this site does not take part in secure aggregation")
+    if request.aggregation == "local" and policy.secure_aggregation == "required":
+        refuse("privacy.aggregation", "this site releases statistics only through secure aggregation")
+    if request.noise_sites > 1 and request.noise_sites < policy.min_noise_sites:
+        refuse("privacy.noise_sites", f"noise split over {request.noise_sites} sites, the site's minimum is "
+                                      f"{policy.min_noise_sites}")
+    bounds = [b for pair in request.clip_spans.values() for b in pair] + list(request.clip_blocks) + \
+             ([request.clip_features] if request.clip_features is not None else [])
+    if policy.max_clip is not None and bounds and max(bounds) > policy.max_clip:
+        refuse("privacy.clip", f"clipping bound {max(bounds):g} exceeds the site's maximum {policy.max_clip:g}")

@@ -1,0 +1,79 @@
+"""What the server learns from public photos, at no privacy cost: clipping bounds and prior maps.
+
+A span's map is largely a property of the model, so a map fitted on public, out-of-domain photos
+is a far better prior than zero or the identity; and the typical size of a block's output on
+photos sets the clipping bounds without spending budget on a private quantile.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapter import ViTAdapter
+from .calibrate import collect_span_stats
+from .plan import Span
+from .privacy.clipped import STATISTICS, SpanBounds, image_norms, residual
+from .probe import features
+from .solver import LinearMap, solve_span
+
+_logger = logging.getLogger(__name__)
+PRIOR_RIDGE = 1e-6  # public data: only numerical regularisation
+
+
+@dataclass(frozen=True)
+class PublicNorms:
+    """Per-image Frobenius norms on public images: block outputs [images, L] and features [images]."""
+
+    blocks: torch.Tensor
+    features: torch.Tensor
+
+    def block_bounds(self, scale: float) -> tuple[float, ...]:
+        return tuple(float(v) * scale for v in self.blocks.median(dim=0).values)
+
+    def feature_bound(self, scale: float) -> float:
+        return float(self.features.median()) * scale
+
+
+def public_norms(model: nn.Module, batches: Iterable, token_mode: str) -> PublicNorms:
+    adapter = ViTAdapter(model)
+    blocks, feats = [], []
+    model.eval()
+    with torch.inference_mode():
+        for images, _ in batches:
+            outs = [adapter.select_tokens(x, token_mode).reshape(x.shape[0], -1, x.shape[-1]).double()
+                    for x in adapter.iter_block_outputs(images, adapter.num_blocks - 1)]
+            blocks.append(torch.stack([x.flatten(1).norm(dim=1) for x in outs], dim=1))
+            feats.append(features(model, images).double().norm(dim=1))
+    return PublicNorms(torch.cat(blocks), torch.cat(feats))
+
+
+def public_span_bounds(model: nn.Module, batches: Iterable, spans: Sequence[Span], priors: Mapping[Span, LinearMap],
+                       token_mode: str, scale: float) -> dict[Span, SpanBounds]:
+    """Per-image statistic bounds of each span: `scale` × their medians on public images (pass crops
+    the priors were not fitted on, so residuals are not optimistically small)."""
+    adapter = ViTAdapter(model)
+    norms: dict[Span, dict[str, list[torch.Tensor]]] = {s: {k: [] for k in STATISTICS} for s in spans}
+    last = max(s.end for s in spans)
+    with torch.inference_mode():
+        for images, _ in batches:
+            outs = [adapter.select_tokens(x, token_mode).reshape(x.shape[0], -1, x.shape[-1]).double()
+                    for x in adapter.iter_block_outputs(images, last)]
+            for span in spans:
+                x = outs[span.start]
+                for k, v in image_norms(x, residual(x, outs[span.end], priors[span])).items():
+                    norms[span][k].append(v)
+    return {span: SpanBounds(*(float(torch.cat(norms[span][k]).median()) * scale for k in STATISTICS)) for span in spans}
+
+
+def public_prior_maps(model: nn.Module, batches: Iterable, spans: Sequence[Span], token_mode: str,
+                      bias: bool) -> dict[Span, LinearMap]:
+    """Each span's map fitted on public images: the prior P that private statistics refine."""
+    stats = collect_span_stats(ViTAdapter(model), batches, spans, token_mode=token_mode)
+    maps = {span: solve_span(s, bias=bias, ridge=PRIOR_RIDGE)[0] for span, s in stats.items()}
+    _logger.info("public prior fitted for %s on %d images", ", ".join(map(str, spans)), stats[spans[0]].images)
+    return maps

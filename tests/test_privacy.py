@@ -1,0 +1,278 @@
+"""Differential privacy of a site's releases: calibration, noise, clipping, policy, ledger, post-processing."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+from scipy import stats as scipy_stats
+
+from tba_fed import LinearMap, ViTAdapter, solve_span
+from tba_fed.calibrate import collect_span_stats
+from tba_fed.data import SyntheticImages
+from tba_fed.federation.site import RunSpec, Site, statistics_reply
+from tba_fed.plan import Span, parse_plan
+from tba_fed.privacy.accounting import RDP_ORDERS, epsilon_spent, noise_multiplier
+from tba_fed.privacy.ledger import BudgetExceeded, LedgerEntry, PrivacyLedger, ledger_report, now
+from tba_fed.privacy.mechanism import NoiseSource
+from tba_fed.privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy, check_request
+from tba_fed.privacy.postprocess import adassp_ridge, gram_noise_bound, psd_projection
+from tba_fed.privacy.clipped import ClippedSpanSums, SpanBounds, collect_clipped_span_sums, to_span_stats
+from tba_fed.privacy.release import noisy_spans
+from tba_fed.privacy.sensitivity import clip_images, span_parts
+from tba_fed.stats import SpanStats
+
+from conftest import loader
+
+SPAN = Span(1, 3)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize(("epsilon", "releases"), [(0.5, 1), (1.0, 1), (1.0, 3), (4.0, 2), (8.0, 4)])
+def test_calibrated_sigma_spends_at_most_the_target_and_within_5_percent(epsilon, releases, accountant):
+    sigma = noise_multiplier(epsilon, 1e-5, releases, accountant)
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = [(sigma, 1.0, releases)]
+    spent = acc.get_epsilon(delta=1e-5, alphas=list(RDP_ORDERS)) if accountant == "rdp" else acc.get_epsilon(delta=1e-5)
+    assert spent <= epsilon * (1 + 1e-9)
+    assert spent >= 0.95 * epsilon
+
+
+def test_rdp_sigma_matches_the_closed_form_of_one_gaussian_release():
+    # At q = 1, RDP of order α is α/(2σ²); ε(δ) = min_α α/(2σ²) + log(1/δ)/(α−1) (Opacus' conversion is tighter).
+    sigma = noise_multiplier(1.0, 1e-5, 1)
+    assert 3.8 < sigma < 4.2  # reference: σ ≈ 4.06 for (1, 1e-5) with RDP (shared notes)
+    assert epsilon_spent([(sigma, 1)], 1e-5) == pytest.approx(1.0, rel=0.01)
+
+
+def _stats(dim: int, rows: int, seed: int) -> SpanStats:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, dim, generator=g, dtype=torch.float64)
+    y = x + 0.3 * torch.randn(rows, dim, generator=g, dtype=torch.float64)
+    s = SpanStats.zeros(dim)
+    s.update(x, y, images=rows // 4)
+    return s
+
+
+def _clipped(dim: int, images: int, seed: int, bounds: SpanBounds, prior: LinearMap | None = None) -> ClippedSpanSums:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(images, 4, dim, generator=g, dtype=torch.float64)
+    y = x + 0.3 * torch.randn(images, 4, dim, generator=g, dtype=torch.float64)
+    sums = ClippedSpanSums.zeros(dim)
+    sums.update(x, y, prior or LinearMap(torch.eye(dim, dtype=torch.float64), None), bounds)
+    return sums
+
+
+BOUNDS = SpanBounds(gram=30.0, cross_residual=8.0, sum_x=40.0, sum_r=10.0, sum_rr=20.0)
+
+
+@pytest.mark.parametrize("noise", [NoiseSource.seeded(7), NoiseSource.secure()], ids=["seeded", "secure"])
+def test_released_noise_is_gaussian_with_the_calibrated_std(noise):
+    dim = 128
+    exact = _clipped(dim, 100, 0, BOUNDS)
+    parts = span_parts([SPAN], {SPAN: BOUNDS})
+    sigma = noise_multiplier(1.0, 1e-5, 1)
+    released = noisy_spans({"calibration": {SPAN: exact}}, parts, sigma, noise)["calibration"][SPAN]
+    std = {p.name.split(":")[-1]: p.std(sigma) for p in parts}
+    upper = torch.triu_indices(dim, dim)
+    gram_noise = (released.gram - exact.gram)[upper[0], upper[1]].numpy() / std["gram"]
+    cross_noise = (released.cross_residual - exact.cross_residual).flatten().numpy() / std["cross_residual"]
+    for sample in (gram_noise, cross_noise):
+        assert scipy_stats.kstest(sample, "norm").pvalue > 1e-6
+        assert sample.std() == pytest.approx(1.0, rel=0.03)
+    assert torch.allclose(released.gram, released.gram.T)  # symmetric noise
+    assert std["gram"] == pytest.approx(sigma * 30.0 / math.sqrt(0.45))  # σ·Δ/√share with Δ = B_G
+
+
+def test_secure_noise_refuses_a_seed_and_seeded_mode_says_so():
+    with pytest.raises(PolicyRefusal, match="seeded noise is not private"):
+        check_request(SitePolicy(ledger="x.json"), PrivacyRequest(epsilon=1, delta=1e-5, releases=("statistics",),
+                                                                   seed=3), "statistics", 500)
+    assert NoiseSource.secure().is_secure and "CSPRNG" in NoiseSource.secure().mode
+    assert not NoiseSource.seeded(3).is_secure and "tests only" in NoiseSource.seeded(3).mode
+    a, b = NoiseSource.secure().normal((64,), 1.0), NoiseSource.secure().normal((64,), 1.0)
+    assert not np.allclose(a, b)
+    assert np.array_equal(NoiseSource.seeded(3).normal((8,), 1.0), NoiseSource.seeded(3).normal((8,), 1.0))
+
+
+class CountingLoader:
+    """Counts how many batches anyone read: a refused release must read none."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.batches, self.dataset = inner, 0, inner.dataset
+
+    def __iter__(self):
+        for batch in self.inner:
+            self.batches += 1
+            yield batch
+
+
+@pytest.mark.parametrize(("policy", "request_", "reason"), [
+    ({"epsilon": 0.5}, {"epsilon": 1.0}, "exceeds the site's total budget"),
+    ({"delta": 1e-6}, {"delta": 1e-5}, "δ"),
+    ({"releases": ("similarity",)}, {}, "does not release 'statistics'"),
+    ({"min_images": 100}, {}, "minimum per release is 100"),
+    ({"max_clip": 1.0}, {}, "exceeds the site's maximum"),
+    ({"secure_aggregation": "required"}, {}, "only through secure aggregation"),
+    ({}, None, "requires differential privacy"),
+])
+def test_a_request_outside_the_policy_is_refused_before_any_image_is_read(tmp_path, tiny_vit, policy, request_, reason):
+    ledger = tmp_path / "ledger.json"
+    site_policy = SitePolicy(**{"min_images": 10, "ledger": ledger, **policy})
+    batches = CountingLoader(loader(24))
+    site = Site("hospital-a", batches, None, tmp_path, site_policy)
+    request = None if request_ is None else PrivacyRequest(**{
+        "epsilon": 0.5, "delta": 1e-5, "releases": ("statistics",), "clip_spans": {"1->3": (20.0, 10.0, 5.0, 5.0, 5.0)},
+        **request_})
+    with pytest.raises(PolicyRefusal, match=reason):
+        statistics_reply(tiny_vit, site, parse_plan("1->3", 6), "all", RunSpec("run-1", request),
+                         {SPAN: LinearMap(torch.eye(48, dtype=torch.float64), None)})
+    assert batches.batches == 0
+    assert not ledger.exists()
+
+
+def test_per_image_weights_bound_what_one_crafted_image_can_change(tiny_vit):
+    adapter = ViTAdapter(tiny_vit)
+    base = SyntheticImages(16, 32, seed=0)
+    crafted = torch.full((1, 3, 32, 32), 1e4)
+    prior = LinearMap(torch.eye(48, dtype=torch.float64), None)
+    bounds = SpanBounds(gram=20.0, cross_residual=6.0, sum_x=30.0, sum_r=12.0, sum_rr=9.0)
+
+    def sums(extra: bool) -> ClippedSpanSums:
+        images = torch.stack([base[i][0] for i in range(16)])
+        if extra:
+            images = torch.cat([images, crafted])
+        return collect_clipped_span_sums(adapter, [(images, torch.zeros(len(images)))], [SPAN], token_mode="all",
+                                         bounds={SPAN: bounds}, priors={SPAN: prior})[SPAN]
+
+    with_image, without = sums(True), sums(False)
+    for name in ("gram", "cross_residual", "sum_x", "sum_r", "sum_rr"):
+        change = float(torch.linalg.norm(getattr(with_image, name) - getattr(without, name)))
+        assert change <= getattr(bounds, name) * (1 + 1e-9), name
+    assert float(with_image.weight - without.weight) <= 1.0
+    assert float(torch.linalg.norm(with_image.gram - without.gram)) > 0.99 * bounds.gram  # it hit the bound
+    exact = collect_span_stats(adapter, [(crafted, torch.zeros(1))], [SPAN])[SPAN]
+    assert float(torch.linalg.norm(exact.gram)) > 1e3 * bounds.gram
+    clipped, count = clip_images(torch.full((2, 3, 4), 10.0), 1.0)
+    assert count == 2 and torch.allclose(clipped.flatten(1).norm(dim=1), torch.ones(2, dtype=clipped.dtype))
+
+
+def test_residual_form_converts_exactly_to_the_ordinary_sums():
+    g = torch.Generator().manual_seed(3)
+    prior = LinearMap(torch.randn(6, 6, generator=g, dtype=torch.float64),
+                      torch.randn(6, generator=g, dtype=torch.float64))
+    huge = SpanBounds(1e12, 1e12, 1e12, 1e12, 1e12)  # no image is down-weighted: the sums must be the exact ones
+    sums = _clipped(6, 10, 4, huge, prior)
+    g2 = torch.Generator().manual_seed(4)  # the same images _clipped drew
+    x = torch.randn(10, 4, 6, generator=g2, dtype=torch.float64)
+    y = x + 0.3 * torch.randn(10, 4, 6, generator=g2, dtype=torch.float64)
+    exact = SpanStats.zeros(6)
+    exact.update(x.reshape(-1, 6), y.reshape(-1, 6), images=10)
+    converted = to_span_stats(sums, prior, tokens_per_image=4)
+    assert converted.images == 10 and converted.tokens == 40
+    for name in ("gram", "cross", "sum_x", "sum_y", "sum_yy"):
+        assert torch.allclose(getattr(converted, name), getattr(exact, name), rtol=1e-10, atol=1e-9), name
+
+
+def _entry(run: str, release: str, sigma: float) -> LedgerEntry:
+    return LedgerEntry(run_id=run, release=release, spec_sha256="0" * 64, mechanism="gaussian", noise_multiplier=sigma,
+                       noise_std={}, noise="secure", aggregation="local", images=500, epsilon_run=1.0, delta=1e-5,
+                       time=now())
+
+
+def test_ledger_composes_runs_and_refuses_an_over_budget_run(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    sigma = noise_multiplier(1.0, 1e-5, 1)
+    assert ledger.record(_entry("run-1", "statistics", sigma), budget=2.0, delta=1e-5, planned=[]) == pytest.approx(1.0, rel=0.01)
+    spent = ledger.record(_entry("run-2", "statistics", sigma), budget=2.0, delta=1e-5, planned=[])
+    assert 1.0 < spent <= 2.0  # RDP composition: tighter than adding ε
+    before = ledger.path.read_bytes()
+    with pytest.raises(BudgetExceeded, match="budget is 2"):
+        ledger.record(_entry("run-3", "statistics", sigma), budget=2.0, delta=1e-5, planned=[sigma, sigma])
+    with pytest.raises(BudgetExceeded, match="already made its 'statistics' release"):
+        ledger.record(_entry("run-2", "statistics", sigma * 100), budget=2.0, delta=1e-5, planned=[])
+    assert ledger.path.read_bytes() == before
+    report = ledger_report(ledger, 2.0, 1e-5)
+    assert "run-1" in report and "run-2" in report and "remaining" in report
+
+
+def test_ledger_survives_a_crash_mid_write(tmp_path):
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger(path)
+    sigma = noise_multiplier(1.0, 1e-5, 1)
+    ledger.record(_entry("run-1", "statistics", sigma), budget=10.0, delta=1e-5, planned=[])
+    before = path.read_bytes()
+    # A process dies between writing the new ledger and renaming it into place.
+    script = textwrap.dedent(f"""
+        import os
+        from tba_fed.privacy import ledger as mod
+        from tba_fed.privacy.ledger import LedgerEntry, PrivacyLedger, now
+        mod.os.replace = lambda *a: os._exit(9)
+        entry = LedgerEntry(run_id="run-2", release="statistics", spec_sha256="1" * 64, mechanism="gaussian",
+                            noise_multiplier={sigma}, noise_std={{}}, noise="secure", aggregation="local", images=500,
+                            epsilon_run=1.0, delta=1e-5, time=now())
+        PrivacyLedger({str(path)!r}).record(entry, budget=10.0, delta=1e-5, planned=[])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd(), capture_output=True)
+    assert result.returncode == 9
+    assert path.read_bytes() == before  # the old, complete ledger
+    assert [e.run_id for e in ledger.entries()] == ["run-1"]
+    ledger.record(_entry("run-2", "statistics", sigma), budget=10.0, delta=1e-5, planned=[])
+    assert [e.run_id for e in ledger.entries()] == ["run-1", "run-2"]
+    path.write_text('{"format": "tba-fed privacy ledger 1", "entries": [{"run_id"')  # torn by hand: fail closed
+    with pytest.raises(ValueError, match="unreadable"):
+        ledger.record(_entry("run-3", "statistics", sigma), budget=10.0, delta=1e-5, planned=[])
+
+
+def test_psd_projection_and_adassp_ridge():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 30, generator=g, dtype=torch.float64)
+    sym = (a + a.T) / 2
+    projected = psd_projection(sym)
+    assert float(torch.linalg.eigvalsh(projected)[0]) >= -1e-10
+    eig, vec = torch.linalg.eigh(sym)
+    assert torch.allclose(projected, (vec * eig.clamp_min(0)) @ vec.T)
+    # Well-conditioned Gram, small noise: no ridge needed. Singular Gram: the ridge is the noise bound.
+    well = 1e4 * torch.eye(30, dtype=torch.float64)
+    assert adassp_ridge(well, 1.0).ridge_lambda == 0.0
+    singular = torch.zeros(30, 30, dtype=torch.float64)
+    choice = adassp_ridge(singular, 2.0)
+    assert choice.ridge_lambda == pytest.approx(gram_noise_bound(30, 2.0))
+
+
+def test_prior_solve_is_the_closed_form_and_shrinks_toward_the_prior():
+    s = _stats(6, 200, seed=1)
+    prior = LinearMap(torch.full((6, 6), 0.1, dtype=torch.float64), None)
+    lam = 50.0
+    m, diag = solve_span(s, bias=False, ridge_lambda=lam, prior=prior)
+    expected = torch.linalg.solve(s.gram + lam * torch.eye(6, dtype=torch.float64), s.cross + lam * prior.weight.T)
+    assert torch.allclose(m.weight.T, expected, rtol=1e-10, atol=1e-12)
+    assert diag.ridge_lambda == lam
+    far, _ = solve_span(s, bias=True, ridge_lambda=1e12, prior=prior)
+    assert torch.allclose(far.weight, prior.weight, atol=1e-6)
+
+
+def test_secure_aggregation_ranges_hold_every_noisy_release_and_keep_quantisation_below_the_noise():
+    from tba_fed.federation.secure_aggregation import quantisation_error_bound
+    from tba_fed.federation.wire import encode_private_spans, private_span_shapes
+    from tba_fed.privacy.ranges import span_ranges
+
+    sums = {split: {SPAN: _clipped(48, 24, k, BOUNDS)} for k, split in enumerate(("calibration", "holdout"))}
+    parts = span_parts([SPAN], {SPAN: BOUNDS})
+    sigma = noise_multiplier(1.0, 1e-5, 1) / math.sqrt(3)
+    ranges = span_ranges([SPAN], {SPAN: BOUNDS}, 24, parts, sigma)
+    arrays = encode_private_spans(noisy_spans(sums, parts, sigma, NoiseSource.seeded(1)))
+    shapes = private_span_shapes([SPAN], 48)
+    assert set(arrays) == set(ranges) == set(shapes)
+    for key, value in arrays.items():
+        assert value.shape == shapes[key]
+        assert np.abs(value).max() <= ranges[key], key
+    gram_noise = next(p for p in parts if p.name.endswith(":gram")).std(sigma)
+    assert quantisation_error_bound(ranges["calibration/1-3/gram_triu"], 3, 2**22) < 0.01 * gram_noise
