@@ -38,7 +38,7 @@ from tba_fed.plan import Span, parse_plan
 from tba_fed.privacy.accounting import noise_multiplier
 from tba_fed.privacy.mechanism import NoiseSource
 from tba_fed.privacy.release import noisy_spans
-from tba_fed.privacy.clipped import ClippedSpanSums, SpanBounds, to_span_stats
+from tba_fed.privacy.clipped import ClippedSpanSums, SpanBounds
 from tba_fed.privacy.sensitivity import span_parts
 from tba_fed.privacy.solve import private_inputs
 from tba_fed.probe import ProbeStats, solve_probe
@@ -116,9 +116,9 @@ def solve_point(per_site: list[dict[str, dict[Span, object]]], span: Span, bound
             noise = NoiseSource(seed * 1000 + k * 97 + int(epsilon * 10) + (7 if mode == "secure" else 0))
             released.append(noisy_spans({"c": {span: sums[kind][span]}}, parts, sigma / math.sqrt(noise_sites),
                                         noise)["c"][span])
-        merged = to_span_stats(sum(released[1:], released[0]), priors[kind][span], tokens)
         gram_std = next(p for p in parts if p.name.endswith(":gram")).std(sigma) * math.sqrt(len(per_site) / noise_sites)
-        cleaned, ridges = private_inputs({span: merged}, {span: gram_std}, bias=True)
+        cleaned, ridges = private_inputs({span: sum(released[1:], released[0])}, {span: priors[kind][span]},
+                                         {span: gram_std}, tokens, bias=True)
         maps[variant] = solve_span(cleaned[span], bias=True, ridge_lambda=ridges[span].ridge_lambda,
                                    prior=priors[kind][span])[0]
     return maps

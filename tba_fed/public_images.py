@@ -1,7 +1,7 @@
 """Public natural photos for a server-side prior: no site data, so no privacy cost.
 
-The server fits each span's map on random crops of 17 photographs that ship inside the
-scikit-image and scikit-learn wheels and uses it as the prior P. Only files that are in the
+The server fits each span's map on random crops of the 26 images that ship inside the
+scikit-image and scikit-learn wheels (mostly photographs) and uses it as the prior P. Only files that are in the
 installed packages are read (never ``skimage.data``'s pooch downloads), so nothing touches the
 network and the photos are the same on every machine with the same package versions.
 
@@ -46,12 +46,13 @@ class PublicPhoto:
     note: str = ""
 
 
-# Natural photographs (grayscale ones are replicated to 3 channels on load). Left out, because they
-# are not photos or carry too little image: skimage's chessboard_GRAY/RGB, color (colour wheel),
-# horse (binary silhouette), logo, page and text (text pages), phantom (Shepp-Logan), cell (flat
-# microscopy field with one blob), microaneurysms (102 px), lfw_subset (25 px faces),
-# motorcycle_right (near-duplicate of motorcycle_left), the multipage tif/gif test files; and every
-# skimage.data image that needs a pooch download (eagle, brain, lily, kidney, skin, ...).
+# Every still image bundled in the two wheels (grayscale ones are replicated to 3 channels on load):
+# the natural photographs, and the graphics, silhouettes and text pages, which make the prior map
+# measurably better on object-on-plain-background data (DINOv2-S span 2->4, held-out error relative
+# to dropping the blocks on Fashion-MNIST: 0.317 with the photographs alone, 0.274 with all of these).
+# Left out: microaneurysms (102 px), lfw_subset (25 px faces), chessboard_RGB (a copy of
+# chessboard_GRAY), the multipage tif/gif test files, and every skimage.data image that needs a
+# pooch download (eagle, brain, lily, kidney, skin, ...).
 PHOTOS: tuple[PublicPhoto, ...] = (
     PublicPhoto("astronaut", "skimage", "data/astronaut.png"),
     PublicPhoto("brick", "skimage", "data/brick.png", "grayscale texture"),
@@ -68,6 +69,15 @@ PHOTOS: tuple[PublicPhoto, ...] = (
     PublicPhoto("motorcycle_left", "skimage", "data/motorcycle_left.png"),
     PublicPhoto("retina", "skimage", "data/retina.jpg", "fundus photograph"),
     PublicPhoto("rocket", "skimage", "data/rocket.jpg"),
+    PublicPhoto("motorcycle_right", "skimage", "data/motorcycle_right.png", "the other stereo view"),
+    PublicPhoto("cell", "skimage", "data/cell.png", "grayscale microscopy"),
+    PublicPhoto("chessboard", "skimage", "data/chessboard_GRAY.png", "graphic"),
+    PublicPhoto("color", "skimage", "data/color.png", "graphic: colour wheel"),
+    PublicPhoto("horse", "skimage", "data/horse.png", "silhouette"),
+    PublicPhoto("logo", "skimage", "data/logo.png", "graphic"),
+    PublicPhoto("page", "skimage", "data/page.png", "scanned text page"),
+    PublicPhoto("text", "skimage", "data/text.png", "text"),
+    PublicPhoto("phantom", "skimage", "data/phantom.png", "Shepp-Logan phantom"),
     PublicPhoto("china", "sklearn", "datasets/images/china.jpg"),
     PublicPhoto("flower", "sklearn", "datasets/images/flower.jpg"),
 )

@@ -110,3 +110,27 @@ def test_existing_output_is_kept_without_overwrite(tmp_path):
     assert main(["compress", *TINY_FLAGS, "--num-images", "8", "--plan", "1->2", "-o", str(out)]) == 2
     assert main(["compress", *TINY_FLAGS, "--num-images", "8", "--plan", "1->2", "-o", str(out), "--overwrite"]) == 2
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_privacy_report_prints_the_ledger_and_the_budget_left(tmp_path, capsys):
+    from tba_fed.privacy.accounting import epsilon_spent, noise_multiplier
+    from tba_fed.privacy.ledger import LedgerEntry, PrivacyLedger, now
+
+    ledger = tmp_path / "ledger.json"
+    sigma = noise_multiplier(1.0, 1e-5, 2)
+    for release in ("statistics", "probe"):
+        PrivacyLedger(ledger).record(
+            LedgerEntry(run_id="run-7", release=release, spec_sha256="ab" * 32, mechanism="gaussian", noise_multiplier=sigma,
+                        noise_std={}, noise="secure", aggregation="local", images=300, epsilon_run=1.0, delta=1e-5,
+                        time=now()), budget=3.0, delta=1e-5, planned=[])
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"name": "hospital-a", "data": {"source": "synthetic"}, "output": str(tmp_path / "out"),
+                                    "privacy": {"epsilon": 3.0, "ledger": str(ledger)}}))
+    assert main(["privacy", "report", str(site)]) == 0
+    out = capsys.readouterr().out
+    spent = epsilon_spent([(sigma, 2)], 1e-5)
+    assert "run-7" in out and out.count("| run-7 |") == 2
+    assert f"ε spent {spent:.4f} of 3" in out and f"remaining {3.0 - spent:.4f}" in out
+    site.write_text(yaml.safe_dump({"name": "hospital-a", "data": {"source": "synthetic"}, "output": "out"}))
+    assert main(["privacy", "report", str(site)]) == 2
+    assert "privacy: Field required" in capsys.readouterr().err

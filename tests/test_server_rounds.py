@@ -25,6 +25,7 @@ from tba_fed.privacy.ledger import PrivacyLedger
 from tba_fed.privacy.policy import SitePolicy
 from tba_fed.federation.wire import decode_heads, decode_maps, decode_priors
 from tba_fed.compressed import build_compressed
+from tba_fed.errors import TBAInputError
 from tba_fed.plan import parse_plan
 
 from conftest import TINY, loader
@@ -92,7 +93,12 @@ class InProcessGrid:
             run = run_spec("run-1", dict(config))
             if action == "statistics":
                 priors = decode_priors(str(config["prior-maps"]), plan.spans, 48) if config.get("prior-maps") else None
-                arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors)
+                try:
+                    arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors)
+                except TBAInputError as err:  # what Flower does with a ClientApp exception: an error reply, no content
+                    replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
+                                                   error=SimpleNamespace(code=0, reason=f"ClientApp raised: {err}")))
+                    continue
                 records["statistics"] = to_record(_corrupt(kind)(arrays))
             else:
                 maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, (), 48)
@@ -194,3 +200,19 @@ def test_private_run_reports_privacy_priors_and_every_site_ledgers_its_releases(
         assert entries[0].noise_std["1->2:gram"] == pytest.approx(
             privacy["noise_multiplier"] * privacy["clip_spans"]["1->2"][0] / math.sqrt(0.45 / 2))
     assert "## Privacy" in (tmp_path / "server" / "report.md").read_text()
+
+
+def test_sites_refuse_a_run_outside_their_policy_and_the_run_fails_naming_them(tmp_path):
+    policy = SitePolicy(epsilon=0.5, min_images=10, releases=("statistics",))
+    grid = InProcessGrid(tmp_path, {1: "good", 2: "good", 3: "good"}, policy=policy, images=40)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": MODEL.model_dump(mode="json"), "plan": "1->2",
+        "federation": {"num_sites": 3, "min_sites": 2, "round_timeout": 5},
+        "privacy": {"epsilon": 1.0, "public_images": 32}, "output": str(tmp_path / "server")}))
+    with pytest.raises(FederationError) as err:
+        run_server(grid, load_federated_config(path))
+    assert str(err.value).count("exceeds the site's total budget 0.5") == 3
+    for site in grid.sites.values():
+        assert not site.policy.ledger.exists()  # nothing was released, nothing was spent
+    assert not (tmp_path / "server").exists()

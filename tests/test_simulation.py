@@ -21,7 +21,7 @@ from tba_fed.models import create_model
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.ledger import PrivacyLedger
 from tba_fed.privacy.policy import PrivacyRequest
-from tba_fed.privacy.clipped import collect_clipped_span_sums, to_span_stats
+from tba_fed.privacy.clipped import collect_clipped_span_sums
 from tba_fed.privacy.release import noisy_spans
 from tba_fed.privacy.sensitivity import span_parts
 from tba_fed.privacy.solve import private_inputs
@@ -126,8 +126,8 @@ def test_private_secure_aggregation_run_reproduces_the_server_solve(tmp_path):
         ledger = PrivacyLedger(output.with_name(output.name + "-sites") / f"site-{site}" / "privacy-ledger.json")
         assert [e.release for e in ledger.entries()] == ["statistics"]
     summed = sum((r["calibration"][span] for r in released[1:]), released[0]["calibration"][span])
-    merged = to_span_stats(summed, prior[span], tokens)
-    cleaned, ridges = private_inputs({span: merged}, {span: privacy["spans"]["1->2"]["gram_noise_std"]}, bias=True)
+    cleaned, ridges = private_inputs({span: summed}, prior, {span: privacy["spans"]["1->2"]["gram_noise_std"]}, tokens,
+                                     bias=True)
     assert ridges[span].ridge_lambda == pytest.approx(privacy["spans"]["1->2"]["ridge_lambda"], rel=1e-3)
     expected, _ = solve_span(cleaned[span], bias=True, ridge_lambda=ridges[span].ridge_lambda, prior=prior[span])
     got = load_file(str(output / "maps.safetensors"))["span.1-2.weight"].double()

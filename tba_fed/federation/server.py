@@ -247,7 +247,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         summed = len(replies)
         released = {split: {span: sum(r[split][span] for r in replies.values()) for span in plan.spans}
                     for split in ("calibration", "holdout")}
-    merged = released if privacy is None else {
+    merged = released if privacy is None else {  # held-out sums as released; calibration sums are cleaned below
         split: {s: to_span_stats(sums, priors[s], tokens) for s, sums in per_span.items()}
         for split, per_span in released.items()}
     calibration, ridge_lambdas, privacy_report = merged["calibration"], None, None
@@ -255,7 +255,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         parts = {p.name: p for p in span_parts(plan.spans, bounds)}
         spread = math.sqrt(summed / statistics_request.noise_sites)
         gram_std = {s: parts[f"{s}:gram"].std(sigma) * spread for s in plan.spans}
-        calibration, ridges = private_inputs(merged["calibration"], gram_std, bias=config.bias)
+        calibration, ridges = private_inputs(released["calibration"], priors, gram_std, tokens, bias=config.bias)
         ridge_lambdas = {s: r.ridge_lambda for s, r in ridges.items()}
         privacy_report = privacy_summary(privacy, statistics_request, sigma, summed, ridges, gram_std)
     fits = solve_plan(calibration, merged["holdout"], bias=config.bias, ridge=config.ridge,

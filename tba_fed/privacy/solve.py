@@ -8,19 +8,31 @@ and the sites' map shrunk toward the public prior, each as held-out error relati
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from ..plan import Span
 from ..solver import LinearMap, fit_quality, solve_span
 from ..stats import SpanStats
+from .clipped import ClippedSpanSums, to_span_stats
 from .postprocess import RidgeChoice, adassp_ridge, centered_gram, clean_stats
 
 
-def private_inputs(calibration: Mapping[Span, SpanStats], gram_noise_std: Mapping[Span, float], *, bias: bool
+def private_inputs(released: Mapping[Span, ClippedSpanSums], priors: Mapping[Span, LinearMap],
+                   gram_noise_std: Mapping[Span, float], tokens_per_image: int, *, bias: bool
                    ) -> tuple[dict[Span, SpanStats], dict[Span, RidgeChoice]]:
-    """PSD-projected sums and the AdaSSP ridge of every span (on the centred Gram with a bias)."""
-    ridges = {span: adassp_ridge(centered_gram(stats) if bias else stats.gram, gram_noise_std[span])
-              for span, stats in calibration.items()}
-    return {span: clean_stats(stats, bias=bias) for span, stats in calibration.items()}, ridges
+    """Solvable sums and the AdaSSP ridge of every span, from the summed private release.
+
+    The Gram is projected in the release's own residual form, before the sums around the prior are
+    rebuilt, so the projection never leaks into the cross-product: the solve is then exactly
+    P + (G̃₊ + λI)⁻¹ D̃ (ridge and projection on the centred Gram when there is a bias).
+    """
+    stats, ridges = {}, {}
+    for span, sums in released.items():
+        raw = to_span_stats(sums, priors[span], tokens_per_image)
+        ridges[span] = adassp_ridge(centered_gram(raw) if bias else raw.gram, gram_noise_std[span])
+        projected = replace(sums, gram=clean_stats(raw, bias=bias).gram)
+        stats[span] = to_span_stats(projected, priors[span], tokens_per_image)
+    return stats, ridges
 
 
 def compare_priors(calibration: SpanStats, holdout: SpanStats, *, bias: bool, ridge_lambda: float | None,
