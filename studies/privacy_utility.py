@@ -120,7 +120,7 @@ def solve_point(per_site: list[dict[str, dict[Span, object]]], span: Span, bound
         cleaned, ridges = private_inputs({span: sum(released[1:], released[0])}, {span: priors[kind][span]},
                                          {span: gram_std}, tokens, bias=True)
         maps[variant] = solve_span(cleaned[span], bias=True, ridge_lambda=ridges[span].ridge_lambda,
-                                   prior=priors[kind][span])[0]
+                                   prior=priors[kind][span], shrink_bias=True)[0]
     return maps
 
 

@@ -64,6 +64,7 @@ def solve_plan(
     identity: Collection[Span] = (),
     priors: Mapping[Span, LinearMap] | None = None,
     ridge_lambdas: Mapping[Span, float] | None = None,
+    shrink_bias: bool = False,
 ) -> dict[Span, SpanFit]:
     """Fit every span from (merged) statistics; spans in `identity` just drop their blocks.
 
@@ -78,7 +79,7 @@ def solve_plan(
         else:
             linear_map, diagnostics = solve_span(stats, bias=bias, ridge=ridge,
                                                  ridge_lambda=(ridge_lambdas or {}).get(span),
-                                                 prior=(priors or {}).get(span))
+                                                 prior=(priors or {}).get(span), shrink_bias=shrink_bias)
         held = holdout.get(span) if holdout is not None else None
         has_held = held is not None and held.tokens > 0
         fits[span] = SpanFit(

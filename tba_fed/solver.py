@@ -84,11 +84,12 @@ def fit_quality(stats: SpanStats, linear_map: LinearMap) -> FitQuality:
 
 
 def solve_span(stats: SpanStats, *, bias: bool = False, ridge: float = 0.0, ridge_lambda: float | None = None,
-               prior: LinearMap | None = None) -> tuple[LinearMap, SolveDiagnostics]:
+               prior: LinearMap | None = None, shrink_bias: bool = False) -> tuple[LinearMap, SolveDiagnostics]:
     """Least squares T = (G + λI)⁻¹ (C + λP) with λ = ridge · tr(G)/d (or `ridge_lambda` itself).
 
     The ridge shrinks the map toward the prior P (default: zero); P = I means "drop the blocks",
-    the natural prior on a residual stream. Only the weight is shrunk, never the bias.
+    the natural prior on a residual stream. The bias is shrunk too (toward the prior's) only with
+    `shrink_bias`, as private solves need: there the sums that fix the bias are noisy as well.
 
     Cholesky is used when G + λI is positive definite. When it is not (fewer tokens than
     dimensions, constant features, ridge 0), the minimum-norm solution G⁺C from an
@@ -103,13 +104,16 @@ def solve_span(stats: SpanStats, *, bias: bool = False, ridge: float = 0.0, ridg
     gram, cross = _augmented(stats, bias)
     d = stats.dim
     lam = ridge * float(torch.trace(stats.gram)) / d if ridge_lambda is None else float(ridge_lambda)
+    shrunk = d + 1 if bias and shrink_bias else d
     if prior is not None:
         if prior.weight.shape != (d, d):
             raise TBAInputError("prior", f"prior map of shape {tuple(prior.weight.shape)} for dimension {d}")
         cross = cross.clone()
         cross[:d] += lam * prior.weight.T.to(torch.float64)
+        if shrunk > d and prior.bias is not None:
+            cross[d] += lam * prior.bias.to(torch.float64)
     reg = gram.clone()
-    reg.diagonal()[:d] += lam
+    reg.diagonal()[:shrunk] += lam
     eigvals = torch.linalg.eigvalsh(reg)
     condition = float(eigvals[-1] / eigvals[0]) if eigvals[0] > 0 else float("inf")
     tolerance = reg.shape[0] * torch.finfo(torch.float64).eps * float(eigvals[-1])

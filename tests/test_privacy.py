@@ -261,14 +261,14 @@ def test_prior_solve_is_the_closed_form_and_shrinks_toward_the_prior():
 
 def test_secure_aggregation_ranges_hold_every_noisy_release_and_keep_quantisation_below_the_noise():
     from tba_fed.federation.secure_aggregation import quantisation_error_bound
-    from tba_fed.federation.wire import encode_private_spans, private_span_shapes
+    from tba_fed.federation.wire import encode_spans, private_span_shapes
     from tba_fed.privacy.ranges import span_ranges
 
     sums = {split: {SPAN: _clipped(48, 24, k, BOUNDS)} for k, split in enumerate(("calibration", "holdout"))}
     parts = span_parts([SPAN], {SPAN: BOUNDS})
     sigma = noise_multiplier(1.0, 1e-5, 1) / math.sqrt(3)
     ranges = span_ranges([SPAN], {SPAN: BOUNDS}, 24, parts, sigma)
-    arrays = encode_private_spans(noisy_spans(sums, parts, sigma, NoiseSource.seeded(1)))
+    arrays = encode_spans(noisy_spans(sums, parts, sigma, NoiseSource.seeded(1)))
     shapes = private_span_shapes([SPAN], 48)
     assert set(arrays) == set(ranges) == set(shapes)
     for key, value in arrays.items():
@@ -276,3 +276,18 @@ def test_secure_aggregation_ranges_hold_every_noisy_release_and_keep_quantisatio
         assert np.abs(value).max() <= ranges[key], key
     gram_noise = next(p for p in parts if p.name.endswith(":gram")).std(sigma)
     assert quantisation_error_bound(ranges["calibration/1-3/gram_triu"], 3, 2**22) < 0.01 * gram_noise
+
+
+def test_private_solve_can_shrink_the_bias_toward_the_prior_too():
+    s = _stats(5, 300, seed=2)
+    prior = LinearMap(torch.full((5, 5), 0.2, dtype=torch.float64), torch.full((5,), 3.0, dtype=torch.float64))
+    lam = 40.0
+    m, _ = solve_span(s, bias=True, ridge_lambda=lam, prior=prior, shrink_bias=True)
+    a = torch.zeros(6, 6, dtype=torch.float64)
+    a[:5, :5], a[:5, 5], a[5, :5], a[5, 5] = s.gram, s.sum_x, s.sum_x, s.tokens
+    a += lam * torch.eye(6, dtype=torch.float64)
+    rhs = torch.cat([s.cross + lam * prior.weight.T, (s.sum_y + lam * prior.bias)[None]])
+    expected = torch.linalg.solve(a, rhs)
+    assert torch.allclose(m.weight.T, expected[:5], rtol=1e-10) and torch.allclose(m.bias, expected[5], rtol=1e-10)
+    free, _ = solve_span(s, bias=True, ridge_lambda=lam, prior=prior)
+    assert not torch.allclose(free.bias, m.bias)

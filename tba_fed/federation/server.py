@@ -259,7 +259,8 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         ridge_lambdas = {s: r.ridge_lambda for s, r in ridges.items()}
         privacy_report = privacy_summary(privacy, statistics_request, sigma, summed, ridges, gram_std)
     fits = solve_plan(calibration, merged["holdout"], bias=config.bias, ridge=config.ridge,
-                      identity=frozenset(identity), priors=priors, ridge_lambdas=ridge_lambdas)
+                      identity=frozenset(identity), priors=priors, ridge_lambdas=ridge_lambdas,
+                      shrink_bias=privacy is not None)
     maps = {span: fit.map for span, fit in fits.items()}
     result = Compression(
         model=build_compressed(model, maps), plan=plan, fits=fits,
@@ -275,6 +276,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     if (privacy is not None or public_maps) and merged["holdout"][plan.spans[0]].tokens > 0:
         report["prior_comparison"] = {
             str(s): compare_priors(calibration[s], merged["holdout"][s], bias=config.bias, ridge=config.ridge,
+                                   shrink_bias=privacy is not None,
                                    ridge_lambda=None if ridge_lambdas is None else ridge_lambdas[s],
                                    public=public_maps.get(s))
             for s in plan.spans if s not in identity}

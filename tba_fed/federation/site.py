@@ -37,7 +37,7 @@ from ..solver import LinearMap
 from ..stats import SpanStats
 from .config import load_federated_config, load_site_config
 from .site_privacy import grant_release
-from .wire import MODELS, Arrays, decode_priors, encode_private_spans, encode_probe, encode_similarity, encode_spans
+from .wire import MODELS, Arrays, decode_priors, encode_probe, encode_similarity, encode_spans
 
 _logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
     first = per_split["calibration"][plan.spans[0]]
     _logger.info("%s: private span sums over %d calibration images (%d down-weighted to their bounds)", site.name,
                  first.images, first.clipped)
-    return encode_private_spans(noisy_spans(per_split, parts, grant.site_sigma, grant.noise))
+    return encode_spans(noisy_spans(per_split, parts, grant.site_sigma, grant.noise))
 
 
 def secure_statistics(config: Mapping[str, Any], context: Any) -> tuple[Arrays, dict[str, float]]:

@@ -66,8 +66,9 @@ def decode_similarity(arrays: Mapping[str, np.ndarray], num_blocks: int) -> Simi
     return stats
 
 
-def encode_spans(per_split: Mapping[str, Mapping[Span, SpanStats]]) -> Arrays:
-    """``{split}/{s}-{e}/{name}``; the Gram matrix as ``gram_triu``."""
+def encode_spans(per_split: Mapping[str, Mapping[Span, SpanStats | ClippedSpanSums]]) -> Arrays:
+    """``{split}/{s}-{e}/{name}``; the Gram matrix as ``gram_triu``. Exact sums (`SpanStats`) and
+    private releases (weighted residual-form `ClippedSpanSums`) travel alike."""
     out: Arrays = {}
     for split, stats in per_split.items():
         for span, acc in stats.items():
@@ -198,17 +199,6 @@ def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 PRIVATE_SPAN_FIELDS = ("gram_triu", "cross_residual", "sum_x", "sum_r", "sum_rr", "weight")
-
-
-def encode_private_spans(per_split: Mapping[str, Mapping[Span, ClippedSpanSums]]) -> Arrays:
-    """A private release: weighted residual-form sums ``{split}/{s}-{e}/{name}`` (Gram as ``gram_triu``)."""
-    out: Arrays = {}
-    for split, spans in per_split.items():
-        for span, sums in spans.items():
-            for name, value in _vectors(sums.to_arrays()).items():
-                key = f"{split}/{span.key}/{name}"
-                out[key + "_triu" if name == "gram" else key] = pack_symmetric(value) if name == "gram" else value
-    return out
 
 
 def private_span_shapes(spans: Iterable[Span], dim: int) -> dict[str, tuple[int, ...]]:

@@ -36,14 +36,15 @@ def private_inputs(released: Mapping[Span, ClippedSpanSums], priors: Mapping[Spa
 
 
 def compare_priors(calibration: SpanStats, holdout: SpanStats, *, bias: bool, ridge_lambda: float | None,
-                   ridge: float, public: LinearMap | None) -> dict[str, float]:
+                   ridge: float, public: LinearMap | None, shrink_bias: bool = False) -> dict[str, float]:
     """Held-out error of each candidate, relative to the identity skip's (1.0 = as good as dropping)."""
     identity = LinearMap.identity(calibration.dim)
     base = fit_quality(holdout, identity).sse
     candidates = {"identity": identity,
-                  "federated": solve_span(calibration, bias=bias, ridge=ridge, ridge_lambda=ridge_lambda, prior=identity)[0]}
+                  "federated": solve_span(calibration, bias=bias, ridge=ridge, ridge_lambda=ridge_lambda, prior=identity,
+                                            shrink_bias=shrink_bias)[0]}
     if public is not None:
         candidates["public prior"] = public
         candidates["federated + public prior"] = solve_span(calibration, bias=bias, ridge=ridge, ridge_lambda=ridge_lambda,
-                                                          prior=public)[0]
+                                                          prior=public, shrink_bias=shrink_bias)[0]
     return {name: fit_quality(holdout, m).sse / max(base, 1e-300) for name, m in candidates.items()}
