@@ -74,15 +74,20 @@ def privacy_markdown(report: Mapping[str, Any]) -> str:
                   f"({', '.join(p['releases'])}), {p['accountant'].upper()} accounting: noise multiplier σ = "
                   f"{p['noise_multiplier']:.4g}",
                   f"- {p['aggregation']}; {p['sites_summed']} sites summed; noise: {p['noise']}",
+                  "- image counts above are released counts: noisy sums of the per-image weights that bound each "
+                  "image's contribution (an image far outside the bounds counts less than one)",
                   "- the Gram matrices were projected onto the PSD cone; ridge λ from AdaSSP (noise bound minus a "
                   "private estimate of the smallest eigenvalue):", ""]
         lines += [f"  - {s}: λ = {v['ridge_lambda']:.4g} (noise bound {v['noise_bound']:.4g})" for s, v in p["spans"].items()]
     if "prior_comparison" in report:
-        noisy = " (estimated from noisy held-out sums)" if "privacy" in report else ""
+        noisy = (" (estimated from the noisy held-out sums; ± is the spread those estimates get from the release's "
+                 "own noise, and the calibration columns above come from noisy sums too)") if "privacy" in report else ""
         names = list(next(iter(report["prior_comparison"].values())))
         lines += ["", "## What the sites' data bought", "",
                   f"Held-out error relative to dropping the blocks{noisy}; installed prior: {report['prior']}.", "",
                   "| span | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        spread = report.get("prior_comparison_std", {})
         for span, row in report["prior_comparison"].items():
-            lines.append(f"| {span} | " + " | ".join(f"{row[n]:.4f}" for n in names) + " |")
+            cells = [f"{row[n]:.4f}" + (f" ± {spread[span][n]:.4f}" if span in spread else "") for n in names]
+            lines.append(f"| {span} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n" if lines else ""

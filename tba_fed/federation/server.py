@@ -28,11 +28,13 @@ from ..errors import TBAInputError
 from ..fileio import check_output_dir
 from ..models import create_model
 from ..pipeline import Compression, choose_plan, solve_plan
-from ..plan import parse_plan
+from ..plan import Span, parse_plan
 from ..privacy.accounting import noise_multiplier
 from ..privacy.clipped import to_span_stats
 from ..privacy.policy import PrivacyRequest
 from ..privacy.postprocess import adassp_ridge, psd_projection
+from ..privacy.mechanism import NoiseSource
+from ..privacy.release import noisy_spans
 from ..privacy.sensitivity import probe_parts, span_parts
 from ..privacy.solve import compare_priors, private_inputs
 from ..probe import solve_probe
@@ -40,6 +42,7 @@ from ..public_images import public_loader
 from ..public_prior import public_norms, public_prior_maps, public_span_bounds
 from ..report import compression_dict, compression_markdown, write_similarity
 from ..solver import LinearMap
+from ..stats import SpanStats
 from .config import FederatedRunConfig
 from .private_rounds import privacy_markdown, privacy_summary, secure_statistics_round
 from .records import from_record, to_record
@@ -47,6 +50,9 @@ from .wire import (MODELS, decode_private_spans, decode_probe, decode_similarity
                    encode_maps, encode_priors, payload_bytes)
 
 _logger = logging.getLogger(__name__)
+
+
+NOISE_DRAWS = 20  # re-noisings of the held-out release that give the report's ± on each estimate
 
 
 class FederationError(RuntimeError):
@@ -253,7 +259,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     calibration, ridge_lambdas, privacy_report = merged["calibration"], None, None
     if privacy is not None:
         parts = {p.name: p for p in span_parts(plan.spans, bounds)}
-        spread = math.sqrt(summed / statistics_request.noise_sites)
+        spread = math.sqrt(summed / statistics_request.noise_sites)  # total noise over σ per release
         gram_std = {s: parts[f"{s}:gram"].std(sigma) * spread for s in plan.spans}
         calibration, ridges = private_inputs(released["calibration"], priors, gram_std, tokens, bias=config.bias)
         ridge_lambdas = {s: r.ridge_lambda for s, r in ridges.items()}
@@ -274,12 +280,22 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     if privacy_report is not None:
         report["privacy"] = privacy_report
     if (privacy is not None or public_maps) and merged["holdout"][plan.spans[0]].tokens > 0:
-        report["prior_comparison"] = {
-            str(s): compare_priors(calibration[s], merged["holdout"][s], bias=config.bias, ridge=config.ridge,
-                                   shrink_bias=privacy is not None,
-                                   ridge_lambda=None if ridge_lambdas is None else ridge_lambdas[s],
-                                   public=public_maps.get(s))
-            for s in plan.spans if s not in identity}
+        draws: dict[Span, list[SpanStats]] = {s: [] for s in plan.spans}
+        if privacy is not None:  # re-noise the released held-out sums as they were released: the estimates' spread
+            holdout_parts = span_parts(plan.spans, bounds)
+            for k in range(NOISE_DRAWS):
+                renoised = noisy_spans({"holdout": released["holdout"]}, holdout_parts, sigma * spread,
+                                       NoiseSource(k))["holdout"]
+                for s in plan.spans:
+                    draws[s].append(to_span_stats(renoised[s], priors[s], tokens))
+        comparison = {s: compare_priors(calibration[s], merged["holdout"][s], bias=config.bias, ridge=config.ridge,
+                                        shrink_bias=privacy is not None,
+                                        ridge_lambda=None if ridge_lambdas is None else ridge_lambdas[s],
+                                        public=public_maps.get(s), holdout_draws=draws[s])
+                      for s in plan.spans if s not in identity}
+        report["prior_comparison"] = {str(s): c[0] for s, c in comparison.items()}
+        if privacy is not None:
+            report["prior_comparison_std"] = {str(s): c[1] for s, c in comparison.items()}
 
     log = RoundLog("install", names)
     rounds.append(log)

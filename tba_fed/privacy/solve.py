@@ -7,8 +7,10 @@ and the sites' map shrunk toward the public prior, each as held-out error relati
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+
+import numpy as np
 
 from ..plan import Span
 from ..solver import LinearMap, fit_quality, solve_span
@@ -36,10 +38,12 @@ def private_inputs(released: Mapping[Span, ClippedSpanSums], priors: Mapping[Spa
 
 
 def compare_priors(calibration: SpanStats, holdout: SpanStats, *, bias: bool, ridge_lambda: float | None,
-                   ridge: float, public: LinearMap | None, shrink_bias: bool = False) -> dict[str, float]:
-    """Held-out error of each candidate, relative to the identity skip's (1.0 = as good as dropping)."""
+                   ridge: float, public: LinearMap | None, shrink_bias: bool = False,
+                   holdout_draws: Sequence[SpanStats] = ()) -> tuple[dict[str, float], dict[str, float]]:
+    """Held-out error of each candidate relative to the identity skip's (1.0 = as good as dropping),
+    and its standard deviation over `holdout_draws` (the held-out sums re-noised as they were
+    released: how much the release's own noise moves each estimate; empty for exact sums)."""
     identity = LinearMap.identity(calibration.dim)
-    base = fit_quality(holdout, identity).sse
     candidates = {"identity": identity,
                   "federated": solve_span(calibration, bias=bias, ridge=ridge, ridge_lambda=ridge_lambda, prior=identity,
                                             shrink_bias=shrink_bias)[0]}
@@ -47,4 +51,11 @@ def compare_priors(calibration: SpanStats, holdout: SpanStats, *, bias: bool, ri
         candidates["public prior"] = public
         candidates["federated + public prior"] = solve_span(calibration, bias=bias, ridge=ridge, ridge_lambda=ridge_lambda,
                                                           prior=public, shrink_bias=shrink_bias)[0]
-    return {name: fit_quality(holdout, m).sse / max(base, 1e-300) for name, m in candidates.items()}
+
+    def errors(held: SpanStats) -> dict[str, float]:
+        reference = max(fit_quality(held, identity).sse, 1e-300)
+        return {name: fit_quality(held, m).sse / reference for name, m in candidates.items()}
+
+    draws = [errors(h) for h in holdout_draws if h.tokens > 0]  # a draw can round the noisy count to zero
+    spread = {name: float(np.std([d[name] for d in draws])) for name in candidates} if draws else {}
+    return errors(holdout), spread
