@@ -194,7 +194,7 @@ def test_private_run_reports_privacy_priors_and_every_site_ledgers_its_releases(
     assert set(report["prior_comparison"]["1->2"]) == {"identity", "public prior", "federated", "federated + public prior"}
     assert report["prior_comparison"]["1->2"]["identity"] == pytest.approx(1.0)
     spread = report["prior_comparison_std"]["1->2"]
-    assert spread["identity"] == 0.0 and spread["federated"] > 0  # the release's noise moves every estimate but the ratio 1
+    assert set(spread) == set(report["prior_comparison"]["1->2"]) and spread["federated"] > 0
     for site in grid.sites.values():
         entries = PrivacyLedger(site.policy.ledger).entries()
         assert [e.release for e in entries] == ["statistics", "probe", "accuracy"]
