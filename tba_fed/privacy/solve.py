@@ -56,6 +56,7 @@ def compare_priors(calibration: SpanStats, holdout: SpanStats, *, bias: bool, ri
         reference = max(fit_quality(held, identity).sse, 1e-300)
         return {name: fit_quality(held, m).sse / reference for name, m in candidates.items()}
 
-    draws = [errors(h) for h in holdout_draws if h.tokens > 0]  # a draw can round the noisy count to zero
+    # a draw whose noisy count rounds to zero, or whose noisy identity error is not positive, has no ratio
+    draws = [errors(h) for h in holdout_draws if h.tokens > 0 and fit_quality(h, identity).sse > 0]
     spread = {name: float(np.std([d[name] for d in draws])) for name in candidates} if draws else {}
     return errors(holdout), spread
