@@ -86,6 +86,10 @@ class ViTAdapter:
         patches = int(self.model.patch_embed.num_patches)
         return {"all": patches + self.num_prefix_tokens, "cls": 1, "patch": patches}[mode]
 
+    def image_tokens(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """The selected tokens kept per image, [images, tokens, dim]: the privacy unit is one image."""
+        return self.select_tokens(x, mode).reshape(x.shape[0], -1, x.shape[-1])
+
     def select_tokens(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         """Rows that enter the statistics: [batch, tokens, dim] -> [rows, dim].
 

@@ -31,11 +31,6 @@ def _images(batches: Iterable, adapter: ViTAdapter, device: torch.device, desc: 
         raise TBAInputError("data", "no images", "check the data source and the calibration split")
 
 
-def _per_image(adapter: ViTAdapter, x: torch.Tensor, token_mode: str) -> torch.Tensor:
-    """Selected tokens kept per image: [images, tokens, dim] (the privacy unit is one image)."""
-    return adapter.select_tokens(x, token_mode).reshape(x.shape[0], -1, x.shape[-1])
-
-
 def collect_similarity(adapter: ViTAdapter, batches: Iterable, *, token_mode: str = "all",
                        device: str | torch.device = "cpu", clip: Sequence[float] | None = None) -> SimilarityStats:
     """One pass over all blocks: pairwise similarity sums of every block pair.
@@ -49,7 +44,7 @@ def collect_similarity(adapter: ViTAdapter, batches: Iterable, *, token_mode: st
     adapter.model.to(device)
     with torch.inference_mode():
         for images in _images(batches, adapter, torch.device(device), "similarity"):
-            outputs = [_per_image(adapter, x, token_mode) for x in
+            outputs = [adapter.image_tokens(x, token_mode) for x in
                        adapter.iter_block_outputs(images, adapter.num_blocks - 1)]
             if clip is not None:
                 outputs = [clip_images(x, bound)[0] for x, bound in zip(outputs, clip)]

@@ -45,7 +45,7 @@ def public_norms(model: nn.Module, batches: Iterable, token_mode: str) -> Public
     model.eval()
     with torch.inference_mode():
         for images, _ in batches:
-            outs = [adapter.select_tokens(x, token_mode).reshape(x.shape[0], -1, x.shape[-1]).double()
+            outs = [adapter.image_tokens(x, token_mode).double()
                     for x in adapter.iter_block_outputs(images, adapter.num_blocks - 1)]
             blocks.append(torch.stack([x.flatten(1).norm(dim=1) for x in outs], dim=1))
             feats.append(features(model, images).double().norm(dim=1))
@@ -61,7 +61,7 @@ def public_span_bounds(model: nn.Module, batches: Iterable, spans: Sequence[Span
     last = max(s.end for s in spans)
     with torch.inference_mode():
         for images, _ in batches:
-            outs = [adapter.select_tokens(x, token_mode).reshape(x.shape[0], -1, x.shape[-1]).double()
+            outs = [adapter.image_tokens(x, token_mode).double()
                     for x in adapter.iter_block_outputs(images, last)]
             for span in spans:
                 x = outs[span.start]

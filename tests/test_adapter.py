@@ -24,6 +24,10 @@ def test_embed_blocks_head_equals_timm_forward(family):
     assert adapter.select_tokens(outputs[0], "cls").shape == (3, 48)
     assert adapter.select_tokens(outputs[0], "patch").shape == (3 * (tokens - expected_prefix), 48)
     assert torch.equal(adapter.select_tokens(outputs[0], "cls"), outputs[0][:, 0])
+    for mode in ("all", "cls", "patch"):  # per image: the rows a private release bounds together
+        per_image = adapter.image_tokens(outputs[0], mode)
+        assert per_image.shape == (3, adapter.tokens_per_image(mode), 48)
+        assert torch.equal(per_image.reshape(-1, 48), adapter.select_tokens(outputs[0], mode))
 
 
 def test_forward_stops_after_last_needed_block(tiny_vit):

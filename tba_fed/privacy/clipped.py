@@ -151,7 +151,7 @@ def collect_clipped_span_sums(adapter: ViTAdapter, batches: Iterable, spans: Seq
             kept = {}
             for index, x in enumerate(adapter.iter_block_outputs(images, max(needed))):
                 if index in needed:
-                    kept[index] = adapter.select_tokens(x, token_mode).reshape(x.shape[0], -1, x.shape[-1]).cpu()
+                    kept[index] = adapter.image_tokens(x, token_mode).cpu()
             for span, acc in sums.items():
                 acc.update(kept[span.start], kept[span.end], priors[span], bounds[span])
     return sums
