@@ -15,11 +15,10 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from ..plan import Plan, Span
+from ..privacy.clipped import ClippedSpanSums
 from ..privacy.policy import PrivacyRequest
 from ..privacy.postprocess import RidgeChoice
-from ..privacy.clipped import ClippedSpanSums
-from ..privacy.ranges import span_ranges
-from ..privacy.sensitivity import span_parts
+from ..privacy.ranges import statistics_ranges
 from .config import FederatedRunConfig, PrivacyConfig
 from .secure_aggregation import secure_sum
 from .wire import decode_private_spans, private_span_shapes
@@ -28,13 +27,11 @@ _logger = logging.getLogger(__name__)
 
 
 def secure_statistics_round(grid: Grid, nodes: list[int], config: FederatedRunConfig, request: PrivacyRequest,
-                            plan: Plan, dim: int, sigma: float, content: RecordDict, log: Any
+                            plan: Plan, dim: int, content: RecordDict, log: Any
                             ) -> tuple[dict[str, dict[Span, ClippedSpanSums]], int]:
     """SecAgg+ sum of the sites' noisy span sums (each site adds σ/√noise_sites of the noise)."""
     fed = config.federation
-    bounds = request.span_bounds(plan.spans)
-    site_sigma = sigma / request.noise_sites**0.5
-    ranges = span_ranges(plan.spans, bounds, fed.max_images_per_site, span_parts(plan.spans, bounds), site_sigma)
+    ranges = statistics_ranges(request, plan.spans, fed.max_images_per_site)
     settings = dict(content.config_records["config"].items())
     result = secure_sum(grid, nodes, {**settings, "max-images": fed.max_images_per_site}, ranges,
                         private_span_shapes(plan.spans, dim), timeout=fed.round_timeout, min_sites=fed.min_sites)

@@ -228,7 +228,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     if privacy is not None and privacy.aggregation == "secure":
         log = RoundLog("statistics (secure aggregation)", names)
         rounds.append(log)
-        released, summed = secure_statistics_round(grid, nodes, config, statistics_request, plan, dim, sigma,
+        released, summed = secure_statistics_round(grid, nodes, config, statistics_request, plan, dim,
                                                    content(**settings)(), log)
     else:
         log = RoundLog("statistics", names)

@@ -6,7 +6,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,9 @@ from ..errors import TBAInputError
 from ..models import create_model
 from ..partition import partition, site_split
 from ..plan import Plan, Span, parse_plan
-from ..privacy.accounting import noise_multiplier
 from ..privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy
 from ..privacy.clipped import ClippedSpanSums, collect_clipped_span_sums
-from ..privacy.ranges import clamp, span_ranges
+from ..privacy.ranges import clamp, statistics_ranges
 from ..privacy.release import noisy_counts, noisy_probe, noisy_similarity, noisy_spans
 from ..privacy.sensitivity import accuracy_parts, probe_parts, similarity_parts, span_parts
 from ..probe import ProbeHead, accuracy, collect_probe_stats
@@ -193,10 +191,7 @@ def secure_statistics(config: Mapping[str, Any], context: Any) -> tuple[Arrays, 
                                                               f"range allows ({max_images})", "raise max_images_per_site")
     priors = decode_priors(str(config.get("prior-maps", "")), plan.spans, adapter.embed_dim)
     arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors)
-    bounds = request.span_bounds(plan.spans)
-    site_sigma = noise_multiplier(request.epsilon, request.delta, len(request.releases), request.accountant) / \
-        math.sqrt(request.noise_sites)
-    ranges = span_ranges(plan.spans, bounds, max_images, span_parts(plan.spans, bounds), site_sigma)
+    ranges = statistics_ranges(request, plan.spans, max_images)
     return clamp(arrays, ranges), ranges
 
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..privacy.accounting import noise_multiplier
 from ..privacy.ledger import LedgerEntry, PrivacyLedger, now
 from ..privacy.mechanism import NoiseSource
 from ..privacy.policy import PrivacyRequest, SitePolicy, check_request, spec_hash
@@ -44,8 +42,7 @@ def grant_release(policy: SitePolicy, request: PrivacyRequest | None, release: s
     check_request(policy, request, release, images)
     if request is None:
         return None
-    sigma = noise_multiplier(request.epsilon, request.delta, len(request.releases), request.accountant)
-    site_sigma = sigma / math.sqrt(request.noise_sites)
+    sigma, site_sigma = request.noise_multiplier(), request.site_noise_multiplier()
     ledger = PrivacyLedger(policy.ledger)
     recorded = {e.release for e in ledger.entries() if e.run_id == run_id}
     planned = [sigma for r in request.releases if r != release and r not in recorded]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,7 @@ from pydantic import Field, ValidationError, model_validator
 from ..config import _format_validation_error, _Section
 from ..errors import TBAInputError
 from ..plan import Span
+from .accounting import noise_multiplier
 from .clipped import SpanBounds
 
 RELEASES = ("similarity", "statistics", "probe", "accuracy")
@@ -50,11 +52,22 @@ class PrivacyRequest(_Section):
             raise ValueError("releases must not repeat")
         if self.aggregation == "local" and self.noise_sites != 1:
             raise ValueError("noise_sites > 1 splits the noise, which is only safe under secure aggregation")
-        bounds = [b for pair in self.clip_spans.values() for b in pair] + list(self.clip_blocks) + \
-                 ([self.clip_features] if self.clip_features is not None else [])
-        if any(not (b > 0 and b < float("inf")) for b in bounds):
+        if any(not (b > 0 and b < float("inf")) for b in self.clip_bounds()):
             raise ValueError("clipping bounds must be positive and finite")
         return self
+
+    def clip_bounds(self) -> list[float]:
+        """Every clipping bound the request names (spans, blocks, features)."""
+        return [b for pair in self.clip_spans.values() for b in pair] + list(self.clip_blocks) + \
+            ([self.clip_features] if self.clip_features is not None else [])
+
+    def noise_multiplier(self) -> float:
+        """σ of every release in the run: its (ε, δ) composed over all its declared releases."""
+        return noise_multiplier(self.epsilon, self.delta, len(self.releases), self.accountant)
+
+    def site_noise_multiplier(self) -> float:
+        """The share one site adds: σ, or σ/√noise_sites when secure aggregation splits the noise."""
+        return self.noise_multiplier() / math.sqrt(self.noise_sites)
 
     def span_bounds(self, spans: Sequence[Span]) -> dict[Span, SpanBounds]:
         """Per-image bounds of each span's statistics; a span without bounds is an error."""
@@ -123,7 +136,6 @@ def check_request(policy: SitePolicy, request: PrivacyRequest | None, release: s
     if request.noise_sites > 1 and request.noise_sites < policy.min_noise_sites:
         refuse("privacy.noise_sites", f"noise split over {request.noise_sites} sites, the site's minimum is "
                                       f"{policy.min_noise_sites}")
-    bounds = [b for pair in request.clip_spans.values() for b in pair] + list(request.clip_blocks) + \
-             ([request.clip_features] if request.clip_features is not None else [])
+    bounds = request.clip_bounds()
     if policy.max_clip is not None and bounds and max(bounds) > policy.max_clip:
         refuse("privacy.clip", f"clipping bound {max(bounds):g} exceeds the site's maximum {policy.max_clip:g}")

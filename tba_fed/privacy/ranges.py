@@ -17,7 +17,8 @@ import numpy as np
 
 from ..plan import Span
 from .clipped import SpanBounds
-from .sensitivity import Part
+from .policy import PrivacyRequest
+from .sensitivity import Part, span_parts
 
 NOISE_MARGIN = 8.0
 SPLITS = ("calibration", "holdout")
@@ -38,6 +39,12 @@ def span_ranges(spans: Sequence[Span], bounds: Mapping[Span, SpanBounds], max_im
             for name, (bound, noise) in limits.items():
                 out[f"{split}/{span.key}/{name}"] = max_images * bound + NOISE_MARGIN * noise
     return out
+
+
+def statistics_ranges(request: PrivacyRequest, spans: Sequence[Span], max_images: int) -> dict[str, float]:
+    """The ranges of a secure statistics release: what the server expects and each site enforces."""
+    bounds = request.span_bounds(spans)
+    return span_ranges(spans, bounds, max_images, span_parts(spans, bounds), request.site_noise_multiplier())
 
 
 def clamp(arrays: Mapping[str, np.ndarray], ranges: Mapping[str, float]) -> dict[str, np.ndarray]:
