@@ -19,7 +19,8 @@ from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.records import from_record, to_record
 from tba_fed.federation.server import FederationError, run_server
 from tba_fed.federation.config import FederationConfig
-from tba_fed.federation.site import Site, accuracy_reply, cached_model, install, probe_reply, run_spec, statistics_reply
+from tba_fed.federation.site import (Site, accuracy_reply, cached_model, install, probe_reply, run_spec,
+                                     similarity_reply, statistics_reply)
 from tba_fed.privacy.accounting import noise_multiplier
 from tba_fed.privacy.ledger import PrivacyLedger
 from tba_fed.privacy.policy import SitePolicy
@@ -91,7 +92,9 @@ class InProcessGrid:
                 continue
             plan = parse_plan(str(config["plan"]), 6) if "plan" in config else None
             run = run_spec("run-1", dict(config))
-            if action == "statistics":
+            if action == "similarity":
+                records["similarity"] = to_record(similarity_reply(model, site, str(config["token-mode"]), run))
+            elif action == "statistics":
                 priors = decode_priors(str(config["prior-maps"]), plan.spans, 48) if config.get("prior-maps") else None
                 try:
                     arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors)
@@ -218,3 +221,19 @@ def test_sites_refuse_a_run_outside_their_policy_and_the_run_fails_naming_them(t
     for site in grid.sites.values():
         assert not site.policy.ledger.exists()  # nothing was released, nothing was spent
     assert not (tmp_path / "server").exists()
+
+
+def test_a_private_budget_run_releases_noisy_similarity_first_and_ledgers_both_releases(tmp_path):
+    grid = InProcessGrid(tmp_path, {1: "good", 2: "good"}, images=40)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": MODEL.model_dump(mode="json"), "budget": {"blocks": 2},
+        "federation": {"num_sites": 2, "min_sites": 2, "round_timeout": 5},
+        "privacy": {"epsilon": 8.0, "seed": 3, "public_images": 32}, "output": str(tmp_path / "server")}))
+    report = run_server(grid, load_federated_config(path))
+    assert report["privacy"]["releases"] == ["similarity", "statistics"]
+    assert report["privacy"]["noise_multiplier"] == pytest.approx(noise_multiplier(8.0, 1e-5, 2))
+    for site in grid.sites.values():
+        entries = PrivacyLedger(site.policy.ledger).entries()
+        assert [e.release for e in entries] == ["similarity", "statistics"]
+        assert entries[0].noise_std["sq_dist"] > 0 and entries[0].noise_multiplier == entries[1].noise_multiplier

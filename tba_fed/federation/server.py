@@ -169,10 +169,12 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     privacy = config.privacy
     prior_kind = config.prior or ("public" if privacy is not None else "zero")
     public = public_loader(model, privacy.public_images if privacy else 336) if privacy or prior_kind == "public" else None
-    norms = public_norms(model, public, config.token_mode) if privacy is not None else None
     tokens = adapter.tokens_per_image(config.token_mode)
     releases = (() if config.plan is not None else ("similarity",)) + ("statistics",) + \
         (("probe", "accuracy") if config.evaluation.enabled else ())
+    # block and feature norms bound only the similarity and probe releases: a full forward pass, so only when asked
+    norms = public_norms(model, public, config.token_mode) \
+        if privacy is not None and {"similarity", "probe"} & set(releases) else None
     sigma = noise_multiplier(privacy.epsilon, privacy.delta, len(releases), privacy.accountant) if privacy else None
 
     def request(secure: bool = False, **clip: Any) -> PrivacyRequest | None:
@@ -194,7 +196,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         log = RoundLog("similarity", names)
         rounds.append(log)
 
-        similarity_request = request(clip_blocks=norms.block_bounds(privacy.clip_scale)) if norms else None
+        similarity_request = request(clip_blocks=norms.block_bounds(privacy.clip_scale)) if privacy else None
 
         def decode_similarity_reply(reply: RecordDict):
             stats = decode_similarity(from_record(reply.array_records["similarity"]), adapter.num_blocks)
@@ -317,7 +319,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
              timeout=fed.round_timeout, min_sites=fed.min_sites)
     nodes = log.nodes
     if config.evaluation.enabled:
-        probe_request = request(clip_features=norms.feature_bound(privacy.clip_scale)) if norms else None
+        probe_request = request(clip_features=norms.feature_bound(privacy.clip_scale)) if privacy else None
         report["evaluation"] = evaluate_rounds(grid, nodes, config, model_json, plan, identity, maps,
                                                int(model.num_features), rounds, probe_request, sigma)
     report["federation"] = {
