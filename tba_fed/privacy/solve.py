@@ -52,11 +52,11 @@ def compare_priors(calibration: SpanStats, holdout: SpanStats, *, bias: bool, ri
         candidates["federated + public prior"] = solve_span(calibration, bias=bias, ridge=ridge, ridge_lambda=ridge_lambda,
                                                           prior=public, shrink_bias=shrink_bias)[0]
 
-    def errors(held: SpanStats) -> dict[str, float]:
-        reference = max(fit_quality(held, identity).sse, 1e-300)
+    def errors(held: SpanStats, reference: float) -> dict[str, float]:
         return {name: fit_quality(held, m).sse / reference for name, m in candidates.items()}
 
     # a draw whose noisy count rounds to zero, or whose noisy identity error is not positive, has no ratio
-    draws = [errors(h) for h in holdout_draws if h.tokens > 0 and fit_quality(h, identity).sse > 0]
+    draws = [errors(h, reference) for h in holdout_draws
+             if h.tokens > 0 and (reference := fit_quality(h, identity).sse) > 0]
     spread = {name: float(np.std([d[name] for d in draws])) for name in candidates} if draws else {}
-    return errors(holdout), spread
+    return errors(holdout, max(fit_quality(holdout, identity).sse, 1e-300)), spread
