@@ -59,7 +59,7 @@ def clean_stats(stats: SpanStats, *, bias: bool) -> SpanStats:
     With a bias the centred Gram is projected (and the means added back), so the augmented system
     [[G, Σx], [Σxᵀ, n]] is PSD as well: its Schur complement is the projected centred Gram.
     """
-    if not bias or stats.tokens <= 0:
+    if not bias:
         return replace(stats, gram=psd_projection(stats.gram))
-    mean_part = torch.outer(stats.sum_x, stats.sum_x) / stats.tokens
-    return replace(stats, gram=psd_projection(stats.gram - mean_part) + mean_part)
+    centred = centered_gram(stats)
+    return replace(stats, gram=psd_projection(centred) + (stats.gram - centred))
