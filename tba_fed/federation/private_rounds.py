@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from ..plan import Plan, Span
 from ..privacy.clipped import ClippedSpanSums
+from ..privacy.mechanism import describe_noise
 from ..privacy.policy import PrivacyRequest
 from ..privacy.postprocess import RidgeChoice
 from ..privacy.ranges import statistics_ranges
@@ -54,8 +55,7 @@ def privacy_summary(privacy: PrivacyConfig, request: PrivacyRequest, sigma: floa
         "releases": list(request.releases), "noise_multiplier": sigma,
         "aggregation": "secure aggregation (SecAgg+), noise split over sites" if secure else "local noise at each site",
         "noise_sites": request.noise_sites, "sites_summed": sites,
-        "noise": "seeded (tests and simulations only: NOT private)" if privacy.seed is not None
-                 else "secure (CSPRNG, sum of 4 Gaussian draws)",
+        "noise": describe_noise(privacy.seed),
         "clip_spans": {k: list(v) for k, v in request.clip_spans.items()},
         "spans": {str(s): {"gram_noise_std": gram_std[s], "ridge_lambda": r.ridge_lambda, "noise_bound": r.noise_bound,
                            "min_eigenvalue_estimate": r.min_eigenvalue_estimate} for s, r in ridges.items()},

@@ -20,6 +20,11 @@ _logger = logging.getLogger(__name__)
 _DRAWS = 4  # Opacus secure_mode: n = 2, sum of n² draws divided by n
 
 
+def describe_noise(seed: int | None) -> str:
+    """How noise is drawn, as ledgers and reports state it."""
+    return "secure (CSPRNG, sum of 4 Gaussian draws)" if seed is None else f"seeded ({seed}): tests only, NOT private"
+
+
 class NoiseSource:
     """Gaussian noise for releases. ``NoiseSource.secure()`` in deployments, ``NoiseSource.seeded(s)`` in tests."""
 
@@ -44,7 +49,7 @@ class NoiseSource:
 
     @property
     def mode(self) -> str:
-        return "secure (CSPRNG, sum of 4 Gaussian draws)" if self.is_secure else f"seeded ({self.seed}): tests only"
+        return describe_noise(self.seed)
 
     def _standard_normal(self, size: int) -> np.ndarray:
         if self._rng is not None:
