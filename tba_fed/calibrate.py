@@ -6,7 +6,7 @@ last block that a computation needs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 from .adapter import ViTAdapter
 from .errors import TBAInputError
 from .plan import Span
+from .privacy.clipped import ClippedSpanSums, SpanBounds
 from .privacy.sensitivity import clip_images
+from .solver import LinearMap
 from .stats import SimilarityStats, SpanStats
 
 
@@ -52,24 +54,39 @@ def collect_similarity(adapter: ViTAdapter, batches: Iterable, *, token_mode: st
     return stats
 
 
-def collect_span_stats(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str = "all",
-                       device: str | torch.device = "cpu") -> dict[Span, SpanStats]:
-    """One pass up to the last needed block: G, C and sums for every span at once (private releases
-    use `privacy.clipped.collect_clipped_span_sums` instead)."""
+def _span_outputs(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], token_mode: str,
+                  device: str | torch.device) -> Iterator[dict[int, torch.Tensor]]:
+    """Per batch, the selected tokens per image [images, tokens, dim] of every block a span reads;
+    the forward stops after the last of them. Callers hold the inference mode."""
     if not spans:
         raise TBAInputError("plan", "no spans to calibrate")
     adapter.check_token_mode(token_mode)
-    stats = {span: SpanStats.zeros(adapter.embed_dim) for span in spans}
     needed = {i for span in spans for i in (span.start, span.end)}
-    last = max(needed)
     adapter.model.to(device)
+    for images in _images(batches, adapter, torch.device(device), "statistics"):
+        yield {index: adapter.image_tokens(x, token_mode)
+               for index, x in enumerate(adapter.iter_block_outputs(images, max(needed))) if index in needed}
+
+
+def collect_span_stats(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str = "all",
+                       device: str | torch.device = "cpu") -> dict[Span, SpanStats]:
+    """One pass up to the last needed block: G, C and sums for every span at once."""
+    stats = {span: SpanStats.zeros(adapter.embed_dim) for span in spans}
     with torch.inference_mode():
-        for images in _images(batches, adapter, torch.device(device), "statistics"):
-            kept: dict[int, torch.Tensor] = {}
-            for index, x in enumerate(adapter.iter_block_outputs(images, last)):
-                if index in needed:
-                    kept[index] = adapter.select_tokens(x, token_mode)
+        for kept in _span_outputs(adapter, batches, spans, token_mode, device):
             for span, acc in stats.items():
-                acc.update(kept[span.start], kept[span.end], images=images.shape[0])
+                x, y = kept[span.start], kept[span.end]
+                acc.update(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), images=x.shape[0])
     return stats
 
+
+def collect_clipped_span_sums(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str,
+                              bounds: Mapping[Span, SpanBounds], priors: Mapping[Span, LinearMap],
+                              device: str | torch.device = "cpu") -> dict[Span, ClippedSpanSums]:
+    """The same pass for a private release: weighted residual-form sums of every span (`privacy.clipped`)."""
+    sums = {span: ClippedSpanSums.zeros(adapter.embed_dim) for span in spans}
+    with torch.inference_mode():
+        for kept in _span_outputs(adapter, batches, spans, token_mode, device):
+            for span, acc in sums.items():
+                acc.update(kept[span.start].cpu(), kept[span.end].cpu(), priors[span], bounds[span])
+    return sums

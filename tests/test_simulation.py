@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch.utils.data import Subset
 
 from tba_fed import ModelConfig, ViTAdapter, load_compressed, solve_plan
-from tba_fed.calibrate import collect_span_stats
+from tba_fed.calibrate import collect_clipped_span_sums, collect_span_stats
 from tba_fed.data import build_dataset, make_loader
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.simulate import simulate
@@ -21,7 +21,6 @@ from tba_fed.models import create_model
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.ledger import PrivacyLedger
 from tba_fed.privacy.policy import PrivacyRequest
-from tba_fed.privacy.clipped import collect_clipped_span_sums
 from tba_fed.privacy.release import noisy_spans
 from tba_fed.privacy.sensitivity import span_parts
 from tba_fed.privacy.solve import private_inputs

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..adapter import ViTAdapter
-from ..calibrate import collect_similarity, collect_span_stats
+from ..calibrate import collect_clipped_span_sums, collect_similarity, collect_span_stats
 from ..checkpoint import MAPS_FILE, manifest, write_compressed
 from ..compressed import build_compressed
 from ..config import DataConfig, ModelConfig
@@ -26,7 +26,7 @@ from ..models import create_model
 from ..partition import partition, site_split
 from ..plan import Plan, Span, parse_plan
 from ..privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy
-from ..privacy.clipped import ClippedSpanSums, collect_clipped_span_sums
+from ..privacy.clipped import ClippedSpanSums
 from ..privacy.ranges import clamp, statistics_ranges
 from ..privacy.release import noisy_counts, noisy_probe, noisy_similarity, noisy_spans
 from ..privacy.sensitivity import accuracy_parts, probe_parts, similarity_parts, span_parts

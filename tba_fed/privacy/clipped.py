@@ -17,15 +17,13 @@ it directly needs half the noise of bounding ‖X_i‖_F (docs/privacy.md).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from ..adapter import ViTAdapter
 from ..errors import TBAInputError
-from ..plan import Span
 from ..solver import LinearMap
 from ..stats import SpanStats
 
@@ -135,23 +133,3 @@ def to_span_stats(sums: ClippedSpanSums, prior: LinearMap, tokens_per_image: int
     return SpanStats(tokens=int(n), images=images, gram=gram, cross=cross, sum_x=sums.sum_x.clone(), sum_y=sum_y,
                      sum_yy=sum_yy)
 
-
-def collect_clipped_span_sums(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str,
-                              bounds: Mapping[Span, SpanBounds], priors: Mapping[Span, LinearMap],
-                              device: str | torch.device = "cpu") -> dict[Span, ClippedSpanSums]:
-    """One pass up to the last needed block: weighted residual-form sums of every span."""
-    from ..calibrate import _images  # the same batch checks and progress as every other pass
-
-    adapter.check_token_mode(token_mode)
-    sums = {span: ClippedSpanSums.zeros(adapter.embed_dim) for span in spans}
-    needed = {i for span in spans for i in (span.start, span.end)}
-    adapter.model.to(device)
-    with torch.inference_mode():
-        for images in _images(batches, adapter, torch.device(device), "statistics"):
-            kept = {}
-            for index, x in enumerate(adapter.iter_block_outputs(images, max(needed))):
-                if index in needed:
-                    kept[index] = adapter.image_tokens(x, token_mode).cpu()
-            for span, acc in sums.items():
-                acc.update(kept[span.start], kept[span.end], priors[span], bounds[span])
-    return sums
