@@ -22,7 +22,7 @@ Arrays = dict[str, np.ndarray]
 SIMILARITY_METRICS: tuple[str, ...] = ("mse", "cosine", "angular")
 
 
-def _check_arrays(arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], kind: str) -> None:
+def check_arrays(arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], kind: str) -> None:
     """Reject a payload whose keys, shapes, dtypes or values are not what `kind` expects."""
     missing = sorted(set(shapes) - set(arrays))
     extra = sorted(set(arrays) - set(shapes))
@@ -36,6 +36,9 @@ def _check_arrays(arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...
             raise TBAInputError(f"{kind}.{key}", f"shape {value.shape}, expected {shape}")
         if not np.isfinite(value).all():
             raise TBAInputError(f"{kind}.{key}", "contains NaN or Inf")
+
+
+def _check_counts(arrays: Mapping[str, Any], kind: str) -> None:
     for key in ("tokens", "images"):
         count = float(np.asarray(arrays[key]))
         if count < 0 or count != math.floor(count):
@@ -81,7 +84,8 @@ class _Accumulator:
 
     @classmethod
     def _from_checked(cls, arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Any:
-        _check_arrays(arrays, shapes, cls.__name__)
+        check_arrays(arrays, shapes, cls.__name__)
+        _check_counts(arrays, cls.__name__)
         tensors = {k: torch.from_numpy(np.array(arrays[k], dtype=np.float64)) for k in shapes if k not in ("tokens", "images")}
         return cls(tokens=int(arrays["tokens"]), images=int(arrays["images"]), **tensors)
 

@@ -59,6 +59,36 @@ def test_bad_replies_are_rejected_with_the_field(tiny_vit, corrupt, match):
         decode_spans(arrays, SPANS, 48)
 
 
+def _private_arrays(seed: int) -> dict:
+    from tba_fed.privacy.clipped import ClippedSpanSums, SpanBounds
+    from tba_fed.privacy.mechanism import NoiseSource
+    from tba_fed.privacy.release import noisy_spans
+    from tba_fed.privacy.sensitivity import span_parts
+
+    bounds = SpanBounds(30.0, 8.0, 40.0, 10.0, 20.0)
+    sums = {split: {s: ClippedSpanSums.zeros(48) for s in SPANS} for split in ("calibration", "holdout")}
+    return encode_spans(noisy_spans(sums, span_parts(SPANS, dict.fromkeys(SPANS, bounds)), 2.0, NoiseSource(seed)))
+
+
+@pytest.mark.parametrize("corrupt,match", [
+    (lambda a: a.pop("calibration/0-2/cross_residual"), "missing"),
+    (lambda a: a.__setitem__("extra", np.zeros(1)), "unexpected"),
+    (lambda a: a.__setitem__("holdout/3-4/sum_r", a["holdout/3-4/sum_r"].astype(np.float32)), "holdout/3-4/sum_r: dtype"),
+    (lambda a: a.__setitem__("holdout/3-4/sum_x", np.full(48, np.nan)), "holdout/3-4/sum_x: contains NaN"),
+    (lambda a: a.__setitem__("calibration/0-2/weight", np.zeros(2)), "calibration/0-2/weight: shape"),
+])
+def test_bad_private_releases_are_rejected_with_the_field(corrupt, match):
+    from tba_fed.federation.wire import decode_private_spans
+
+    arrays = _private_arrays(1)
+    decoded = decode_private_spans(dict(arrays), SPANS, 48)  # a noisy, indefinite Gram is accepted as released
+    assert torch.equal(decoded["calibration"][SPANS[0]].cross_residual,
+                       torch.from_numpy(arrays["calibration/0-2/cross_residual"]))
+    corrupt(arrays)
+    with pytest.raises(TBAInputError, match=match):
+        decode_private_spans(arrays, SPANS, 48)
+
+
 def test_maps_round_trip_and_validation():
     gen = torch.Generator().manual_seed(0)
     from tba_fed import LinearMap

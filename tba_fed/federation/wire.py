@@ -20,7 +20,7 @@ from ..plan import Span
 from ..privacy.clipped import ClippedSpanSums
 from ..probe import ProbeHead, ProbeStats
 from ..solver import LinearMap
-from ..stats import SimilarityStats, SpanStats
+from ..stats import SimilarityStats, SpanStats, check_arrays
 
 Arrays = dict[str, np.ndarray]
 SPLITS = ("calibration", "holdout")
@@ -212,18 +212,7 @@ def decode_private_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span]
     """Rebuild and check a private release: keys, shapes, float64, finiteness (noise makes the Gram
     indefinite and the weight fractional, so neither PSD nor integrality is checked here)."""
     spans = list(spans)
-    shapes = private_span_shapes(spans, dim)
-    missing, extra = sorted(set(shapes) - set(arrays)), sorted(set(arrays) - set(shapes))
-    if missing or extra:
-        raise TBAInputError("statistics", f"missing keys {missing[:4]}, unexpected keys {extra[:4]}")
-    for key, shape in shapes.items():
-        value = np.asarray(arrays[key])
-        if value.dtype != np.float64:
-            raise TBAInputError(key, f"dtype {value.dtype}, expected float64")
-        if value.shape != shape:
-            raise TBAInputError(key, f"shape {value.shape}, expected {shape}")
-        if not np.all(np.isfinite(value)):
-            raise TBAInputError(key, "holds NaN or Inf")
+    check_arrays(arrays, private_span_shapes(spans, dim), "statistics")
     out: dict[str, dict[Span, ClippedSpanSums]] = {split: {} for split in SPLITS}
     for split in SPLITS:
         for span in spans:
