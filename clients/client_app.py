@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 
 from tba_fed.compressed import build_compressed
 from tba_fed.federation import app_logging
 from tba_fed.federation.records import from_record, to_record
-from tba_fed.federation.secure_aggregation import secure_fit
+from tba_fed.federation.secure_aggregation import register_secure_fit
 from tba_fed.federation.site import (RunSpec, accuracy_reply, cached_model, install, probe_reply, resolve_site,
                                      run_spec, secure_statistics, similarity_reply, statistics_reply)
 from tba_fed.federation.wire import decode_heads, decode_maps, decode_priors
@@ -84,12 +83,5 @@ def install_maps(msg: Message, context: Context) -> Message:
     return _reply(msg, site.name, install=ConfigRecord({"checksum": digest}))
 
 
-@app.train(mods=[secaggplus_mod])
-def secure_statistics_round(msg: Message, context: Context) -> Message:
-    """SecAgg+ round of tba_fed.federation.secure_aggregation.secure_sum (legacy message type "train").
-
-    secaggplus_mod is a per-handler mod: only this handler sees SecAgg+, and it answers the setup, key-sharing and
-    unmasking stages itself; the handler runs at the masked-vector stage, checks the arrays against their bounds
-    and hands them, divided by the bounds in sorted key order, to the mod for masking.
-    """
-    return secure_fit(msg, context, secure_statistics)
+# The statistics round under secure aggregation (legacy message type "train", SecAgg+ as a per-handler mod).
+register_secure_fit(app, secure_statistics)

@@ -165,9 +165,10 @@ def secure_fit(msg: Message, context: Context, compute: Compute) -> Message:
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 
-def secure_fit_handler(compute: Compute) -> Callable[[Message, Context], Message]:
-    """A ClientApp handler for the legacy ``"train"`` message; register it wrapped by secaggplus_mod,
-    e.g. ``app.train(mods=[secaggplus_mod])(secure_fit_handler(compute))`` or :func:`register_secure_fit`.
+def register_secure_fit(app: ClientApp, compute: Compute) -> None:
+    """Register the secure-sum handler on `app` for the plain ``"train"`` message type, with secaggplus_mod
+    as a per-handler mod (the app's other handlers see no SecAgg+): the mod answers the setup, key-sharing
+    and unmasking stages itself and calls the handler at the masked-vector stage.
 
     `compute(config, context)` returns the site's arrays and the bounds it guarantees; `config` is the
     flat dict given to :func:`secure_sum`. A refusal raises ``SecureSumRefused`` in the ClientApp, so the
@@ -181,13 +182,7 @@ def secure_fit_handler(compute: Compute) -> Callable[[Message, Context], Message
             _logger.error("secure sum refused: %s", err)
             raise
 
-    return handler
-
-
-def register_secure_fit(app: ClientApp, compute: Compute) -> None:
-    """Register the secure-sum handler on `app` for the plain ``"train"`` message type, with secaggplus_mod
-    as a per-handler mod (the app's other handlers see no SecAgg+)."""
-    app.train(mods=[secaggplus_mod])(secure_fit_handler(compute))
+    app.train(mods=[secaggplus_mod])(handler)
 
 
 # --------------------------------------------------------------------------------------------- server side
