@@ -122,7 +122,7 @@ def test_privacy_report_prints_the_ledger_and_the_budget_left(tmp_path, capsys):
         PrivacyLedger(ledger).record(
             LedgerEntry(run_id="run-7", release=release, spec_sha256="ab" * 32, mechanism="gaussian", noise_multiplier=sigma,
                         noise_std={}, noise="secure", aggregation="local", images=300, epsilon_run=1.0, delta=1e-5,
-                        time=now()), budget=3.0, delta=1e-5, planned=[])
+                        time=now()), budget=3.0, delta=1e-5)
     site = tmp_path / "site.yaml"
     site.write_text(yaml.safe_dump({"name": "hospital-a", "data": {"source": "synthetic"}, "output": str(tmp_path / "out"),
                                     "privacy": {"epsilon": 3.0, "ledger": str(ledger)}}))

@@ -190,24 +190,29 @@ def _entry(run: str, release: str, sigma: float) -> LedgerEntry:
 def test_ledger_composes_runs_and_refuses_an_over_budget_run(tmp_path):
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     sigma = noise_multiplier(1.0, 1e-5, 1)
-    assert ledger.record(_entry("run-1", "statistics", sigma), budget=2.0, delta=1e-5, planned=[]) == pytest.approx(1.0, rel=0.01)
-    spent = ledger.record(_entry("run-2", "statistics", sigma), budget=2.0, delta=1e-5, planned=[])
+    assert ledger.record(_entry("run-1", "statistics", sigma), budget=2.0, delta=1e-5) == pytest.approx(1.0, rel=0.01)
+    spent = ledger.record(_entry("run-2", "statistics", sigma), budget=2.0, delta=1e-5)
     assert 1.0 < spent <= 2.0  # RDP composition: tighter than adding ε
     before = ledger.path.read_bytes()
     with pytest.raises(BudgetExceeded, match="budget is 2"):
-        ledger.record(_entry("run-3", "statistics", sigma), budget=2.0, delta=1e-5, planned=[sigma, sigma])
+        ledger.record(_entry("run-3", "statistics", sigma), budget=2.0, delta=1e-5,
+                      run_releases=("statistics", "probe", "accuracy"))
     with pytest.raises(BudgetExceeded, match="already made its 'statistics' release"):
-        ledger.record(_entry("run-2", "statistics", sigma * 100), budget=2.0, delta=1e-5, planned=[])
+        ledger.record(_entry("run-2", "statistics", sigma * 100), budget=2.0, delta=1e-5)
     assert ledger.path.read_bytes() == before
     report = ledger_report(ledger, 2.0, 1e-5)
     assert "run-1" in report and "run-2" in report and "remaining" in report
+    fresh = PrivacyLedger(tmp_path / "fresh.json")  # the release being granted counts against the budget too
+    with pytest.raises(BudgetExceeded, match="ε=0.99"):
+        fresh.record(_entry("run-1", "statistics", sigma), budget=0.5, delta=1e-5)
+    assert not fresh.path.exists()
 
 
 def test_ledger_survives_a_crash_mid_write(tmp_path):
     path = tmp_path / "ledger.json"
     ledger = PrivacyLedger(path)
     sigma = noise_multiplier(1.0, 1e-5, 1)
-    ledger.record(_entry("run-1", "statistics", sigma), budget=10.0, delta=1e-5, planned=[])
+    ledger.record(_entry("run-1", "statistics", sigma), budget=10.0, delta=1e-5)
     before = path.read_bytes()
     # A process dies between writing the new ledger and renaming it into place.
     script = textwrap.dedent(f"""
@@ -218,17 +223,17 @@ def test_ledger_survives_a_crash_mid_write(tmp_path):
         entry = LedgerEntry(run_id="run-2", release="statistics", spec_sha256="1" * 64, mechanism="gaussian",
                             noise_multiplier={sigma}, noise_std={{}}, noise="secure", aggregation="local", images=500,
                             epsilon_run=1.0, delta=1e-5, time=now())
-        PrivacyLedger({str(path)!r}).record(entry, budget=10.0, delta=1e-5, planned=[])
+        PrivacyLedger({str(path)!r}).record(entry, budget=10.0, delta=1e-5)
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd(), capture_output=True)
     assert result.returncode == 9
     assert path.read_bytes() == before  # the old, complete ledger
     assert [e.run_id for e in ledger.entries()] == ["run-1"]
-    ledger.record(_entry("run-2", "statistics", sigma), budget=10.0, delta=1e-5, planned=[])
+    ledger.record(_entry("run-2", "statistics", sigma), budget=10.0, delta=1e-5)
     assert [e.run_id for e in ledger.entries()] == ["run-1", "run-2"]
     path.write_text('{"format": "tba-fed privacy ledger 1", "entries": [{"run_id"')  # torn by hand: fail closed
     with pytest.raises(ValueError, match="unreadable"):
-        ledger.record(_entry("run-3", "statistics", sigma), budget=10.0, delta=1e-5, planned=[])
+        ledger.record(_entry("run-3", "statistics", sigma), budget=10.0, delta=1e-5)
 
 
 def test_psd_projection_and_adassp_ridge():

@@ -43,9 +43,6 @@ def grant_release(policy: SitePolicy, request: PrivacyRequest | None, release: s
     if request is None:
         return None
     sigma, site_sigma = request.noise_multiplier(), request.site_noise_multiplier()
-    ledger = PrivacyLedger(policy.ledger)
-    recorded = {e.release for e in ledger.entries() if e.run_id == run_id}
-    planned = [sigma for r in request.releases if r != release and r not in recorded]
     noise = noise_source(request, site_name, release)
     entry = LedgerEntry(run_id=run_id, release=release, spec_sha256=spec_hash(request.to_json(), release, *spec),
                         mechanism="gaussian", noise_multiplier=sigma,
@@ -53,6 +50,7 @@ def grant_release(policy: SitePolicy, request: PrivacyRequest | None, release: s
                         aggregation=f"{request.aggregation} (noise split over {request.noise_sites} sites)"
                         if request.noise_sites > 1 else request.aggregation,
                         images=images, epsilon_run=request.epsilon, delta=request.delta, time=now())
-    ledger.record(entry, budget=policy.epsilon, delta=policy.delta, planned=planned, accountant=request.accountant)
+    PrivacyLedger(policy.ledger).record(entry, budget=policy.epsilon, delta=policy.delta, run_releases=request.releases,
+                                        accountant=request.accountant)
     _logger.info("%s: %s release granted: σ=%.4g (site share %.4g), %s", site_name, release, sigma, site_sigma, noise.mode)
     return Grant(sigma, site_sigma, noise)

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,29 +72,32 @@ class PrivacyLedger:
 
     def spent(self, delta: float, accountant: str = "rdp") -> float:
         """ε spent so far at `delta`, composing every recorded release."""
-        return epsilon_spent([(e.noise_multiplier, 1) for e in self.entries()], delta, accountant)
+        return _composed([e.noise_multiplier for e in self.entries()], delta, accountant)
 
-    def record(self, entry: LedgerEntry, *, budget: float, delta: float, planned: list[float],
+    def record(self, entry: LedgerEntry, *, budget: float, delta: float, run_releases: Sequence[str] = (),
                accountant: str = "rdp") -> float:
-        """Append `entry` if the budget allows the whole run (`planned` σ of its releases not yet recorded).
+        """Append `entry` if the budget allows its whole run: this release plus those of `run_releases` the
+        run has not recorded yet, all at the entry's σ. Decided under the ledger's lock.
 
         Budgets are accounted at the site's `delta`. Returns the ε spent after this release. A second
         release with the same run id and release name is refused: a fresh noisy copy would spend budget again.
         """
         with self._locked():
             entries = self.entries()
-            if any(e.run_id == entry.run_id and e.release == entry.release for e in entries):
+            recorded = {e.release for e in entries if e.run_id == entry.run_id}
+            if entry.release in recorded:
                 raise BudgetExceeded("privacy.ledger", f"run {entry.run_id} already made its {entry.release!r} release; "
                                                        "releasing again would spend budget twice")
-            history = [(e.noise_multiplier, 1) for e in entries] + [(sigma, 1) for sigma in planned]
-            projected = epsilon_spent(history, delta, accountant)
+            sigmas = [e.noise_multiplier for e in entries]
+            planned = [entry.noise_multiplier for r in run_releases if r != entry.release and r not in recorded]
+            projected = _composed([*sigmas, entry.noise_multiplier, *planned], delta, accountant)
             if projected > budget * (1 + 1e-9):
-                spent = epsilon_spent([(e.noise_multiplier, 1) for e in entries], delta, accountant)
                 raise BudgetExceeded("privacy.epsilon", f"this run would bring the site to ε={projected:.3f} at "
                                                         f"δ={delta:g}; its budget is {budget:g} "
-                                                        f"({spent:.3f} spent)", "ask for a smaller ε")
+                                                        f"({_composed(sigmas, delta, accountant):.3f} spent)",
+                                     "ask for a smaller ε")
             self._write([*entries, entry])
-            after = epsilon_spent([(e.noise_multiplier, 1) for e in [*entries, entry]], delta, accountant)
+            after = _composed([*sigmas, entry.noise_multiplier], delta, accountant)
         _logger.info("ledger %s: recorded %s of run %s (σ=%.4g); ε spent %.4f of %g", self.path, entry.release,
                      entry.run_id, entry.noise_multiplier, after, budget)
         return after
@@ -117,6 +120,11 @@ class PrivacyLedger:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def _composed(sigmas: Sequence[float], delta: float, accountant: str) -> float:
+    """ε at `delta` of one Gaussian release per σ."""
+    return epsilon_spent([(sigma, 1) for sigma in sigmas], delta, accountant)
 
 
 def now() -> str:
