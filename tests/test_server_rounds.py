@@ -4,6 +4,7 @@ The real Flower runtime is exercised by test_simulation.py and test_deployment.p
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from types import SimpleNamespace
@@ -71,53 +72,62 @@ class InProcessGrid:
                                  policy.model_copy(update={"ledger": tmp_path / f"site-{node}" / "ledger.json"}))
                       for node in behaviours}
         self.received: list[dict] = []
+        self.outbox: dict[str, SimpleNamespace] = {}
+        self.ids = itertools.count()
 
     def get_node_ids(self):
         return list(self.behaviours)
 
-    def send_and_receive(self, messages, *, timeout):
-        replies = []
+    def push_messages(self, messages):
+        """Each message is answered at once, as a ClientApp would; its reply waits to be pulled."""
+        ids = []
         for msg in messages:
-            node, kind = msg.metadata.dst_node_id, self.behaviours[msg.metadata.dst_node_id]
-            if kind == "silent":
-                continue
-            config = msg.content.config_records["config"]
-            model = cached_model(str(config["model"]))
-            site = self.sites[node]
-            records = {"meta": ConfigRecord({"site": site.name})}
-            action = msg.metadata.message_type.split(".", 1)[1]
-            if kind == "crash" and action == "statistics":
-                replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
-                                               error=SimpleNamespace(code=0, reason="ClientApp raised: disk failure")))
-                continue
-            plan = parse_plan(str(config["plan"]), 6) if "plan" in config else None
-            run = run_spec("run-1", dict(config))
-            if action == "similarity":
-                records["similarity"] = to_record(similarity_reply(model, site, str(config["token-mode"]), run))
-            elif action == "statistics":
-                priors = decode_priors(str(config["prior-maps"]), plan.spans, 48) if config.get("prior-maps") else None
-                try:
-                    arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors)
-                except TBAInputError as err:  # what Flower does with a ClientApp exception: an error reply, no content
-                    replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
-                                                   error=SimpleNamespace(code=0, reason=f"ClientApp raised: {err}")))
-                    continue
-                records["statistics"] = to_record(_corrupt(kind)(arrays))
+            ids.append(f"message-{next(self.ids)}")
+            reply = self._answer(msg)
+            if reply is not None:
+                self.outbox[ids[-1]] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.outbox.pop(mid) for mid in message_ids if mid in self.outbox]
+
+    def _answer(self, msg):
+        node, kind = msg.metadata.dst_node_id, self.behaviours[msg.metadata.dst_node_id]
+        if kind == "silent":
+            return None
+        config = msg.content.config_records["config"]
+        model = cached_model(str(config["model"]))
+        site = self.sites[node]
+        records = {"meta": ConfigRecord({"site": site.name})}
+        action = msg.metadata.message_type.split(".", 1)[1]
+        if kind == "crash" and action == "statistics":
+            return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
+                                   error=SimpleNamespace(code=0, reason="ClientApp raised: disk failure"))
+        plan = parse_plan(str(config["plan"]), 6) if "plan" in config else None
+        run = run_spec("run-1", dict(config))
+        if action == "similarity":
+            records["similarity"] = to_record(similarity_reply(model, site, str(config["token-mode"]), run))
+        elif action == "statistics":
+            priors = decode_priors(str(config["prior-maps"]), plan.spans, 48) if config.get("prior-maps") else None
+            try:
+                arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors)
+            except TBAInputError as err:  # what Flower does with a ClientApp exception: an error reply, no content
+                return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
+                                       error=SimpleNamespace(code=0, reason=f"ClientApp raised: {err}"))
+            records["statistics"] = to_record(_corrupt(kind)(arrays))
+        else:
+            maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, (), 48)
+            compressed = build_compressed(model, maps)
+            if action == "install":
+                records["install"] = ConfigRecord({"checksum": install(model, site, maps,
+                                                                       json.loads(str(config["report"])))})
+            elif action == "probe":
+                records["probe"] = to_record(probe_reply(model, compressed, site, 10, run))
             else:
-                maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, (), 48)
-                compressed = build_compressed(model, maps)
-                if action == "install":
-                    records["install"] = ConfigRecord({"checksum": install(model, site, maps,
-                                                                           json.loads(str(config["report"])))})
-                elif action == "probe":
-                    records["probe"] = to_record(probe_reply(model, compressed, site, 10, run))
-                else:
-                    heads = decode_heads(from_record(msg.content.array_records["heads"]), 48, 10)
-                    records["accuracy"] = MetricRecord(accuracy_reply(model, compressed, site, heads, run))
-            content = RecordDict(records)
-            replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
-                                           content=content))
-        return replies
+                heads = decode_heads(from_record(msg.content.array_records["heads"]), 48, 10)
+                records["accuracy"] = MetricRecord(accuracy_reply(model, compressed, site, heads, run))
+        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
+                               content=RecordDict(records))
 
 
 def _config(tmp_path, **federation):

@@ -43,6 +43,7 @@ from ..public_prior import public_norms, public_prior_maps, public_span_bounds
 from ..report import compression_dict, compression_markdown, write_similarity
 from ..solver import LinearMap
 from ..stats import SpanStats
+from .arrivals import replies_as_they_arrive
 from .config import FederatedRunConfig
 from .private_rounds import privacy_markdown, privacy_summary, secure_statistics_round
 from .records import from_record, to_record
@@ -99,10 +100,8 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
     start = time.perf_counter()
     contents = {node: make_content() for node in nodes}
     messages = [Message(content=contents[node], dst_node_id=node, message_type=message_type) for node in nodes]
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
     accepted: dict[str, Any] = {}
-    for node in nodes:
-        reply = replies.get(node)
+    for node, reply in replies_as_they_arrive(grid, messages, timeout=timeout):  # each judged, then dropped
         name = _site_name(node, reply, log.names)
         entry: dict[str, Any] = {"node_id": node, "bytes_sent": record_bytes(contents[node])}
         if reply is None:
