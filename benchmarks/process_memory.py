@@ -15,12 +15,20 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 MIB = 1024 * 1024
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, start time, command line) of every live process."""
+class Proc(NamedTuple):
+    parent: int
+    started: int  # clock ticks after boot: with the pid, identifies a process even if the pid is reused
+    state: str  # "Z": exited, not yet reaped by its parent
+    cmdline: str
+
+
+def proc_table() -> dict[int, Proc]:
+    """Every process on the machine, by pid."""
     table = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -29,7 +37,7 @@ def _proc_table() -> dict[int, tuple[int, int, str]]:
             stat = Path(entry.path, "stat").read_text()
             cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             fields = stat.rsplit(")", 1)[1].split()
-            table[int(entry.name)] = (int(fields[1]), int(fields[19]), cmdline)
+            table[int(entry.name)] = Proc(int(fields[1]), int(fields[19]), fields[0], cmdline)
     return table
 
 
@@ -107,30 +115,30 @@ class ProcessMonitor(threading.Thread):
         """Processes sampled during the run that are still alive (children exit shortly after their parents)."""
         deadline = time.monotonic() + wait
         while True:
-            table = _proc_table()
-            alive = sorted(pid for pid, started in self.seen if pid in table and table[pid][1] == started)
+            table = proc_table()
+            alive = sorted(pid for pid, started in self.seen if pid in table and table[pid].started == started)
             if not alive or time.monotonic() > deadline:
                 return alive
             time.sleep(0.5)
 
     def sample(self) -> None:
-        now, table = time.monotonic(), _proc_table()
+        now, table = time.monotonic(), proc_table()
         available = available_kib()
         self.machine.append((now, self.total_kib - available))
         if self.database is not None:
             self.disk.append((now, sum(_size(p) for p in self.database.parent.glob(self.database.name + "*"))))
         descendants = []
-        for pid, (_, started, cmdline) in table.items():
+        for pid, proc in table.items():
             node, hops = pid, 0
             while node in table and node not in self.roots and hops < 16:
-                node, hops = table[node][0], hops + 1
+                node, hops = table[node].parent, hops + 1
             if node in self.roots and (rss := _rss_kib(pid)) is not None:
                 role, site = self.roots[node]
                 if pid != node:
-                    role = _role(cmdline)
+                    role = _role(proc.cmdline)
                     descendants.append(pid)
                 self.samples.append(Sample(now, role, site, pid, rss))
-                self.seen.add((pid, started))
+                self.seen.add((pid, proc.started))
         if available < self.floor_kib and self.low_memory is None:
             self.low_memory = (f"available memory fell to {available / MIB:.1f} GiB (floor {self.floor_kib / MIB:.1f} "
                                f"GiB): killed {len(descendants)} Flower app processes")

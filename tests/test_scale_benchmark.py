@@ -30,5 +30,6 @@ def test_quick_scale_benchmark_deploys_measures_and_checks_its_maps(tmp_path):
     for role in ("server_app", "superlink", "clientapp", "supernode"):
         assert statistics[role]["peak_rss_mib"] > 50, role  # every process was found and sampled
     assert statistics["clientapp"]["processes"] == 2  # one ClientApp per site for the message
+    assert results["clientapp_turns"] == 4  # each site's SuperExec launched a ClientApp in each of the 2 rounds
     assert results["processes"]["left_running"] == [] and results["passed"]
     assert "maps vs centralised solve on the union" in completed.stdout
