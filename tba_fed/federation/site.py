@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,7 +26,7 @@ from ..errors import TBAInputError
 from ..models import create_model
 from ..partition import partition, site_split
 from ..plan import Plan, Span, parse_plan
-from ..privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy
+from ..privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy, check_request
 from ..privacy.clipped import ClippedSpanSums
 from ..privacy.ranges import clamp, statistics_ranges
 from ..privacy.release import noisy_counts, noisy_probe, noisy_similarity, noisy_spans
@@ -34,7 +35,7 @@ from ..probe import ProbeHead, accuracy, collect_probe_stats
 from ..solver import LinearMap
 from ..stats import SpanStats
 from .config import load_federated_config, load_site_config
-from .site_privacy import grant_release
+from .site_privacy import Release, open_release
 from .wire import MODELS, Arrays, decode_priors, encode_probe, encode_similarity, encode_spans
 
 _logger = logging.getLogger(__name__)
@@ -122,9 +123,9 @@ def _images(loader: DataLoader | None) -> int:
     return 0 if loader is None else len(loader.dataset)  # type: ignore[arg-type]
 
 
-def _grant(site: Site, run: RunSpec, release: str, parts):
-    return grant_release(site.policy, run.privacy, release, _images(site.calibration), site_name=site.name,
-                         run_id=run.run_id, spec=run.spec, parts=parts)
+def _release(site: Site, run: RunSpec, release: str, parts) -> contextlib.AbstractContextManager[Release]:
+    return open_release(site.policy, run.privacy, release, _images(site.calibration), site_name=site.name,
+                        run_id=run.run_id, spec=run.spec, parts=parts)
 
 
 def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec) -> Arrays:
@@ -134,13 +135,16 @@ def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec
         raise TBAInputError("privacy.clip_blocks", f"{len(request.clip_blocks)} bounds for {adapter.num_blocks} blocks")
     tokens = adapter.tokens_per_image(token_mode)
     parts = similarity_parts(request.clip_blocks, tokens) if request is not None else None
-    grant = _grant(site, run, "similarity", parts)
-    stats = collect_similarity(adapter, site.calibration, token_mode=token_mode, device=site.device,
-                               clip=None if grant is None else request.clip_blocks)
-    _logger.info("%s: similarity sums over %d images", site.name, stats.images)
-    if grant is not None:
-        stats = noisy_similarity(stats, parts, grant.site_sigma, grant.noise, tokens)
-    return encode_similarity(stats)
+    with _release(site, run, "similarity", parts) as release:
+        if release.stored is not None:
+            return release.stored
+        grant = release.grant
+        stats = collect_similarity(adapter, site.calibration, token_mode=token_mode, device=site.device,
+                                   clip=None if grant is None else request.clip_blocks)
+        _logger.info("%s: similarity sums over %d images", site.name, stats.images)
+        if grant is not None:
+            stats = noisy_similarity(stats, parts, grant.site_sigma, grant.noise, tokens)
+        return release.keep(encode_similarity(stats))
 
 
 def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, run: RunSpec,
@@ -149,7 +153,7 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
     adapter = ViTAdapter(model)
     request = run.privacy
     if request is None:
-        _grant(site, run, "statistics", None)
+        check_request(site.policy, None, "statistics", _images(site.calibration))
         calibration = collect_span_stats(adapter, site.calibration, plan.spans, token_mode=token_mode, device=site.device)
         holdout = (collect_span_stats(adapter, site.holdout, plan.spans, token_mode=token_mode, device=site.device)
                    if site.holdout is not None else {s: SpanStats.zeros(adapter.embed_dim) for s in plan.spans})
@@ -160,16 +164,19 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
     if priors is None or set(priors) != set(plan.spans):
         raise TBAInputError("prior", "a private statistics release needs the run's prior map for every span")
     parts = span_parts(plan.spans, bounds)
-    grant = _grant(site, run, "statistics", parts)
-    per_split = {}
-    for split, loader in (("calibration", site.calibration), ("holdout", site.holdout)):
-        per_split[split] = (collect_clipped_span_sums(adapter, loader, plan.spans, token_mode=token_mode, bounds=bounds,
-                                                      priors=priors, device=site.device)
-                            if loader is not None else {s: ClippedSpanSums.zeros(adapter.embed_dim) for s in plan.spans})
-    first = per_split["calibration"][plan.spans[0]]
-    _logger.info("%s: private span sums over %d calibration images (%d down-weighted to their bounds)", site.name,
-                 first.images, first.clipped)
-    return encode_spans(noisy_spans(per_split, parts, grant.site_sigma, grant.noise))
+    with _release(site, run, "statistics", parts) as release:
+        if release.stored is not None:
+            return release.stored
+        per_split = {}
+        for split, loader in (("calibration", site.calibration), ("holdout", site.holdout)):
+            per_split[split] = (collect_clipped_span_sums(adapter, loader, plan.spans, token_mode=token_mode,
+                                                          bounds=bounds, priors=priors, device=site.device)
+                                if loader is not None else {s: ClippedSpanSums.zeros(adapter.embed_dim) for s in plan.spans})
+        first = per_split["calibration"][plan.spans[0]]
+        _logger.info("%s: private span sums over %d calibration images (%d down-weighted to their bounds)", site.name,
+                     first.images, first.clipped)
+        grant = release.grant
+        return release.keep(encode_spans(noisy_spans(per_split, parts, grant.site_sigma, grant.noise)))
 
 
 def secure_statistics(config: Mapping[str, Any], context: Any) -> tuple[Arrays, dict[str, float]]:
@@ -201,13 +208,17 @@ def probe_reply(model: nn.Module, compressed: nn.Module, site: Site, num_classes
     if request is not None and request.clip_features is None:
         raise TBAInputError("privacy.clip_features", "a private probe release needs a feature clipping bound")
     parts = probe_parts(MODELS, request.clip_features) if request is not None else None
-    grant = _grant(site, run, "probe", parts)
-    clip = None if grant is None else request.clip_features
-    stats = {"original": collect_probe_stats(model, site.calibration, num_classes, device=site.device, clip=clip),
-             "compressed": collect_probe_stats(compressed, site.calibration, num_classes, device=site.device, clip=clip)}
-    if grant is not None:
-        stats = noisy_probe(stats, parts, grant.site_sigma, grant.noise)
-    return encode_probe(stats)
+    with _release(site, run, "probe", parts) as release:
+        if release.stored is not None:
+            return release.stored
+        grant = release.grant
+        clip = None if grant is None else request.clip_features
+        stats = {"original": collect_probe_stats(model, site.calibration, num_classes, device=site.device, clip=clip),
+                 "compressed": collect_probe_stats(compressed, site.calibration, num_classes, device=site.device,
+                                                   clip=clip)}
+        if grant is not None:
+            stats = noisy_probe(stats, parts, grant.site_sigma, grant.noise)
+        return release.keep(encode_probe(stats))
 
 
 def accuracy_reply(model: nn.Module, compressed: nn.Module, site: Site, heads: Mapping[str, ProbeHead],
@@ -216,11 +227,17 @@ def accuracy_reply(model: nn.Module, compressed: nn.Module, site: Site, heads: M
     if site.holdout is None:
         raise TBAInputError("data.holdout_fraction", f"{site.name} has no held-out images to evaluate on")
     parts = accuracy_parts() if run.privacy is not None else None
-    grant = _grant(site, run, "accuracy", parts)
-    original, total = accuracy(model, heads["original"], site.holdout, device=site.device)
-    compressed_correct, _ = accuracy(compressed, heads["compressed"], site.holdout, device=site.device)
-    counts = {"original_correct": original, "compressed_correct": compressed_correct, "total": total}
-    return counts if grant is None else noisy_counts(counts, parts, grant.site_sigma, grant.noise)
+    with _release(site, run, "accuracy", parts) as release:
+        if release.stored is None:
+            original, total = accuracy(model, heads["original"], site.holdout, device=site.device)
+            compressed_correct, _ = accuracy(compressed, heads["compressed"], site.holdout, device=site.device)
+            counts = {"original_correct": original, "compressed_correct": compressed_correct, "total": total}
+            grant = release.grant
+            if grant is not None:
+                counts = noisy_counts(counts, parts, grant.site_sigma, grant.noise)
+            release.keep({key: np.asarray(value) for key, value in counts.items()})
+            return counts
+        return {key: int(value) for key, value in release.stored.items()}
 
 
 def install(model: nn.Module, site: Site, maps: Mapping[Span, LinearMap], report: dict) -> str:
