@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,6 +45,7 @@ from ..report import compression_dict, compression_markdown, write_similarity
 from ..solver import LinearMap
 from ..stats import SpanStats
 from .config import FederatedRunConfig
+from .envelope import check_echo, stamp
 from .private_rounds import privacy_markdown, privacy_summary, secure_statistics_round
 from .records import from_record, to_record
 from .wire import (MODELS, decode_private_spans, decode_probe, decode_similarity, decode_spans, encode_heads,
@@ -79,7 +81,9 @@ def record_bytes(content: RecordDict) -> int:
 def _site_name(node_id: int, reply: Message | None, names: dict[int, str]) -> str:
     """A site's own name once it has sent one (remembered in `names` for later rounds), else its node id."""
     if reply is not None and not reply.has_error() and "meta" in reply.content.config_records:
-        names[node_id] = str(reply.content.config_records["meta"].get("site", node_id))
+        claimed = str(reply.content.config_records["meta"].get("site", node_id))
+        if claimed not in (name for other, name in names.items() if other != node_id):  # a taken name is refused
+            names[node_id] = claimed
     return names.get(node_id, f"node-{node_id}")
 
 
@@ -98,19 +102,26 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
     """
     start = time.perf_counter()
     contents = {node: make_content() for node in nodes}
-    messages = [Message(content=contents[node], dst_node_id=node, message_type=message_type) for node in nodes]
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    sent = {node: Message(content=contents[node], dst_node_id=node, message_type=message_type) for node in nodes}
+    for msg in sent.values():
+        stamp(msg, log.name)
+    received = list(grid.send_and_receive(list(sent.values()), timeout=timeout))
+    replies = {r.metadata.src_node_id: r for r in received}
+    repeats = Counter(r.metadata.src_node_id for r in received)
     accepted: dict[str, Any] = {}
     for node in nodes:
         reply = replies.get(node)
         name = _site_name(node, reply, log.names)
         entry: dict[str, Any] = {"node_id": node, "bytes_sent": record_bytes(contents[node])}
-        if reply is None:
+        if repeats[node] > 1:
+            entry.update(status="rejected", reason=f"duplicate reply: {repeats[node]} replies to one request, all discarded")
+        elif reply is None:
             entry.update(status="no reply", reason=f"no reply within {timeout:.0f} s")
         elif reply.has_error():
             entry.update(status="error", reason=f"site error {reply.error.code}: {reply.error.reason}")
         else:
             try:
+                check_echo(reply.content, sent[node], name)
                 accepted[name] = decode(reply.content)
                 entry.update(status="ok", bytes_received=record_bytes(reply.content),
                              received=received_schema(reply.content))
