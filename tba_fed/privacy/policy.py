@@ -83,7 +83,7 @@ class PrivacyRequest(_Section):
         try:
             return cls.model_validate_json(text)
         except ValidationError as err:
-            raise _format_validation_error(err) from None
+            raise _format_validation_error(err, "privacy") from None
 
 
 class SitePolicy(_Section):
