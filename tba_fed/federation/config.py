@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from ..config import DataConfig, Device, RunConfig, _Section, merge_overrides, read_yaml, validate
 from ..errors import TBAInputError
+from ..plan import Plan, Span, parse_plan
 from ..privacy.policy import RELEASES, SitePolicy
 
 
@@ -109,3 +110,16 @@ def load_federated_config(path: Path, overrides: dict[str, Any] | None = None) -
 def load_site_config(path: Path) -> SiteConfig:
     return validate(SiteConfig, read_yaml(path))
 
+
+def fixed_plan(config: RunConfig, num_blocks: int) -> tuple[Plan | None, tuple[Span, ...]]:
+    """The run's plan (None: a budget chooses it from the sites' similarity) and its identity spans, checked
+    against the model's depth before any site is asked for anything or any process is started."""
+    identity = parse_plan(config.identity_spans, num_blocks, "identity_spans").spans if config.identity_spans else ()
+    if config.plan is None:
+        if config.budget is None:
+            raise TBAInputError("plan", "give a plan or a budget", 'e.g. plan: "1->2" or budget: {blocks: 2}')
+        return None, identity
+    plan = parse_plan(config.plan, num_blocks)
+    if unknown := [str(s) for s in identity if s not in plan.spans]:
+        raise TBAInputError("identity_spans", f"{', '.join(unknown)} not in the plan {plan}")
+    return plan, identity

@@ -29,7 +29,7 @@ from ..errors import TBAInputError
 from ..fileio import check_output_dir
 from ..models import create_model
 from ..pipeline import Compression, choose_plan, solve_plan
-from ..plan import Span, parse_plan
+from ..plan import Span
 from ..privacy.accounting import noise_multiplier
 from ..privacy.clipped import to_span_stats
 from ..privacy.policy import PrivacyRequest
@@ -44,7 +44,7 @@ from ..public_prior import public_norms, public_prior_maps, public_span_bounds
 from ..report import compression_dict, compression_markdown, write_similarity
 from ..solver import LinearMap
 from ..stats import SpanStats
-from .config import FederatedRunConfig
+from .config import FederatedRunConfig, fixed_plan
 from .envelope import check_echo, stamp
 from .private_rounds import privacy_markdown, privacy_summary, secure_statistics_round
 from .records import from_record, to_record
@@ -163,6 +163,8 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     check_output_dir(config.output, overwrite=config.overwrite)  # fail before any site works, not after
     model = create_model(config.model)
     adapter = ViTAdapter(model)
+    plan, identity = fixed_plan(config, adapter.num_blocks)
+    tokens = adapter.tokens_per_image(config.token_mode)
     model_json = config.model.model_dump_json()
     nodes = wait_for_nodes(grid, fed.num_sites, fed.min_sites, fed.round_timeout)
     connected = len(nodes)
@@ -175,12 +177,9 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         settings = {"model": model_json, "token-mode": config.token_mode, **values}
         return lambda: RecordDict({"config": ConfigRecord(settings)})
 
-    identity = parse_plan(config.identity_spans, adapter.num_blocks, "identity_spans").spans \
-        if config.identity_spans else ()
     privacy = config.privacy
     prior_kind = config.prior or ("public" if privacy is not None else "zero")
     public = public_loader(model, privacy.public_images if privacy else 336) if privacy or prior_kind == "public" else None
-    tokens = adapter.tokens_per_image(config.token_mode)
     releases = (() if config.plan is not None else ("similarity",)) + ("statistics",) + \
         (("probe", "accuracy") if config.evaluation.enabled else ())
     # block and feature norms bound only the similarity and probe releases: a full forward pass, so only when asked
@@ -199,11 +198,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
     def private(req: PrivacyRequest | None) -> dict[str, str]:
         return {"privacy": req.to_json() if req is not None else ""}
-    if config.plan is not None:
-        plan = parse_plan(config.plan, adapter.num_blocks)
-        if unknown := [str(s) for s in identity if s not in plan.spans]:
-            raise TBAInputError("identity_spans", f"{', '.join(unknown)} not in the plan {plan}")
-    elif config.budget is not None:
+    if plan is None:  # a budget: the sites' summed similarity chooses the plan
         log = RoundLog("similarity", names)
         rounds.append(log)
 
@@ -222,8 +217,6 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
                            metric=config.budget.metric, bias=config.bias)
         _logger.info("plan chosen from %d sites' similarity: %s", len(replies), plan)
-    else:
-        raise TBAInputError("plan", "give a plan or a budget")
 
     public_maps = public_prior_maps(model, public, plan.spans, config.token_mode, config.bias) if public else {}
     dim = adapter.embed_dim
