@@ -162,14 +162,10 @@ def encode_heads(heads: Mapping[str, ProbeHead]) -> Arrays:
 
 
 def decode_heads(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int) -> dict[str, ProbeHead]:
-    heads = {}
-    for which in MODELS:
-        weight, bias = arrays.get(f"{which}/weight"), arrays.get(f"{which}/bias")
-        for key, value, shape in ((f"{which}/weight", weight, (num_classes, dim)), (f"{which}/bias", bias, (num_classes,))):
-            if value is None or value.shape != shape or value.dtype != np.float64 or not np.isfinite(value).all():
-                raise TBAInputError(key, f"expected a finite float64 array of shape {shape}")
-        heads[which] = ProbeHead(torch.from_numpy(np.array(weight)), torch.from_numpy(np.array(bias)))
-    return heads
+    check_arrays(arrays, {f"{which}/{name}": shape for which in MODELS
+                          for name, shape in (("weight", (num_classes, dim)), ("bias", (num_classes,)))}, "heads")
+    return {which: ProbeHead(torch.from_numpy(np.array(arrays[f"{which}/weight"])),
+                             torch.from_numpy(np.array(arrays[f"{which}/bias"]))) for which in MODELS}
 
 
 def check_psd(gram: torch.Tensor, field: str, tolerance: float | None) -> None:
@@ -192,23 +188,21 @@ def encode_maps(maps: Mapping[Span, LinearMap]) -> Arrays:
 
 
 def decode_maps(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], identity: Iterable[Span],
-                dim: int) -> dict[Span, LinearMap]:
-    identity = set(identity)
-    maps: dict[Span, LinearMap] = {}
-    for span in spans:
-        if span in identity:
-            maps[span] = LinearMap.identity(dim)
-            continue
-        key = f"span.{span.key}"
-        weight = arrays.get(key + ".weight")
-        if weight is None or weight.shape != (dim, dim) or weight.dtype != np.float64 or not np.isfinite(weight).all():
-            raise TBAInputError(key + ".weight", f"expected a finite float64 [{dim}, {dim}] array")
-        bias = arrays.get(key + ".bias")
-        if bias is not None and (bias.shape != (dim,) or bias.dtype != np.float64 or not np.isfinite(bias).all()):
-            raise TBAInputError(key + ".bias", f"expected a finite float64 [{dim}] array")
-        maps[span] = LinearMap(torch.from_numpy(np.array(weight)),
-                               None if bias is None else torch.from_numpy(np.array(bias)))
-    return maps
+                dim: int, kind: str = "maps") -> dict[Span, LinearMap]:
+    """The maps of the plan's fitted spans (all with a bias or none), checked like any payload."""
+    spans, identity = list(spans), set(identity)
+    fitted = [span for span in spans if span not in identity]
+    biased = any(key.endswith(".bias") for key in arrays)
+    shapes = {f"span.{span.key}.{name}": shape for span in fitted
+              for name, shape in (("weight", (dim, dim)), ("bias", (dim,))) if name == "weight" or biased}
+    check_arrays(arrays, shapes, kind)
+
+    def fitted_map(span: Span) -> LinearMap:
+        bias = arrays.get(f"span.{span.key}.bias")
+        return LinearMap(torch.from_numpy(np.array(arrays[f"span.{span.key}.weight"])),
+                         None if bias is None else torch.from_numpy(np.array(bias)))
+
+    return {span: LinearMap.identity(dim) if span in identity else fitted_map(span) for span in spans}
 
 
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
@@ -256,7 +250,4 @@ def decode_priors(text: str, spans: Iterable[Span], dim: int) -> dict[Span, Line
                   for k, v in raw.items()}
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
         raise TBAInputError("prior-maps", f"not a valid encoding of prior maps ({err})") from None
-    spans = list(spans)
-    if extra := sorted(set(arrays) - {f"span.{s.key}.{n}" for s in spans for n in ("weight", "bias")}):
-        raise TBAInputError("prior-maps", f"unexpected keys {extra[:4]}")
-    return decode_maps(arrays, spans, (), dim)
+    return decode_maps(arrays, spans, (), dim, "prior-maps")
