@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -139,9 +140,10 @@ def medmnist(config: DataConfig, data_cfg: dict) -> ArrayImages:
         raise TBAInputError("data.path", f"{path} does not exist", "give a MedMNIST-style .npz file")
     keys = (f"{config.split}_images", f"{config.split}_labels")
     try:
-        with np.load(path) as npz:
-            arrays = {k: npz[k] for k in keys if k in npz.files}
-    except (OSError, ValueError, EOFError) as err:
+        with open(path, "rb") as handle:  # np.load(path) leaks its handle when the zip is corrupt
+            loaded = np.load(handle)  # a plain .npy gives one array: no keys
+            arrays = {k: loaded[k] for k in keys if k in loaded.files} if isinstance(loaded, np.lib.npyio.NpzFile) else {}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise TBAInputError("data.path", f"{path} is not a readable .npz of plain arrays ({err})",
                             "save it with numpy.savez, without object arrays") from None
     if missing := [k for k in keys if k not in arrays]:
