@@ -121,7 +121,8 @@ class RunConfig(_Section):
 def _format_validation_error(err: ValidationError, section: str = "") -> TBAInputError:
     """The first error as a TBAInputError; a validator that raised TBAInputError keeps its field (under the
     section it validated) and fix. `section` prefixes every field (e.g. ``privacy`` for a request's JSON)."""
-    first = err.errors()[0]
+    errors = err.errors()  # a misspelt key is the cause of the "missing" error of the key it meant: name it first
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = [section] if section else []
     loc += [str(p) for p in first["loc"]]
     cause = first.get("ctx", {}).get("error")
