@@ -9,6 +9,7 @@ from flwr.clientapp import ClientApp
 
 from tba_fed.compressed import build_compressed
 from tba_fed.federation import app_logging
+from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import from_record, to_record
 from tba_fed.federation.secure_aggregation import register_secure_fit
 from tba_fed.federation.site import (RunSpec, accuracy_reply, cached_model, install, probe_reply, resolve_site,
@@ -32,7 +33,7 @@ def _run(msg: Message, config) -> RunSpec:
 
 
 def _reply(msg: Message, site_name: str, **records) -> Message:
-    return Message(RecordDict({"meta": ConfigRecord({"site": site_name}), **records}), reply_to=msg)
+    return Message(RecordDict({"meta": ConfigRecord({"site": site_name, **echo(msg)}), **records}), reply_to=msg)
 
 
 @app.query("similarity")

@@ -17,7 +17,7 @@ from .checkpoint import save_compressed
 from .config import RunConfig, load_config, merge_overrides
 from .data import build_dataset, calibration_split, make_loader
 from .errors import TBAInputError
-from .fileio import atomic_directory
+from .fileio import atomic_directory, check_output_dir
 from .models import create_model
 from .pipeline import analyze, calibrate, choose_plan
 from .report import similarity_markdown, write_similarity
@@ -26,10 +26,13 @@ _logger = logging.getLogger("tba_fed")
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    if "=" not in text:
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{key.strip()}: cannot read the value {value!r} ({err})") from None
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +94,7 @@ def _prepare(config: RunConfig):
 
 
 def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
+    check_output_dir(config.output, overwrite=config.overwrite, marker="similarity.json")  # before any work
     model, calibration, _ = _prepare(config)
     similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
     with atomic_directory(config.output, overwrite=config.overwrite, marker="similarity.json") as tmp:
@@ -100,6 +104,7 @@ def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
 
 
 def run_compress(config: RunConfig) -> Path:
+    check_output_dir(config.output, overwrite=config.overwrite)  # before any work, not after it
     model, calibration, holdout = _prepare(config)
     similarity = None
     if config.plan is not None:

@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from tba_fed import ModelConfig, ViTAdapter, solve_plan
 from tba_fed.calibrate import collect_span_stats
 from tba_fed.federation.config import load_federated_config
+from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import from_record, to_record
 from tba_fed.federation.server import FederationError, run_server
 from tba_fed.federation.config import FederationConfig
@@ -84,7 +85,7 @@ class InProcessGrid:
             config = msg.content.config_records["config"]
             model = cached_model(str(config["model"]))
             site = self.sites[node]
-            records = {"meta": ConfigRecord({"site": site.name})}
+            records = {"meta": ConfigRecord({"site": site.name, **echo(msg)})}
             action = msg.metadata.message_type.split(".", 1)[1]
             if kind == "crash" and action == "statistics":
                 replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,

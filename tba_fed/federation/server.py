@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -28,7 +29,7 @@ from ..errors import TBAInputError
 from ..fileio import check_output_dir
 from ..models import create_model
 from ..pipeline import Compression, choose_plan, solve_plan
-from ..plan import Span, parse_plan
+from ..plan import Span
 from ..privacy.accounting import noise_multiplier
 from ..privacy.clipped import to_span_stats
 from ..privacy.policy import PrivacyRequest
@@ -43,7 +44,8 @@ from ..public_prior import public_norms, public_prior_maps, public_span_bounds
 from ..report import compression_dict, compression_markdown, write_similarity
 from ..solver import LinearMap
 from ..stats import SpanStats
-from .config import FederatedRunConfig
+from .config import FederatedRunConfig, fixed_plan
+from .envelope import check_echo, stamp
 from .private_rounds import privacy_markdown, privacy_summary, secure_statistics_round
 from .records import from_record, to_record
 from .wire import (MODELS, decode_private_spans, decode_probe, decode_similarity, decode_spans, encode_heads,
@@ -79,7 +81,9 @@ def record_bytes(content: RecordDict) -> int:
 def _site_name(node_id: int, reply: Message | None, names: dict[int, str]) -> str:
     """A site's own name once it has sent one (remembered in `names` for later rounds), else its node id."""
     if reply is not None and not reply.has_error() and "meta" in reply.content.config_records:
-        names[node_id] = str(reply.content.config_records["meta"].get("site", node_id))
+        claimed = str(reply.content.config_records["meta"].get("site", node_id))
+        if claimed not in (name for other, name in names.items() if other != node_id):  # a taken name is refused
+            names[node_id] = claimed
     return names.get(node_id, f"node-{node_id}")
 
 
@@ -98,19 +102,26 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
     """
     start = time.perf_counter()
     contents = {node: make_content() for node in nodes}
-    messages = [Message(content=contents[node], dst_node_id=node, message_type=message_type) for node in nodes]
-    replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    sent = {node: Message(content=contents[node], dst_node_id=node, message_type=message_type) for node in nodes}
+    for msg in sent.values():
+        stamp(msg, log.name)
+    received = list(grid.send_and_receive(list(sent.values()), timeout=timeout))
+    replies = {r.metadata.src_node_id: r for r in received}
+    repeats = Counter(r.metadata.src_node_id for r in received)
     accepted: dict[str, Any] = {}
     for node in nodes:
         reply = replies.get(node)
         name = _site_name(node, reply, log.names)
         entry: dict[str, Any] = {"node_id": node, "bytes_sent": record_bytes(contents[node])}
-        if reply is None:
+        if repeats[node] > 1:
+            entry.update(status="rejected", reason=f"duplicate reply: {repeats[node]} replies to one request, all discarded")
+        elif reply is None:
             entry.update(status="no reply", reason=f"no reply within {timeout:.0f} s")
         elif reply.has_error():
             entry.update(status="error", reason=f"site error {reply.error.code}: {reply.error.reason}")
         else:
             try:
+                check_echo(reply.content, sent[node], name)
                 accepted[name] = decode(reply.content)
                 entry.update(status="ok", bytes_received=record_bytes(reply.content),
                              received=received_schema(reply.content))
@@ -152,6 +163,8 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     check_output_dir(config.output, overwrite=config.overwrite)  # fail before any site works, not after
     model = create_model(config.model)
     adapter = ViTAdapter(model)
+    plan, identity = fixed_plan(config, adapter.num_blocks)
+    tokens = adapter.tokens_per_image(config.token_mode)
     model_json = config.model.model_dump_json()
     nodes = wait_for_nodes(grid, fed.num_sites, fed.min_sites, fed.round_timeout)
     connected = len(nodes)
@@ -164,12 +177,9 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         settings = {"model": model_json, "token-mode": config.token_mode, **values}
         return lambda: RecordDict({"config": ConfigRecord(settings)})
 
-    identity = parse_plan(config.identity_spans, adapter.num_blocks, "identity_spans").spans \
-        if config.identity_spans else ()
     privacy = config.privacy
     prior_kind = config.prior or ("public" if privacy is not None else "zero")
     public = public_loader(model, privacy.public_images if privacy else 336) if privacy or prior_kind == "public" else None
-    tokens = adapter.tokens_per_image(config.token_mode)
     releases = (() if config.plan is not None else ("similarity",)) + ("statistics",) + \
         (("probe", "accuracy") if config.evaluation.enabled else ())
     # block and feature norms bound only the similarity and probe releases: a full forward pass, so only when asked
@@ -188,11 +198,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
     def private(req: PrivacyRequest | None) -> dict[str, str]:
         return {"privacy": req.to_json() if req is not None else ""}
-    if config.plan is not None:
-        plan = parse_plan(config.plan, adapter.num_blocks)
-        if unknown := [str(s) for s in identity if s not in plan.spans]:
-            raise TBAInputError("identity_spans", f"{', '.join(unknown)} not in the plan {plan}")
-    elif config.budget is not None:
+    if plan is None:  # a budget: the sites' summed similarity chooses the plan
         log = RoundLog("similarity", names)
         rounds.append(log)
 
@@ -211,8 +217,6 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
                            metric=config.budget.metric, bias=config.bias)
         _logger.info("plan chosen from %d sites' similarity: %s", len(replies), plan)
-    else:
-        raise TBAInputError("plan", "give a plan or a budget")
 
     public_maps = public_prior_maps(model, public, plan.spans, config.token_mode, config.bias) if public else {}
     dim = adapter.embed_dim
