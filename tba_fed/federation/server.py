@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -45,7 +44,7 @@ from ..solver import LinearMap
 from ..stats import SpanStats
 from .config import FederatedRunConfig
 from .private_rounds import privacy_markdown, privacy_summary, secure_statistics_round
-from .records import from_record, to_record
+from .records import from_record, received_schema, to_record
 from .wire import (MODELS, decode_private_spans, decode_probe, decode_similarity, decode_spans, encode_heads,
                    encode_maps, encode_priors, payload_bytes)
 
@@ -81,12 +80,6 @@ def _site_name(node_id: int, reply: Message | None, names: dict[int, str]) -> st
     if reply is not None and not reply.has_error() and "meta" in reply.content.config_records:
         names[node_id] = str(reply.content.config_records["meta"].get("site", node_id))
     return names.get(node_id, f"node-{node_id}")
-
-
-def received_schema(content: RecordDict) -> dict[str, list[int]]:
-    """Names and shapes of every array a reply carried: what the report shows the server received."""
-    return {f"{name}:{key}": list(np.shape(value)) for name, record in content.array_records.items()
-            for key, value in from_record(record).items()}
 
 
 def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Callable[[], RecordDict],
