@@ -12,6 +12,8 @@ from ..errors import TBAInputError
 from ..plan import Plan, Span, parse_plan
 from ..privacy.policy import RELEASES, SitePolicy
 
+SITE_AUDIT_FILE = "audit.jsonl"  # a site's audit log in its output folder, unless its YAML names another
+
 
 class PartitionConfig(_Section):
     """How a simulation splits one dataset into sites (deterministic given the seed)."""
@@ -76,6 +78,13 @@ class FederatedRunConfig(RunConfig):
         None, description="what the ridge shrinks maps toward: zero, identity (drop the blocks) or a map fitted on "
                           "public photos; default: public with privacy, zero without")
     output: Path = Path("outputs/federated")
+    audit: Path | None = Field(None, description="the server's hash-chained audit log (JSON Lines); default "
+                                                 "<output>.audit.jsonl beside the output directory")
+
+    @property
+    def audit_log(self) -> Path:
+        """Beside the output, not in it: the output directory is replaced whole at the end of a run."""
+        return self.audit or self.output.with_name(self.output.name + ".audit.jsonl")
 
     @model_validator(mode="after")
     def _secure_needs_sites(self) -> FederatedRunConfig:
@@ -94,6 +103,13 @@ class SiteConfig(_Section):
     output: Path = Field(description="where this site writes its compressed model")
     device: Device = "cpu"
     privacy: SitePolicy = Field(description="this site's privacy policy: its caps hold whatever the server asks")
+    audit: Path | None = Field(None, description="this site's hash-chained audit log of every request and release; "
+                                                 "default <output>/audit.jsonl")
+
+    @property
+    def audit_log(self) -> Path:
+        """In the output folder, outside output/compressed (which install replaces whole)."""
+        return self.audit or self.output / SITE_AUDIT_FILE
 
     @model_validator(mode="after")
     def _ledger(self) -> SiteConfig:

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -47,7 +46,8 @@ from ..stats import SpanStats
 from .config import FederatedRunConfig, fixed_plan
 from .envelope import check_echo, stamp
 from .private_rounds import privacy_markdown, privacy_summary, secure_statistics_round
-from .records import from_record, to_record
+from .records import from_record, received_schema, to_record
+from .server_audit import ServerAudit
 from .wire import (MODELS, decode_private_spans, decode_probe, decode_similarity, decode_spans, encode_heads,
                    encode_maps, encode_priors, payload_bytes)
 
@@ -87,18 +87,12 @@ def _site_name(node_id: int, reply: Message | None, names: dict[int, str]) -> st
     return names.get(node_id, f"node-{node_id}")
 
 
-def received_schema(content: RecordDict) -> dict[str, list[int]]:
-    """Names and shapes of every array a reply carried: what the report shows the server received."""
-    return {f"{name}:{key}": list(np.shape(value)) for name, record in content.array_records.items()
-            for key, value in from_record(record).items()}
-
-
 def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Callable[[], RecordDict],
              decode: Callable[[RecordDict], Any], log: RoundLog, *, timeout: float, min_sites: int,
-             images: Callable[[Any], int] | None = None) -> dict[str, Any]:
+             images: Callable[[Any], int] | None = None, audit: ServerAudit | None = None) -> dict[str, Any]:
     """Send one message per node, validate each reply with `decode`, keep the valid ones.
 
-    `images` reads the image count a valid reply summarises, for the report.
+    `images` reads the image count a valid reply summarises, for the report; `audit` records the round.
     """
     start = time.perf_counter()
     contents = {node: make_content() for node in nodes}
@@ -134,6 +128,8 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
         log.sites[name] = entry
     log.seconds = time.perf_counter() - start
     log.nodes = [log.sites[name]["node_id"] for name in accepted]
+    if audit is not None:
+        audit.round(log, message_type, contents, replies)
     if len(accepted) < min_sites:
         detail = "; ".join(f"{s}: {v['status']} ({v.get('reason', '')})" for s, v in log.sites.items())
         raise FederationError(f"round {log.name}: {len(accepted)} valid replies, min_sites is {min_sites}. {detail}")
@@ -161,6 +157,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     """The whole federated run; returns the report that is also written to ``config.output``."""
     fed = config.federation
     check_output_dir(config.output, overwrite=config.overwrite)  # fail before any site works, not after
+    audit = ServerAudit(config.audit_log, str(grid.run.run_id))
     model = create_model(config.model)
     adapter = ViTAdapter(model)
     plan, identity = fixed_plan(config, adapter.num_blocks)
@@ -211,7 +208,8 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
         replies = exchange(grid, nodes, f"{MessageType.QUERY}.similarity", content(**private(similarity_request)),
                            decode_similarity_reply, log,
-                           timeout=fed.round_timeout, min_sites=fed.min_sites, images=lambda stats: stats.images)
+                           timeout=fed.round_timeout, min_sites=fed.min_sites, images=lambda stats: stats.images,
+                           audit=audit)
         nodes = log.nodes
         similarity = sum(replies.values())
         plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
@@ -235,7 +233,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         log = RoundLog("statistics (secure aggregation)", names)
         rounds.append(log)
         released, summed = secure_statistics_round(grid, nodes, config, statistics_request, plan, dim,
-                                                   content(**settings)(), log)
+                                                   content(**settings)(), log, audit)
     else:
         log = RoundLog("statistics", names)
         rounds.append(log)
@@ -254,7 +252,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
         replies = exchange(grid, nodes, f"{MessageType.QUERY}.statistics", content(**settings),
                            decode_statistics_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
-                           images=images)
+                           images=images, audit=audit)
         nodes = log.nodes
         summed = len(replies)
         released = {split: {span: sum(r[split][span] for r in replies.values()) for span in plan.spans}
@@ -320,31 +318,33 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         return digest
 
     exchange(grid, nodes, f"{MessageType.TRAIN}.install", install_content, decode_install_reply, log,
-             timeout=fed.round_timeout, min_sites=fed.min_sites)
+             timeout=fed.round_timeout, min_sites=fed.min_sites, audit=audit)
     nodes = log.nodes
     if config.evaluation.enabled:
         probe_request = request(clip_features=norms.feature_bound(privacy.clip_scale)) if privacy else None
         report["evaluation"] = evaluate_rounds(grid, nodes, config, model_json, plan, identity, maps,
-                                               int(model.num_features), rounds, probe_request, sigma)
+                                               int(model.num_features), rounds, probe_request, sigma, audit)
     report["federation"] = {
         "sites_connected": connected,
         "maps_sha256": expected,
         "rounds": [{"name": r.name, "seconds": round(r.seconds, 3), "sites": r.sites} for r in rounds],
     }
+    report_json = json.dumps(report, indent=2) + "\n"
     write_compressed(config.output, maps, manifest(report, maps), overwrite=config.overwrite,
-                     files={"report.json": json.dumps(report, indent=2) + "\n",
+                     files={"report.json": report_json,
                             "report.md": compression_markdown(report) + privacy_markdown(report)
                                          + (evaluation_markdown(report["evaluation"])
                                                                          if "evaluation" in report else "")
                                          + federation_markdown(report["federation"])},
                      extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)))
+    audit.result(expected, config.output, report_json)
     _logger.info("federated run complete: %s written", config.output)
     return report
 
 
 def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, model_json: str, plan, identity,
                     maps, dim: int, rounds: list[RoundLog], request: PrivacyRequest | None = None,
-                    sigma: float | None = None) -> dict[str, Any]:
+                    sigma: float | None = None, audit: ServerAudit | None = None) -> dict[str, Any]:
     """Rounds 4-5: probe sums from every site, heads solved here, correct counts back (noisy under DP)."""
     fed, ev = config.federation, config.evaluation
     names = rounds[0].names
@@ -362,7 +362,7 @@ def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, mo
     replies = exchange(grid, nodes, f"{MessageType.QUERY}.probe",
                        lambda: RecordDict({"maps": to_record(encode_maps(maps)), "config": ConfigRecord(settings)}),
                        decode_probe_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
-                       images=lambda stats: stats["original"].images)
+                       images=lambda stats: stats["original"].images, audit=audit)
     nodes = log.nodes
     pooled_stats = {which: sum(r[which] for r in replies.values()) for which in MODELS}
     if request is not None:
@@ -382,7 +382,7 @@ def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, mo
                       lambda: RecordDict({"maps": to_record(encode_maps(maps)), "heads": to_record(encode_heads(heads)),
                                           "config": ConfigRecord(settings)}),
                       decode_accuracy_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
-                      images=lambda c: c["total"])
+                      images=lambda c: c["total"], audit=audit)
     total = sum(c["total"] for c in counts.values())
     pooled = {which: sum(c[f"{which}_correct"] for c in counts.values()) / max(total, 1) for which in MODELS}
     per_site = {site: {"images": c["total"], "original": c["original_correct"] / max(c["total"], 1),

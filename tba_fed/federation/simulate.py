@@ -125,7 +125,8 @@ def absolute_paths(config: FederatedRunConfig) -> FederatedRunConfig:
     data = config.data.model_copy(update={"path": config.data.path.resolve() if config.data.path else None})
     checkpoint = config.model.checkpoint.resolve() if config.model.checkpoint else None
     model = config.model.model_copy(update={"checkpoint": checkpoint})
-    return config.model_copy(update={"output": config.output.resolve(), "data": data, "model": model})
+    return config.model_copy(update={"output": config.output.resolve(), "data": data, "model": model,
+                                     "audit": config.audit.resolve() if config.audit else None})
 
 
 def site_gpus(device: str, num_sites: int) -> float:

@@ -8,6 +8,7 @@ Flower's ``Array`` does not keep 0-d shapes. Nothing per-image ever appears: onl
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 
@@ -207,6 +208,18 @@ def decode_maps(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], identit
 
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
     return int(sum(np.asarray(v).nbytes for v in arrays.values()))
+
+
+def payload_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 of a payload: every array's name, dtype, shape and raw bytes, in sorted name order, each
+    part length-prefixed, so equal payloads hash alike on both ends of the wire whatever the dict order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        for part in (json.dumps([name, value.dtype.str, list(value.shape)]).encode(), value.tobytes()):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    return digest.hexdigest()
 
 
 PRIVATE_SPAN_FIELDS = ("gram_triu", "cross_residual", "sum_x", "sum_r", "sum_rr", "weight")
