@@ -126,15 +126,17 @@ def test_append_after_tampering_is_refused_and_says_how_to_check(tmp_path):
     assert len(_lines(path)) == 2
 
 
-def _appender(path: str, writer: int, count: int) -> None:
+def _appender(path: str, writer: int, count: int, barrier) -> None:
     for k in range(count):
+        barrier.wait(30)  # both writers race for every append: they must interleave, whatever the load
         AuditLog(Path(path)).append({"writer": writer, "k": k})
 
 
 def test_concurrent_appends_from_two_processes_keep_one_chain(tmp_path):
     path = tmp_path / "audit.jsonl"
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=_appender, args=(str(path), w, 40)) for w in (1, 2)]
+    barrier = context.Barrier(2)
+    workers = [context.Process(target=_appender, args=(str(path), w, 40, barrier)) for w in (1, 2)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -144,7 +146,7 @@ def test_concurrent_appends_from_two_processes_keep_one_chain(tmp_path):
     assert check.ok and len(check.entries) == 80
     for writer in (1, 2):  # each writer's entries in its own order, none lost
         assert [e["k"] for e in check.entries if e["writer"] == writer] == list(range(40))
-    assert len({e["writer"] for e in check.entries[:40]}) == 2  # they did interleave
+    assert {e["writer"] for e in check.entries[:2]} == {1, 2}  # the barrier made them interleave
 
 
 def test_payload_and_content_hashes():
@@ -255,7 +257,9 @@ def test_a_private_release_quotes_the_ledger_and_a_tampered_log_stops_the_site(t
     assert entry["spec_sha256"] == ledger.spec_sha256
     assert entry["grant"] == {"mechanism": "gaussian", "noise_multiplier": ledger.noise_multiplier,
                               "noise_std": ledger.noise_std, "noise": ledger.noise, "aggregation": "local",
-                              "images": ledger.images, "epsilon_run": 4.0, "delta": 1e-5}
+                              "images": ledger.images, "epsilon_run": 4.0, "delta": 1e-5,
+                              "payload_sha256": ledger.payload_sha256}
+    assert ledger.payload_sha256 is not None  # the stored payload a repeat would re-send
     assert entry["received"] == {"maps": {"sha256": payload_sha256(from_record(maps)),
                                           "arrays": {"span.1-2.weight": [48, 48]}}}
     assert reply.content.config_records["meta"]["audit-head"] == entry["hash"]

@@ -52,7 +52,7 @@ from tba_fed.config import load_config
 from tba_fed.federation.config import load_federated_config, load_site_config
 from tba_fed.federation.server import run_server
 from tba_fed.federation.simulate import simulate
-from tba_fed.federation.site_privacy import grant_release
+from tba_fed.federation.site_privacy import open_release
 from tba_fed.privacy.policy import PrivacyRequest, SitePolicy
 
 from conftest import TINY
@@ -203,9 +203,10 @@ def test_16_ledger_that_cannot_be_written_refuses_the_release(tmp_path):
     policy = SitePolicy(epsilon=4.0, min_images=1, ledger=blocker / "ledger.json")
     request = PrivacyRequest(epsilon=1.0, delta=1e-5, releases=("statistics",))
     fix = "set privacy.ledger to a path in a directory this site's user can write"
-    with refused("privacy.ledger", fix=fix, untouched=[tmp_path]) as err:
-        grant_release(policy, request, "statistics", 50, site_name="h", run_id="7", spec=(), parts=())
-    assert f"{blocker / 'ledger.json'} cannot be written (" in str(err.value)
+    with refused("privacy.ledger", fix=fix, untouched=[tmp_path]) as err, \
+            open_release(policy, request, "statistics", 50, site_name="h", run_id="7", spec=(), parts=()):
+        pass
+    assert f"{blocker / 'ledger.json.releases'} cannot be written (" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

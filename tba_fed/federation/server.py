@@ -157,10 +157,10 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     """The whole federated run; returns the report that is also written to ``config.output``."""
     fed = config.federation
     check_output_dir(config.output, overwrite=config.overwrite)  # fail before any site works, not after
-    audit = ServerAudit(config.audit_log, str(grid.run.run_id))
     model = create_model(config.model)
     adapter = ViTAdapter(model)
     plan, identity = fixed_plan(config, adapter.num_blocks)
+    audit = ServerAudit(config.audit_log, str(grid.run.run_id))
     tokens = adapter.tokens_per_image(config.token_mode)
     model_json = config.model.model_dump_json()
     nodes = wait_for_nodes(grid, fed.num_sites, fed.min_sites, fed.round_timeout)
