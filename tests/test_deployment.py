@@ -80,8 +80,8 @@ def test_a_site_killed_mid_run_is_excluded_and_named(cluster):
     assert (folder / "report.json").is_file(), out[-3000:]
     rounds = {r["name"]: r["sites"] for r in json.loads((folder / "report.json").read_text())["federation"]["rounds"]}
     assert rounds["similarity"]["hospital-c"]["status"] == "ok"
-    missing = [s for s, v in rounds["statistics"].items() if v["status"] == "no reply"]
-    assert len(missing) == 1 and "no reply within 60 s" in rounds["statistics"][missing[0]]["reason"]
+    assert rounds["statistics"]["hospital-c"]["status"] == "error"  # the SuperLink says why: the node is offline
+    assert rounds["statistics"]["hospital-c"]["reason"].startswith("site error 5: Error: Node Unavailable")
     assert sorted(rounds["install"]) == ["hospital-a", "hospital-b"]
     report = json.loads((folder / "report.json").read_text())
     central, _ = cluster.centralised(("hospital-a", "hospital-b"), parse_plan(report["plan"], 6))
