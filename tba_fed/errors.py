@@ -18,3 +18,8 @@ class TBAInputError(ValueError):
         if fix:
             text += f" ({fix})"
         super().__init__(text)
+
+
+class FederationError(RuntimeError):
+    """A federated run cannot produce a trustworthy result: too few sites took part validly, or the
+    SuperLink is gone."""

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,7 +23,7 @@ from flwr.serverapp import Grid
 from ..adapter import ViTAdapter
 from ..checkpoint import manifest, maps_checksum, write_compressed
 from ..compressed import build_compressed, parameter_report
-from ..errors import TBAInputError
+from ..errors import FederationError, TBAInputError
 from ..fileio import check_output_dir
 from ..models import create_model
 from ..pipeline import Compression, choose_plan, solve_plan
@@ -44,6 +43,7 @@ from ..report import compression_dict, compression_markdown, write_similarity
 from ..solver import LinearMap
 from ..stats import SpanStats
 from .config import FederatedRunConfig, fixed_plan
+from .delivery import BoundedGrid, send_and_receive
 from .envelope import check_echo, stamp
 from .private_rounds import privacy_markdown, privacy_summary, secure_statistics_round
 from .records import from_record, received_schema, to_record
@@ -55,10 +55,6 @@ _logger = logging.getLogger(__name__)
 
 
 NOISE_DRAWS = 20  # re-noisings of the held-out release that give the report's ± on each estimate
-
-
-class FederationError(RuntimeError):
-    """Too few sites took part validly: the run cannot produce a trustworthy result."""
 
 
 @dataclass
@@ -99,9 +95,7 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
     sent = {node: Message(content=contents[node], dst_node_id=node, message_type=message_type) for node in nodes}
     for msg in sent.values():
         stamp(msg, log.name)
-    received = list(grid.send_and_receive(list(sent.values()), timeout=timeout))
-    replies = {r.metadata.src_node_id: r for r in received}
-    repeats = Counter(r.metadata.src_node_id for r in received)
+    replies, repeats = send_and_receive(grid, list(sent.values()), timeout=timeout)
     accepted: dict[str, Any] = {}
     for node in nodes:
         reply = replies.get(node)
@@ -157,6 +151,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     """The whole federated run; returns the report that is also written to ``config.output``."""
     fed = config.federation
     check_output_dir(config.output, overwrite=config.overwrite)  # fail before any site works, not after
+    grid = BoundedGrid(grid, patience=fed.round_timeout)  # no call waits forever for a SuperLink that is gone
     model = create_model(config.model)
     adapter = ViTAdapter(model)
     plan, identity = fixed_plan(config, adapter.num_blocks)

@@ -77,14 +77,16 @@ def _executable(name: str) -> str:
 
 @contextlib.contextmanager
 def local_superlink(home: Path, port: int, *, simulation: bool = False, certificates: Path | None = None,
-                    node_auth: bool = False, timeout: float = 60.0) -> Iterator[subprocess.Popen]:
+                    node_auth: bool = False, isolation: str = "subprocess",
+                    timeout: float = 60.0) -> Iterator[subprocess.Popen]:
     """A SuperLink on 127.0.0.1:port for the duration of the block, stopped by the pid we started.
 
     ``certificates``: a folder from scripts/make-certificates.sh (TLS); ``node_auth``: only registered
-    SuperNode keys may connect (needs TLS).
+    SuperNode keys may connect (needs TLS); ``isolation="process"``: the ServerApp runs under a
+    separately started flower-superexec instead of a child of the SuperLink.
     """
     args = [_executable("flower-superlink"), "--port", str(port), "--disable-runtime-dependency-installation",
-            "--database", str(home / "superlink.db")]
+            "--database", str(home / "superlink.db"), "--isolation", isolation]
     if certificates is None:
         args.append("--insecure")
     else:
