@@ -57,11 +57,11 @@ def problem(field: str, message: str, fix: str | None = None) -> Check:
     return Check(field, "PROBLEM", message, fix)
 
 
-def from_error(err: TBAInputError) -> Check:
+def from_error(err: TBAInputError, status: Status = "PROBLEM") -> Check:
     message = str(err)[len(err.field) + 2:]
     if err.fix:
         message = message[: -len(err.fix) - 3]
-    return problem(err.field, message, err.fix)
+    return Check(err.field, status, message, err.fix)
 
 
 def problems(checks: Iterable[Check]) -> list[Check]:

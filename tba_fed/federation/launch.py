@@ -62,7 +62,7 @@ def supernode_command(site: SiteConfig, site_yaml: Path) -> list[str]:
     return [*args, "--node-config", f'site-config="{Path(site_yaml).resolve()}"']
 
 
-def wait_for_tls(process: subprocess.Popen, address: str, ca_certfile: Path, timeout: float = 60.0) -> None:
+def wait_for_tls(process: subprocess.Popen, address: str, ca_certfile: Path, timeout: float = 120.0) -> None:
     """Until the SuperLink completes a verified TLS handshake (or exits, or the timeout passes)."""
     deadline = time.monotonic() + timeout
     while True:

@@ -53,7 +53,7 @@ def site_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
         return [c.from_error(err)]
     results = [ok("config", f"{path} is a valid site YAML ({site.name})"), _profile(site.profile, "profile" in raw)]
     missing = connection_errors(site)
-    results += [c.from_error(err) if site.profile == "production" else note(err.field, str(err)) for err in missing]
+    results += [c.from_error(err, "PROBLEM" if site.profile == "production" else "NOTE") for err in missing]
     conn = site.connection
     if conn is not None:
         ca = conn.root_certificates
