@@ -110,6 +110,25 @@ def test_insecure_only_in_development(tmp_path):
                                                                      "--node-config"]
 
 
+def test_seeded_noise_only_in_development(tmp_path):
+    path = _run(tmp_path)
+    config = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**config, "privacy": {"epsilon": 1.0, "seed": 3}}))
+    with pytest.raises(TBAInputError) as err:
+        superlink_command(load_federated_config(path))
+    assert str(err.value) == ("privacy.seed: seeded noise is predictable: the production profile draws it from the "
+                              f"CSPRNG (remove privacy.seed, {DEVELOPMENT})")
+    path.write_text(yaml.safe_dump({**config, "privacy": {"epsilon": 1.0, "seed": 3}, "profile": "development"}))
+    assert "--enable-supernode-auth" in superlink_command(load_federated_config(path))
+    site = _site(tmp_path)
+    config = yaml.safe_load(site.read_text())
+    site.write_text(yaml.safe_dump({**config, "privacy": {**config["privacy"], "allow_seeded_noise": True}}))
+    with pytest.raises(TBAInputError) as err:
+        supernode_command(load_site_config(site), site)
+    assert str(err.value) == ("privacy.allow_seeded_noise: seeded noise is predictable: the production profile refuses "
+                              f"it (set allow_seeded_noise: false, {DEVELOPMENT})")
+
+
 def test_simulate_is_development_and_refuses_explicit_production(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"model": MODEL, "plan": "1->2", "output": str(tmp_path / "out")}))

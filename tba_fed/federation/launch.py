@@ -19,7 +19,7 @@ from ..errors import TBAInputError
 from .certificates import describe_os_error, key_bytes, load_auth_public_key, tls_handshake
 from .config import FederatedRunConfig, SiteConfig
 from .flower_control import SuperLinkAPIError, register_node, registered_nodes
-from .profile import require_connection, require_superlink
+from .profile import require_site, require_run
 from .simulate import executable, flower_env, stop_process
 
 _logger = logging.getLogger(__name__)
@@ -31,11 +31,11 @@ class LaunchError(RuntimeError):
 
 def superlink_command(config: FederatedRunConfig) -> list[str]:
     """flower-superlink's arguments for this run YAML (its profile's requirements checked first)."""
-    sl = require_superlink(config)
+    sl = require_run(config)
     args = [executable("flower-superlink"), "--host", sl.host, "--port", str(sl.port),
             "--disable-runtime-dependency-installation"]
     if sl.certificates is None:
-        args.append("--insecure")  # development only: require_superlink refuses this in production
+        args.append("--insecure")  # development only: require_run refuses this in production
     else:
         args += ["--ssl-certfile", str(sl.certificates.certfile.resolve()),
                  "--ssl-keyfile", str(sl.certificates.keyfile.resolve()),
@@ -49,10 +49,10 @@ def superlink_command(config: FederatedRunConfig) -> list[str]:
 
 def supernode_command(site: SiteConfig, site_yaml: Path) -> list[str]:
     """flower-supernode's arguments for this site YAML; the SuperNode hands the YAML's path to the ClientApp."""
-    conn = require_connection(site)
+    conn = require_site(site)
     args = [executable("flower-supernode"), "--superlink", conn.superlink]
     if conn.root_certificates is None:
-        args.append("--insecure")  # development only: require_connection refuses this in production
+        args.append("--insecure")  # development only: require_site refuses this in production
     else:
         args += ["--root-certificates", str(conn.root_certificates.resolve())]
     if conn.auth_key is not None:

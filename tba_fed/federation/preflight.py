@@ -20,7 +20,7 @@ from ..privacy.ledger import PrivacyLedger
 from . import checks as c
 from .checks import Check, note, ok, problem
 from .config import FederatedRunConfig, SiteConfig
-from .profile import connection_errors, superlink_errors
+from .profile import run_errors, site_errors
 
 _logger = logging.getLogger(__name__)
 DEFAULT_EXPIRY_DAYS = 30.0
@@ -52,7 +52,7 @@ def site_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
     except TBAInputError as err:
         return [c.from_error(err)]
     results = [ok("config", f"{path} is a valid site YAML ({site.name})"), _profile(site.profile, "profile" in raw)]
-    missing = connection_errors(site)
+    missing = site_errors(site)
     results += [c.from_error(err, "PROBLEM" if site.profile == "production" else "NOTE") for err in missing]
     conn = site.connection
     if conn is not None:
@@ -94,7 +94,7 @@ def server_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
     except TBAInputError as err:
         return [c.from_error(err)]
     results = [ok("config", f"{path} is a valid run YAML"), _profile(config.profile, "profile" in raw)]
-    results += [c.from_error(err) for err in superlink_errors(config)]
+    results += [c.from_error(err) for err in run_errors(config)]
     sl = config.superlink
     if sl is not None:
         tls = sl.certificates
@@ -195,7 +195,7 @@ def data_check(site: SiteConfig, model) -> Check:
 
 
 def privacy_checks(site: SiteConfig) -> list[Check]:
-    """The policy can release something, and the ledger is whole and can be written."""
+    """The policy can release something, and the ledger is whole and can be written (seeded noise: site_errors)."""
     policy = site.privacy
     assert policy.ledger is not None
     results = []
@@ -211,8 +211,5 @@ def privacy_checks(site: SiteConfig) -> list[Check]:
         else:
             results.append(ok("privacy", f"releases {', '.join(policy.releases)}; ε {spent:.4f} spent of "
                                          f"{policy.epsilon:g} at δ={policy.delta:g}; min_images {policy.min_images}"))
-    if policy.allow_seeded_noise and site.profile == "production":
-        results.append(problem("privacy.allow_seeded_noise", "seeded noise is predictable: tests and simulations only",
-                               "set allow_seeded_noise: false"))
     results.append(c.writable_directory("privacy.ledger", policy.ledger.parent))
     return results

@@ -19,14 +19,17 @@ from .config import ConnectionConfig, FederatedRunConfig, SiteConfig, SuperLinkC
 OR_DEVELOPMENT = "or set profile: development for a simulation or a local test"
 
 
-def superlink_errors(config: FederatedRunConfig) -> list[TBAInputError]:
-    """Everything the run's profile requires of its superlink section that the config lacks."""
+def run_errors(config: FederatedRunConfig) -> list[TBAInputError]:
+    """Everything the run's profile requires (of its superlink section above all) that the config lacks."""
+    found = []
+    if config.profile == "production" and config.privacy is not None and config.privacy.seed is not None:
+        found.append(TBAInputError("privacy.seed", "seeded noise is predictable: the production profile draws it from "
+                                                   "the CSPRNG", f"remove privacy.seed, {OR_DEVELOPMENT}"))
     sl = config.superlink
     if sl is None:
-        return [TBAInputError("superlink", f"the {config.profile} profile needs a superlink section to start a SuperLink",
-                              "add superlink: address, port, certificates, database, node_auth, sites "
-                              "(docs/deployment.md)")]
-    found = []
+        return [*found, TBAInputError("superlink", f"the {config.profile} profile needs a superlink section to start a "
+                                                   "SuperLink", "add superlink: address, port, certificates, database, "
+                                                                "node_auth, sites (docs/deployment.md)")]
     if config.profile == "production":
         if sl.certificates is None:
             found.append(TBAInputError("superlink.certificates", "the production profile needs TLS",
@@ -51,23 +54,28 @@ def superlink_errors(config: FederatedRunConfig) -> list[TBAInputError]:
     return found
 
 
-def require_superlink(config: FederatedRunConfig) -> SuperLinkConfig:
-    """The superlink section, if the profile's requirements hold; else the first missing one, as an error."""
-    if errors := superlink_errors(config):
+def require_run(config: FederatedRunConfig) -> SuperLinkConfig:
+    """The superlink section, if the run's profile requirements hold; else the first missing one, as an error."""
+    if errors := run_errors(config):
         raise errors[0]
     assert config.superlink is not None
     return config.superlink
 
 
-def connection_errors(site: SiteConfig) -> list[TBAInputError]:
-    """Everything the site's profile requires of its connection section that the config lacks."""
+def site_errors(site: SiteConfig) -> list[TBAInputError]:
+    """Everything the site's profile requires (of its connection section above all) that the config lacks."""
+    found = []
+    if site.profile == "production" and site.privacy.allow_seeded_noise:
+        found.append(TBAInputError("privacy.allow_seeded_noise", "seeded noise is predictable: the production profile "
+                                                                 "refuses it", f"set allow_seeded_noise: false, "
+                                                                               f"{OR_DEVELOPMENT}"))
     conn = site.connection
     if conn is None:
-        return [TBAInputError("connection", f"the {site.profile} profile needs a connection section to start a SuperNode",
-                              "add connection: superlink (host:port), root_certificates, auth_key (docs/deployment.md)")]
+        return [*found, TBAInputError("connection", f"the {site.profile} profile needs a connection section to start a "
+                                                    "SuperNode", "add connection: superlink (host:port), "
+                                                                 "root_certificates, auth_key (docs/deployment.md)")]
     if site.profile != "production":
-        return []
-    found = []
+        return found
     if conn.root_certificates is None:
         found.append(TBAInputError("connection.root_certificates", "the production profile needs TLS: the CA certificate "
                                                                    "that signed the SuperLink's certificate",
@@ -80,8 +88,8 @@ def connection_errors(site: SiteConfig) -> list[TBAInputError]:
     return found
 
 
-def require_connection(site: SiteConfig) -> ConnectionConfig:
-    if errors := connection_errors(site):
+def require_site(site: SiteConfig) -> ConnectionConfig:
+    if errors := site_errors(site):
         raise errors[0]
     assert site.connection is not None
     return site.connection
@@ -105,7 +113,7 @@ def verify_superlink(config: FederatedRunConfig) -> list[str]:
     Raises on the first problem; returns the checks' lines (for the report). A development run is not checked."""
     if config.profile != "production":
         return []
-    checks = live_superlink_checks(require_superlink(config))
+    checks = live_superlink_checks(require_run(config))
     if found := problems(checks):
         first = found[0]
         raise TBAInputError(first.field, f"production run refused: {first.message}", first.fix)
