@@ -141,11 +141,19 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def tls_handshake(address: str, ca_certfile: Path, timeout: float = 10.0) -> str:
-    """Connect to host:port and complete a TLS handshake that verifies the server's certificate against
-    `ca_certfile` and its host name; return the TLS version. Raises OSError (ssl.SSLError included)."""
+def tls_context(ca_certfile: Path, field: str) -> ssl.SSLContext:
+    """A client context that trusts only `ca_certfile` and checks host names."""
+    try:
+        return ssl.create_default_context(cafile=str(ca_certfile))
+    except OSError as err:  # ssl.SSLError included
+        raise TBAInputError(field, f"cannot load the CA certificate {ca_certfile} ({describe_os_error(err)})",
+                            f"give the ca.crt {MAKE_CERTIFICATES} wrote") from None
+
+
+def tls_handshake(address: str, context: ssl.SSLContext, timeout: float = 10.0) -> str:
+    """Connect to host:port and complete a TLS handshake that verifies the server's certificate with
+    `context` (tls_context) and its host name; return the TLS version. Raises OSError (ssl.SSLError included)."""
     host, port = split_address(address)
-    context = ssl.create_default_context(cafile=str(ca_certfile))
     with socket.create_connection((host, port), timeout=timeout) as sock, \
             context.wrap_socket(sock, server_hostname=host) as tls:
         return str(tls.version())

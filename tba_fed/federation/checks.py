@@ -149,7 +149,9 @@ def writable_directory(field: str, path: Path) -> Check:
 def reachable(field: str, address: str, ca_certfile: Path) -> Check:
     """TCP connect and a TLS handshake verified against the CA, to the address sites use."""
     try:
-        version = certs.tls_handshake(address, ca_certfile)
+        version = certs.tls_handshake(address, certs.tls_context(ca_certfile, field))
+    except TBAInputError as err:
+        return from_error(err)
     except OSError as err:
         return problem(field, f"cannot reach {address} over TLS ({certs.describe_os_error(err)})",
                        "check the SuperLink runs (tba-fed superlink RUN.yaml), the address, the firewall and the CA")

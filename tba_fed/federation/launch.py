@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import TBAInputError
-from .certificates import describe_os_error, key_bytes, load_auth_public_key, tls_handshake
+from .certificates import describe_os_error, key_bytes, load_auth_public_key, tls_context, tls_handshake
 from .config import FederatedRunConfig, SiteConfig
 from .flower_control import SuperLinkAPIError, register_node, registered_nodes
 from .profile import require_site, require_run
@@ -65,9 +65,10 @@ def supernode_command(site: SiteConfig, site_yaml: Path) -> list[str]:
 def wait_for_tls(process: subprocess.Popen, address: str, ca_certfile: Path, timeout: float = 120.0) -> None:
     """Until the SuperLink completes a verified TLS handshake (or exits, or the timeout passes)."""
     deadline = time.monotonic() + timeout
+    context = tls_context(ca_certfile, "superlink.certificates.ca_certfile")
     while True:
         try:
-            tls_handshake(address, ca_certfile, timeout=2.0)
+            tls_handshake(address, context, timeout=2.0)
             return
         except OSError as err:
             if process.poll() is not None:
