@@ -261,6 +261,11 @@ def test_unwritable_directories_and_torn_ledger(setup):
     assert problems == [f"PROBLEM privacy.ledger: {blocker / 'ledger'} is not writable (Not a directory: {blocker}) "
                         f"(fix: {WRITABLE})",
                         f"PROBLEM output: {blocker / 'out'} is not writable (Not a directory: {blocker}) (fix: {WRITABLE})"]
+    earlier = tmp / "earlier-output"
+    (earlier / "old.txt").parent.mkdir()
+    (earlier / "old.txt").write_text("an earlier result")
+    assert _problems(_variant(setup, "earlier", "server", output=str(earlier))) == [
+        f"PROBLEM output: {earlier} already exists (fix: pass --overwrite (overwrite: true) or choose another path)"]
     torn = tmp / "torn" / "ledger.json"
     torn.parent.mkdir()
     torn.write_text('{"format": "tba-fed privacy ledger 1", "entries": [{"run_id"')

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import ModelConfig, read_yaml, validate
 from ..errors import TBAInputError
-from ..fileio import file_sha256
+from ..fileio import check_output_dir, file_sha256
 from ..privacy.ledger import PrivacyLedger
 from . import checks as c
 from .checks import Check, note, ok, problem
@@ -108,10 +108,11 @@ def server_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
             results.append(c.writable_directory("superlink.database", sl.database.parent))
         port, running = c.port_check(sl)
         results.append(port)
-        if sl.sites and tls is not None and running:
-            results += c.registration_checks(sl.fleet_address, tls.ca_certfile,
-                                             {name: (f"superlink.sites.{name}", key) for name, key in sl.sites.items()},
-                                             complete=True)
+        if running and tls is not None:  # what the ServerApp will verify, and who may connect
+            if sl.sites:
+                results += c.registration_checks(sl.fleet_address, tls.ca_certfile,
+                                                 {name: (f"superlink.sites.{name}", key) for name, key in sl.sites.items()},
+                                                 complete=True)
             results += [check for check in c.live_superlink_checks(sl) if check.field != "superlink.certificates"]
         elif sl.sites:
             results += [c.public_key_check(f"superlink.sites.{name}", key) for name, key in sl.sites.items()]
@@ -119,8 +120,17 @@ def server_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
                                                    f"{sl.host}:{sl.port}",
                                 "start it (tba-fed superlink) and run preflight again to check them"))
     results.append(weights_check(config.model, config.profile))
-    results.append(c.writable_directory("output", config.output))
+    results.append(output_check(config))
     return results
+
+
+def output_check(config: FederatedRunConfig) -> Check:
+    """The server's output directory can be written, and the run will not refuse it as an earlier output."""
+    try:
+        check_output_dir(config.output, overwrite=config.overwrite)
+    except TBAInputError as err:
+        return c.from_error(err)
+    return c.writable_directory("output", config.output)
 
 
 def weights_check(model: ModelConfig, profile: str) -> Check:
