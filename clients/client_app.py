@@ -25,7 +25,7 @@ app_logging()
 def _setup(msg: Message, context: Context):
     config = msg.content.config_records["config"]
     model = cached_model(str(config["model"]))
-    site = resolve_site(context.node_config, context.run_config, model)
+    site = resolve_site(context.node_config, context.run_config, model, config)
     return config, model, site
 
 

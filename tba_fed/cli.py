@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -174,6 +175,40 @@ def run_simulate(config: Path) -> None:
     print(f"federated run of {report['federation']['sites_connected']} sites: compressed model and report in {output}/")
 
 
+def run_preflight(config: Path, kind: str | None, expiry_days: float) -> int:
+    """Print one line per check; exit 1 if any is a problem."""
+    from .federation.preflight import preflight
+
+    results = preflight(config, kind, expiry_days)
+    for result in results:
+        print(result.line())
+    failed = [r for r in results if r.problem]
+    print(f"preflight {config}: {len(failed)} problem(s)" if failed else f"preflight {config}: all checks passed")
+    return 1 if failed else 0
+
+
+def run_superlink(config: Path, print_only: bool) -> int:
+    from .federation.config import load_federated_config
+    from .federation.launch import run_superlink as launch, superlink_command
+
+    run = load_federated_config(config)
+    if print_only:
+        print(shlex.join(superlink_command(run)))
+        return 0
+    return launch(run)
+
+
+def run_supernode(config: Path, print_only: bool) -> int:
+    from .federation.config import load_site_config
+    from .federation.launch import run_supernode as launch, supernode_command
+
+    site = load_site_config(config)
+    if print_only:
+        print(shlex.join(supernode_command(site, config)))
+        return 0
+    return launch(site, config)
+
+
 def run_privacy_report(site_config: Path) -> None:
     """A site's ledger and remaining budget, read from the site's own YAML (its policy names the ledger)."""
     from .federation.config import load_site_config
@@ -225,6 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, help="output directory (finished seeds there are reused)")
     p = sub.add_parser("simulate", help="federated run in Flower's simulation engine on this machine")
     p.add_argument("config", type=Path, help="federated run YAML (see configs/federated-*.yaml)")
+    p = sub.add_parser("preflight", help="check a site or the server before a run: one line per check, exit 1 on any "
+                                         "problem")
+    p.add_argument("config", type=Path, help="a site YAML (it has name:) or a run YAML")
+    p.add_argument("--as", dest="kind", choices=["site", "server"], help="what the YAML describes (default: detected)")
+    p.add_argument("--expiry-days", type=float, default=30.0, metavar="N",
+                   help="a certificate expiring within N days is a problem (default 30)")
+    p = sub.add_parser("superlink", help="run flower-superlink as the run YAML's superlink section says, and register "
+                                         "the sites' keys")
+    p.add_argument("config", type=Path, help="run YAML with a superlink section")
+    p.add_argument("--print", dest="print_only", action="store_true", help="print the command line instead of running it")
+    p = sub.add_parser("supernode", help="run flower-supernode as the site YAML's connection section says")
+    p.add_argument("config", type=Path, help="site YAML with a connection section")
+    p.add_argument("--print", dest="print_only", action="store_true", help="print the command line instead of running it")
     p = sub.add_parser("privacy", help="a site's privacy ledger: every release and the budget left")
     privacy = p.add_subparsers(dest="privacy_command", required=True)
     p = privacy.add_parser("report", help="print the site's ledger and remaining (ε, δ) budget")
@@ -252,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
                         force=True)  # opacus configures the root logger when imported
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the SuperLink otherwise
     start = time.perf_counter()
     try:
         if args.command == "prepare":
@@ -266,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
             run_privacy_report(args.site_config)
         elif args.command == "audit":
             return run_audit(args.audit_command, args.log, getattr(args, "against", None), getattr(args, "head", None))
+        elif args.command == "preflight":
+            return run_preflight(args.config, args.kind, args.expiry_days)
+        elif args.command == "superlink":
+            return run_superlink(args.config, args.print_only)
+        elif args.command == "supernode":
+            return run_supernode(args.config, args.print_only)
         elif args.command == "analyze":
             run_analyze(_config_from_args(args), args.metric_name)
         else:
@@ -274,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tba-fed: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        if type(err).__name__ not in ("SimulationError", "FederationError"):
+        if type(err).__name__ not in ("SimulationError", "FederationError", "LaunchError"):
             raise
         print(f"tba-fed: error: {err}", file=sys.stderr)
         return 1

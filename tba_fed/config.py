@@ -42,12 +42,14 @@ class ModelConfig(_Section):
 
     ``checkpoint`` set: local weights for the timm architecture ``name``; ``pretrained``: timm hub
     weights; otherwise a random initialisation seeded by ``seed`` (reproducible, for smoke runs).
-    ``kwargs`` are timm ``create_model`` overrides such as ``img_size`` or ``depth``.
+    ``kwargs`` are timm ``create_model`` overrides such as ``img_size`` or ``depth``. ``sha256``
+    pins a checkpoint's bytes: every machine that loads it (server, sites) refuses a different file.
     """
 
     name: str = Field(min_length=1)
     pretrained: bool = False
     checkpoint: Path | None = None
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="sha256 of the checkpoint file")
     seed: int = 0
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
@@ -55,6 +57,8 @@ class ModelConfig(_Section):
     def _one_source(self) -> ModelConfig:
         if self.pretrained and self.checkpoint is not None:
             raise TBAInputError("checkpoint", "set either pretrained or checkpoint, not both")
+        if self.sha256 is not None and self.checkpoint is None:
+            raise TBAInputError("sha256", "pins a checkpoint file", "set checkpoint too")
         return self
 
 

@@ -86,9 +86,19 @@ class Cluster:
                     **(site_data or {}).get(name, {})}
             policy = {"require_dp": False, "epsilon": 20.0, "min_images": 5, "releases": list(RELEASES),
                       "ledger": str(tmp / name / "privacy-ledger.json")}
+            port = free_port()
+            connection = {"superlink": f"127.0.0.1:{self.port}", "root_certificates": str(self.certs / "ca.crt"),
+                          "auth_key": str(self.certs / f"{name}.key"), "port": port}
             site_yaml = tmp / f"{name}.yaml"
-            site_yaml.write_text(yaml.safe_dump({"name": name, "data": data, "output": str(tmp / name), "privacy": policy}))
-            self.nodes[name] = {"yaml": site_yaml, "log": tmp / f"{name}.log", "port": free_port(), "process": None}
+            site_yaml.write_text(yaml.safe_dump({"name": name, "data": data, "output": str(tmp / name), "privacy": policy,
+                                                 "connection": connection}))
+            self.nodes[name] = {"yaml": site_yaml, "log": tmp / f"{name}.log", "port": port, "process": None}
+        # the production profile's description of this SuperLink, which the ServerApp checks before round 1
+        self.superlink_config = {
+            "address": "127.0.0.1", "host": "127.0.0.1", "port": self.port, "database": str(self.home / "superlink.db"),
+            "certificates": {"certfile": str(self.certs / "server.pem"), "keyfile": str(self.certs / "server.key"),
+                             "ca_certfile": str(self.certs / "ca.crt")},
+            "sites": {name: str(self.certs / f"{name}.key.pub") for name in self.sites}}
         self.start_superlink()
         for name in self.sites:
             subprocess.run([str(BIN / "flwr"), "supernode", "register", str(self.certs / f"{name}.key.pub"), "hospitals"],
@@ -145,7 +155,8 @@ class Cluster:
     def run(self, name: str, config: dict) -> subprocess.Popen:
         """`flwr run --stream` of a run YAML (output in tmp/name); its log on stdout, as text."""
         run = self.tmp / f"{name}.yaml"
-        run.write_text(yaml.safe_dump({"model": MODEL, "output": str(self.tmp / name), **config}))
+        base = {"model": MODEL, "output": str(self.tmp / name), "superlink": self.superlink_config}
+        run.write_text(yaml.safe_dump({**base, **config}))
         return subprocess.Popen([str(BIN / "flwr"), "run", str(app_directory()), "hospitals", "--stream",
                                  "--run-config", f'config-path="{run}"'], env=self.env, cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

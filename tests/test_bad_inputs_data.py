@@ -90,7 +90,7 @@ def test_29_a_truncated_image_stops_a_site_before_it_sends_anything(tmp_path, mo
         "name": "hospital-a", "output": str(tmp_path / "site-out"),
         "data": {"source": "image_folder", "path": str(tmp_path / "images"), "holdout_fraction": 0.0, "batch_size": 2},
         "privacy": {"require_dp": False, "min_images": 1, "ledger": str(tmp_path / "ledger.json")}}))
-    site = resolve_site({"site-config": str(site_yaml)}, {}, model)
+    site = resolve_site({"site-config": str(site_yaml)}, {}, model, {"profile": "production"})
     with refused("data.path", fix="remove or replace the file", untouched=[tmp_path]) as err:
         statistics_reply(model, site, parse_plan("1->2", 6), "all", run_spec("run-1", {}))
     assert str(err.value).startswith(f"data.path: {cut} cannot be read as an image (image file is truncated")

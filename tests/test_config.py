@@ -7,6 +7,7 @@ import yaml
 from tba_fed import TBAInputError
 from tba_fed.config import load_config
 from tba_fed.federation.config import load_federated_config, load_site_config
+from tba_fed.federation.profile import site_errors, development_run, run_errors
 from tba_fed.federation.simulate import absolute_paths, site_gpus
 
 
@@ -57,10 +58,15 @@ def test_federated_config_validation_names_fields(tmp_path):
 
 def test_shipped_federated_and_deployment_configs_validate():
     configs = Path(__file__).resolve().parent.parent / "configs"
-    for path in [*configs.glob("federated-*.yaml"), configs / "deployment" / "run.yaml"]:
-        load_federated_config(path)
-    for path in (configs / "deployment").glob("site-*.yaml"):
+    for path in configs.glob("federated-*.yaml"):  # simulations: development, which simulate refuses to override
+        development_run(load_federated_config(path))
+    sites = sorted((configs / "deployment").glob("site-*.yaml"))
+    assert len(sites) == 3
+    for path in sites:
         site = load_site_config(path)
         assert site.privacy.require_dp and site.privacy.ledger is not None
+        assert site.profile == "production" and site_errors(site) == [] and site.model is not None
     private = load_federated_config(configs / "deployment" / "run.yaml")
     assert private.privacy is not None and private.privacy.seed is None  # deployments draw secure noise
+    assert private.profile == "production" and run_errors(private) == []
+    assert set(private.superlink.sites) == {load_site_config(path).name for path in sites}

@@ -1,6 +1,7 @@
-"""A real deployment on loopback: flower-superlink with TLS and SuperNode authentication, three
-flower-supernode processes each reading its own site YAML, and `flwr run`, the sequence
-docs/deployment.md gives to hospitals. Every process started here is stopped by pid, pass or fail."""
+"""A real deployment on loopback in the production profile: `tba-fed superlink` (flower-superlink with TLS,
+SuperNode authentication and a database; it registers the sites' keys), three `tba-fed supernode` processes
+each reading its own site YAML, and `flwr run`, the sequence docs/deployment.md gives to hospitals. Every
+process started here is stopped by pid, pass or fail."""
 
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def test_three_hospitals_with_tls_and_node_auth(cluster):
     report = json.loads((folder / "report.json").read_text())
     for rnd in report["federation"]["rounds"]:
         assert sorted(rnd["sites"]) == list(SITES) and {v["status"] for v in rnd["sites"].values()} == {"ok"}
+    # the production ServerApp checked the running SuperLink itself before round 1, and says so
+    assert report["profile"] == "production"
+    assert [line.split()[:2] for line in report["superlink_checks"]] == [
+        ["OK", "superlink.certificates:"], ["OK", "superlink.node_auth:"], ["OK", "superlink.database:"]]
+    assert "- profile: **production**" in (folder / "report.md").read_text()
     central, batches = cluster.centralised(SITES, parse_plan("1->2, 3->5", 6))
     assert_maps_equal(folder, central)
     images = batches[0][0]
@@ -51,6 +57,7 @@ def test_three_hospitals_with_tls_and_node_auth(cluster):
             digest = hashlib.sha256((site_maps / "maps.safetensors").read_bytes()).hexdigest()
             assert digest == report["federation"]["maps_sha256"]
             assert torch.equal(load_compressed(site_maps)(images), expected)
+            assert json.loads((site_maps / "report.json").read_text())["site"] == {"name": name, "profile": "production"}
     # every hospital's audit log and the server's verify, each against the other, and agree on the payloads
     server_log = cluster.tmp / "all-sites.audit.jsonl"
     server = check_chain(server_log)
@@ -67,6 +74,15 @@ def test_three_hospitals_with_tls_and_node_auth(cluster):
         assert site["statistics"]["sent"] == server.entries[0]["sites"][name]["received"]
         assert site["install"]["received"]["maps"]["sha256"] == sent_maps
         assert site["install"]["hash"] == server.entries[1]["sites"][name]["site_head"]
+
+
+def test_production_sites_refuse_a_development_run(cluster):
+    run = cluster.run("development", {"profile": "development", "plan": "1->2",
+                                      "federation": {"num_sites": 3, "min_sites": 1, "round_timeout": 120}})
+    out, _ = run.communicate(timeout=600)
+    assert not (cluster.tmp / "development" / "report.json").exists()
+    for name in SITES:  # no fallback: every site refused before reading an image
+        assert f"profile: {name} runs in the production profile and refuses a run whose profile is 'development'" in out
 
 
 def test_private_run_with_secure_aggregation_across_three_hospitals(cluster):

@@ -53,6 +53,7 @@ def test_federated_maps_equal_centralised(tmp_path, num_sites, scheme):
     path.write_text(yaml.safe_dump(_config(tmp_path, num_sites, scheme)))
     report, output = simulate(path)
     assert report["federation"]["sites_connected"] == num_sites
+    assert report["profile"] == "development"  # a simulation is the development profile, and says so
     sums = {"gram_triu", "cross", "sum_x", "sum_y", "sum_yy", "sum_f", "class_counts", "tokens", "images",
             "sq_dist", "cos_sum", "angle_sum", "sq_norm"}
     for rnd in report["federation"]["rounds"]:

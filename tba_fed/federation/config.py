@@ -7,12 +7,54 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import DataConfig, Device, RunConfig, _Section, merge_overrides, read_yaml, validate
+from ..config import DataConfig, Device, ModelConfig, RunConfig, _Section, merge_overrides, read_yaml, validate
 from ..errors import TBAInputError
 from ..plan import Plan, Span, parse_plan
 from ..privacy.policy import RELEASES, SitePolicy
 
 SITE_AUDIT_FILE = "audit.jsonl"  # a site's audit log in its output folder, unless its YAML names another
+
+
+Profile = Literal["production", "development"]
+PROFILE_DOC = ("production (the default): TLS, registered SuperNode keys and a persistent SuperLink state are required "
+               "and verified; development: simulations and local tests, insecure settings allowed")
+
+
+class TLSFiles(_Section):
+    """The SuperLink's TLS certificate and key, and the CA that signed it (scripts/make-certificates.sh)."""
+
+    certfile: Path
+    keyfile: Path
+    ca_certfile: Path
+
+
+class SuperLinkConfig(_Section):
+    """How the server's flower-superlink runs (``tba-fed superlink RUN.yaml``) and what the ServerApp verifies."""
+
+    address: str = Field(min_length=1, description="host name or IP the sites connect to; the certificate must cover it")
+    host: str = Field("0.0.0.0", description="address flower-superlink binds")
+    port: int = Field(9092, ge=1, le=65535)
+    certificates: TLSFiles | None = Field(None, description="TLS (production: required)")
+    database: Path | None = Field(None, description="persistent SuperLink state (production: required; "
+                                                    "without it registrations and runs vanish on restart)")
+    node_auth: bool = Field(True, description="only registered SuperNode keys may connect (production: required)")
+    sites: dict[str, Path] = Field(default_factory=dict, description="site name -> its public key (.key.pub), "
+                                                                       "registered when the SuperLink starts")
+
+    @property
+    def fleet_address(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+class ConnectionConfig(_Section):
+    """How a site's flower-supernode reaches the SuperLink (``tba-fed supernode SITE.yaml``)."""
+
+    superlink: str = Field(pattern=r"^\S+:\d+$", description="the SuperLink's address as host:port")
+    root_certificates: Path | None = Field(None, description="the CA certificate (ca.crt); production: required")
+    auth_key: Path | None = Field(None, description="this site's private key (OpenSSH EC, .pub beside it); "
+                                                    "production: required")
+    port: int | None = Field(None, ge=1, le=65535, description="local port of the SuperNode's runtime API "
+                                                               "(each SuperNode on one machine needs its own)")
 
 
 class PartitionConfig(_Section):
@@ -71,6 +113,8 @@ class PrivacyConfig(_Section):
 class FederatedRunConfig(RunConfig):
     """A RunConfig plus the federation section; ``data`` is the pooled data a simulation partitions."""
 
+    profile: Profile = Field("production", description=PROFILE_DOC)
+    superlink: SuperLinkConfig | None = Field(None, description="deployment: the SuperLink (tba-fed superlink)")
     federation: FederationConfig = FederationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     privacy: PrivacyConfig | None = None
@@ -103,6 +147,10 @@ class SiteConfig(_Section):
     output: Path = Field(description="where this site writes its compressed model")
     device: Device = "cpu"
     privacy: SitePolicy = Field(description="this site's privacy policy: its caps hold whatever the server asks")
+    profile: Profile = Field("production", description=PROFILE_DOC + "; the site serves only runs of its own profile")
+    connection: ConnectionConfig | None = Field(None, description="deployment: the SuperNode's link to the SuperLink")
+    model: ModelConfig | None = Field(None, description="the base model this site holds (the run's model): "
+                                                        "preflight checks its weights and reads the data through it")
     audit: Path | None = Field(None, description="this site's hash-chained audit log of every request and release; "
                                                  "default <output>/audit.jsonl")
 

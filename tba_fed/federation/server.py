@@ -147,8 +147,9 @@ def _check_images(stats_images: int, minimum: int, field: str) -> None:
         raise TBAInputError(field, f"summarises {stats_images} images, the minimum per site is {minimum}")
 
 
-def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
-    """The whole federated run; returns the report that is also written to ``config.output``."""
+def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[str] | None = None) -> dict[str, Any]:
+    """The whole federated run; returns the report that is also written to ``config.output``.
+    `superlink_checks`: what the production ServerApp verified of the SuperLink before round 1 (reported)."""
     fed = config.federation
     check_output_dir(config.output, overwrite=config.overwrite)  # fail before any site works, not after
     grid = BoundedGrid(grid, patience=fed.round_timeout)  # no call waits forever for a SuperLink that is gone
@@ -166,7 +167,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     similarity = None
 
     def content(**values: Any) -> Callable[[], RecordDict]:
-        settings = {"model": model_json, "token-mode": config.token_mode, **values}
+        settings = {"model": model_json, "token-mode": config.token_mode, "profile": config.profile, **values}
         return lambda: RecordDict({"config": ConfigRecord(settings)})
 
     privacy = config.privacy
@@ -275,6 +276,9 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         holdout_images=merged["holdout"][plan.spans[0]].images, source=config.model,
     )
     report = compression_dict(result)
+    report["profile"] = config.profile  # sites check it against their own before serving
+    if superlink_checks:
+        report["superlink_checks"] = superlink_checks
     report["prior"] = prior_kind
     if privacy_report is not None:
         report["privacy"] = privacy_report
@@ -302,7 +306,8 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
     def install_content() -> RecordDict:
         return RecordDict({"maps": to_record(encode_maps(maps)),
-                           "config": ConfigRecord({"model": model_json, "plan": str(plan), "report": json.dumps(report),
+                           "config": ConfigRecord({"model": model_json, "profile": config.profile, "plan": str(plan),
+                                                   "report": json.dumps(report),
                                                    "identity-spans": ", ".join(str(s) for s in identity)})})
 
     def decode_install_reply(reply: RecordDict):
@@ -330,7 +335,8 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
                             "report.md": compression_markdown(report) + privacy_markdown(report)
                                          + (evaluation_markdown(report["evaluation"])
                                                                          if "evaluation" in report else "")
-                                         + federation_markdown(report["federation"])},
+                                         + federation_markdown(report["federation"], config.profile,
+                                                               superlink_checks)},
                      extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)))
     audit.result(expected, config.output, report_json)
     _logger.info("federated run complete: %s written", config.output)
@@ -343,7 +349,8 @@ def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, mo
     """Rounds 4-5: probe sums from every site, heads solved here, correct counts back (noisy under DP)."""
     fed, ev = config.federation, config.evaluation
     names = rounds[0].names
-    settings = {"model": model_json, "plan": str(plan), "identity-spans": ", ".join(str(s) for s in identity),
+    settings = {"model": model_json, "profile": config.profile, "plan": str(plan),
+                "identity-spans": ", ".join(str(s) for s in identity),
                 "num-classes": ev.num_classes, "privacy": request.to_json() if request is not None else ""}
     log = RoundLog("probe", names)
     rounds.append(log)
@@ -409,8 +416,14 @@ def evaluation_markdown(evaluation: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def federation_markdown(fed: dict[str, Any]) -> str:
-    lines = ["", "## Federation", "", f"- sites connected: {fed['sites_connected']}; maps sha256 `{fed['maps_sha256']}`",
+PROFILE_NOTES = {"production": "TLS, registered SuperNode keys, persistent SuperLink state",
+                 "development": "simulation or local test: no TLS, authentication or persistence guarantees"}
+
+
+def federation_markdown(fed: dict[str, Any], profile: str, superlink_checks: list[str] | None = None) -> str:
+    lines = ["", "## Federation", "", f"- profile: **{profile}** ({PROFILE_NOTES[profile]})",
+             *(f"  - verified before round 1: `{line}`" for line in superlink_checks or ()),
+             f"- sites connected: {fed['sites_connected']}; maps sha256 `{fed['maps_sha256']}`",
              "", "| round | site | status | images | array bytes sent | array bytes received | reason |",
              "|---|---|---|---|---|---|---|"]
     for rnd in fed["rounds"]:

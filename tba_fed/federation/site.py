@@ -35,6 +35,7 @@ from ..probe import ProbeHead, accuracy, collect_probe_stats
 from ..solver import LinearMap
 from ..stats import SpanStats
 from .config import FederatedRunConfig, load_federated_config, load_site_config
+from .profile import check_run_profile
 from .site_privacy import Release, open_release
 from .wire import MODELS, Arrays, decode_priors, encode_probe, encode_similarity, encode_spans
 
@@ -51,6 +52,7 @@ class Site:
     output: Path | None
     policy: SitePolicy
     device: str = "cpu"
+    profile: str = "development"  # simulated sites; a deployed site's YAML says (default production)
 
 
 @dataclass(frozen=True)
@@ -84,18 +86,22 @@ def simulated_indices(data: DataConfig, targets: np.ndarray, num_sites: int, sit
     return calibration, holdout
 
 
-def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], model: nn.Module) -> Site:
-    """Deployment: the site's own YAML (``site-config``); simulation: its partition of the run's data."""
+def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], model: nn.Module,
+                 request: Mapping[str, Any]) -> Site:
+    """Deployment: the site's own YAML (``site-config``); simulation: its partition of the run's data.
+    The `request` (a message's config) must name the site's profile, or nothing is read."""
     if "site-config" in node_config:
         config = load_site_config(Path(str(node_config["site-config"])))
+        check_run_profile(config.name, config.profile, request)
         dataset = build_dataset(config.data, model)
         calibration, holdout = calibration_split(dataset, config.data)
         return Site(config.name, make_loader(calibration, config.data),
                     make_loader(holdout, config.data) if len(holdout) else None, config.output, config.privacy,
-                    config.device)
+                    config.device, config.profile)
     if "partition-id" not in node_config:
         raise TBAInputError("node-config", "neither site-config nor partition-id is set",
                             "start the SuperNode with --node-config 'site-config=\"/path/site.yaml\"'")
+    check_run_profile(f"site-{node_config['partition-id']}", "development", request)
     run = load_federated_config(Path(str(run_config["config-path"])))
     site = int(node_config["partition-id"])
     num_sites = int(node_config.get("num-partitions", run.federation.num_sites))
@@ -190,7 +196,7 @@ def secure_statistics(config: Mapping[str, Any], context: Any) -> tuple[Arrays, 
     and the fixed-point range of each array, for `secure_aggregation.secure_fit`. The run's prior
     maps travel in the config as text (Flower's legacy FitIns config holds scalars only)."""
     model = cached_model(str(config["model"]))
-    site = resolve_site(context.node_config, context.run_config, model)
+    site = resolve_site(context.node_config, context.run_config, model, config)
     adapter = ViTAdapter(model)
     plan = parse_plan(str(config["plan"]), adapter.num_blocks)
     run = run_spec(context.run_id, config)
@@ -251,6 +257,7 @@ def install(model: nn.Module, site: Site, maps: Mapping[Span, LinearMap], report
     if site.output is None:
         raise TBAInputError("site.output", "this site has no output directory")
     build_compressed(model, maps)  # proves the maps fit this site's model before anything is written
+    report = {**report, "site": {"name": site.name, "profile": site.profile}}
     folder = write_compressed(site.output / "compressed", maps, manifest(report, maps), overwrite=True,
                               files={"report.json": json.dumps(report, indent=2) + "\n"})
     digest = hashlib.sha256((folder / MAPS_FILE).read_bytes()).hexdigest()
