@@ -211,7 +211,7 @@ def _identity_maps():
 def _request(privacy: str = "") -> Message:
     from tba_fed.federation.wire import encode_priors
 
-    config = {"model": MODEL, "token-mode": "all", "plan": "1->2", "privacy": privacy,
+    config = {"model": MODEL, "token-mode": "all", "plan": "1->2", "privacy": privacy, "profile": "production",
               **({"prior-maps": encode_priors(_identity_maps())} if privacy else {})}
     return Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=5, message_type="query.statistics")
 
@@ -248,7 +248,8 @@ def test_a_private_release_quotes_the_ledger_and_a_tampered_log_stops_the_site(t
     context = _site(tmp_path, epsilon=8.0, releases=["probe"], allow_seeded_noise=True)
     request = PrivacyRequest(epsilon=4.0, delta=1e-5, releases=("probe",), clip_features=2.0, seed=3)
     maps = to_record(encode_maps(_identity_maps()))
-    config = {"model": MODEL, "plan": "1->2", "identity-spans": "", "num-classes": 10, "privacy": request.to_json()}
+    config = {"model": MODEL, "plan": "1->2", "identity-spans": "", "num-classes": 10, "privacy": request.to_json(),
+              "profile": "production"}
     reply = probe(Message(RecordDict({"config": ConfigRecord(config), "maps": maps}), dst_node_id=5,
                           message_type="query.probe"), context)
     log = tmp_path / "out" / "audit.jsonl"

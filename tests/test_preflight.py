@@ -231,8 +231,9 @@ def test_data_problems(setup):
     shutil.copytree(setup["site"]["data"]["path"], broken)
     (broken / "b" / "3.png").write_bytes(b"not an image")
     problems = _problems(_variant(setup, "broken", "site", **{"data.path": str(broken)}))
-    assert problems == [f"PROBLEM data: cannot read {broken / 'b' / '3.png'} (UnidentifiedImageError) (fix: remove or "
-                        "replace the file, or fix data.path)"]
+    bad = broken / "b" / "3.png"
+    assert problems == [f"PROBLEM data.path: {bad} cannot be read as an image (cannot identify image file '{bad}') "
+                        "(fix: remove or replace the file)"]
     missing = tmp / "no-such-folder"
     assert _problems(_variant(setup, "missing", "site", **{"data.path": str(missing)})) == [
         f"PROBLEM data.path: {missing} is not a directory (fix: give a folder with one sub-folder of images per class)"]

@@ -189,7 +189,9 @@ def data_check(site: SiteConfig, model) -> Check:
         for index in subset.indices:
             try:
                 dataset[index]
-            except Exception as err:  # any decoder error: the run would fail on this image
+            except TBAInputError as err:  # the data source names the file and the fix
+                return c.from_error(err)
+            except Exception as err:  # any other decoder error: the run would fail on this image
                 files = getattr(dataset, "samples", None)  # an image folder names the file (decoders repeat it)
                 what = f"{files[index][0]} ({type(err).__name__})" if files else \
                     f"record {index} ({type(err).__name__}: {err})"
