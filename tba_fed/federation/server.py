@@ -234,25 +234,29 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
         log = RoundLog("statistics", names)
         rounds.append(log)
 
-        def decode_statistics_reply(reply: RecordDict):
+        released: dict[str, dict[Span, Any]] = {}
+
+        def decode_statistics_reply(reply: RecordDict) -> int:
+            """Validate one site's sums and add them to the total at once: the server holds one site's
+            statistics at a time, however many sites reply. Returns the images they summarise."""
             arrays = from_record(reply.array_records["statistics"])
             if privacy is not None:
-                return decode_private_spans(arrays, plan.spans, dim)
-            stats = decode_spans(arrays, plan.spans, dim, psd_tolerance=fed.psd_tolerance)
-            _check_images(stats["calibration"][plan.spans[0]].images, fed.min_images_per_site, "statistics.images")
-            return stats
-
-        def images(stats) -> int:
-            first = stats["calibration"][plan.spans[0]]
-            return first.images if privacy is None else int(round(float(first.weight)))
+                stats = decode_private_spans(arrays, plan.spans, dim)
+                count = int(round(float(stats["calibration"][plan.spans[0]].weight)))
+            else:
+                stats = decode_spans(arrays, plan.spans, dim, psd_tolerance=fed.psd_tolerance)
+                count = stats["calibration"][plan.spans[0]].images
+                _check_images(count, fed.min_images_per_site, "statistics.images")
+            for split, per_span in stats.items():
+                released[split] = {s: released[split][s] + v for s, v in per_span.items()} if split in released \
+                    else per_span
+            return count
 
         replies = exchange(grid, nodes, f"{MessageType.QUERY}.statistics", content(**settings),
                            decode_statistics_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
-                           images=images, audit=audit)
+                           images=lambda count: count, audit=audit)
         nodes = log.nodes
         summed = len(replies)
-        released = {split: {span: sum(r[split][span] for r in replies.values()) for span in plan.spans}
-                    for split in ("calibration", "holdout")}
     merged = released if privacy is None else {  # held-out sums as released; calibration sums are cleaned below
         split: {s: to_span_stats(sums, priors[s], tokens) for s, sums in per_span.items()}
         for split, per_span in released.items()}
