@@ -17,7 +17,7 @@ from .checkpoint import save_compressed
 from .config import RunConfig, load_config, merge_overrides
 from .data import build_dataset, calibration_split, make_loader
 from .errors import TBAInputError
-from .fileio import atomic_directory
+from .fileio import atomic_directory, check_output_dir
 from .models import create_model
 from .pipeline import analyze, calibrate, choose_plan
 from .report import similarity_markdown, write_similarity
@@ -26,10 +26,13 @@ _logger = logging.getLogger("tba_fed")
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    if "=" not in text:
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{key.strip()}: cannot read the value {value!r} ({err})") from None
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +94,7 @@ def _prepare(config: RunConfig):
 
 
 def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
+    check_output_dir(config.output, overwrite=config.overwrite, marker="similarity.json")  # before any work
     model, calibration, _ = _prepare(config)
     similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
     with atomic_directory(config.output, overwrite=config.overwrite, marker="similarity.json") as tmp:
@@ -100,6 +104,7 @@ def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
 
 
 def run_compress(config: RunConfig) -> Path:
+    check_output_dir(config.output, overwrite=config.overwrite)  # before any work, not after it
     model, calibration, holdout = _prepare(config)
     similarity = None
     if config.plan is not None:
@@ -178,6 +183,31 @@ def run_privacy_report(site_config: Path) -> None:
     print(ledger_report(PrivacyLedger(policy.ledger), policy.epsilon, policy.delta))
 
 
+def run_audit(command: str, log: Path, against: Path | None = None, head: str | None = None) -> int:
+    """``audit verify``: every problem, exit 1 if any; ``audit show``: the log as a table."""
+    from .audit import check_chain
+    from .federation.audit_check import audit_table, cross_check
+
+    check = check_chain(log, head=head)
+    if command == "show":
+        print(audit_table(check))
+        return 0
+    problems, matched = list(check.problems), ""
+    if against is not None:
+        other = check_chain(against)
+        problems += other.problems
+        found, matched = cross_check(check, other)
+        problems += found
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{log}: {len(check.entries)} entries, chain intact; head {check.head}"
+          + (f"; anchored at {head[:12]}…" if head else "") + (f"; {matched}" if matched else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tba-fed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tba-fed {__version__}")
@@ -199,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     privacy = p.add_subparsers(dest="privacy_command", required=True)
     p = privacy.add_parser("report", help="print the site's ledger and remaining (ε, δ) budget")
     p.add_argument("site_config", type=Path, help="the site's YAML (its privacy section names the ledger)")
+    p = sub.add_parser("audit", help="a site's or the server's hash-chained audit log")
+    audit = p.add_subparsers(dest="audit_command", required=True)
+    p = audit.add_parser("verify", help="check every link of the chain; exit 1 naming every problem")
+    p.add_argument("log", type=Path, help="the audit log (a site's audit.jsonl, or the server's <output>.audit.jsonl)")
+    p.add_argument("--against", type=Path, metavar="OTHER_LOG",
+                   help="the counterpart's log (the server's for a site log, a site's for the server's): "
+                        "catches entries cut from either end and mismatched hashes")
+    p.add_argument("--head", metavar="HASH", help="a head recorded earlier (e.g. printed after a run): "
+                                                  "the log must still contain that entry")
+    p = audit.add_parser("show", help="print the log as a table: runs, rounds, statuses, what was released")
+    p.add_argument("log", type=Path, help="the audit log")
     p = sub.add_parser("prepare", help="fetch, convert and verify the offline DINOv2-S weights into $TBA_FED_CACHE")
     p.add_argument("--force", action="store_true", help="redo the conversion and the onnxruntime check")
     p = sub.add_parser("demo", help="federated run of 3 simulated sites + a short Table 1 on the real offline model")
@@ -223,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             run_simulate(args.config)
         elif args.command == "privacy":
             run_privacy_report(args.site_config)
+        elif args.command == "audit":
+            return run_audit(args.audit_command, args.log, getattr(args, "against", None), getattr(args, "head", None))
         elif args.command == "analyze":
             run_analyze(_config_from_args(args), args.metric_name)
         else:

@@ -12,6 +12,7 @@ class TBAInputError(ValueError):
 
     def __init__(self, field: str, message: str, fix: str | None = None) -> None:
         self.field = field
+        self.message = message
         self.fix = fix
         text = f"{field}: {message}"
         if fix:

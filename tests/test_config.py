@@ -27,7 +27,7 @@ def test_federated_config_validation_names_fields(tmp_path):
     path = tmp_path / "fed.yaml"
     path.write_text(yaml.safe_dump({"model": {"name": "vit_tiny_patch16_224"}, "plan": "1->2",
                                     "federation": {"num_sites": 2, "min_sites": 3}}))
-    with pytest.raises(TBAInputError, match=r"federation: .*min_sites \(3\) exceeds num_sites \(2\)"):
+    with pytest.raises(TBAInputError, match=r"federation.min_sites: 3 exceeds num_sites \(2\)"):
         load_federated_config(path)
     path.write_text(yaml.safe_dump({"model": {"name": "vit_tiny_patch16_224"}, "federation": {"round_timout": 5}}))
     with pytest.raises(TBAInputError, match="federation.round_timout: unknown key"):
@@ -36,6 +36,9 @@ def test_federated_config_validation_names_fields(tmp_path):
                                     "data": {"source": "image_folder", "path": "rel/images"}}))
     resolved = absolute_paths(load_federated_config(path))
     assert resolved.output.is_absolute() and resolved.data.path.is_absolute()
+    assert resolved.audit_log == resolved.output.with_name("out.audit.jsonl")  # beside the output, not in it
+    path.write_text(yaml.safe_dump({"model": {"name": "vit_tiny_patch16_224"}, "audit": "rel/server.jsonl"}))
+    assert absolute_paths(load_federated_config(path)).audit_log == Path("rel/server.jsonl").resolve()
     site = tmp_path / "site.yaml"
     site.write_text(yaml.safe_dump({"name": "h", "data": {"source": "synthetic"}}))
     with pytest.raises(TBAInputError, match="output: Field required"):
@@ -45,8 +48,11 @@ def test_federated_config_validation_names_fields(tmp_path):
         load_site_config(site)
     site.write_text(yaml.safe_dump({"name": "h", "data": {"source": "synthetic"}, "output": "out",
                                     "privacy": {"epsilon": 1.0}}))
-    with pytest.raises(TBAInputError, match="privacy.ledger must be set"):
+    with pytest.raises(TBAInputError, match="privacy.ledger: must be set"):
         load_site_config(site)
+    site.write_text(yaml.safe_dump({"name": "h", "data": {"source": "synthetic"}, "output": "out",
+                                    "privacy": {"epsilon": 1.0, "ledger": "l.json"}}))
+    assert load_site_config(site).audit_log == Path("out/audit.jsonl")  # outside out/compressed, replaced on install
 
 
 def test_shipped_federated_and_deployment_configs_validate():

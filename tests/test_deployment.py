@@ -10,7 +10,13 @@ import json
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from tba_fed import load_compressed
+from tba_fed.audit import check_chain
+from tba_fed.cli import main
+from tba_fed.federation.audit_check import cross_check
+from tba_fed.federation.wire import payload_sha256
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.ledger import PrivacyLedger
 
@@ -45,6 +51,22 @@ def test_three_hospitals_with_tls_and_node_auth(cluster):
             digest = hashlib.sha256((site_maps / "maps.safetensors").read_bytes()).hexdigest()
             assert digest == report["federation"]["maps_sha256"]
             assert torch.equal(load_compressed(site_maps)(images), expected)
+    # every hospital's audit log and the server's verify, each against the other, and agree on the payloads
+    server_log = cluster.tmp / "all-sites.audit.jsonl"
+    server = check_chain(server_log)
+    assert server.ok and [e["round"] for e in server.entries] == ["statistics", "install", "result"]
+    sent_maps = payload_sha256({k: v.numpy() for k, v in load_file(str(folder / "maps.safetensors")).items()})
+    for name in SITES:
+        site_log = cluster.tmp / name / "audit.jsonl"
+        assert main(["audit", "verify", str(site_log), "--against", str(server_log)]) == 0
+        assert main(["audit", "verify", str(server_log), "--against", str(site_log)]) == 0
+        problems, matched = cross_check(check_chain(site_log), server)
+        assert problems == [] and matched.startswith("2 site heads and 2 site requests matched")
+        site = {e["round"]: e for e in check_chain(site_log).entries if e["run_id"] == server.entries[0]["run_id"]}
+        assert site["statistics"]["sent_sha256"] == server.entries[0]["sites"][name]["received_sha256"]
+        assert site["statistics"]["sent"] == server.entries[0]["sites"][name]["received"]
+        assert site["install"]["received"]["maps"]["sha256"] == sent_maps
+        assert site["install"]["hash"] == server.entries[1]["sites"][name]["site_head"]
 
 
 def test_private_run_with_secure_aggregation_across_three_hospitals(cluster):
@@ -67,6 +89,14 @@ def test_private_run_with_secure_aggregation_across_three_hospitals(cluster):
         assert statistics_entry.noise_multiplier == pytest.approx(privacy["noise_multiplier"])
         assert statistics_entry.aggregation == "secure (noise split over 3 sites)"
         assert statistics_entry.noise.startswith("secure")
+        # the secure round is on both records: the config each site received is the one the server sent
+        site_log, server_log = cluster.tmp / name / "audit.jsonl", cluster.tmp / "private.audit.jsonl"
+        problems, matched = cross_check(check_chain(site_log), check_chain(server_log))
+        assert problems == [] and matched.startswith("1 site heads and 2 site requests matched")
+        secure = [e for e in check_chain(site_log).entries if e["round"] == "statistics (secure aggregation)"][-1]
+        assert secure["status"] == "ok" and secure["grant"]["aggregation"] == "secure (noise split over 3 sites)"
+    server_round = check_chain(cluster.tmp / "private.audit.jsonl").entries[0]
+    assert server_round["sites"]["secure sum"]["sites_summed"] == 3
 
 
 def test_a_site_killed_mid_run_is_excluded_and_named(cluster):

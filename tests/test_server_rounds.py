@@ -4,6 +4,7 @@ The real Flower runtime is exercised by test_simulation.py and test_deployment.p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from types import SimpleNamespace
@@ -14,8 +15,10 @@ import yaml
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from tba_fed import ModelConfig, ViTAdapter, solve_plan
+from tba_fed.audit import check_chain
 from tba_fed.calibrate import collect_span_stats
 from tba_fed.federation.config import load_federated_config
+from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import from_record, to_record
 from tba_fed.federation.server import FederationError, run_server
 from tba_fed.federation.config import FederationConfig
@@ -63,6 +66,8 @@ def _corrupt(kind: str):
 class InProcessGrid:
     """Answers each message like a ClientApp would, from tba_fed's site functions."""
 
+    run = SimpleNamespace(run_id=1)
+
     def __init__(self, tmp_path, behaviours: dict[int, str], policy: SitePolicy | None = None, images: int = 24) -> None:
         self.behaviours = behaviours
         policy = policy or FederationConfig().site_policy
@@ -84,7 +89,7 @@ class InProcessGrid:
             config = msg.content.config_records["config"]
             model = cached_model(str(config["model"]))
             site = self.sites[node]
-            records = {"meta": ConfigRecord({"site": site.name})}
+            records = {"meta": ConfigRecord({"site": site.name, **echo(msg)})}
             action = msg.metadata.message_type.split(".", 1)[1]
             if kind == "crash" and action == "statistics":
                 replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
@@ -156,6 +161,18 @@ def test_faulty_sites_are_rejected_named_and_excluded(tmp_path):
         assert float((maps[f"span.{span.key}.weight"] - expected).norm() / expected.norm()) < 1e-9
     assert report["evaluation"]["test_images"] == 16
     assert "| site-3 | rejected |" in (tmp_path / "server" / "report.md").read_text()
+    # the server's audit log, beside its output: one entry per round and one for the result
+    audit = check_chain(tmp_path / "server.audit.jsonl")
+    assert audit.ok and [e["round"] for e in audit.entries] == ["statistics", "install", "probe", "accuracy", "result"]
+    sent = audit.entries[0]["sites"]
+    assert {name: record["status"] for name, record in sent.items()} == {name: v["status"] for name, v in stats.items()}
+    assert len({record["sent_sha256"] for record in sent.values()}) == 1  # every site was asked the same
+    assert "received_sha256" not in sent["node-7"] and "received_sha256" not in sent["node-8"]
+    assert sent["site-3"]["received"]["statistics:calibration/1-2/sum_x"] == [7]  # a rejected reply is on record too
+    assert sent["site-1"]["received"] == stats["site-1"]["received"]
+    result = audit.entries[-1]
+    assert result["maps_sha256"] == report["federation"]["maps_sha256"]
+    assert result["report_sha256"] == hashlib.sha256((tmp_path / "server" / "report.json").read_bytes()).hexdigest()
 
 
 def test_only_named_aggregates_reach_the_server(tmp_path):
@@ -178,6 +195,8 @@ def test_too_few_sites_fail_with_a_clear_message(tmp_path):
     with pytest.raises(FederationError, match=r"round statistics: 1 valid replies, min_sites is 2.*site-2: rejected"):
         run_server(InProcessGrid(tmp_path, {1: "good", 2: "nan"}), _config(tmp_path, num_sites=2))
     assert not (tmp_path / "server").exists()
+    failed = check_chain(tmp_path / "server.audit.jsonl").entries[-1]  # the failed round is on record
+    assert failed["round"] == "statistics" and failed["sites"]["site-2"]["status"] == "rejected"
 
 
 def test_private_run_reports_privacy_priors_and_every_site_ledgers_its_releases(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -100,32 +101,38 @@ class BoundedGrid:
         return outcome["value"]
 
 
-def send_and_receive(grid: Any, messages: Sequence[Message], *, timeout: float) -> dict[int, Message]:
+def send_and_receive(grid: Any, messages: Sequence[Message], *,
+                     timeout: float) -> tuple[dict[int, Message], Counter[int]]:
     """Send one message per node; collect replies until they are all in or `timeout` passes.
 
     Returns the replies keyed by the node asked (an error the SuperLink generates comes from the
-    SuperLink's own node id, so such replies are matched to the message they answer). A node reported
+    SuperLink's own node id, so such replies are matched to the message they answer), and how many
+    replies each node sent (more than one to one request: the caller discards them all). A node reported
     unavailable is asked again, with a copy of its message, once it is connected again before the
     deadline; if it is not, its entry is that error reply. A node missing from the result did not answer.
     """
     deadline = time.monotonic() + timeout
     asked = {message.metadata.dst_node_id: message for message in messages}
     replies: dict[int, Message] = {}
+    counts: Counter[int] = Counter()
     batch = list(messages)
     while True:
-        offline = _collect(grid.send_and_receive(batch, timeout=max(deadline - time.monotonic(), 0.0)), batch, replies)
+        received = grid.send_and_receive(batch, timeout=max(deadline - time.monotonic(), 0.0))
+        offline = _collect(received, batch, replies, counts)
         back: list[int] = []
         while offline and not back and deadline - time.monotonic() > POLL_SECONDS:
             time.sleep(POLL_SECONDS)
             back = sorted(offline & set(grid.get_node_ids()))
         if not back:
-            return replies
+            return replies, counts
         _logger.info("node(s) %s connected again: asking again", ", ".join(map(str, back)))
         batch = [_copy(asked[node]) for node in back]
 
 
-def _collect(received: Iterable[Message], sent: Sequence[Message], replies: dict[int, Message]) -> set[int]:
-    """File `received` under the node each answers for; return the nodes the SuperLink reported unavailable."""
+def _collect(received: Iterable[Message], sent: Sequence[Message], replies: dict[int, Message],
+             counts: Counter[int]) -> set[int]:
+    """File `received` under the node each answers for and count them (a node's offline error, then its
+    answer to the repeated request, count once); return the nodes the SuperLink reported unavailable."""
     nodes = {message.metadata.dst_node_id for message in sent}
     by_id = {message.metadata.message_id: message.metadata.dst_node_id for message in sent}
     offline = set()
@@ -139,6 +146,8 @@ def _collect(received: Iterable[Message], sent: Sequence[Message], replies: dict
         if reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
             _logger.warning("node %s went offline during the round; it is asked again if it reconnects in time", node)
             offline.add(node)
+        else:
+            counts[node] += 1
     return offline
 
 

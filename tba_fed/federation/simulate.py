@@ -22,13 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from torch import nn
 
+from ..adapter import ViTAdapter
 from ..data import build_dataset
 from ..errors import TBAInputError
 from ..fileio import check_output_dir
 from ..models import create_model
 from ..partition import log_histograms
-from .config import FederatedRunConfig, load_federated_config
+from .config import FederatedRunConfig, fixed_plan, load_federated_config
 from .site import simulated_indices
 
 _logger = logging.getLogger(__name__)
@@ -125,7 +127,8 @@ def absolute_paths(config: FederatedRunConfig) -> FederatedRunConfig:
     data = config.data.model_copy(update={"path": config.data.path.resolve() if config.data.path else None})
     checkpoint = config.model.checkpoint.resolve() if config.model.checkpoint else None
     model = config.model.model_copy(update={"checkpoint": checkpoint})
-    return config.model_copy(update={"output": config.output.resolve(), "data": data, "model": model})
+    return config.model_copy(update={"output": config.output.resolve(), "data": data, "model": model,
+                                     "audit": config.audit.resolve() if config.audit else None})
 
 
 def site_gpus(device: str, num_sites: int) -> float:
@@ -133,9 +136,8 @@ def site_gpus(device: str, num_sites: int) -> float:
     return 0.0 if not device.startswith("cuda") else round(1.0 / num_sites, 4)
 
 
-def log_site_histograms(config: FederatedRunConfig) -> str:
+def log_site_histograms(config: FederatedRunConfig, model: nn.Module) -> str:
     """The class histogram of every simulated site (the same partition the sites will compute)."""
-    model = create_model(config.model)
     targets = np.asarray(build_dataset(config.data, model).targets)
     p = config.federation.partition
     parts = [np.concatenate(simulated_indices(config.data, targets, config.federation.num_sites, site, p.scheme,
@@ -149,7 +151,9 @@ def simulate(config_path: str | Path, *, timeout: float | None = None) -> tuple[
     config = absolute_paths(load_federated_config(Path(config_path)))  # a bad config fails before anything starts
     fed = config.federation
     check_output_dir(config.output, overwrite=config.overwrite)
-    log_site_histograms(config)
+    model = create_model(config.model)
+    fixed_plan(config, ViTAdapter(model).num_blocks)  # a bad plan fails here, not after the SuperLink started
+    log_site_histograms(config, model)
     app = app_directory()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="tba-fed-flwr-") as tmp:

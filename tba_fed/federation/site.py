@@ -34,7 +34,7 @@ from ..privacy.sensitivity import accuracy_parts, probe_parts, similarity_parts,
 from ..probe import ProbeHead, accuracy, collect_probe_stats
 from ..solver import LinearMap
 from ..stats import SpanStats
-from .config import load_federated_config, load_site_config
+from .config import FederatedRunConfig, load_federated_config, load_site_config
 from .site_privacy import Release, open_release
 from .wire import MODELS, Arrays, decode_priors, encode_probe, encode_similarity, encode_spans
 
@@ -103,13 +103,19 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], 
     p = run.federation.partition
     calibration, holdout = simulated_indices(run.data, np.asarray(dataset.targets), num_sites, site, p.scheme,
                                              alpha=p.alpha, shards_per_site=p.shards_per_site, seed=p.seed)
+    name, output, policy = simulated_site(run, site)
+    return Site(name, make_loader(Subset(dataset, calibration.tolist()), run.data),
+                make_loader(Subset(dataset, holdout.tolist()), run.data) if len(holdout) else None, output, policy,
+                run.device)
+
+
+def simulated_site(run: FederatedRunConfig, site: int) -> tuple[str, Path, SitePolicy]:
+    """A simulated site's name, output folder (beside the run's output) and policy (ledger in that folder)."""
     output = run.output.with_name(run.output.name + "-sites") / f"site-{site}"
     policy = run.federation.site_policy
     if policy.ledger is None:
         policy = policy.model_copy(update={"ledger": output / "privacy-ledger.json"})
-    return Site(f"site-{site}", make_loader(Subset(dataset, calibration.tolist()), run.data),
-                make_loader(Subset(dataset, holdout.tolist()), run.data) if len(holdout) else None, output, policy,
-                run.device)
+    return f"site-{site}", output, policy
 
 
 def run_spec(run_id: int | str, config: Mapping[str, Any]) -> RunSpec:

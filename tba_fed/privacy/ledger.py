@@ -55,8 +55,12 @@ class PrivacyLedger:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path.with_name(self.path.name + ".lock"), "w")  # noqa: SIM115 - closed below
+        except OSError as err:
+            raise unwritable(self.path, err) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
@@ -121,7 +125,10 @@ class PrivacyLedger:
 
     def _write(self, entries: list[LedgerEntry]) -> None:
         text = json.dumps({"format": FORMAT, "entries": [asdict(e) for e in entries]}, indent=2) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        except OSError as err:
+            raise unwritable(self.path, err) from None
         try:
             with os.fdopen(fd, "w") as handle:
                 handle.write(text)
@@ -137,6 +144,12 @@ class PrivacyLedger:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def unwritable(path: Path, err: OSError) -> TBAInputError:
+    """The error of a site that cannot keep its privacy records: it releases nothing."""
+    return TBAInputError("privacy.ledger", f"{path} cannot be written ({err.strerror or err}); refusing to release "
+                                           "anything", "set privacy.ledger to a path in a directory this site's user can write")
 
 
 def _find(entries: Sequence[LedgerEntry], run_id: str, release: str) -> LedgerEntry | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TBAInputError
+from .ledger import unwritable
 
 Arrays = dict[str, np.ndarray]
 
@@ -36,8 +37,12 @@ class ReleaseStore:
     @contextlib.contextmanager
     def locked(self, run_id: str, release: str) -> Iterator[None]:
         """Serialise one release across processes: a duplicate waits, then finds the stored payload."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.path(run_id, release).with_suffix(".lock"), "w") as lock:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path(run_id, release).with_suffix(".lock"), "w")  # noqa: SIM115 - closed below
+        except OSError as err:
+            raise unwritable(self.folder, err) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
