@@ -13,7 +13,8 @@ reconnection"):
 * A SuperNode that stops mid-round is reported by the SuperLink as an error reply (``NODE_UNAVAILABLE``)
   to the message it held, and that message is never delivered again. `send_and_receive` asks such a
   site again, once it is connected again (same key, same node id), until the round's deadline. A site's
-  privacy ledger makes the repeat idempotent: a release it made is re-sent as stored, never re-noised.
+  privacy ledger makes the repeat idempotent: a release it produced is re-sent as stored, one granted but
+  never produced is produced once; nothing is noised or spent twice.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..errors import FederationError
 
 _logger = logging.getLogger(__name__)
 
-POLL_SECONDS = 3.0  # how often replies are pulled, as in Flower's own Grid.send_and_receive
+POLL_SECONDS = 3.0  # how often a site that went offline is looked for (Flower's own interval between pulls)
 WAKE_SECONDS = 0.5  # longest uninterrupted wait of the main thread
 
 
