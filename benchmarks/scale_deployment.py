@@ -142,6 +142,13 @@ class Deployment:
         for name in names:
             subprocess.run([str(BIN / "flwr"), "supernode", "register", str(self.certs / f"{name}.key.pub"), FEDERATION],
                            env=self.env, check=True, capture_output=True)
+        # the production profile's description of this SuperLink: the ServerApp checks it before round 1
+        self.superlink = {"address": "127.0.0.1", "host": "127.0.0.1", "port": self.port,
+                          "database": str(self.home / "superlink.db"),
+                          "certificates": {"certfile": str(self.certs / "server.pem"),
+                                           "keyfile": str(self.certs / "server.key"),
+                                           "ca_certfile": str(self.certs / "ca.crt")},
+                          "sites": {name: str(self.certs / f"{name}.key.pub") for name in names}}
 
     def add_sites(self, names: list[str]) -> None:
         for name in names:
@@ -151,8 +158,10 @@ class Deployment:
             policy = {"require_dp": False, "epsilon": 1.0, "min_images": 5, "releases": ["statistics"],
                       "ledger": str(self.root / name / "privacy-ledger.json")}
             path = self.root / f"{name}.yaml"
+            connection = {"superlink": f"127.0.0.1:{self.port}", "root_certificates": str(self.certs / "ca.crt"),
+                          "auth_key": str(self.certs / f"{name}.key")}
             path.write_text(yaml.safe_dump({"name": name, "data": data, "output": str(self.root / name),
-                                            "privacy": policy}))
+                                            "privacy": policy, "connection": connection}))
             log = self.stack.enter_context(open(self.root / f"{name}.log", "w"))  # noqa: SIM115 - closed by the stack
             runtime = free_port()
             process = subprocess.Popen(
@@ -169,7 +178,8 @@ class Deployment:
         """`flwr run` of the real app over every site started so far; the rounds' time windows come from the
         server's streamed log (sites connected -> first round; run complete -> end of the last)."""
         output, config = self.root / name, self.root / f"{name}-run.yaml"
-        config.write_text(yaml.safe_dump({"model": model, "plan": plan, "output": str(output), "federation": {
+        config.write_text(yaml.safe_dump({"model": model, "plan": plan, "output": str(output), "superlink": self.superlink,
+                                          "federation": {
             "num_sites": len(self.sites), "min_sites": len(self.sites), "round_timeout": timeout}}))
         log = self.root / f"{name}-server.log"
         start, marks = time.monotonic(), {}

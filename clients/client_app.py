@@ -9,10 +9,12 @@ from flwr.clientapp import ClientApp
 
 from tba_fed.compressed import build_compressed
 from tba_fed.federation import app_logging
+from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import from_record, to_record
 from tba_fed.federation.secure_aggregation import register_secure_fit
 from tba_fed.federation.site import (RunSpec, accuracy_reply, cached_model, install, probe_reply, resolve_site,
                                      run_spec, secure_statistics, similarity_reply, statistics_reply)
+from tba_fed.federation.site_audit import audited, audited_secure
 from tba_fed.federation.wire import decode_heads, decode_maps, decode_priors
 from tba_fed.plan import parse_plan
 
@@ -23,7 +25,7 @@ app_logging()
 def _setup(msg: Message, context: Context):
     config = msg.content.config_records["config"]
     model = cached_model(str(config["model"]))
-    site = resolve_site(context.node_config, context.run_config, model)
+    site = resolve_site(context.node_config, context.run_config, model, config)
     return config, model, site
 
 
@@ -32,10 +34,11 @@ def _run(msg: Message, config) -> RunSpec:
 
 
 def _reply(msg: Message, site_name: str, **records) -> Message:
-    return Message(RecordDict({"meta": ConfigRecord({"site": site_name}), **records}), reply_to=msg)
+    return Message(RecordDict({"meta": ConfigRecord({"site": site_name, **echo(msg)}), **records}), reply_to=msg)
 
 
 @app.query("similarity")
+@audited("similarity")
 def similarity(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context)
     return _reply(msg, site.name, similarity=to_record(similarity_reply(model, site, str(config["token-mode"]),
@@ -43,6 +46,7 @@ def similarity(msg: Message, context: Context) -> Message:
 
 
 @app.query("statistics")
+@audited("statistics")
 def statistics(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context)
     plan = parse_plan(str(config["plan"]), len(model.blocks))
@@ -59,6 +63,7 @@ def _compressed(msg: Message, config, model):
 
 
 @app.query("probe")
+@audited("probe")
 def probe(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context)
     _, compressed = _compressed(msg, config, model)
@@ -67,6 +72,7 @@ def probe(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate("accuracy")
+@audited("accuracy")
 def evaluate_accuracy(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context)
     _, compressed = _compressed(msg, config, model)
@@ -76,6 +82,7 @@ def evaluate_accuracy(msg: Message, context: Context) -> Message:
 
 
 @app.train("install")
+@audited("install")
 def install_maps(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context)
     maps, _ = _compressed(msg, config, model)
@@ -84,4 +91,4 @@ def install_maps(msg: Message, context: Context) -> Message:
 
 
 # The statistics round under secure aggregation (legacy message type "train", SecAgg+ as a per-handler mod).
-register_secure_fit(app, secure_statistics)
+register_secure_fit(app, audited_secure(secure_statistics))

@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from tba_fed.federation import app_logging
 from tba_fed.federation.config import load_federated_config
+from tba_fed.federation.profile import verify_superlink
 from tba_fed.federation.server import run_server
 
 app = ServerApp()
@@ -20,4 +21,6 @@ def main(grid: Grid, context: Context) -> None:
     path = str(context.run_config.get("config-path", ""))
     if not path:
         raise ValueError("run config 'config-path' is empty: pass --run-config \"config-path='/abs/run.yaml'\"")
-    run_server(grid, load_federated_config(Path(path)))
+    config = load_federated_config(Path(path))
+    # production: the SuperLink itself is checked (TLS, node authentication, database) before round 1
+    run_server(grid, config, superlink_checks=verify_superlink(config))

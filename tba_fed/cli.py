@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from .checkpoint import save_compressed
 from .config import RunConfig, load_config, merge_overrides
 from .data import build_dataset, calibration_split, make_loader
 from .errors import TBAInputError
-from .fileio import atomic_directory
+from .fileio import atomic_directory, check_output_dir
 from .models import create_model
 from .pipeline import analyze, calibrate, choose_plan
 from .report import similarity_markdown, write_similarity
@@ -26,10 +27,13 @@ _logger = logging.getLogger("tba_fed")
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    if "=" not in text:
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"{key.strip()}: cannot read the value {value!r} ({err})") from None
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +95,7 @@ def _prepare(config: RunConfig):
 
 
 def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
+    check_output_dir(config.output, overwrite=config.overwrite, marker="similarity.json")  # before any work
     model, calibration, _ = _prepare(config)
     similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
     with atomic_directory(config.output, overwrite=config.overwrite, marker="similarity.json") as tmp:
@@ -100,6 +105,7 @@ def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
 
 
 def run_compress(config: RunConfig) -> Path:
+    check_output_dir(config.output, overwrite=config.overwrite)  # before any work, not after it
     model, calibration, holdout = _prepare(config)
     similarity = None
     if config.plan is not None:
@@ -169,6 +175,40 @@ def run_simulate(config: Path) -> None:
     print(f"federated run of {report['federation']['sites_connected']} sites: compressed model and report in {output}/")
 
 
+def run_preflight(config: Path, kind: str | None, expiry_days: float) -> int:
+    """Print one line per check; exit 1 if any is a problem."""
+    from .federation.preflight import preflight
+
+    results = preflight(config, kind, expiry_days)
+    for result in results:
+        print(result.line())
+    failed = [r for r in results if r.problem]
+    print(f"preflight {config}: {len(failed)} problem(s)" if failed else f"preflight {config}: all checks passed")
+    return 1 if failed else 0
+
+
+def run_superlink(config: Path, print_only: bool) -> int:
+    from .federation.config import load_federated_config
+    from .federation.launch import run_superlink as launch, superlink_command
+
+    run = load_federated_config(config)
+    if print_only:
+        print(shlex.join(superlink_command(run)))
+        return 0
+    return launch(run)
+
+
+def run_supernode(config: Path, print_only: bool) -> int:
+    from .federation.config import load_site_config
+    from .federation.launch import run_supernode as launch, supernode_command
+
+    site = load_site_config(config)
+    if print_only:
+        print(shlex.join(supernode_command(site, config)))
+        return 0
+    return launch(site, config)
+
+
 def run_privacy_report(site_config: Path) -> None:
     """A site's ledger and remaining budget, read from the site's own YAML (its policy names the ledger)."""
     from .federation.config import load_site_config
@@ -176,6 +216,31 @@ def run_privacy_report(site_config: Path) -> None:
 
     policy = load_site_config(site_config).privacy
     print(ledger_report(PrivacyLedger(policy.ledger), policy.epsilon, policy.delta))
+
+
+def run_audit(command: str, log: Path, against: Path | None = None, head: str | None = None) -> int:
+    """``audit verify``: every problem, exit 1 if any; ``audit show``: the log as a table."""
+    from .audit import check_chain
+    from .federation.audit_check import audit_table, cross_check
+
+    check = check_chain(log, head=head)
+    if command == "show":
+        print(audit_table(check))
+        return 0
+    problems, matched = list(check.problems), ""
+    if against is not None:
+        other = check_chain(against)
+        problems += other.problems
+        found, matched = cross_check(check, other)
+        problems += found
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{log}: {len(check.entries)} entries, chain intact; head {check.head}"
+          + (f"; anchored at {head[:12]}…" if head else "") + (f"; {matched}" if matched else ""))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,10 +260,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", type=Path, help="output directory (finished seeds there are reused)")
     p = sub.add_parser("simulate", help="federated run in Flower's simulation engine on this machine")
     p.add_argument("config", type=Path, help="federated run YAML (see configs/federated-*.yaml)")
+    p = sub.add_parser("preflight", help="check a site or the server before a run: one line per check, exit 1 on any "
+                                         "problem")
+    p.add_argument("config", type=Path, help="a site YAML (it has name:) or a run YAML")
+    p.add_argument("--as", dest="kind", choices=["site", "server"], help="what the YAML describes (default: detected)")
+    p.add_argument("--expiry-days", type=float, default=30.0, metavar="N",
+                   help="a certificate expiring within N days is a problem (default 30)")
+    p = sub.add_parser("superlink", help="run flower-superlink as the run YAML's superlink section says, and register "
+                                         "the sites' keys")
+    p.add_argument("config", type=Path, help="run YAML with a superlink section")
+    p.add_argument("--print", dest="print_only", action="store_true", help="print the command line instead of running it")
+    p = sub.add_parser("supernode", help="run flower-supernode as the site YAML's connection section says")
+    p.add_argument("config", type=Path, help="site YAML with a connection section")
+    p.add_argument("--print", dest="print_only", action="store_true", help="print the command line instead of running it")
     p = sub.add_parser("privacy", help="a site's privacy ledger: every release and the budget left")
     privacy = p.add_subparsers(dest="privacy_command", required=True)
     p = privacy.add_parser("report", help="print the site's ledger and remaining (ε, δ) budget")
     p.add_argument("site_config", type=Path, help="the site's YAML (its privacy section names the ledger)")
+    p = sub.add_parser("audit", help="a site's or the server's hash-chained audit log")
+    audit = p.add_subparsers(dest="audit_command", required=True)
+    p = audit.add_parser("verify", help="check every link of the chain; exit 1 naming every problem")
+    p.add_argument("log", type=Path, help="the audit log (a site's audit.jsonl, or the server's <output>.audit.jsonl)")
+    p.add_argument("--against", type=Path, metavar="OTHER_LOG",
+                   help="the counterpart's log (the server's for a site log, a site's for the server's): "
+                        "catches entries cut from either end and mismatched hashes")
+    p.add_argument("--head", metavar="HASH", help="a head recorded earlier (e.g. printed after a run): "
+                                                  "the log must still contain that entry")
+    p = audit.add_parser("show", help="print the log as a table: runs, rounds, statuses, what was released")
+    p.add_argument("log", type=Path, help="the audit log")
     p = sub.add_parser("prepare", help="fetch, convert and verify the offline DINOv2-S weights into $TBA_FED_CACHE")
     p.add_argument("--force", action="store_true", help="redo the conversion and the onnxruntime check")
     p = sub.add_parser("demo", help="federated run of 3 simulated sites + a short Table 1 on the real offline model")
@@ -211,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
                         force=True)  # opacus configures the root logger when imported
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the SuperLink otherwise
     start = time.perf_counter()
     try:
         if args.command == "prepare":
@@ -223,6 +313,14 @@ def main(argv: list[str] | None = None) -> int:
             run_simulate(args.config)
         elif args.command == "privacy":
             run_privacy_report(args.site_config)
+        elif args.command == "audit":
+            return run_audit(args.audit_command, args.log, getattr(args, "against", None), getattr(args, "head", None))
+        elif args.command == "preflight":
+            return run_preflight(args.config, args.kind, args.expiry_days)
+        elif args.command == "superlink":
+            return run_superlink(args.config, args.print_only)
+        elif args.command == "supernode":
+            return run_supernode(args.config, args.print_only)
         elif args.command == "analyze":
             run_analyze(_config_from_args(args), args.metric_name)
         else:
@@ -231,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tba-fed: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        if type(err).__name__ not in ("SimulationError", "FederationError"):
+        if type(err).__name__ not in ("SimulationError", "FederationError", "LaunchError"):
             raise
         print(f"tba-fed: error: {err}", file=sys.stderr)
         return 1

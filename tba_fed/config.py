@@ -42,19 +42,23 @@ class ModelConfig(_Section):
 
     ``checkpoint`` set: local weights for the timm architecture ``name``; ``pretrained``: timm hub
     weights; otherwise a random initialisation seeded by ``seed`` (reproducible, for smoke runs).
-    ``kwargs`` are timm ``create_model`` overrides such as ``img_size`` or ``depth``.
+    ``kwargs`` are timm ``create_model`` overrides such as ``img_size`` or ``depth``. ``sha256``
+    pins a checkpoint's bytes: every machine that loads it (server, sites) refuses a different file.
     """
 
     name: str = Field(min_length=1)
     pretrained: bool = False
     checkpoint: Path | None = None
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="sha256 of the checkpoint file")
     seed: int = 0
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if self.pretrained and self.checkpoint is not None:
-            raise ValueError("set either pretrained or checkpoint, not both")
+            raise TBAInputError("checkpoint", "set either pretrained or checkpoint, not both")
+        if self.sha256 is not None and self.checkpoint is None:
+            raise TBAInputError("sha256", "pins a checkpoint file", "set checkpoint too")
         return self
 
 
@@ -80,9 +84,9 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
         if self.source in ("image_folder", "medmnist", "cifar10", "cifar100") and self.path is None:
-            raise ValueError(f"source {self.source} needs path")
+            raise TBAInputError("path", f"source {self.source} needs path")
         if self.split == "val" and self.source != "medmnist":
-            raise ValueError(f"split val exists only for medmnist, not {self.source}")
+            raise TBAInputError("split", f"split val exists only for medmnist, not {self.source}")
         return self
 
 
@@ -94,7 +98,7 @@ class BudgetConfig(_Section):
     @model_validator(mode="after")
     def _exactly_one(self) -> BudgetConfig:
         if (self.blocks is None) == (self.params is None):
-            raise ValueError("give exactly one of blocks or params")
+            raise TBAInputError("blocks", "give exactly one of blocks or params")
         return self
 
 
@@ -114,13 +118,21 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _plan_or_budget(self) -> RunConfig:
         if self.plan is not None and self.budget is not None:
-            raise ValueError("set either plan or budget, not both")
+            raise TBAInputError("plan", "set either plan or budget, not both")
         return self
 
 
-def _format_validation_error(err: ValidationError) -> TBAInputError:
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "config"
+def _format_validation_error(err: ValidationError, section: str = "") -> TBAInputError:
+    """The first error as a TBAInputError; a validator that raised TBAInputError keeps its field (under the
+    section it validated) and fix. `section` prefixes every field (e.g. ``privacy`` for a request's JSON)."""
+    errors = err.errors()  # a misspelt key is the cause of the "missing" error of the key it meant: name it first
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = [section] if section else []
+    loc += [str(p) for p in first["loc"]]
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, TBAInputError):
+        return TBAInputError(".".join([*loc, cause.field]), cause.message, cause.fix)
+    field = ".".join(loc) or "config"
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown key"
@@ -150,15 +162,24 @@ def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping from a file, with errors that name the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise TBAInputError("config", f"{path} is a directory", "give the YAML file inside it")
     try:
-        loaded = yaml.safe_load(Path(path).read_text())
+        loaded = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise TBAInputError("config", f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise TBAInputError("config", f"{path} cannot be read ({err})") from None
     except yaml.YAMLError as err:
-        raise TBAInputError("config", f"{path} is not valid YAML: {err}") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise TBAInputError("config", f"{path} must hold a mapping at top level")
-    return loaded or {}
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise TBAInputError("config", f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if loaded is None:
+        raise TBAInputError("config", f"{path} is empty", "write the settings as a YAML mapping (see configs/)")
+    if not isinstance(loaded, dict):
+        raise TBAInputError("config", f"{path} must hold a mapping at top level, not a {type(loaded).__name__}")
+    return loaded
 
 
 def validate(model: type[_S], raw: Mapping[str, Any]) -> _S:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -101,9 +103,13 @@ def _read_idx(path: Path, magic: int, field: str) -> np.ndarray:
     if not path.is_file():
         raise TBAInputError(field, f"{path} does not exist",
                             "install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set data.path")
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
-    found, count = struct.unpack(">II", raw[:8])
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+        found, count = struct.unpack(">II", raw[:8])
+    except (OSError, EOFError, struct.error) as err:
+        raise TBAInputError(field, f"{path} is not a gzipped IDX file ({err})",
+                            "reinstall dataset-fashion-mnist or point data.path at intact files") from None
     if found != magic:
         raise TBAInputError(field, f"{path} is not an IDX file of the expected kind (magic {found:#x}, expected {magic:#x})")
     if magic == 2051:
@@ -132,16 +138,24 @@ def medmnist(config: DataConfig, data_cfg: dict) -> ArrayImages:
     path = Path(config.path)  # type: ignore[arg-type]
     if not path.is_file():
         raise TBAInputError("data.path", f"{path} does not exist", "give a MedMNIST-style .npz file")
-    with np.load(path) as npz:
-        keys = (f"{config.split}_images", f"{config.split}_labels")
-        missing = [k for k in keys if k not in npz.files]
-        if missing:
-            raise TBAInputError("data.path", f"{path} lacks {missing}",
-                                "a MedMNIST .npz holds train/val/test_images and train/val/test_labels")
-        images, labels = npz[keys[0]], npz[keys[1]].reshape(-1)
+    keys = (f"{config.split}_images", f"{config.split}_labels")
+    try:
+        with open(path, "rb") as handle:  # np.load(path) leaks its handle when the zip is corrupt
+            loaded = np.load(handle)  # a plain .npy gives one array: no keys
+            arrays = {k: loaded[k] for k in keys if k in loaded.files} if isinstance(loaded, np.lib.npyio.NpzFile) else {}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise TBAInputError("data.path", f"{path} is not a readable .npz of plain arrays ({err})",
+                            "save it with numpy.savez, without object arrays") from None
+    if missing := [k for k in keys if k not in arrays]:
+        raise TBAInputError("data.path", f"{path} lacks {missing}",
+                            "a MedMNIST .npz holds train/val/test_images and train/val/test_labels")
+    images, labels = arrays[keys[0]], arrays[keys[1]].reshape(-1)
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
         raise TBAInputError("data.path", f"{path}: expected uint8 images [N, H, W(, 3)] and N labels, "
                                          f"got {images.dtype} {images.shape} and {labels.shape}")
+    if labels.dtype.kind not in "iuf" or not np.array_equal(labels, np.round(labels)) or (labels.size and labels.min() < 0):
+        raise TBAInputError("data.path", f"{path}: {keys[1]} must be non-negative integers, got {labels.dtype} "
+                                         f"{labels[:5].tolist()}...")
     return ArrayImages(images, labels, data_cfg)
 
 
@@ -157,6 +171,16 @@ def cifar(config: DataConfig, model: nn.Module) -> Dataset:
     except RuntimeError as err:
         raise TBAInputError("data.path", f"{config.path}: {err}",
                             f"put the {config.source} python version there, or set download: true with internet") from None
+
+
+def read_image(path: str) -> Image.Image:
+    """An image file as RGB; one that cannot be decoded is an error naming the file, not a crash mid-batch."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise TBAInputError("data.path", f"{path} cannot be read as an image ({err})",
+                            "remove or replace the file") from None
 
 
 def build_dataset(config: DataConfig, model: nn.Module) -> Dataset:
@@ -176,7 +200,7 @@ def build_dataset(config: DataConfig, model: nn.Module) -> Dataset:
         raise TBAInputError("data.path", f"{root} is not a directory", "give a folder with one sub-folder of images per class")
     transform = create_transform(**data_config(model), is_training=False)
     try:
-        dataset = ImageFolder(str(root), transform=lambda img: transform(img.convert("RGB")))
+        dataset = ImageFolder(str(root), transform=transform, loader=read_image)
     except FileNotFoundError as err:
         raise TBAInputError("data.path", f"{root}: {err}", "put images in one sub-folder per class") from None
     return dataset

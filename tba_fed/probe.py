@@ -12,14 +12,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import TBAInputError
 from .privacy.sensitivity import clip_images
-from .stats import SpanStats, _Accumulator, _as_float64
+from .stats import SpanStats, _Accumulator, _as_float64, vector_length
 from .solver import solve_span
 
 
@@ -65,8 +64,7 @@ class ProbeStats(_Accumulator):
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> ProbeStats:
-        dim = int(np.asarray(arrays.get("sum_f", np.zeros(0))).shape[0])
-        k = int(np.asarray(arrays.get("class_counts", np.zeros(0))).shape[0])
+        dim, k = vector_length(arrays, "sum_f", cls.__name__), vector_length(arrays, "class_counts", cls.__name__)
         shapes = {"gram": (dim, dim), "cross": (dim, k), "sum_f": (dim,), "class_counts": (k,), "tokens": (), "images": ()}
         return cls._from_checked(arrays, shapes)
 

@@ -20,6 +20,8 @@ from .errors import TBAInputError
 
 Arrays = dict[str, np.ndarray]
 SIMILARITY_METRICS: tuple[str, ...] = ("mse", "cosine", "angular")
+# Larger entries are refused: the product of two of them (Gram times map, sums of squares) must stay finite in float64.
+MAX_MAGNITUDE = 1e150
 
 
 def check_arrays(arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], kind: str) -> None:
@@ -27,7 +29,8 @@ def check_arrays(arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
     missing = sorted(set(shapes) - set(arrays))
     extra = sorted(set(arrays) - set(shapes))
     if missing or extra:
-        raise TBAInputError(kind, f"expected keys {sorted(shapes)}, missing {missing}, unexpected {extra}")
+        raise TBAInputError(kind, f"missing keys {missing[:4]}{'…' * (len(missing) > 4)}, "
+                                  f"unexpected keys {extra[:4]}{'…' * (len(extra) > 4)}")
     for key, shape in shapes.items():
         value = np.asarray(arrays[key])
         if value.dtype != np.float64:
@@ -36,11 +39,25 @@ def check_arrays(arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]
             raise TBAInputError(f"{kind}.{key}", f"shape {value.shape}, expected {shape}")
         if not np.isfinite(value).all():
             raise TBAInputError(f"{kind}.{key}", "contains NaN or Inf")
+        if value.size and float(np.abs(value).max()) > MAX_MAGNITUDE:
+            raise TBAInputError(f"{kind}.{key}", f"entry of magnitude {float(np.abs(value).max()):.3g} exceeds "
+                                                 f"{MAX_MAGNITUDE:g}: no sum of real activations is that large")
 
 
-def _check_counts(arrays: Mapping[str, Any], kind: str) -> None:
-    for key in ("tokens", "images"):
-        count = float(np.asarray(arrays[key]))
+def vector_length(arrays: Mapping[str, Any], key: str, kind: str) -> int:
+    """Length of the vector that sizes a payload; 0 when it is absent (check_arrays then names it missing)."""
+    if key not in arrays:
+        return 0
+    shape = np.shape(arrays[key])
+    if len(shape) != 1:
+        raise TBAInputError(f"{kind}.{key}", f"shape {shape}, expected a vector")
+    return int(shape[0])
+
+
+def check_counts(arrays: Mapping[str, Any], keys: Sequence[str], kind: str) -> None:
+    """Counts (one number each, already checked finite) must be non-negative integers."""
+    for key in keys:
+        count = float(np.asarray(arrays[key]).item())
         if count < 0 or count != math.floor(count):
             raise TBAInputError(f"{kind}.{key}", f"count {count} is not a non-negative integer")
 
@@ -85,7 +102,7 @@ class _Accumulator:
     @classmethod
     def _from_checked(cls, arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Any:
         check_arrays(arrays, shapes, cls.__name__)
-        _check_counts(arrays, cls.__name__)
+        check_counts(arrays, ("tokens", "images"), cls.__name__)
         tensors = {k: torch.from_numpy(np.array(arrays[k], dtype=np.float64)) for k in shapes if k not in ("tokens", "images")}
         return cls(tokens=int(arrays["tokens"]), images=int(arrays["images"]), **tensors)
 
@@ -147,7 +164,7 @@ class SimilarityStats(_Accumulator):
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> SimilarityStats:
-        num_blocks = int(np.asarray(arrays.get("sq_norm", np.zeros(0))).shape[0])
+        num_blocks = vector_length(arrays, "sq_norm", cls.__name__)
         square = (num_blocks, num_blocks)
         shapes = {"sq_dist": square, "cos_sum": square, "angle_sum": square, "sq_norm": (num_blocks,),
                   "tokens": (), "images": ()}
@@ -194,7 +211,7 @@ class SpanStats(_Accumulator):
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> SpanStats:
-        dim = int(np.asarray(arrays.get("sum_x", np.zeros(0))).shape[0])
+        dim = vector_length(arrays, "sum_x", cls.__name__)
         shapes = {"gram": (dim, dim), "cross": (dim, dim), "sum_x": (dim,), "sum_y": (dim,), "sum_yy": (),
                   "tokens": (), "images": ()}
         return cls._from_checked(arrays, shapes)

@@ -43,3 +43,13 @@ def stacked_rows(model: torch.nn.Module, batches: DataLoader, block: int, token_
             outputs = list(adapter.iter_block_outputs(images, block))
             rows.append(adapter.select_tokens(outputs[block], token_mode))
     return torch.cat(rows).double()
+
+
+@pytest.fixture()
+def server_identity(monkeypatch):
+    """Flower stamps outgoing messages with the ServerApp's run and task ids; outside a run there are
+    none, so give the process the identity a ServerApp would have (internal API, test-only)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value, raising=False)

@@ -1,129 +1,97 @@
-"""A real deployment on loopback: flower-superlink with TLS and SuperNode authentication, three
-flower-supernode processes each reading its own site YAML, and `flwr run`, the sequence
-docs/deployment.md gives to hospitals. Every process started here is stopped by pid, pass or fail."""
+"""A real deployment on loopback in the production profile: `tba-fed superlink` (flower-superlink with TLS,
+SuperNode authentication and a database; it registers the sites' keys), three `tba-fed supernode` processes
+each reading its own site YAML, and `flwr run`, the sequence docs/deployment.md gives to hospitals. Every
+process started here is stopped by pid, pass or fail."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+
 from safetensors.torch import load_file
 
-from tba_fed import ModelConfig, ViTAdapter, load_compressed, solve_plan
-from tba_fed.calibrate import collect_span_stats
-from tba_fed.config import DataConfig
-from tba_fed.data import build_dataset, calibration_split, make_loader
-from tba_fed.federation.simulate import app_directory, flower_env, free_port, local_superlink, stop_process
-from tba_fed.models import create_model
+from tba_fed import load_compressed
+from tba_fed.audit import check_chain
+from tba_fed.cli import main
+from tba_fed.federation.audit_check import cross_check
+from tba_fed.federation.wire import payload_sha256
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.ledger import PrivacyLedger
-from tba_fed.privacy.policy import RELEASES
 
-from conftest import TINY
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SITES = ("hospital-a", "hospital-b", "hospital-c")
-MODEL = {"name": "vit_tiny_patch16_224", "kwargs": TINY}
+from cluster import SITES, Cluster, assert_maps_equal, wait_for_line
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("deploy")
-    home = tmp / "flwr-home"
-    home.mkdir()
-    certs = tmp / "certs"
-    subprocess.run(["bash", str(REPO / "scripts/make-certificates.sh"), str(certs), "127.0.0.1", *SITES],
-                   check=True, capture_output=True)
-    port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n')
-    env = flower_env(home)
-    nodes = {}
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(local_superlink(home, port, certificates=certs, node_auth=True))
-        for seed, name in enumerate(SITES, start=1):
-            subprocess.run([str(BIN / "flwr"), "supernode", "register", str(certs / f"{name}.key.pub"), "hospitals"],
-                           env=env, check=True, capture_output=True)
-            data = {"source": "synthetic", "num_images": 24, "seed": seed, "batch_size": 8, "holdout_fraction": 0.25}
-            site_yaml = tmp / f"{name}.yaml"
-            policy = {"require_dp": False, "epsilon": 20.0, "min_images": 5, "releases": list(RELEASES),
-                      "ledger": str(tmp / name / "privacy-ledger.json")}
-            site_yaml.write_text(yaml.safe_dump({"name": name, "data": data, "output": str(tmp / name), "privacy": policy}))
-            log = tmp / f"{name}.log"
-            handle = stack.enter_context(open(log, "w"))
-            process = subprocess.Popen(
-                [str(BIN / "flower-supernode"), "--root-certificates", str(certs / "ca.crt"),
-                 "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                 "--auth-supernode-private-key", str(certs / f"{name}.key"),
-                 "--node-config", f'site-config="{site_yaml}"'], env=env, stdout=handle, stderr=subprocess.STDOUT)
-            stack.callback(stop_process, process)
-            nodes[name] = {"process": process, "log": log, "yaml": site_yaml}
-        yield {"tmp": tmp, "env": env, "nodes": nodes}
-
-
-def _run(cluster, name: str, config: dict) -> subprocess.Popen:
-    run = cluster["tmp"] / f"{name}.yaml"
-    run.write_text(yaml.safe_dump({"model": MODEL, "output": str(cluster["tmp"] / name), **config}))
-    return subprocess.Popen([str(BIN / "flwr"), "run", str(app_directory()), "hospitals", "--stream",
-                             "--run-config", f'config-path="{run}"'], env=cluster["env"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _centralised(cluster, sites, plan):
-    model = create_model(ModelConfig.model_validate(MODEL))
-    batches = []
-    for name in sites:
-        data = DataConfig.model_validate(yaml.safe_load(cluster["nodes"][name]["yaml"].read_text())["data"])
-        calibration, _ = calibration_split(build_dataset(data, model), data)
-        batches += list(make_loader(calibration, data))
-    return solve_plan(collect_span_stats(ViTAdapter(model), batches, plan.spans), bias=True), batches
-
-
-def _assert_maps_equal(folder: Path, central) -> None:
-    maps = load_file(str(folder / "maps.safetensors"))
-    for span, fit in central.items():
-        for name, expected in (("weight", fit.map.weight), ("bias", fit.map.bias)):
-            got = maps[f"span.{span.key}.{name}"]
-            assert float((got - expected).norm() / expected.norm()) < 1e-9
+    deployment = Cluster(tmp_path_factory.mktemp("deploy"))
+    try:
+        yield deployment
+    finally:
+        deployment.close()
 
 
 def test_three_hospitals_with_tls_and_node_auth(cluster):
-    run = _run(cluster, "all-sites", {"plan": "1->2, 3->5",
+    run = cluster.run("all-sites", {"plan": "1->2, 3->5",
                                       "federation": {"num_sites": 3, "min_sites": 3, "round_timeout": 300}})
     out, _ = run.communicate(timeout=600)
-    folder = cluster["tmp"] / "all-sites"
+    folder = cluster.tmp / "all-sites"
     assert (folder / "report.json").is_file(), out[-3000:]
     report = json.loads((folder / "report.json").read_text())
     for rnd in report["federation"]["rounds"]:
         assert sorted(rnd["sites"]) == list(SITES) and {v["status"] for v in rnd["sites"].values()} == {"ok"}
-    central, batches = _centralised(cluster, SITES, parse_plan("1->2, 3->5", 6))
-    _assert_maps_equal(folder, central)
+    # the production ServerApp checked the running SuperLink itself before round 1, and says so
+    assert report["profile"] == "production"
+    assert [line.split()[:2] for line in report["superlink_checks"]] == [
+        ["OK", "superlink.certificates:"], ["OK", "superlink.node_auth:"], ["OK", "superlink.database:"]]
+    assert "- profile: **production**" in (folder / "report.md").read_text()
+    central, batches = cluster.centralised(SITES, parse_plan("1->2, 3->5", 6))
+    assert_maps_equal(folder, central)
     images = batches[0][0]
     with torch.no_grad():
         expected = load_compressed(folder)(images)
         for name in SITES:  # every hospital installed exactly the server's maps
-            site_maps = cluster["tmp"] / name / "compressed"
+            site_maps = cluster.tmp / name / "compressed"
             digest = hashlib.sha256((site_maps / "maps.safetensors").read_bytes()).hexdigest()
             assert digest == report["federation"]["maps_sha256"]
             assert torch.equal(load_compressed(site_maps)(images), expected)
+            assert json.loads((site_maps / "report.json").read_text())["site"] == {"name": name, "profile": "production"}
+    # every hospital's audit log and the server's verify, each against the other, and agree on the payloads
+    server_log = cluster.tmp / "all-sites.audit.jsonl"
+    server = check_chain(server_log)
+    assert server.ok and [e["round"] for e in server.entries] == ["statistics", "install", "result"]
+    sent_maps = payload_sha256({k: v.numpy() for k, v in load_file(str(folder / "maps.safetensors")).items()})
+    for name in SITES:
+        site_log = cluster.tmp / name / "audit.jsonl"
+        assert main(["audit", "verify", str(site_log), "--against", str(server_log)]) == 0
+        assert main(["audit", "verify", str(server_log), "--against", str(site_log)]) == 0
+        problems, matched = cross_check(check_chain(site_log), server)
+        assert problems == [] and matched.startswith("2 site heads and 2 site requests matched")
+        site = {e["round"]: e for e in check_chain(site_log).entries if e["run_id"] == server.entries[0]["run_id"]}
+        assert site["statistics"]["sent_sha256"] == server.entries[0]["sites"][name]["received_sha256"]
+        assert site["statistics"]["sent"] == server.entries[0]["sites"][name]["received"]
+        assert site["install"]["received"]["maps"]["sha256"] == sent_maps
+        assert site["install"]["hash"] == server.entries[1]["sites"][name]["site_head"]
+
+
+def test_production_sites_refuse_a_development_run(cluster):
+    run = cluster.run("development", {"profile": "development", "plan": "1->2",
+                                      "federation": {"num_sites": 3, "min_sites": 1, "round_timeout": 120}})
+    out, _ = run.communicate(timeout=600)
+    assert not (cluster.tmp / "development" / "report.json").exists()
+    for name in SITES:  # no fallback: every site refused before reading an image
+        assert f"profile: {name} runs in the production profile and refuses a run whose profile is 'development'" in out
 
 
 def test_private_run_with_secure_aggregation_across_three_hospitals(cluster):
-    run = _run(cluster, "private", {"plan": "1->2, 3->5", "privacy": {"epsilon": 8.0, "aggregation": "secure",
+    run = cluster.run("private", {"plan": "1->2, 3->5", "privacy": {"epsilon": 8.0, "aggregation": "secure",
                                                                       "public_images": 32},
                                     "federation": {"num_sites": 3, "min_sites": 3, "round_timeout": 300,
                                                    "max_images_per_site": 1000}})
     out, _ = run.communicate(timeout=600)
-    folder = cluster["tmp"] / "private"
+    folder = cluster.tmp / "private"
     assert (folder / "report.json").is_file(), out[-3000:]
     report = json.loads((folder / "report.json").read_text())
     privacy = report["privacy"]
@@ -132,37 +100,35 @@ def test_private_run_with_secure_aggregation_across_three_hospitals(cluster):
     statistics = next(r for r in report["federation"]["rounds"] if r["name"].startswith("statistics"))
     assert list(statistics["sites"]) == ["secure sum"]  # the server saw the sum, not a site's reply
     for name in SITES:
-        entries = PrivacyLedger(cluster["tmp"] / name / "privacy-ledger.json").entries()
+        entries = PrivacyLedger(cluster.tmp / name / "privacy-ledger.json").entries()
         statistics_entry = [e for e in entries if e.release == "statistics"][-1]
         assert statistics_entry.noise_multiplier == pytest.approx(privacy["noise_multiplier"])
         assert statistics_entry.aggregation == "secure (noise split over 3 sites)"
         assert statistics_entry.noise.startswith("secure")
+        # the secure round is on both records: the config each site received is the one the server sent
+        site_log, server_log = cluster.tmp / name / "audit.jsonl", cluster.tmp / "private.audit.jsonl"
+        problems, matched = cross_check(check_chain(site_log), check_chain(server_log))
+        assert problems == [] and matched.startswith("1 site heads and 2 site requests matched")
+        secure = [e for e in check_chain(site_log).entries if e["round"] == "statistics (secure aggregation)"][-1]
+        assert secure["status"] == "ok" and secure["grant"]["aggregation"] == "secure (noise split over 3 sites)"
+    server_round = check_chain(cluster.tmp / "private.audit.jsonl").entries[0]
+    assert server_round["sites"]["secure sum"]["sites_summed"] == 3
 
 
 def test_a_site_killed_mid_run_is_excluded_and_named(cluster):
-    victim = cluster["nodes"]["hospital-c"]
-    run = _run(cluster, "site-killed", {"budget": {"blocks": 2},
-                                        "federation": {"num_sites": 3, "min_sites": 2, "round_timeout": 60}})
-    seen = []
-    for line in run.stdout:  # the server's streamed log: round 1 is complete once the plan is chosen...
-        seen.append(line)
-        if "plan chosen from 3 sites' similarity" in line:
-            break
-    else:
-        pytest.fail("the server never finished the similarity round:\n" + "".join(seen[-40:]))
-    stop_process(victim["process"])  # ...and hospital-c dies before round 2
+    run = cluster.run("site-killed", {"budget": {"blocks": 2},
+                                      "federation": {"num_sites": 3, "min_sites": 2, "round_timeout": 60}})
+    seen: list[str] = []
+    wait_for_line(run, "plan chosen from 3 sites' similarity", seen)  # round 1 is complete once the plan is chosen...
+    cluster.stop_node("hospital-c")  # ...and hospital-c dies before round 2
     out, _ = run.communicate(timeout=600)
-    folder = cluster["tmp"] / "site-killed"
+    folder = cluster.tmp / "site-killed"
     assert (folder / "report.json").is_file(), out[-3000:]
     rounds = {r["name"]: r["sites"] for r in json.loads((folder / "report.json").read_text())["federation"]["rounds"]}
     assert rounds["similarity"]["hospital-c"]["status"] == "ok"
-    excluded = {s: (v["status"], v["reason"]) for s, v in rounds["statistics"].items() if v["status"] != "ok"}
-    assert list(excluded) == ["hospital-c"]  # named: it sent its name in round 1
-    # whichever comes first: the round's timeout, or the SuperLink's error reply once the node missed its heartbeats
-    status, reason = excluded["hospital-c"]
-    assert (status, reason) == ("no reply", "no reply within 60 s") or \
-        (status == "error" and "Node Unavailable" in reason and "heartbeat" in reason), excluded
+    assert rounds["statistics"]["hospital-c"]["status"] == "error"  # the SuperLink says why: the node is offline
+    assert rounds["statistics"]["hospital-c"]["reason"].startswith("site error 5: Error: Node Unavailable")
     assert sorted(rounds["install"]) == ["hospital-a", "hospital-b"]
     report = json.loads((folder / "report.json").read_text())
-    central, _ = _centralised(cluster, ("hospital-a", "hospital-b"), parse_plan(report["plan"], 6))
-    _assert_maps_equal(folder, central)
+    central, _ = cluster.centralised(("hospital-a", "hospital-b"), parse_plan(report["plan"], 6))
+    assert_maps_equal(folder, central)

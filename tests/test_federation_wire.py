@@ -49,7 +49,7 @@ def test_sites_sums_equal_centralised_solution(tiny_vit):
     (lambda a: a.__setitem__("calibration/0-2/cross", a["calibration/0-2/cross"].astype(np.float32)), "dtype"),
     (lambda a: a.__setitem__("holdout/3-4/sum_x", np.full(48, np.inf)), "NaN or Inf"),
     (lambda a: a.__setitem__("calibration/0-2/sum_x", np.zeros(47)), "shape"),
-    (lambda a: a.__setitem__("calibration/3-4/tokens", np.asarray(-3.0)), "non-negative integer"),
+    (lambda a: a.__setitem__("calibration/3-4/tokens", np.asarray([-3.0])), "non-negative integer"),
     (lambda a: a.__setitem__("calibration/0-2/gram_triu", -a["calibration/0-2/gram_triu"]), "positive semi-definite"),
 ])
 def test_bad_replies_are_rejected_with_the_field(tiny_vit, corrupt, match):

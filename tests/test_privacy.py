@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,12 +22,14 @@ from tba_fed.data import SyntheticImages
 from tba_fed.federation.site import RunSpec, Site, statistics_reply
 from tba_fed.plan import Span, parse_plan
 from tba_fed.privacy.accounting import RDP_ORDERS, epsilon_spent, noise_multiplier
+from tba_fed.errors import TBAInputError
 from tba_fed.privacy.ledger import BudgetExceeded, LedgerEntry, PrivacyLedger, ledger_report, now
 from tba_fed.privacy.mechanism import NoiseSource
 from tba_fed.privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy, check_request
 from tba_fed.privacy.postprocess import adassp_ridge, gram_noise_bound, psd_projection
 from tba_fed.privacy.clipped import ClippedSpanSums, SpanBounds, to_span_stats
 from tba_fed.privacy.release import noisy_spans
+from tba_fed.privacy.release_store import ReleaseStore
 from tba_fed.privacy.sensitivity import clip_images, span_parts
 from tba_fed.stats import SpanStats
 
@@ -190,15 +194,19 @@ def _entry(run: str, release: str, sigma: float) -> LedgerEntry:
 def test_ledger_composes_runs_and_refuses_an_over_budget_run(tmp_path):
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     sigma = noise_multiplier(1.0, 1e-5, 1)
-    assert ledger.record(_entry("run-1", "statistics", sigma), budget=2.0, delta=1e-5) == pytest.approx(1.0, rel=0.01)
-    spent = ledger.record(_entry("run-2", "statistics", sigma), budget=2.0, delta=1e-5)
-    assert 1.0 < spent <= 2.0  # RDP composition: tighter than adding ε
+    ledger.record(_entry("run-1", "statistics", sigma), budget=2.0, delta=1e-5)
+    assert ledger.spent(1e-5) == pytest.approx(1.0, rel=0.01)
+    ledger.record(_entry("run-2", "statistics", sigma), budget=2.0, delta=1e-5)
+    assert 1.0 < ledger.spent(1e-5) <= 2.0  # RDP composition: tighter than adding ε
     before = ledger.path.read_bytes()
     with pytest.raises(BudgetExceeded, match="budget is 2"):
         ledger.record(_entry("run-3", "statistics", sigma), budget=2.0, delta=1e-5,
                       run_releases=("statistics", "probe", "accuracy"))
-    with pytest.raises(BudgetExceeded, match="already made its 'statistics' release"):
-        ledger.record(_entry("run-2", "statistics", sigma * 100), budget=2.0, delta=1e-5)
+    other_spec = replace(_entry("run-2", "statistics", sigma * 100), spec_sha256="1" * 64)
+    with pytest.raises(BudgetExceeded, match="already made its 'statistics' release under another specification"):
+        ledger.record(other_spec, budget=2.0, delta=1e-5)
+    again = ledger.record(_entry("run-2", "statistics", sigma), budget=2.0, delta=1e-5)  # idempotent: nothing spent
+    assert again == ledger.entries()[1]
     assert ledger.path.read_bytes() == before
     report = ledger_report(ledger, 2.0, 1e-5)
     assert "run-1" in report and "run-2" in report and "remaining" in report
@@ -296,3 +304,60 @@ def test_private_solve_can_shrink_the_bias_toward_the_prior_too():
     assert torch.allclose(m.weight.T, expected[:5], rtol=1e-10) and torch.allclose(m.bias, expected[5], rtol=1e-10)
     free, _ = solve_span(s, bias=True, ridge_lambda=lam, prior=prior)
     assert not torch.allclose(free.bias, m.bias)
+
+
+def _private_site(tmp_path, counting: bool = False) -> tuple[Site, RunSpec]:
+    batches = CountingLoader(loader(24))
+    site = Site("hospital-a", batches, None, tmp_path, SitePolicy(min_images=10, ledger=tmp_path / "ledger.json"))
+    request = PrivacyRequest(epsilon=1.0, delta=1e-5, releases=("statistics",),
+                             clip_spans={"1->3": (20.0, 10.0, 5.0, 5.0, 5.0)})
+    return site, RunSpec("run-1", request, ("plan=1->3",))
+
+
+def _statistics(tiny_vit, site: Site, run: RunSpec):
+    return statistics_reply(tiny_vit, site, parse_plan("1->3", 6), "all", run,
+                            {SPAN: LinearMap(torch.eye(48, dtype=torch.float64), None)})
+
+
+def test_a_release_asked_again_resends_the_stored_payload_and_spends_nothing_more(tmp_path, tiny_vit):
+    site, run = _private_site(tmp_path)
+    first = _statistics(tiny_vit, site, run)
+    read = site.calibration.batches
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    [entry] = ledger.entries()
+    spent = ledger.spent(1e-5)
+    again = _statistics(tiny_vit, site, run)  # a restarted site, or Flower delivering the message twice
+    assert site.calibration.batches == read  # not recomputed: no image read, no fresh noise
+    assert set(again) == set(first) and all(np.array_equal(again[k], first[k]) for k in first)
+    assert ledger.entries() == [entry] and ledger.spent(1e-5) == spent
+    stored = ReleaseStore(ledger.path).path("run-1", "statistics")
+    assert entry.payload_sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))  # altered on disk: refused, never re-noised
+    with pytest.raises(TBAInputError, match="does not match the sha256 recorded in the ledger"):
+        _statistics(tiny_vit, site, run)
+    stored.unlink()
+    with pytest.raises(TBAInputError, match="statistics' release but .* is gone"):
+        _statistics(tiny_vit, site, run)
+    assert ledger.entries() == [entry]
+
+
+def test_a_release_recorded_but_never_produced_is_produced_once_without_a_second_entry(tmp_path, tiny_vit, monkeypatch):
+    site, run = _private_site(tmp_path)
+    store_save = ReleaseStore.save
+
+    def crash(*args, **kwargs):  # the site dies after the write-ahead entry, before its payload exists
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ReleaseStore, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _statistics(tiny_vit, site, run)
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    [granted] = ledger.entries()
+    assert granted.payload_sha256 is None  # budget counted, nothing sent
+    monkeypatch.setattr(ReleaseStore, "save", store_save)
+    payload = _statistics(tiny_vit, site, run)
+    [entry] = ledger.entries()
+    assert entry.payload_sha256 is not None and entry.time == granted.time
+    assert all(np.array_equal(payload[k], v) for k, v in _statistics(tiny_vit, site, run).items())

@@ -4,7 +4,7 @@ The real Flower runtime is exercised by test_simulation.py and test_deployment.p
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 import json
 import math
 from types import SimpleNamespace
@@ -15,8 +15,10 @@ import yaml
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from tba_fed import ModelConfig, ViTAdapter, solve_plan
+from tba_fed.audit import check_chain
 from tba_fed.calibrate import collect_span_stats
 from tba_fed.federation.config import load_federated_config
+from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import from_record, to_record
 from tba_fed.federation.server import FederationError, run_server
 from tba_fed.federation.config import FederationConfig
@@ -64,6 +66,8 @@ def _corrupt(kind: str):
 class InProcessGrid:
     """Answers each message like a ClientApp would, from tba_fed's site functions."""
 
+    run = SimpleNamespace(run_id=1)
+
     def __init__(self, tmp_path, behaviours: dict[int, str], policy: SitePolicy | None = None, images: int = 24) -> None:
         self.behaviours = behaviours
         policy = policy or FederationConfig().site_policy
@@ -72,62 +76,53 @@ class InProcessGrid:
                                  policy.model_copy(update={"ledger": tmp_path / f"site-{node}" / "ledger.json"}))
                       for node in behaviours}
         self.received: list[dict] = []
-        self.outbox: dict[str, SimpleNamespace] = {}
-        self.ids = itertools.count()
 
     def get_node_ids(self):
         return list(self.behaviours)
 
-    def push_messages(self, messages):
-        """Each message is answered at once, as a ClientApp would; its reply waits to be pulled."""
-        ids = []
+    def send_and_receive(self, messages, *, timeout):
+        replies = []
         for msg in messages:
-            ids.append(f"message-{next(self.ids)}")
-            reply = self._answer(msg)
-            if reply is not None:
-                self.outbox[ids[-1]] = reply
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.outbox.pop(mid) for mid in message_ids if mid in self.outbox]
-
-    def _answer(self, msg):
-        node, kind = msg.metadata.dst_node_id, self.behaviours[msg.metadata.dst_node_id]
-        if kind == "silent":
-            return None
-        config = msg.content.config_records["config"]
-        model = cached_model(str(config["model"]))
-        site = self.sites[node]
-        records = {"meta": ConfigRecord({"site": site.name})}
-        action = msg.metadata.message_type.split(".", 1)[1]
-        if kind == "crash" and action == "statistics":
-            return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
-                                   error=SimpleNamespace(code=0, reason="ClientApp raised: disk failure"))
-        plan = parse_plan(str(config["plan"]), 6) if "plan" in config else None
-        run = run_spec("run-1", dict(config))
-        if action == "similarity":
-            records["similarity"] = to_record(similarity_reply(model, site, str(config["token-mode"]), run))
-        elif action == "statistics":
-            priors = decode_priors(str(config["prior-maps"]), plan.spans, 48) if config.get("prior-maps") else None
-            try:
-                arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors)
-            except TBAInputError as err:  # what Flower does with a ClientApp exception: an error reply, no content
-                return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
-                                       error=SimpleNamespace(code=0, reason=f"ClientApp raised: {err}"))
-            records["statistics"] = to_record(_corrupt(kind)(arrays))
-        else:
-            maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, (), 48)
-            compressed = build_compressed(model, maps)
-            if action == "install":
-                records["install"] = ConfigRecord({"checksum": install(model, site, maps,
-                                                                       json.loads(str(config["report"])))})
-            elif action == "probe":
-                records["probe"] = to_record(probe_reply(model, compressed, site, 10, run))
+            node, kind = msg.metadata.dst_node_id, self.behaviours[msg.metadata.dst_node_id]
+            if kind == "silent":
+                continue
+            config = msg.content.config_records["config"]
+            model = cached_model(str(config["model"]))
+            site = self.sites[node]
+            records = {"meta": ConfigRecord({"site": site.name, **echo(msg)})}
+            action = msg.metadata.message_type.split(".", 1)[1]
+            if kind == "crash" and action == "statistics":
+                replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
+                                               error=SimpleNamespace(code=0, reason="ClientApp raised: disk failure")))
+                continue
+            plan = parse_plan(str(config["plan"]), 6) if "plan" in config else None
+            run = run_spec("run-1", dict(config))
+            if action == "similarity":
+                records["similarity"] = to_record(similarity_reply(model, site, str(config["token-mode"]), run))
+            elif action == "statistics":
+                priors = decode_priors(str(config["prior-maps"]), plan.spans, 48) if config.get("prior-maps") else None
+                try:
+                    arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors)
+                except TBAInputError as err:  # what Flower does with a ClientApp exception: an error reply, no content
+                    replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
+                                                   error=SimpleNamespace(code=0, reason=f"ClientApp raised: {err}")))
+                    continue
+                records["statistics"] = to_record(_corrupt(kind)(arrays))
             else:
-                heads = decode_heads(from_record(msg.content.array_records["heads"]), 48, 10)
-                records["accuracy"] = MetricRecord(accuracy_reply(model, compressed, site, heads, run))
-        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
-                               content=RecordDict(records))
+                maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, (), 48)
+                compressed = build_compressed(model, maps)
+                if action == "install":
+                    records["install"] = ConfigRecord({"checksum": install(model, site, maps,
+                                                                           json.loads(str(config["report"])))})
+                elif action == "probe":
+                    records["probe"] = to_record(probe_reply(model, compressed, site, 10, run))
+                else:
+                    heads = decode_heads(from_record(msg.content.array_records["heads"]), 48, 10)
+                    records["accuracy"] = MetricRecord(accuracy_reply(model, compressed, site, heads, run))
+            content = RecordDict(records)
+            replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
+                                           content=content))
+        return replies
 
 
 def _config(tmp_path, **federation):
@@ -166,6 +161,18 @@ def test_faulty_sites_are_rejected_named_and_excluded(tmp_path):
         assert float((maps[f"span.{span.key}.weight"] - expected).norm() / expected.norm()) < 1e-9
     assert report["evaluation"]["test_images"] == 16
     assert "| site-3 | rejected |" in (tmp_path / "server" / "report.md").read_text()
+    # the server's audit log, beside its output: one entry per round and one for the result
+    audit = check_chain(tmp_path / "server.audit.jsonl")
+    assert audit.ok and [e["round"] for e in audit.entries] == ["statistics", "install", "probe", "accuracy", "result"]
+    sent = audit.entries[0]["sites"]
+    assert {name: record["status"] for name, record in sent.items()} == {name: v["status"] for name, v in stats.items()}
+    assert len({record["sent_sha256"] for record in sent.values()}) == 1  # every site was asked the same
+    assert "received_sha256" not in sent["node-7"] and "received_sha256" not in sent["node-8"]
+    assert sent["site-3"]["received"]["statistics:calibration/1-2/sum_x"] == [7]  # a rejected reply is on record too
+    assert sent["site-1"]["received"] == stats["site-1"]["received"]
+    result = audit.entries[-1]
+    assert result["maps_sha256"] == report["federation"]["maps_sha256"]
+    assert result["report_sha256"] == hashlib.sha256((tmp_path / "server" / "report.json").read_bytes()).hexdigest()
 
 
 def test_only_named_aggregates_reach_the_server(tmp_path):
@@ -188,6 +195,8 @@ def test_too_few_sites_fail_with_a_clear_message(tmp_path):
     with pytest.raises(FederationError, match=r"round statistics: 1 valid replies, min_sites is 2.*site-2: rejected"):
         run_server(InProcessGrid(tmp_path, {1: "good", 2: "nan"}), _config(tmp_path, num_sites=2))
     assert not (tmp_path / "server").exists()
+    failed = check_chain(tmp_path / "server.audit.jsonl").entries[-1]  # the failed round is on record
+    assert failed["round"] == "statistics" and failed["sites"]["site-2"]["status"] == "rejected"
 
 
 def test_private_run_reports_privacy_priors_and_every_site_ledgers_its_releases(tmp_path):

@@ -11,8 +11,10 @@ from safetensors.torch import load_file
 from torch.utils.data import Subset
 
 from tba_fed import ModelConfig, ViTAdapter, load_compressed, solve_plan
+from tba_fed.audit import check_chain
 from tba_fed.calibrate import collect_clipped_span_sums, collect_span_stats
 from tba_fed.data import build_dataset, make_loader
+from tba_fed.federation.audit_check import cross_check
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.simulate import simulate
 from tba_fed.federation.site import simulated_indices
@@ -51,6 +53,7 @@ def test_federated_maps_equal_centralised(tmp_path, num_sites, scheme):
     path.write_text(yaml.safe_dump(_config(tmp_path, num_sites, scheme)))
     report, output = simulate(path)
     assert report["federation"]["sites_connected"] == num_sites
+    assert report["profile"] == "development"  # a simulation is the development profile, and says so
     sums = {"gram_triu", "cross", "sum_x", "sum_y", "sum_yy", "sum_f", "class_counts", "tokens", "images",
             "sq_dist", "cos_sum", "angle_sum", "sq_norm"}
     for rnd in report["federation"]["rounds"]:
@@ -122,8 +125,12 @@ def test_private_secure_aggregation_run_reproduces_the_server_solve(tmp_path):
                 for split, idx in (("calibration", calibration), ("holdout", holdout))}
         released.append(noisy_spans(sums, parts, privacy["noise_multiplier"] / np.sqrt(3),
                                     noise_source(request, f"site-{site}", "statistics")))
-        ledger = PrivacyLedger(output.with_name(output.name + "-sites") / f"site-{site}" / "privacy-ledger.json")
+        folder = output.with_name(output.name + "-sites") / f"site-{site}"
+        ledger = PrivacyLedger(folder / "privacy-ledger.json")
         assert [e.release for e in ledger.entries()] == ["statistics"]
+        # a simulated site keeps its audit log in its simulated folder; the server's is beside its output
+        problems, matched = cross_check(check_chain(folder / "audit.jsonl"), check_chain(output.with_name("out.audit.jsonl")))
+        assert problems == [] and matched.startswith("1 site heads and 2 site requests matched")
     summed = sum((r["calibration"][span] for r in released[1:]), released[0]["calibration"][span])
     cleaned, ridges = private_inputs({span: summed}, prior, {span: privacy["spans"]["1->2"]["gram_noise_std"]}, tokens,
                                      bias=True)

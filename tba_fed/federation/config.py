@@ -7,8 +7,54 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import DataConfig, Device, RunConfig, _Section, merge_overrides, read_yaml, validate
+from ..config import DataConfig, Device, ModelConfig, RunConfig, _Section, merge_overrides, read_yaml, validate
+from ..errors import TBAInputError
+from ..plan import Plan, Span, parse_plan
 from ..privacy.policy import RELEASES, SitePolicy
+
+SITE_AUDIT_FILE = "audit.jsonl"  # a site's audit log in its output folder, unless its YAML names another
+
+
+Profile = Literal["production", "development"]
+PROFILE_DOC = ("production (the default): TLS, registered SuperNode keys and a persistent SuperLink state are required "
+               "and verified; development: simulations and local tests, insecure settings allowed")
+
+
+class TLSFiles(_Section):
+    """The SuperLink's TLS certificate and key, and the CA that signed it (scripts/make-certificates.sh)."""
+
+    certfile: Path
+    keyfile: Path
+    ca_certfile: Path
+
+
+class SuperLinkConfig(_Section):
+    """How the server's flower-superlink runs (``tba-fed superlink RUN.yaml``) and what the ServerApp verifies."""
+
+    address: str = Field(min_length=1, description="host name or IP the sites connect to; the certificate must cover it")
+    host: str = Field("0.0.0.0", description="address flower-superlink binds")
+    port: int = Field(9092, ge=1, le=65535)
+    certificates: TLSFiles | None = Field(None, description="TLS (production: required)")
+    database: Path | None = Field(None, description="persistent SuperLink state (production: required; "
+                                                    "without it registrations and runs vanish on restart)")
+    node_auth: bool = Field(True, description="only registered SuperNode keys may connect (production: required)")
+    sites: dict[str, Path] = Field(default_factory=dict, description="site name -> its public key (.key.pub), "
+                                                                       "registered when the SuperLink starts")
+
+    @property
+    def fleet_address(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+class ConnectionConfig(_Section):
+    """How a site's flower-supernode reaches the SuperLink (``tba-fed supernode SITE.yaml``)."""
+
+    superlink: str = Field(pattern=r"^\S+:\d+$", description="the SuperLink's address as host:port")
+    root_certificates: Path | None = Field(None, description="the CA certificate (ca.crt); production: required")
+    auth_key: Path | None = Field(None, description="this site's private key (OpenSSH EC, .pub beside it); "
+                                                    "production: required")
+    port: int | None = Field(None, ge=1, le=65535, description="local port of the SuperNode's runtime API "
+                                                               "(each SuperNode on one machine needs its own)")
 
 
 class PartitionConfig(_Section):
@@ -37,7 +83,8 @@ class FederationConfig(_Section):
     @model_validator(mode="after")
     def _enough_sites(self) -> FederationConfig:
         if self.min_sites > self.num_sites:
-            raise ValueError(f"min_sites ({self.min_sites}) exceeds num_sites ({self.num_sites})")
+            raise TBAInputError("min_sites", f"{self.min_sites} exceeds num_sites ({self.num_sites})",
+                                "lower min_sites or raise num_sites")
         return self
 
 
@@ -66,6 +113,8 @@ class PrivacyConfig(_Section):
 class FederatedRunConfig(RunConfig):
     """A RunConfig plus the federation section; ``data`` is the pooled data a simulation partitions."""
 
+    profile: Profile = Field("production", description=PROFILE_DOC)
+    superlink: SuperLinkConfig | None = Field(None, description="deployment: the SuperLink (tba-fed superlink)")
     federation: FederationConfig = FederationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     privacy: PrivacyConfig | None = None
@@ -73,11 +122,20 @@ class FederatedRunConfig(RunConfig):
         None, description="what the ridge shrinks maps toward: zero, identity (drop the blocks) or a map fitted on "
                           "public photos; default: public with privacy, zero without")
     output: Path = Path("outputs/federated")
+    audit: Path | None = Field(None, description="the server's hash-chained audit log (JSON Lines); default "
+                                                 "<output>.audit.jsonl beside the output directory")
+
+    @property
+    def audit_log(self) -> Path:
+        """Beside the output, not in it: the output directory is replaced whole at the end of a run."""
+        return self.audit or self.output.with_name(self.output.name + ".audit.jsonl")
 
     @model_validator(mode="after")
     def _secure_needs_sites(self) -> FederatedRunConfig:
         if self.privacy is not None and self.privacy.aggregation == "secure" and self.federation.min_sites < 2:
-            raise ValueError("privacy.aggregation 'secure' needs federation.min_sites >= 2 (SecAgg+ sums 2+ sites)")
+            raise TBAInputError("privacy.aggregation", "secure aggregation needs federation.min_sites >= 2 "
+                                                       "(a SecAgg+ sum over one site is that site's data)",
+                                "set federation.min_sites to 2 or more, or aggregation: local")
         return self
 
 
@@ -89,11 +147,23 @@ class SiteConfig(_Section):
     output: Path = Field(description="where this site writes its compressed model")
     device: Device = "cpu"
     privacy: SitePolicy = Field(description="this site's privacy policy: its caps hold whatever the server asks")
+    profile: Profile = Field("production", description=PROFILE_DOC + "; the site serves only runs of its own profile")
+    connection: ConnectionConfig | None = Field(None, description="deployment: the SuperNode's link to the SuperLink")
+    model: ModelConfig | None = Field(None, description="the base model this site holds (the run's model): "
+                                                        "preflight checks its weights and reads the data through it")
+    audit: Path | None = Field(None, description="this site's hash-chained audit log of every request and release; "
+                                                 "default <output>/audit.jsonl")
+
+    @property
+    def audit_log(self) -> Path:
+        """In the output folder, outside output/compressed (which install replaces whole)."""
+        return self.audit or self.output / SITE_AUDIT_FILE
 
     @model_validator(mode="after")
     def _ledger(self) -> SiteConfig:
         if self.privacy.ledger is None:
-            raise ValueError("privacy.ledger must be set: the file where this site records every release")
+            raise TBAInputError("privacy.ledger", "must be set: the file where this site records every release",
+                                "e.g. ledger: /srv/tba-fed/privacy-ledger.json")
         return self
 
 
@@ -103,3 +173,17 @@ def load_federated_config(path: Path, overrides: dict[str, Any] | None = None) -
 
 def load_site_config(path: Path) -> SiteConfig:
     return validate(SiteConfig, read_yaml(path))
+
+
+def fixed_plan(config: RunConfig, num_blocks: int) -> tuple[Plan | None, tuple[Span, ...]]:
+    """The run's plan (None: a budget chooses it from the sites' similarity) and its identity spans, checked
+    against the model's depth before any site is asked for anything or any process is started."""
+    identity = parse_plan(config.identity_spans, num_blocks, "identity_spans").spans if config.identity_spans else ()
+    if config.plan is None:
+        if config.budget is None:
+            raise TBAInputError("plan", "give a plan or a budget", 'e.g. plan: "1->2" or budget: {blocks: 2}')
+        return None, identity
+    plan = parse_plan(config.plan, num_blocks)
+    if unknown := [str(s) for s in identity if s not in plan.spans]:
+        raise TBAInputError("identity_spans", f"{', '.join(unknown)} not in the plan {plan}")
+    return plan, identity

@@ -22,20 +22,28 @@ from ..privacy.postprocess import RidgeChoice
 from ..privacy.ranges import statistics_ranges
 from .config import FederatedRunConfig, PrivacyConfig
 from .secure_aggregation import secure_sum
+from .server_audit import ServerAudit
 from .wire import decode_private_spans, private_span_shapes
 
 _logger = logging.getLogger(__name__)
 
 
 def secure_statistics_round(grid: Grid, nodes: list[int], config: FederatedRunConfig, request: PrivacyRequest,
-                            plan: Plan, dim: int, content: RecordDict, log: Any
+                            plan: Plan, dim: int, content: RecordDict, log: Any, audit: ServerAudit | None = None
                             ) -> tuple[dict[str, dict[Span, ClippedSpanSums]], int]:
     """SecAgg+ sum of the sites' noisy span sums (each site adds σ/√noise_sites of the noise)."""
     fed = config.federation
     ranges = statistics_ranges(request, plan.spans, fed.max_images_per_site)
-    settings = dict(content.config_records["config"].items())
-    result = secure_sum(grid, nodes, {**settings, "max-images": fed.max_images_per_site}, ranges,
-                        private_span_shapes(plan.spans, dim), timeout=fed.round_timeout, min_sites=fed.min_sites)
+    settings = {**dict(content.config_records["config"].items()), "max-images": fed.max_images_per_site}
+    try:
+        result = secure_sum(grid, nodes, settings, ranges, private_span_shapes(plan.spans, dim),
+                            timeout=fed.round_timeout, min_sites=fed.min_sites)
+    except Exception as err:  # recorded, then the run stops
+        if audit is not None:
+            audit.secure_round(log, nodes, settings, None, str(err))
+        raise
+    if audit is not None:
+        audit.secure_round(log, nodes, settings, result)
     summed = decode_private_spans(result.arrays, plan.spans, dim)
     log.seconds = result.seconds
     log.sites["secure sum"] = {"node_id": -1, "status": "ok",

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -24,11 +23,11 @@ from flwr.serverapp import Grid
 from ..adapter import ViTAdapter
 from ..checkpoint import manifest, maps_checksum, write_compressed
 from ..compressed import build_compressed, parameter_report
-from ..errors import TBAInputError
+from ..errors import FederationError, TBAInputError
 from ..fileio import check_output_dir
 from ..models import create_model
 from ..pipeline import Compression, choose_plan, solve_plan
-from ..plan import Span, parse_plan
+from ..plan import Span
 from ..privacy.accounting import noise_multiplier
 from ..privacy.clipped import to_span_stats
 from ..privacy.policy import PrivacyRequest
@@ -43,10 +42,12 @@ from ..public_prior import public_norms, public_prior_maps, public_span_bounds
 from ..report import compression_dict, compression_markdown, write_similarity
 from ..solver import LinearMap
 from ..stats import SpanStats
-from .arrivals import replies_as_they_arrive
-from .config import FederatedRunConfig
+from .config import FederatedRunConfig, fixed_plan
+from .delivery import BoundedGrid, send_and_receive
+from .envelope import check_echo, stamp
 from .private_rounds import privacy_markdown, privacy_summary, secure_statistics_round
-from .records import from_record, to_record
+from .records import from_record, received_schema, to_record
+from .server_audit import ServerAudit
 from .wire import (MODELS, decode_private_spans, decode_probe, decode_similarity, decode_spans, encode_heads,
                    encode_maps, encode_priors, payload_bytes)
 
@@ -54,10 +55,6 @@ _logger = logging.getLogger(__name__)
 
 
 NOISE_DRAWS = 20  # re-noisings of the held-out release that give the report's ± on each estimate
-
-
-class FederationError(RuntimeError):
-    """Too few sites took part validly: the run cannot produce a trustworthy result."""
 
 
 @dataclass
@@ -80,36 +77,39 @@ def record_bytes(content: RecordDict) -> int:
 def _site_name(node_id: int, reply: Message | None, names: dict[int, str]) -> str:
     """A site's own name once it has sent one (remembered in `names` for later rounds), else its node id."""
     if reply is not None and not reply.has_error() and "meta" in reply.content.config_records:
-        names[node_id] = str(reply.content.config_records["meta"].get("site", node_id))
+        claimed = str(reply.content.config_records["meta"].get("site", node_id))
+        if claimed not in (name for other, name in names.items() if other != node_id):  # a taken name is refused
+            names[node_id] = claimed
     return names.get(node_id, f"node-{node_id}")
-
-
-def received_schema(content: RecordDict) -> dict[str, list[int]]:
-    """Names and shapes of every array a reply carried: what the report shows the server received."""
-    return {f"{name}:{key}": list(np.shape(value)) for name, record in content.array_records.items()
-            for key, value in from_record(record).items()}
 
 
 def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Callable[[], RecordDict],
              decode: Callable[[RecordDict], Any], log: RoundLog, *, timeout: float, min_sites: int,
-             images: Callable[[Any], int] | None = None) -> dict[str, Any]:
+             images: Callable[[Any], int] | None = None, audit: ServerAudit | None = None) -> dict[str, Any]:
     """Send one message per node, validate each reply with `decode`, keep the valid ones.
 
-    `images` reads the image count a valid reply summarises, for the report.
+    `images` reads the image count a valid reply summarises, for the report; `audit` records the round.
     """
     start = time.perf_counter()
     contents = {node: make_content() for node in nodes}
-    messages = [Message(content=contents[node], dst_node_id=node, message_type=message_type) for node in nodes]
+    sent = {node: Message(content=contents[node], dst_node_id=node, message_type=message_type) for node in nodes}
+    for msg in sent.values():
+        stamp(msg, log.name)
+    replies, repeats = send_and_receive(grid, list(sent.values()), timeout=timeout)
     accepted: dict[str, Any] = {}
-    for node, reply in replies_as_they_arrive(grid, messages, timeout=timeout):  # each judged, then dropped
+    for node in nodes:
+        reply = replies.get(node)
         name = _site_name(node, reply, log.names)
         entry: dict[str, Any] = {"node_id": node, "bytes_sent": record_bytes(contents[node])}
-        if reply is None:
+        if repeats[node] > 1:
+            entry.update(status="rejected", reason=f"duplicate reply: {repeats[node]} replies to one request, all discarded")
+        elif reply is None:
             entry.update(status="no reply", reason=f"no reply within {timeout:.0f} s")
         elif reply.has_error():
             entry.update(status="error", reason=f"site error {reply.error.code}: {reply.error.reason}")
         else:
             try:
+                check_echo(reply.content, sent[node], name)
                 accepted[name] = decode(reply.content)
                 entry.update(status="ok", bytes_received=record_bytes(reply.content),
                              received=received_schema(reply.content))
@@ -122,6 +122,8 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
         log.sites[name] = entry
     log.seconds = time.perf_counter() - start
     log.nodes = [log.sites[name]["node_id"] for name in accepted]
+    if audit is not None:
+        audit.round(log, message_type, contents, replies)
     if len(accepted) < min_sites:
         detail = "; ".join(f"{s}: {v['status']} ({v.get('reason', '')})" for s, v in log.sites.items())
         raise FederationError(f"round {log.name}: {len(accepted)} valid replies, min_sites is {min_sites}. {detail}")
@@ -145,12 +147,17 @@ def _check_images(stats_images: int, minimum: int, field: str) -> None:
         raise TBAInputError(field, f"summarises {stats_images} images, the minimum per site is {minimum}")
 
 
-def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
-    """The whole federated run; returns the report that is also written to ``config.output``."""
+def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[str] | None = None) -> dict[str, Any]:
+    """The whole federated run; returns the report that is also written to ``config.output``.
+    `superlink_checks`: what the production ServerApp verified of the SuperLink before round 1 (reported)."""
     fed = config.federation
     check_output_dir(config.output, overwrite=config.overwrite)  # fail before any site works, not after
+    grid = BoundedGrid(grid, patience=fed.round_timeout)  # no call waits forever for a SuperLink that is gone
     model = create_model(config.model)
     adapter = ViTAdapter(model)
+    plan, identity = fixed_plan(config, adapter.num_blocks)
+    audit = ServerAudit(config.audit_log, str(grid.run.run_id))
+    tokens = adapter.tokens_per_image(config.token_mode)
     model_json = config.model.model_dump_json()
     nodes = wait_for_nodes(grid, fed.num_sites, fed.min_sites, fed.round_timeout)
     connected = len(nodes)
@@ -160,15 +167,12 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
     similarity = None
 
     def content(**values: Any) -> Callable[[], RecordDict]:
-        settings = {"model": model_json, "token-mode": config.token_mode, **values}
+        settings = {"model": model_json, "token-mode": config.token_mode, "profile": config.profile, **values}
         return lambda: RecordDict({"config": ConfigRecord(settings)})
 
-    identity = parse_plan(config.identity_spans, adapter.num_blocks, "identity_spans").spans \
-        if config.identity_spans else ()
     privacy = config.privacy
     prior_kind = config.prior or ("public" if privacy is not None else "zero")
     public = public_loader(model, privacy.public_images if privacy else 336) if privacy or prior_kind == "public" else None
-    tokens = adapter.tokens_per_image(config.token_mode)
     releases = (() if config.plan is not None else ("similarity",)) + ("statistics",) + \
         (("probe", "accuracy") if config.evaluation.enabled else ())
     # block and feature norms bound only the similarity and probe releases: a full forward pass, so only when asked
@@ -187,11 +191,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
     def private(req: PrivacyRequest | None) -> dict[str, str]:
         return {"privacy": req.to_json() if req is not None else ""}
-    if config.plan is not None:
-        plan = parse_plan(config.plan, adapter.num_blocks)
-        if unknown := [str(s) for s in identity if s not in plan.spans]:
-            raise TBAInputError("identity_spans", f"{', '.join(unknown)} not in the plan {plan}")
-    elif config.budget is not None:
+    if plan is None:  # a budget: the sites' summed similarity chooses the plan
         log = RoundLog("similarity", names)
         rounds.append(log)
 
@@ -204,14 +204,13 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
         replies = exchange(grid, nodes, f"{MessageType.QUERY}.similarity", content(**private(similarity_request)),
                            decode_similarity_reply, log,
-                           timeout=fed.round_timeout, min_sites=fed.min_sites, images=lambda stats: stats.images)
+                           timeout=fed.round_timeout, min_sites=fed.min_sites, images=lambda stats: stats.images,
+                           audit=audit)
         nodes = log.nodes
         similarity = sum(replies.values())
         plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
                            metric=config.budget.metric, bias=config.bias)
         _logger.info("plan chosen from %d sites' similarity: %s", len(replies), plan)
-    else:
-        raise TBAInputError("plan", "give a plan or a budget")
 
     public_maps = public_prior_maps(model, public, plan.spans, config.token_mode, config.bias) if public else {}
     dim = adapter.embed_dim
@@ -230,7 +229,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         log = RoundLog("statistics (secure aggregation)", names)
         rounds.append(log)
         released, summed = secure_statistics_round(grid, nodes, config, statistics_request, plan, dim,
-                                                   content(**settings)(), log)
+                                                   content(**settings)(), log, audit)
     else:
         log = RoundLog("statistics", names)
         rounds.append(log)
@@ -255,7 +254,7 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
         replies = exchange(grid, nodes, f"{MessageType.QUERY}.statistics", content(**settings),
                            decode_statistics_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
-                           images=lambda count: count)
+                           images=lambda count: count, audit=audit)
         nodes = log.nodes
         summed = len(replies)
     merged = released if privacy is None else {  # held-out sums as released; calibration sums are cleaned below
@@ -281,6 +280,9 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         holdout_images=merged["holdout"][plan.spans[0]].images, source=config.model,
     )
     report = compression_dict(result)
+    report["profile"] = config.profile  # sites check it against their own before serving
+    if superlink_checks:
+        report["superlink_checks"] = superlink_checks
     report["prior"] = prior_kind
     if privacy_report is not None:
         report["privacy"] = privacy_report
@@ -308,7 +310,8 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
 
     def install_content() -> RecordDict:
         return RecordDict({"maps": to_record(encode_maps(maps)),
-                           "config": ConfigRecord({"model": model_json, "plan": str(plan), "report": json.dumps(report),
+                           "config": ConfigRecord({"model": model_json, "profile": config.profile, "plan": str(plan),
+                                                   "report": json.dumps(report),
                                                    "identity-spans": ", ".join(str(s) for s in identity)})})
 
     def decode_install_reply(reply: RecordDict):
@@ -319,35 +322,39 @@ def run_server(grid: Grid, config: FederatedRunConfig) -> dict[str, Any]:
         return digest
 
     exchange(grid, nodes, f"{MessageType.TRAIN}.install", install_content, decode_install_reply, log,
-             timeout=fed.round_timeout, min_sites=fed.min_sites)
+             timeout=fed.round_timeout, min_sites=fed.min_sites, audit=audit)
     nodes = log.nodes
     if config.evaluation.enabled:
         probe_request = request(clip_features=norms.feature_bound(privacy.clip_scale)) if privacy else None
         report["evaluation"] = evaluate_rounds(grid, nodes, config, model_json, plan, identity, maps,
-                                               int(model.num_features), rounds, probe_request, sigma)
+                                               int(model.num_features), rounds, probe_request, sigma, audit)
     report["federation"] = {
         "sites_connected": connected,
         "maps_sha256": expected,
         "rounds": [{"name": r.name, "seconds": round(r.seconds, 3), "sites": r.sites} for r in rounds],
     }
+    report_json = json.dumps(report, indent=2) + "\n"
     write_compressed(config.output, maps, manifest(report, maps), overwrite=config.overwrite,
-                     files={"report.json": json.dumps(report, indent=2) + "\n",
+                     files={"report.json": report_json,
                             "report.md": compression_markdown(report) + privacy_markdown(report)
                                          + (evaluation_markdown(report["evaluation"])
                                                                          if "evaluation" in report else "")
-                                         + federation_markdown(report["federation"])},
+                                         + federation_markdown(report["federation"], config.profile,
+                                                               superlink_checks)},
                      extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)))
+    audit.result(expected, config.output, report_json)
     _logger.info("federated run complete: %s written", config.output)
     return report
 
 
 def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, model_json: str, plan, identity,
                     maps, dim: int, rounds: list[RoundLog], request: PrivacyRequest | None = None,
-                    sigma: float | None = None) -> dict[str, Any]:
+                    sigma: float | None = None, audit: ServerAudit | None = None) -> dict[str, Any]:
     """Rounds 4-5: probe sums from every site, heads solved here, correct counts back (noisy under DP)."""
     fed, ev = config.federation, config.evaluation
     names = rounds[0].names
-    settings = {"model": model_json, "plan": str(plan), "identity-spans": ", ".join(str(s) for s in identity),
+    settings = {"model": model_json, "profile": config.profile, "plan": str(plan),
+                "identity-spans": ", ".join(str(s) for s in identity),
                 "num-classes": ev.num_classes, "privacy": request.to_json() if request is not None else ""}
     log = RoundLog("probe", names)
     rounds.append(log)
@@ -361,7 +368,7 @@ def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, mo
     replies = exchange(grid, nodes, f"{MessageType.QUERY}.probe",
                        lambda: RecordDict({"maps": to_record(encode_maps(maps)), "config": ConfigRecord(settings)}),
                        decode_probe_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
-                       images=lambda stats: stats["original"].images)
+                       images=lambda stats: stats["original"].images, audit=audit)
     nodes = log.nodes
     pooled_stats = {which: sum(r[which] for r in replies.values()) for which in MODELS}
     if request is not None:
@@ -381,7 +388,7 @@ def evaluate_rounds(grid: Grid, nodes: list[int], config: FederatedRunConfig, mo
                       lambda: RecordDict({"maps": to_record(encode_maps(maps)), "heads": to_record(encode_heads(heads)),
                                           "config": ConfigRecord(settings)}),
                       decode_accuracy_reply, log, timeout=fed.round_timeout, min_sites=fed.min_sites,
-                      images=lambda c: c["total"])
+                      images=lambda c: c["total"], audit=audit)
     total = sum(c["total"] for c in counts.values())
     pooled = {which: sum(c[f"{which}_correct"] for c in counts.values()) / max(total, 1) for which in MODELS}
     per_site = {site: {"images": c["total"], "original": c["original_correct"] / max(c["total"], 1),
@@ -413,8 +420,14 @@ def evaluation_markdown(evaluation: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def federation_markdown(fed: dict[str, Any]) -> str:
-    lines = ["", "## Federation", "", f"- sites connected: {fed['sites_connected']}; maps sha256 `{fed['maps_sha256']}`",
+PROFILE_NOTES = {"production": "TLS, registered SuperNode keys, persistent SuperLink state",
+                 "development": "simulation or local test: no TLS, authentication or persistence guarantees"}
+
+
+def federation_markdown(fed: dict[str, Any], profile: str, superlink_checks: list[str] | None = None) -> str:
+    lines = ["", "## Federation", "", f"- profile: **{profile}** ({PROFILE_NOTES[profile]})",
+             *(f"  - verified before round 1: `{line}`" for line in superlink_checks or ()),
+             f"- sites connected: {fed['sites_connected']}; maps sha256 `{fed['maps_sha256']}`",
              "", "| round | site | status | images | array bytes sent | array bytes received | reason |",
              "|---|---|---|---|---|---|---|"]
     for rnd in fed["rounds"]:

@@ -2,7 +2,8 @@
 
 Starts a private SuperLink in simulation mode on a free loopback port (its own FLWR_HOME, so nothing
 of the user's Flower set-up is touched), submits the app with ``flwr run``, streams its logs, and
-always stops the SuperLink it started.
+always stops the SuperLink it started. A simulation is the development profile (no TLS, no SuperNode
+authentication, state in memory): it refuses a config that explicitly asks for production.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from torch import nn
 
+from ..adapter import ViTAdapter
 from ..data import build_dataset
 from ..errors import TBAInputError
 from ..fileio import check_output_dir
 from ..models import create_model
 from ..partition import log_histograms
-from .config import FederatedRunConfig, load_federated_config
+from .config import FederatedRunConfig, fixed_plan, load_federated_config
+from .profile import development_run
 from .site import simulated_indices
 
 _logger = logging.getLogger(__name__)
@@ -56,15 +60,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def flower_env(home: Path) -> dict[str, str]:
-    """Environment for Flower's processes: a private FLWR_HOME, and this interpreter's bin first on PATH
-    (the SuperLink starts flower-superexec and flwr-serverapp by name)."""
+def flower_env(home: Path | None = None) -> dict[str, str]:
+    """Environment for Flower's processes: this interpreter's bin first on PATH (the SuperLink starts
+    flower-superexec and flwr-serverapp by name), no update check or telemetry, and a private FLWR_HOME if given."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {**os.environ, "PATH": path, "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    return env if home is None else {**env, "FLWR_HOME": str(home)}
 
 
-def _executable(name: str) -> str:
+def executable(name: str) -> str:
     found = str(Path(sys.executable).with_name(name))
     if not Path(found).exists():
         found = shutil.which(name) or found
@@ -75,14 +80,16 @@ def _executable(name: str) -> str:
 
 @contextlib.contextmanager
 def local_superlink(home: Path, port: int, *, simulation: bool = False, certificates: Path | None = None,
-                    node_auth: bool = False, timeout: float = 60.0) -> Iterator[subprocess.Popen]:
+                    node_auth: bool = False, isolation: str = "subprocess",
+                    timeout: float = 60.0) -> Iterator[subprocess.Popen]:
     """A SuperLink on 127.0.0.1:port for the duration of the block, stopped by the pid we started.
 
     ``certificates``: a folder from scripts/make-certificates.sh (TLS); ``node_auth``: only registered
-    SuperNode keys may connect (needs TLS).
+    SuperNode keys may connect (needs TLS); ``isolation="process"``: the ServerApp runs under a
+    separately started flower-superexec instead of a child of the SuperLink.
     """
-    args = [_executable("flower-superlink"), "--port", str(port), "--disable-runtime-dependency-installation",
-            "--database", str(home / "superlink.db")]
+    args = [executable("flower-superlink"), "--port", str(port), "--disable-runtime-dependency-installation",
+            "--database", str(home / "superlink.db"), "--isolation", isolation]
     if certificates is None:
         args.append("--insecure")
     else:
@@ -123,7 +130,8 @@ def absolute_paths(config: FederatedRunConfig) -> FederatedRunConfig:
     data = config.data.model_copy(update={"path": config.data.path.resolve() if config.data.path else None})
     checkpoint = config.model.checkpoint.resolve() if config.model.checkpoint else None
     model = config.model.model_copy(update={"checkpoint": checkpoint})
-    return config.model_copy(update={"output": config.output.resolve(), "data": data, "model": model})
+    return config.model_copy(update={"output": config.output.resolve(), "data": data, "model": model,
+                                     "audit": config.audit.resolve() if config.audit else None})
 
 
 def site_gpus(device: str, num_sites: int) -> float:
@@ -131,9 +139,8 @@ def site_gpus(device: str, num_sites: int) -> float:
     return 0.0 if not device.startswith("cuda") else round(1.0 / num_sites, 4)
 
 
-def log_site_histograms(config: FederatedRunConfig) -> str:
+def log_site_histograms(config: FederatedRunConfig, model: nn.Module) -> str:
     """The class histogram of every simulated site (the same partition the sites will compute)."""
-    model = create_model(config.model)
     targets = np.asarray(build_dataset(config.data, model).targets)
     p = config.federation.partition
     parts = [np.concatenate(simulated_indices(config.data, targets, config.federation.num_sites, site, p.scheme,
@@ -144,10 +151,13 @@ def log_site_histograms(config: FederatedRunConfig) -> str:
 
 def simulate(config_path: str | Path, *, timeout: float | None = None) -> tuple[dict, Path]:
     """Run the federation described by the YAML at `config_path`; return its report and output directory."""
-    config = absolute_paths(load_federated_config(Path(config_path)))  # a bad config fails before anything starts
+    # a bad config fails before anything starts; the resolved YAML handed to Flower says profile: development
+    config = absolute_paths(development_run(load_federated_config(Path(config_path))))
     fed = config.federation
     check_output_dir(config.output, overwrite=config.overwrite)
-    log_site_histograms(config)
+    model = create_model(config.model)
+    fixed_plan(config, ViTAdapter(model).num_blocks)  # a bad plan fails here, not after the SuperLink started
+    log_site_histograms(config, model)
     app = app_directory()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="tba-fed-flwr-") as tmp:
@@ -162,7 +172,7 @@ def simulate(config_path: str | Path, *, timeout: float | None = None) -> tuple[
             resources = f"num-supernodes={fed.num_sites} client-resources-num-cpus={fed.cpus_per_site}"
             if gpus := site_gpus(config.device, fed.num_sites):
                 resources += f" client-resources-num-gpus={gpus}"
-            command = [_executable("flwr"), "run", str(app), FEDERATION, "--stream", "--federation-config", resources,
+            command = [executable("flwr"), "run", str(app), FEDERATION, "--stream", "--federation-config", resources,
                        "--run-config", f"config-path={json.dumps(str(resolved))}"]
             _logger.info("simulating %d sites: %s", fed.num_sites, " ".join(command))
             limit = timeout or (fed.round_timeout * 4 + 300)

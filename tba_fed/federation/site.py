@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,7 +26,7 @@ from ..errors import TBAInputError
 from ..models import create_model
 from ..partition import partition, site_split
 from ..plan import Plan, Span, parse_plan
-from ..privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy
+from ..privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy, check_request
 from ..privacy.clipped import ClippedSpanSums
 from ..privacy.ranges import clamp, statistics_ranges
 from ..privacy.release import noisy_counts, noisy_probe, noisy_similarity, noisy_spans
@@ -33,8 +34,9 @@ from ..privacy.sensitivity import accuracy_parts, probe_parts, similarity_parts,
 from ..probe import ProbeHead, accuracy, collect_probe_stats
 from ..solver import LinearMap
 from ..stats import SpanStats
-from .config import load_federated_config, load_site_config
-from .site_privacy import grant_release
+from .config import FederatedRunConfig, load_federated_config, load_site_config
+from .profile import check_run_profile
+from .site_privacy import Release, open_release
 from .wire import MODELS, Arrays, decode_priors, encode_probe, encode_similarity, encode_spans
 
 _logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class Site:
     output: Path | None
     policy: SitePolicy
     device: str = "cpu"
+    profile: str = "development"  # simulated sites; a deployed site's YAML says (default production)
 
 
 @dataclass(frozen=True)
@@ -83,18 +86,22 @@ def simulated_indices(data: DataConfig, targets: np.ndarray, num_sites: int, sit
     return calibration, holdout
 
 
-def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], model: nn.Module) -> Site:
-    """Deployment: the site's own YAML (``site-config``); simulation: its partition of the run's data."""
+def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], model: nn.Module,
+                 request: Mapping[str, Any]) -> Site:
+    """Deployment: the site's own YAML (``site-config``); simulation: its partition of the run's data.
+    The `request` (a message's config) must name the site's profile, or nothing is read."""
     if "site-config" in node_config:
         config = load_site_config(Path(str(node_config["site-config"])))
+        check_run_profile(config.name, config.profile, request)
         dataset = build_dataset(config.data, model)
         calibration, holdout = calibration_split(dataset, config.data)
         return Site(config.name, make_loader(calibration, config.data),
                     make_loader(holdout, config.data) if len(holdout) else None, config.output, config.privacy,
-                    config.device)
+                    config.device, config.profile)
     if "partition-id" not in node_config:
         raise TBAInputError("node-config", "neither site-config nor partition-id is set",
                             "start the SuperNode with --node-config 'site-config=\"/path/site.yaml\"'")
+    check_run_profile(f"site-{node_config['partition-id']}", "development", request)
     run = load_federated_config(Path(str(run_config["config-path"])))
     site = int(node_config["partition-id"])
     num_sites = int(node_config.get("num-partitions", run.federation.num_sites))
@@ -102,13 +109,19 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], 
     p = run.federation.partition
     calibration, holdout = simulated_indices(run.data, np.asarray(dataset.targets), num_sites, site, p.scheme,
                                              alpha=p.alpha, shards_per_site=p.shards_per_site, seed=p.seed)
+    name, output, policy = simulated_site(run, site)
+    return Site(name, make_loader(Subset(dataset, calibration.tolist()), run.data),
+                make_loader(Subset(dataset, holdout.tolist()), run.data) if len(holdout) else None, output, policy,
+                run.device)
+
+
+def simulated_site(run: FederatedRunConfig, site: int) -> tuple[str, Path, SitePolicy]:
+    """A simulated site's name, output folder (beside the run's output) and policy (ledger in that folder)."""
     output = run.output.with_name(run.output.name + "-sites") / f"site-{site}"
     policy = run.federation.site_policy
     if policy.ledger is None:
         policy = policy.model_copy(update={"ledger": output / "privacy-ledger.json"})
-    return Site(f"site-{site}", make_loader(Subset(dataset, calibration.tolist()), run.data),
-                make_loader(Subset(dataset, holdout.tolist()), run.data) if len(holdout) else None, output, policy,
-                run.device)
+    return f"site-{site}", output, policy
 
 
 def run_spec(run_id: int | str, config: Mapping[str, Any]) -> RunSpec:
@@ -122,9 +135,9 @@ def _images(loader: DataLoader | None) -> int:
     return 0 if loader is None else len(loader.dataset)  # type: ignore[arg-type]
 
 
-def _grant(site: Site, run: RunSpec, release: str, parts):
-    return grant_release(site.policy, run.privacy, release, _images(site.calibration), site_name=site.name,
-                         run_id=run.run_id, spec=run.spec, parts=parts)
+def _release(site: Site, run: RunSpec, release: str, parts) -> contextlib.AbstractContextManager[Release]:
+    return open_release(site.policy, run.privacy, release, _images(site.calibration), site_name=site.name,
+                        run_id=run.run_id, spec=run.spec, parts=parts)
 
 
 def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec) -> Arrays:
@@ -134,13 +147,16 @@ def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec
         raise TBAInputError("privacy.clip_blocks", f"{len(request.clip_blocks)} bounds for {adapter.num_blocks} blocks")
     tokens = adapter.tokens_per_image(token_mode)
     parts = similarity_parts(request.clip_blocks, tokens) if request is not None else None
-    grant = _grant(site, run, "similarity", parts)
-    stats = collect_similarity(adapter, site.calibration, token_mode=token_mode, device=site.device,
-                               clip=None if grant is None else request.clip_blocks)
-    _logger.info("%s: similarity sums over %d images", site.name, stats.images)
-    if grant is not None:
-        stats = noisy_similarity(stats, parts, grant.site_sigma, grant.noise, tokens)
-    return encode_similarity(stats)
+    with _release(site, run, "similarity", parts) as release:
+        if release.stored is not None:
+            return release.stored
+        grant = release.grant
+        stats = collect_similarity(adapter, site.calibration, token_mode=token_mode, device=site.device,
+                                   clip=None if grant is None else request.clip_blocks)
+        _logger.info("%s: similarity sums over %d images", site.name, stats.images)
+        if grant is not None:
+            stats = noisy_similarity(stats, parts, grant.site_sigma, grant.noise, tokens)
+        return release.keep(encode_similarity(stats))
 
 
 def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, run: RunSpec,
@@ -149,7 +165,7 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
     adapter = ViTAdapter(model)
     request = run.privacy
     if request is None:
-        _grant(site, run, "statistics", None)
+        check_request(site.policy, None, "statistics", _images(site.calibration))
         calibration = collect_span_stats(adapter, site.calibration, plan.spans, token_mode=token_mode, device=site.device)
         holdout = (collect_span_stats(adapter, site.holdout, plan.spans, token_mode=token_mode, device=site.device)
                    if site.holdout is not None else {s: SpanStats.zeros(adapter.embed_dim) for s in plan.spans})
@@ -160,16 +176,19 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
     if priors is None or set(priors) != set(plan.spans):
         raise TBAInputError("prior", "a private statistics release needs the run's prior map for every span")
     parts = span_parts(plan.spans, bounds)
-    grant = _grant(site, run, "statistics", parts)
-    per_split = {}
-    for split, loader in (("calibration", site.calibration), ("holdout", site.holdout)):
-        per_split[split] = (collect_clipped_span_sums(adapter, loader, plan.spans, token_mode=token_mode, bounds=bounds,
-                                                      priors=priors, device=site.device)
-                            if loader is not None else {s: ClippedSpanSums.zeros(adapter.embed_dim) for s in plan.spans})
-    first = per_split["calibration"][plan.spans[0]]
-    _logger.info("%s: private span sums over %d calibration images (%d down-weighted to their bounds)", site.name,
-                 first.images, first.clipped)
-    return encode_spans(noisy_spans(per_split, parts, grant.site_sigma, grant.noise))
+    with _release(site, run, "statistics", parts) as release:
+        if release.stored is not None:
+            return release.stored
+        per_split = {}
+        for split, loader in (("calibration", site.calibration), ("holdout", site.holdout)):
+            per_split[split] = (collect_clipped_span_sums(adapter, loader, plan.spans, token_mode=token_mode,
+                                                          bounds=bounds, priors=priors, device=site.device)
+                                if loader is not None else {s: ClippedSpanSums.zeros(adapter.embed_dim) for s in plan.spans})
+        first = per_split["calibration"][plan.spans[0]]
+        _logger.info("%s: private span sums over %d calibration images (%d down-weighted to their bounds)", site.name,
+                     first.images, first.clipped)
+        grant = release.grant
+        return release.keep(encode_spans(noisy_spans(per_split, parts, grant.site_sigma, grant.noise)))
 
 
 def secure_statistics(config: Mapping[str, Any], context: Any) -> tuple[Arrays, dict[str, float]]:
@@ -177,7 +196,7 @@ def secure_statistics(config: Mapping[str, Any], context: Any) -> tuple[Arrays, 
     and the fixed-point range of each array, for `secure_aggregation.secure_fit`. The run's prior
     maps travel in the config as text (Flower's legacy FitIns config holds scalars only)."""
     model = cached_model(str(config["model"]))
-    site = resolve_site(context.node_config, context.run_config, model)
+    site = resolve_site(context.node_config, context.run_config, model, config)
     adapter = ViTAdapter(model)
     plan = parse_plan(str(config["plan"]), adapter.num_blocks)
     run = run_spec(context.run_id, config)
@@ -201,13 +220,17 @@ def probe_reply(model: nn.Module, compressed: nn.Module, site: Site, num_classes
     if request is not None and request.clip_features is None:
         raise TBAInputError("privacy.clip_features", "a private probe release needs a feature clipping bound")
     parts = probe_parts(MODELS, request.clip_features) if request is not None else None
-    grant = _grant(site, run, "probe", parts)
-    clip = None if grant is None else request.clip_features
-    stats = {"original": collect_probe_stats(model, site.calibration, num_classes, device=site.device, clip=clip),
-             "compressed": collect_probe_stats(compressed, site.calibration, num_classes, device=site.device, clip=clip)}
-    if grant is not None:
-        stats = noisy_probe(stats, parts, grant.site_sigma, grant.noise)
-    return encode_probe(stats)
+    with _release(site, run, "probe", parts) as release:
+        if release.stored is not None:
+            return release.stored
+        grant = release.grant
+        clip = None if grant is None else request.clip_features
+        stats = {"original": collect_probe_stats(model, site.calibration, num_classes, device=site.device, clip=clip),
+                 "compressed": collect_probe_stats(compressed, site.calibration, num_classes, device=site.device,
+                                                   clip=clip)}
+        if grant is not None:
+            stats = noisy_probe(stats, parts, grant.site_sigma, grant.noise)
+        return release.keep(encode_probe(stats))
 
 
 def accuracy_reply(model: nn.Module, compressed: nn.Module, site: Site, heads: Mapping[str, ProbeHead],
@@ -216,11 +239,17 @@ def accuracy_reply(model: nn.Module, compressed: nn.Module, site: Site, heads: M
     if site.holdout is None:
         raise TBAInputError("data.holdout_fraction", f"{site.name} has no held-out images to evaluate on")
     parts = accuracy_parts() if run.privacy is not None else None
-    grant = _grant(site, run, "accuracy", parts)
-    original, total = accuracy(model, heads["original"], site.holdout, device=site.device)
-    compressed_correct, _ = accuracy(compressed, heads["compressed"], site.holdout, device=site.device)
-    counts = {"original_correct": original, "compressed_correct": compressed_correct, "total": total}
-    return counts if grant is None else noisy_counts(counts, parts, grant.site_sigma, grant.noise)
+    with _release(site, run, "accuracy", parts) as release:
+        if release.stored is None:
+            original, total = accuracy(model, heads["original"], site.holdout, device=site.device)
+            compressed_correct, _ = accuracy(compressed, heads["compressed"], site.holdout, device=site.device)
+            counts = {"original_correct": original, "compressed_correct": compressed_correct, "total": total}
+            grant = release.grant
+            if grant is not None:
+                counts = noisy_counts(counts, parts, grant.site_sigma, grant.noise)
+            release.keep({key: np.asarray(value) for key, value in counts.items()})
+            return counts
+        return {key: int(value) for key, value in release.stored.items()}
 
 
 def install(model: nn.Module, site: Site, maps: Mapping[Span, LinearMap], report: dict) -> str:
@@ -228,6 +257,7 @@ def install(model: nn.Module, site: Site, maps: Mapping[Span, LinearMap], report
     if site.output is None:
         raise TBAInputError("site.output", "this site has no output directory")
     build_compressed(model, maps)  # proves the maps fit this site's model before anything is written
+    report = {**report, "site": {"name": site.name, "profile": site.profile}}
     folder = write_compressed(site.output / "compressed", maps, manifest(report, maps), overwrite=True,
                               files={"report.json": json.dumps(report, indent=2) + "\n"})
     digest = hashlib.sha256((folder / MAPS_FILE).read_bytes()).hexdigest()

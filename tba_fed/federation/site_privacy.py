@@ -2,19 +2,22 @@
 
 Order matters: the request is validated and checked against the site's policy before any image is
 read, and the release is written to the ledger before its payload exists, so a refused or failed
-step sends nothing and a crash can only over-count the budget.
+step sends nothing and a crash can only over-count the budget. A release asked again (a restarted
+site, a redelivered message) re-sends its stored payload: it is never noised, nor spent, twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..privacy.ledger import LedgerEntry, PrivacyLedger, now
 from ..privacy.mechanism import NoiseSource
 from ..privacy.policy import PrivacyRequest, SitePolicy, check_request, spec_hash
+from ..privacy.release_store import Arrays, ReleaseStore
 from ..privacy.sensitivity import Part
 
 _logger = logging.getLogger(__name__)
@@ -36,12 +39,32 @@ def noise_source(request: PrivacyRequest, site_name: str, release: str) -> Noise
     return NoiseSource.seeded(int.from_bytes(digest[:8], "little"))
 
 
-def grant_release(policy: SitePolicy, request: PrivacyRequest | None, release: str, images: int, *,
-                  site_name: str, run_id: str, spec: Sequence[str], parts: Sequence[Part] | None) -> Grant | None:
-    """Check, account and record one release; None means exact statistics (policy allows no DP)."""
+@dataclass(frozen=True)
+class Release:
+    """One release being served: its grant (None: exact sums), the payload stored by an earlier
+    attempt (send it as is), and `keep`, which stores a new payload before it is sent."""
+
+    grant: Grant | None
+    stored: Arrays | None = None
+    _store: Callable[[Arrays], None] | None = None
+
+    def keep(self, arrays: Arrays) -> Arrays:
+        if self._store is not None:
+            self._store(arrays)
+        return arrays
+
+
+@contextlib.contextmanager
+def open_release(policy: SitePolicy, request: PrivacyRequest | None, release: str, images: int, *, site_name: str,
+                 run_id: str, spec: Sequence[str], parts: Sequence[Part] | None) -> Iterator[Release]:
+    """Check, account and record one release, idempotently per (run id, release).
+
+    Exact statistics (the policy allows no DP) are recomputed on every ask: the same sums each time.
+    """
     check_request(policy, request, release, images)
     if request is None:
-        return None
+        yield Release(None)
+        return
     sigma, site_sigma = request.noise_multiplier(), request.site_noise_multiplier()
     noise = noise_source(request, site_name, release)
     entry = LedgerEntry(run_id=run_id, release=release, spec_sha256=spec_hash(request.to_json(), release, *spec),
@@ -50,7 +73,15 @@ def grant_release(policy: SitePolicy, request: PrivacyRequest | None, release: s
                         aggregation=f"{request.aggregation} (noise split over {request.noise_sites} sites)"
                         if request.noise_sites > 1 else request.aggregation,
                         images=images, epsilon_run=request.epsilon, delta=request.delta, time=now())
-    PrivacyLedger(policy.ledger).record(entry, budget=policy.epsilon, delta=policy.delta, run_releases=request.releases,
-                                        accountant=request.accountant)
-    _logger.info("%s: %s release granted: σ=%.4g (site share %.4g), %s", site_name, release, sigma, site_sigma, noise.mode)
-    return Grant(sigma, site_sigma, noise)
+    ledger, store = PrivacyLedger(policy.ledger), ReleaseStore(policy.ledger)
+    grant = Grant(sigma, site_sigma, noise)
+    with store.locked(run_id, release):
+        recorded = ledger.record(entry, budget=policy.epsilon, delta=policy.delta, run_releases=request.releases,
+                                 accountant=request.accountant)
+        if recorded.payload_sha256 is not None:
+            _logger.info("%s: %s of run %s asked again: re-sending the stored payload", site_name, release, run_id)
+            yield Release(grant, store.load(run_id, release, recorded.payload_sha256))
+            return
+        _logger.info("%s: %s release granted: σ=%.4g (site share %.4g), %s", site_name, release, sigma, site_sigma,
+                     noise.mode)
+        yield Release(grant, None, lambda arrays: ledger.complete(run_id, release, store.save(run_id, release, arrays)))

@@ -8,6 +8,7 @@ Flower's ``Array`` does not keep 0-d shapes. Nothing per-image ever appears: onl
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 
@@ -20,7 +21,7 @@ from ..plan import Span
 from ..privacy.clipped import ClippedSpanSums
 from ..probe import ProbeHead, ProbeStats
 from ..solver import LinearMap
-from ..stats import SimilarityStats, SpanStats, check_arrays
+from ..stats import SimilarityStats, SpanStats, check_arrays, check_counts
 
 Arrays = dict[str, np.ndarray]
 SPLITS = ("calibration", "holdout")
@@ -59,11 +60,17 @@ def encode_similarity(stats: SimilarityStats) -> Arrays:
     return _vectors(stats.to_arrays())
 
 
+def similarity_shapes(num_blocks: int) -> dict[str, tuple[int, ...]]:
+    square = (num_blocks, num_blocks)
+    return {"sq_dist": square, "cos_sum": square, "angle_sum": square, "sq_norm": (num_blocks,), "tokens": (1,),
+            "images": (1,)}
+
+
 def decode_similarity(arrays: Mapping[str, np.ndarray], num_blocks: int) -> SimilarityStats:
-    stats = SimilarityStats.from_arrays(_scalars(arrays))
-    if stats.num_blocks != num_blocks:
-        raise TBAInputError("similarity", f"covers {stats.num_blocks} blocks, the model has {num_blocks}")
-    return stats
+    """Check every array as it travelled (keys, shapes for `num_blocks`, float64, finite, counts), then rebuild."""
+    check_arrays(arrays, similarity_shapes(num_blocks), "similarity")
+    check_counts(arrays, ("tokens", "images"), "similarity")
+    return SimilarityStats.from_arrays(_scalars(arrays))
 
 
 def encode_spans(per_split: Mapping[str, Mapping[Span, SpanStats | ClippedSpanSums]]) -> Arrays:
@@ -81,28 +88,29 @@ def encode_spans(per_split: Mapping[str, Mapping[Span, SpanStats | ClippedSpanSu
     return out
 
 
+SPAN_FIELDS = ("gram_triu", "cross", "sum_x", "sum_y", "sum_yy", "tokens", "images")
+
+
+def span_shapes(spans: Iterable[Span], dim: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"gram_triu": (dim * (dim + 1) // 2,), "cross": (dim, dim), "sum_x": (dim,), "sum_y": (dim,),
+              "sum_yy": (1,), "tokens": (1,), "images": (1,)}
+    return {f"{split}/{span.key}/{name}": shapes[name] for split in SPLITS for span in spans for name in SPAN_FIELDS}
+
+
 def decode_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int, *,
                  psd_tolerance: float | None = 1e-9) -> dict[str, dict[Span, SpanStats]]:
-    """Rebuild and check every span's statistics: keys, shapes, dtypes, finiteness, Gram PSD."""
+    """Rebuild and check every span's statistics: keys, shapes, dtypes, finiteness, counts, Gram PSD."""
     spans = list(spans)
-    expected = {f"{split}/{span.key}/{name}" for split in SPLITS for span in spans
-                for name in ("gram_triu", "cross", "sum_x", "sum_y", "sum_yy", "tokens", "images")}
-    missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
-    if missing or extra:
-        raise TBAInputError("statistics", f"missing keys {missing[:4]}, unexpected keys {extra[:4]}")
+    check_arrays(arrays, span_shapes(spans, dim), "statistics")
     out: dict[str, dict[Span, SpanStats]] = {split: {} for split in SPLITS}
     for split in SPLITS:
         for span in spans:
             prefix = f"{split}/{span.key}/"
-            packed = np.asarray(arrays[prefix + "gram_triu"])
-            if packed.dtype != np.float64:
-                raise TBAInputError(prefix + "gram_triu", f"dtype {packed.dtype}, expected float64")
-            fields = {name: np.asarray(arrays[prefix + name]) for name in ("cross", "sum_x", "sum_y", "sum_yy",
-                                                                           "tokens", "images")}
-            acc = SpanStats.from_arrays(_scalars({"gram": unpack_symmetric(packed, prefix + "gram_triu"), **fields}))
-            if acc.dim != dim:
-                raise TBAInputError(prefix + "sum_x", f"dimension {acc.dim}, the model has {dim}")
-            check_psd(acc.gram, prefix + "gram", psd_tolerance)
+            check_counts(arrays, (prefix + "tokens", prefix + "images"), "statistics")
+            fields = {name: np.asarray(arrays[prefix + name]) for name in SPAN_FIELDS[1:]}
+            gram = unpack_symmetric(np.asarray(arrays[prefix + "gram_triu"]), prefix + "gram_triu")
+            acc = SpanStats.from_arrays(_scalars({"gram": gram, **fields}))
+            check_psd(acc.gram, f"statistics.{prefix}gram_triu", psd_tolerance)
             out[split][span] = acc
     return out
 
@@ -120,22 +128,32 @@ def encode_probe(per_model: Mapping[str, ProbeStats]) -> Arrays:
     return out
 
 
+PROBE_FIELDS = ("gram_triu", "cross", "sum_f", "class_counts", "tokens", "images")
+
+
+def probe_shapes(dim: int, num_classes: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"gram_triu": (dim * (dim + 1) // 2,), "cross": (dim, num_classes), "sum_f": (dim,),
+              "class_counts": (num_classes,), "tokens": (1,), "images": (1,)}
+    return {f"{which}/{name}": shapes[name] for which in MODELS for name in PROBE_FIELDS}
+
+
 def decode_probe(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int, *,
                  psd_tolerance: float | None = 1e-9) -> dict[str, ProbeStats]:
-    expected = {f"{m}/{n}" for m in MODELS for n in ("gram_triu", "cross", "sum_f", "class_counts", "tokens", "images")}
-    missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
-    if missing or extra:
-        raise TBAInputError("probe", f"missing keys {missing[:4]}, unexpected keys {extra[:4]}")
+    """Rebuild and check both models' probe sums. ``psd_tolerance=None`` marks a private (noisy) release:
+    its Gram may be indefinite and its class counts fractional, so neither is checked."""
+    check_arrays(arrays, probe_shapes(dim, num_classes), "probe")
     out = {}
     for which in MODELS:
-        packed = np.asarray(arrays[f"{which}/gram_triu"])
-        if packed.dtype != np.float64:
-            raise TBAInputError(f"{which}/gram_triu", f"dtype {packed.dtype}, expected float64")
-        fields = {n: np.asarray(arrays[f"{which}/{n}"]) for n in ("cross", "sum_f", "class_counts", "tokens", "images")}
-        stats = ProbeStats.from_arrays(_scalars({"gram": unpack_symmetric(packed, f"{which}/gram_triu"), **fields}))
-        if stats.gram.shape[0] != dim or stats.num_classes != num_classes:
-            raise TBAInputError(f"{which}/cross", f"shape {tuple(stats.cross.shape)}, expected ({dim}, {num_classes})")
-        check_psd(stats.gram, f"{which}/gram", psd_tolerance)
+        check_counts(arrays, (f"{which}/tokens", f"{which}/images"), "probe")
+        fields = {n: np.asarray(arrays[f"{which}/{n}"]) for n in PROBE_FIELDS[1:]}
+        gram = unpack_symmetric(np.asarray(arrays[f"{which}/gram_triu"]), f"{which}/gram_triu")
+        stats = ProbeStats.from_arrays(_scalars({"gram": gram, **fields}))
+        check_psd(stats.gram, f"probe.{which}/gram_triu", psd_tolerance)
+        counts = stats.class_counts.numpy()
+        if psd_tolerance is not None and (counts.min(initial=0) < 0 or not np.array_equal(counts, np.round(counts))
+                                          or counts.sum() != stats.images):
+            raise TBAInputError(f"probe.{which}/class_counts", f"{counts.tolist()} are not non-negative integers "
+                                                               f"summing to the {stats.images} images")
         out[which] = stats
     return out
 
@@ -145,14 +163,10 @@ def encode_heads(heads: Mapping[str, ProbeHead]) -> Arrays:
 
 
 def decode_heads(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int) -> dict[str, ProbeHead]:
-    heads = {}
-    for which in MODELS:
-        weight, bias = arrays.get(f"{which}/weight"), arrays.get(f"{which}/bias")
-        for key, value, shape in ((f"{which}/weight", weight, (num_classes, dim)), (f"{which}/bias", bias, (num_classes,))):
-            if value is None or value.shape != shape or value.dtype != np.float64 or not np.isfinite(value).all():
-                raise TBAInputError(key, f"expected a finite float64 array of shape {shape}")
-        heads[which] = ProbeHead(torch.from_numpy(np.array(weight)), torch.from_numpy(np.array(bias)))
-    return heads
+    check_arrays(arrays, {f"{which}/{name}": shape for which in MODELS
+                          for name, shape in (("weight", (num_classes, dim)), ("bias", (num_classes,)))}, "heads")
+    return {which: ProbeHead(torch.from_numpy(np.array(arrays[f"{which}/weight"])),
+                             torch.from_numpy(np.array(arrays[f"{which}/bias"]))) for which in MODELS}
 
 
 def check_psd(gram: torch.Tensor, field: str, tolerance: float | None) -> None:
@@ -175,27 +189,37 @@ def encode_maps(maps: Mapping[Span, LinearMap]) -> Arrays:
 
 
 def decode_maps(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], identity: Iterable[Span],
-                dim: int) -> dict[Span, LinearMap]:
-    identity = set(identity)
-    maps: dict[Span, LinearMap] = {}
-    for span in spans:
-        if span in identity:
-            maps[span] = LinearMap.identity(dim)
-            continue
-        key = f"span.{span.key}"
-        weight = arrays.get(key + ".weight")
-        if weight is None or weight.shape != (dim, dim) or weight.dtype != np.float64 or not np.isfinite(weight).all():
-            raise TBAInputError(key + ".weight", f"expected a finite float64 [{dim}, {dim}] array")
-        bias = arrays.get(key + ".bias")
-        if bias is not None and (bias.shape != (dim,) or bias.dtype != np.float64 or not np.isfinite(bias).all()):
-            raise TBAInputError(key + ".bias", f"expected a finite float64 [{dim}] array")
-        maps[span] = LinearMap(torch.from_numpy(np.array(weight)),
-                               None if bias is None else torch.from_numpy(np.array(bias)))
-    return maps
+                dim: int, kind: str = "maps") -> dict[Span, LinearMap]:
+    """The maps of the plan's fitted spans (all with a bias or none), checked like any payload."""
+    spans, identity = list(spans), set(identity)
+    fitted = [span for span in spans if span not in identity]
+    biased = any(key.endswith(".bias") for key in arrays)
+    shapes = {f"span.{span.key}.{name}": shape for span in fitted
+              for name, shape in (("weight", (dim, dim)), ("bias", (dim,))) if name == "weight" or biased}
+    check_arrays(arrays, shapes, kind)
+
+    def fitted_map(span: Span) -> LinearMap:
+        bias = arrays.get(f"span.{span.key}.bias")
+        return LinearMap(torch.from_numpy(np.array(arrays[f"span.{span.key}.weight"])),
+                         None if bias is None else torch.from_numpy(np.array(bias)))
+
+    return {span: LinearMap.identity(dim) if span in identity else fitted_map(span) for span in spans}
 
 
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:
     return int(sum(np.asarray(v).nbytes for v in arrays.values()))
+
+
+def payload_sha256(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 of a payload: every array's name, dtype, shape and raw bytes, in sorted name order, each
+    part length-prefixed, so equal payloads hash alike on both ends of the wire whatever the dict order."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        for part in (json.dumps([name, value.dtype.str, list(value.shape)]).encode(), value.tobytes()):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    return digest.hexdigest()
 
 
 PRIVATE_SPAN_FIELDS = ("gram_triu", "cross_residual", "sum_x", "sum_r", "sum_rr", "weight")
@@ -239,7 +263,4 @@ def decode_priors(text: str, spans: Iterable[Span], dim: int) -> dict[Span, Line
                   for k, v in raw.items()}
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
         raise TBAInputError("prior-maps", f"not a valid encoding of prior maps ({err})") from None
-    spans = list(spans)
-    if extra := sorted(set(arrays) - {f"span.{s.key}.{n}" for s in spans for n in ("weight", "bias")}):
-        raise TBAInputError("prior-maps", f"unexpected keys {extra[:4]}")
-    return decode_maps(arrays, spans, (), dim)
+    return decode_maps(arrays, spans, (), dim, "prior-maps")

@@ -3,8 +3,9 @@
 The ledger is one JSON document replaced atomically (temporary file, fsync, rename, fsync of the
 directory), under an exclusive lock, so a crash mid-write leaves the previous complete ledger.
 A release is recorded before its payload leaves the site (write-ahead): a crash after recording
-can only over-count the budget, never under-count it. A ledger that cannot be read is an error,
-never an empty ledger.
+can only over-count the budget, never under-count it. Entries are idempotent per run and release:
+asking again for a recorded release spends nothing more (the site re-sends the stored payload,
+see `release_store`). A ledger that cannot be read is an error, never an empty ledger.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..errors import TBAInputError
@@ -41,6 +42,7 @@ class LedgerEntry:
     epsilon_run: float
     delta: float
     time: str
+    payload_sha256: str | None = None  # set once the noisy payload is stored; None: granted, never produced
 
 
 class BudgetExceeded(TBAInputError):
@@ -53,8 +55,12 @@ class PrivacyLedger:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(self.path.with_name(self.path.name + ".lock"), "w")  # noqa: SIM115 - closed below
+        except OSError as err:
+            raise unwritable(self.path, err) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
@@ -75,19 +81,26 @@ class PrivacyLedger:
         return _composed([e.noise_multiplier for e in self.entries()], delta, accountant)
 
     def record(self, entry: LedgerEntry, *, budget: float, delta: float, run_releases: Sequence[str] = (),
-               accountant: str = "rdp") -> float:
+               accountant: str = "rdp") -> LedgerEntry:
         """Append `entry` if the budget allows its whole run: this release plus those of `run_releases` the
         run has not recorded yet, all at the entry's σ. Decided under the ledger's lock.
 
-        Budgets are accounted at the site's `delta`. Returns the ε spent after this release. A second
-        release with the same run id and release name is refused: a fresh noisy copy would spend budget again.
+        Budgets are accounted at the site's `delta`. Idempotent per (run id, release): the same release
+        asked again with the same specification returns the recorded entry and spends nothing; with
+        another specification it is refused (a fresh noisy copy would spend budget again).
+        Returns the entry as recorded.
         """
         with self._locked():
             entries = self.entries()
+            if (previous := _find(entries, entry.run_id, entry.release)) is not None:
+                if previous.spec_sha256 != entry.spec_sha256:
+                    raise BudgetExceeded("privacy.ledger", f"run {entry.run_id} already made its {entry.release!r} release "
+                                                           "under another specification; releasing again would spend "
+                                                           "budget twice")
+                _logger.info("ledger %s: %s of run %s already recorded; nothing more spent", self.path, entry.release,
+                             entry.run_id)
+                return previous
             recorded = {e.release for e in entries if e.run_id == entry.run_id}
-            if entry.release in recorded:
-                raise BudgetExceeded("privacy.ledger", f"run {entry.run_id} already made its {entry.release!r} release; "
-                                                       "releasing again would spend budget twice")
             sigmas = [e.noise_multiplier for e in entries]
             planned = [entry.noise_multiplier for r in run_releases if r != entry.release and r not in recorded]
             projected = _composed([*sigmas, entry.noise_multiplier, *planned], delta, accountant)
@@ -100,11 +113,22 @@ class PrivacyLedger:
             after = _composed([*sigmas, entry.noise_multiplier], delta, accountant)
         _logger.info("ledger %s: recorded %s of run %s (σ=%.4g); ε spent %.4f of %g", self.path, entry.release,
                      entry.run_id, entry.noise_multiplier, after, budget)
-        return after
+        return entry
+
+    def complete(self, run_id: str, release: str, payload_sha256: str) -> None:
+        """Mark a recorded release as produced: its stored payload has this sha256."""
+        with self._locked():
+            entries = self.entries()
+            if (previous := _find(entries, run_id, release)) is None:
+                raise TBAInputError("privacy.ledger", f"run {run_id} has no recorded {release!r} release to complete")
+            self._write([replace(e, payload_sha256=payload_sha256) if e is previous else e for e in entries])
 
     def _write(self, entries: list[LedgerEntry]) -> None:
         text = json.dumps({"format": FORMAT, "entries": [asdict(e) for e in entries]}, indent=2) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        except OSError as err:
+            raise unwritable(self.path, err) from None
         try:
             with os.fdopen(fd, "w") as handle:
                 handle.write(text)
@@ -120,6 +144,16 @@ class PrivacyLedger:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def unwritable(path: Path, err: OSError) -> TBAInputError:
+    """The error of a site that cannot keep its privacy records: it releases nothing."""
+    return TBAInputError("privacy.ledger", f"{path} cannot be written ({err.strerror or err}); refusing to release "
+                                           "anything", "set privacy.ledger to a path in a directory this site's user can write")
+
+
+def _find(entries: Sequence[LedgerEntry], run_id: str, release: str) -> LedgerEntry | None:
+    return next((e for e in entries if e.run_id == run_id and e.release == release), None)
 
 
 def _composed(sigmas: Sequence[float], delta: float, accountant: str) -> float:

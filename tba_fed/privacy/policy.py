@@ -49,11 +49,15 @@ class PrivacyRequest(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> PrivacyRequest:
         if len(set(self.releases)) != len(self.releases):
-            raise ValueError("releases must not repeat")
+            raise TBAInputError("releases", "releases must not repeat")
         if self.aggregation == "local" and self.noise_sites != 1:
-            raise ValueError("noise_sites > 1 splits the noise, which is only safe under secure aggregation")
-        if any(not (b > 0 and b < float("inf")) for b in self.clip_bounds()):
-            raise ValueError("clipping bounds must be positive and finite")
+            raise TBAInputError("noise_sites", "noise_sites > 1 splits the noise, which is only safe under secure "
+                                               "aggregation")
+        spans = [b for pair in self.clip_spans.values() for b in pair]
+        features = [] if self.clip_features is None else [self.clip_features]
+        for name, bounds in (("clip_spans", spans), ("clip_blocks", self.clip_blocks), ("clip_features", features)):
+            if any(not (b > 0 and b < float("inf")) for b in bounds):
+                raise TBAInputError(name, "clipping bounds must be positive and finite")
         return self
 
     def clip_bounds(self) -> list[float]:
@@ -83,7 +87,7 @@ class PrivacyRequest(_Section):
         try:
             return cls.model_validate_json(text)
         except ValidationError as err:
-            raise _format_validation_error(err) from None
+            raise _format_validation_error(err, "privacy") from None
 
 
 class SitePolicy(_Section):

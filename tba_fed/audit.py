@@ -1,0 +1,187 @@
+"""A tamper-evident audit log: JSON Lines, each entry chained to the previous one by its sha256.
+
+Entry ``k`` holds ``seq`` (= k), ``time`` (UTC), ``prev`` (the hash of entry k-1, 64 zeros for the first),
+the event's own fields, and ``hash``: the sha256 of the canonical JSON (sorted keys, no spaces) of the
+entry without ``hash``. Editing an entry breaks its hash; removing or reordering entries breaks the
+``seq``/``prev`` links. What the chain alone cannot show is the loss of its *last* entries, or a
+whole chain rewritten consistently: for that a verifier needs an anchor, a head (the hash of the latest
+entry) recorded elsewhere at some earlier time (``check_chain(..., head=...)``, and the federation's
+cross-check of site and server logs).
+
+Appends are serialised by an exclusive ``flock`` on a sibling ``.lock`` file and written as one
+``write`` of the whole line, then fsynced: a crash can leave only a torn final line (no newline), which
+``check_chain`` reports apart from tampering. ``append`` fails closed: it refuses to extend a log that
+does not verify.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import TBAInputError
+from .privacy.ledger import now
+
+_logger = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+RESERVED = ("seq", "time", "prev", "hash")
+
+
+class AuditLogInvalid(TBAInputError):
+    """The log does not verify (tampered or torn): nothing is appended to it."""
+
+
+def canonical(value: Any) -> bytes:
+    """The bytes every hash is taken over: JSON with sorted keys, no spaces, no NaN."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def entry_hash(entry: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a log: where (file, 1-based line, the entry's seq if readable) and what."""
+
+    path: Path
+    line: int | None
+    seq: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = str(self.path) + (f":{self.line}" if self.line is not None else "")
+        return where + (f" (seq {self.seq})" if self.seq is not None else "") + f": {self.message}"
+
+
+@dataclass
+class AuditCheck:
+    """A log as read and checked: its entries (with their line numbers) and every problem found."""
+
+    path: Path
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    torn: bool = False
+
+    @property
+    def head(self) -> str:
+        """The hash of the last entry (GENESIS for an empty log): what a counterpart records as an anchor."""
+        return str(self.entries[-1]["hash"]) if self.entries else GENESIS
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_chain(path: Path, *, head: str | None = None) -> AuditCheck:
+    """Read `path` and check every link; `head` (a hash recorded earlier) must be one of its entries.
+
+    Problems are collected, not raised, so a verifier sees all of them; after a gap the check
+    resynchronises on the entry found, so one removed or edited entry is reported once, two swapped
+    entries twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TBAInputError("audit", f"{path} does not exist", "give the path of an audit log (audit.jsonl)")
+    data = path.read_bytes()
+    check = AuditCheck(path)
+    complete = data.rfind(b"\n") + 1  # everything after the last newline is an interrupted append
+    if complete < len(data):
+        check.torn = True
+    expected_seq, expected_prev = 0, GENESIS
+    for number, raw in enumerate(data[:complete].splitlines(), start=1):
+        def problem(message: str, seq: int | None = None, line: int = number) -> None:
+            check.problems.append(Problem(path, line, seq, message))
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            problem("not a JSON entry (edited or corrupted)")
+            continue
+        if not isinstance(entry, dict) or any(k not in entry for k in RESERVED) or not isinstance(entry["seq"], int):
+            problem(f"not an audit entry (needs {', '.join(RESERVED)})")
+            continue
+        seq = entry["seq"]
+        if entry["hash"] != entry_hash(entry):
+            problem("hash mismatch: the entry was edited after it was written", seq)
+        if not check.entries and (seq != 0 or entry["prev"] != GENESIS):
+            problem(f"bad first entry: seq {seq} and prev {str(entry['prev'])[:12]}…, expected seq 0 and prev "
+                    "0000… (entries before it were removed)", seq)
+        elif check.entries and seq != expected_seq:
+            gap = seq - expected_seq
+            what = (f"{gap} entr{'y' if gap == 1 else 'ies'} missing before it (removed) or entries reordered"
+                    if gap > 0 else "entries reordered or duplicated")
+            problem(f"seq {seq} where {expected_seq} was expected: {what}", seq)
+        elif check.entries and entry["prev"] != expected_prev:
+            problem("prev does not match the previous entry's hash: an entry was replaced or the chain "
+                    "rewritten from here", seq)
+        check.entries.append(entry)
+        check.lines.append(number)
+        if seq >= expected_seq:  # an entry from further back (reordered) leaves the expected link where it was
+            expected_seq, expected_prev = seq + 1, entry["hash"]
+    if check.torn:
+        check.problems.append(Problem(
+            path, data[:complete].count(b"\n") + 1, None,
+            f"torn final line: {len(data) - complete} bytes without a newline, the remains of an interrupted "
+            f"append (a crash, not tampering). After checking it, cut it off with: truncate -s {complete} {path}"))
+    if head is not None and head not in {e["hash"] for e in check.entries}:
+        check.problems.append(Problem(path, None, None, f"head {head[:12]}… is not in the log: it was truncated "
+                                                        "or rewritten after that head was recorded"))
+    return check
+
+
+class AuditLog:
+    """Appends events to the hash-chained log at `path` (created on first use)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def verified(self) -> AuditCheck:
+        """The log checked (empty if it does not exist yet); raises `AuditLogInvalid` if it does not verify."""
+        check = check_chain(self.path) if self.path.exists() else AuditCheck(self.path)
+        if check.problems:
+            raise AuditLogInvalid("audit", f"{self.path} does not verify ({check.problems[0]}); refusing to "
+                                           "append to it", f"run `tba-fed audit verify {self.path}`")
+        return check
+
+    def append(self, event: Mapping[str, Any]) -> str:
+        """Chain `event` onto the log and return the new head; refuses if the log does not verify."""
+        if clash := [k for k in RESERVED if k in event]:
+            raise ValueError(f"event fields {clash} are reserved by the audit log")
+        with self._locked():
+            created = not self.path.exists()
+            check = self.verified()
+            entry = {"seq": len(check.entries), "time": now(), "prev": check.head, **event}
+            entry["hash"] = entry_hash(entry)
+            line = json.dumps(entry, allow_nan=False).encode() + b"\n"  # seq, time, prev, event, hash
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(f"short write to {self.path}: the log now ends in a torn line")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if created:
+                directory = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+        _logger.debug("audit %s: entry %d (%s)", self.path, entry["seq"], entry["hash"][:12])
+        return str(entry["hash"])

@@ -1,0 +1,227 @@
+"""``tba-fed preflight CONFIG``: everything a site or the server needs before a run, checked now.
+
+A site YAML (it has ``name``) gets: its profile and connection, the CA certificate, its key pair and
+registration, the SuperLink's reachability, its model's weights, its data (every image the run will
+read, at least the policy's minimum), its privacy policy and ledger, its output directory. A run
+YAML gets: its profile and superlink section, the CA, the server certificate and key, the database
+and output directories, the port, the sites' keys and registrations, the model's weights. Each
+check is one `Check`; the CLI prints them and fails if any is a problem.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..config import ModelConfig, read_yaml, validate
+from ..errors import TBAInputError
+from ..fileio import check_output_dir, file_sha256
+from ..privacy.ledger import PrivacyLedger
+from . import checks as c
+from .checks import Check, note, ok, problem
+from .config import FederatedRunConfig, SiteConfig
+from .profile import run_errors, site_errors
+
+_logger = logging.getLogger(__name__)
+DEFAULT_EXPIRY_DAYS = 30.0
+
+
+def detect_kind(raw: dict) -> str:
+    """A site YAML names the site; a run YAML has no ``name``."""
+    return "site" if "name" in raw else "server"
+
+
+def preflight(path: Path, kind: str | None = None, expiry_days: float = DEFAULT_EXPIRY_DAYS) -> list[Check]:
+    try:
+        raw = read_yaml(Path(path))
+    except TBAInputError as err:
+        return [c.from_error(err)]
+    kind = kind or detect_kind(raw)
+    return site_preflight(path, raw, expiry_days) if kind == "site" else server_preflight(path, raw, expiry_days)
+
+
+def _profile(profile: str, explicit: bool) -> Check:
+    if profile == "production":
+        return ok("profile", "production" + ("" if explicit else " (the default)"))
+    return note("profile", "development: insecure settings are allowed; never use it with real patient data")
+
+
+def site_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
+    try:
+        site = validate(SiteConfig, raw)
+    except TBAInputError as err:
+        return [c.from_error(err)]
+    results = [ok("config", f"{path} is a valid site YAML ({site.name})"), _profile(site.profile, "profile" in raw)]
+    missing = site_errors(site)
+    results += [c.from_error(err, "PROBLEM" if site.profile == "production" else "NOTE") for err in missing]
+    conn = site.connection
+    if conn is not None:
+        ca = conn.root_certificates
+        if ca is not None:
+            results += c.certificate_check("connection.root_certificates", ca, expiry_days, must_be_ca=True)
+        if conn.auth_key is not None:
+            results.append(c.auth_key_check("connection.auth_key", conn.auth_key))
+        if ca is not None:
+            reach = c.reachable("connection.superlink", conn.superlink, ca)
+            results.append(reach)
+            if conn.auth_key is not None:
+                results += (c.registration_checks(conn.superlink, ca, {site.name: ("connection.auth_key",
+                                                                                  Path(f"{conn.auth_key}.pub"))})
+                            if not reach.problem else
+                            [note("connection.auth_key", "registration not checked: the SuperLink is unreachable")])
+    model = None
+    if site.model is None:
+        results.append(problem("model", "the site YAML has no model section: its weights cannot be checked nor its "
+                                        "images read through the model's preprocessing",
+                               "add the run's model section (name, kwargs, checkpoint, sha256)"))
+    else:
+        weights = weights_check(site.model, site.profile)
+        results.append(weights)
+        if not weights.problem:
+            model, error = _build(site.model)
+            if error is not None:
+                results.append(error)
+    results.append(data_check(site, model) if model is not None
+                   else note("data", "not read: no usable model to preprocess the images with"))
+    results += privacy_checks(site)
+    results.append(c.writable_directory("output", site.output))
+    return results
+
+
+def server_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
+    try:
+        config = validate(FederatedRunConfig, raw)
+    except TBAInputError as err:
+        return [c.from_error(err)]
+    results = [ok("config", f"{path} is a valid run YAML"), _profile(config.profile, "profile" in raw)]
+    results += [c.from_error(err) for err in run_errors(config)]
+    sl = config.superlink
+    if sl is not None:
+        tls = sl.certificates
+        if tls is not None:
+            results += c.certificate_check("superlink.certificates.ca_certfile", tls.ca_certfile, expiry_days,
+                                           must_be_ca=True)
+            results += c.certificate_check("superlink.certificates.certfile", tls.certfile, expiry_days,
+                                           ca_certfile=tls.ca_certfile, host=sl.address)
+            results.append(c.server_key_check("superlink.certificates.keyfile", tls.keyfile, tls.certfile))
+        if sl.database is not None:
+            results.append(c.writable_directory("superlink.database", sl.database.parent))
+        port, running = c.port_check(sl)
+        results.append(port)
+        if running and tls is not None:  # what the ServerApp will verify, and who may connect
+            if sl.sites:
+                results += c.registration_checks(sl.fleet_address, tls.ca_certfile,
+                                                 {name: (f"superlink.sites.{name}", key) for name, key in sl.sites.items()},
+                                                 complete=True)
+            results += [check for check in c.live_superlink_checks(sl) if check.field != "superlink.certificates"]
+        elif sl.sites:
+            results += [c.public_key_check(f"superlink.sites.{name}", key) for name, key in sl.sites.items()]
+            results.append(note("superlink.sites", "registrations not checked: no SuperLink is running on "
+                                                   f"{sl.host}:{sl.port}",
+                                "start it (tba-fed superlink) and run preflight again to check them"))
+    results.append(weights_check(config.model, config.profile))
+    results.append(output_check(config))
+    return results
+
+
+def output_check(config: FederatedRunConfig) -> Check:
+    """The server's output directory can be written, and the run will not refuse it as an earlier output."""
+    try:
+        check_output_dir(config.output, overwrite=config.overwrite)
+    except TBAInputError as err:
+        return c.from_error(err)
+    return c.writable_directory("output", config.output)
+
+
+def weights_check(model: ModelConfig, profile: str) -> Check:
+    """The model's weights are present and are the bytes that were recorded."""
+    if model.name == "dinov2-s-imgfocus":
+        from ..dinov2_imgfocus import recorded_weights
+
+        weights, recorded = recorded_weights()
+        if not weights.is_file() or recorded is None:
+            return problem("model", f"{weights} or its verification record is missing", "run tba-fed prepare")
+        actual = file_sha256(weights)
+        if actual != recorded:
+            return problem("model", f"{weights} has sha256 {actual}, its conversion recorded {recorded}",
+                           "run tba-fed prepare --force")
+        return ok("model", f"{weights} matches the sha256 recorded at conversion ({recorded[:12]}…)")
+    if model.checkpoint is not None:
+        if not model.checkpoint.is_file():
+            return problem("model.checkpoint", f"{model.checkpoint} does not exist", "copy the run's checkpoint here")
+        actual = file_sha256(model.checkpoint)
+        if model.sha256 is None:
+            message = f"{model.checkpoint} is not pinned by a checksum"
+            fix = f"add model.sha256: {actual}"
+            return problem("model.sha256", message, fix) if profile == "production" else note("model.sha256", message, fix)
+        if actual != model.sha256:
+            return problem("model.sha256", f"{model.checkpoint} has sha256 {actual}, the config records {model.sha256}",
+                           "restore the checkpoint the run was set up with")
+        return ok("model.sha256", f"{model.checkpoint} matches its recorded sha256 ({actual[:12]}…)")
+    if model.pretrained:
+        return note("model.pretrained", f"timm hub weights of {model.name} are not pinned by a checksum",
+                    "save them as a local checkpoint and set model.checkpoint and model.sha256")
+    return note("model", f"{model.name} is a random initialisation (seed {model.seed}): no weights to check")
+
+
+def _build(model: ModelConfig):
+    from ..models import create_model
+
+    try:
+        return create_model(model), None
+    except TBAInputError as err:
+        return None, c.from_error(err)
+
+
+def data_check(site: SiteConfig, model) -> Check:
+    """Build the site's dataset as a run would and read every image the run will use."""
+    from ..data import build_dataset, calibration_split
+
+    try:
+        dataset = build_dataset(site.data, model)
+        calibration, holdout = calibration_split(dataset, site.data)
+    except TBAInputError as err:
+        return c.from_error(err)
+    except (OSError, ValueError) as err:
+        return problem("data", f"cannot read the {site.data.source} data ({type(err).__name__}: {err})",
+                       "check data.source and data.path")
+    for subset in (calibration, holdout):
+        for index in subset.indices:
+            try:
+                dataset[index]
+            except TBAInputError as err:  # the data source names the file and the fix
+                return c.from_error(err)
+            except Exception as err:  # any other decoder error: the run would fail on this image
+                files = getattr(dataset, "samples", None)  # an image folder names the file (decoders repeat it)
+                what = f"{files[index][0]} ({type(err).__name__})" if files else \
+                    f"record {index} ({type(err).__name__}: {err})"
+                return problem("data", f"cannot read {what}", "remove or replace the file, or fix data.path")
+    minimum = site.privacy.min_images
+    if len(calibration) < minimum:
+        return problem("data", f"{len(calibration)} calibration images ({len(calibration) + len(holdout)} selected, "
+                               f"{len(holdout)} held out); the privacy policy's min_images is {minimum}",
+                       "add images (data.num_images, data.path), lower data.holdout_fraction, or lower "
+                       "privacy.min_images")
+    return ok("data", f"{len(calibration)} calibration and {len(holdout)} held-out images read "
+                      f"(min_images {minimum})")
+
+
+def privacy_checks(site: SiteConfig) -> list[Check]:
+    """The policy can release something, and the ledger is whole and can be written (seeded noise: site_errors)."""
+    policy = site.privacy
+    assert policy.ledger is not None
+    results = []
+    try:
+        spent = PrivacyLedger(policy.ledger).spent(policy.delta)
+    except TBAInputError as err:
+        results.append(c.from_error(err))
+    else:
+        if spent >= policy.epsilon:
+            results.append(problem("privacy.epsilon", f"the budget is spent (ε {spent:.4f} of {policy.epsilon:g}): "
+                                                      "every private release will be refused",
+                                   "raising the budget is a governance decision, not a fix to make lightly"))
+        else:
+            results.append(ok("privacy", f"releases {', '.join(policy.releases)}; ε {spent:.4f} spent of "
+                                         f"{policy.epsilon:g} at δ={policy.delta:g}; min_images {policy.min_images}"))
+    results.append(c.writable_directory("privacy.ledger", policy.ledger.parent))
+    return results

@@ -1,0 +1,143 @@
+"""A site's audit trail: every request it serves or refuses, chained in its own audit log.
+
+Each entry says which run asked (run id, sha256 of the run specification), what arrived (sha256 of
+the whole request, and of each array record in it: the maps and probe heads), what left (sha256 of the
+reply's records, their names and shapes) and under which mechanism (the privacy ledger's entry for the
+release, or "exact"). The log is checked before any work, so a site whose log does not verify serves
+nothing; the entry is written before the reply leaves, and its hash (the site's new audit head) rides in
+the reply's ``meta`` record, where the server records it: the anchor that shows a truncated site log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from ..audit import AuditLog
+from ..errors import TBAInputError
+from ..privacy.ledger import PrivacyLedger
+from ..privacy.policy import RELEASES, PrivacyRequest, spec_hash
+from .config import SITE_AUDIT_FILE, load_federated_config, load_site_config
+from .secure_aggregation import Compute, Scalar
+from .records import content_sha256, from_record, received_schema, to_record
+from .site import run_spec, simulated_site
+from .wire import payload_sha256
+
+Handler = Callable[[Message, Context], Message]
+HEAD_KEY = "audit-head"  # the reply's meta field carrying the site's audit head
+SECURE_ROUND = "statistics (secure aggregation)"
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    """Where a site keeps its records, known without reading any data (a refusal is logged too)."""
+
+    name: str
+    audit: Path
+    ledger: Path | None
+
+
+def site_files(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteFiles:
+    """Deployment: from the site's YAML; simulation: the simulated site's folder beside the run's output."""
+    if "site-config" in node_config:
+        config = load_site_config(Path(str(node_config["site-config"])))
+        return SiteFiles(config.name, config.audit_log, config.privacy.ledger)
+    if "partition-id" not in node_config:
+        raise TBAInputError("node-config", "neither site-config nor partition-id is set: no audit log to record in",
+                            "start the SuperNode with --node-config 'site-config=\"/path/site.yaml\"'")
+    name, output, policy = simulated_site(load_federated_config(Path(str(run_config["config-path"]))),
+                                          int(node_config["partition-id"]))
+    return SiteFiles(name, output / SITE_AUDIT_FILE, policy.ledger)
+
+
+def spec_sha256(config: Mapping[str, Any], release: str) -> str:
+    """The ledger's hash of a run specification (`grant_release`); a privacy request that does not parse
+    is hashed as received, so a refused request is identified too."""
+    spec = run_spec("", {k: v for k, v in config.items() if k != "privacy"}).spec
+    privacy = str(config.get("privacy", ""))
+    with contextlib.suppress(TBAInputError):
+        privacy = PrivacyRequest.from_json(privacy).to_json() if privacy else ""
+    return spec_hash(privacy, release, *spec)
+
+
+def sent_schema(content: RecordDict) -> dict[str, list[int]]:
+    """Names and shapes of everything a reply carries: arrays, and scalar values (shape [])."""
+    scalars = {f"{name}:{key}": [] for records in (content.config_records, content.metric_records)
+               for name, record in records.items() if name != "meta" for key in record}
+    return {**received_schema(content), **scalars}
+
+
+def release_record(ledger: Path | None, run_id: str, release: str) -> dict[str, Any]:
+    """The ledger's entry for this run's release (mechanism, σ, noise std per statistic, noise source), or exact."""
+    entries = PrivacyLedger(ledger).entries() if ledger is not None else []
+    for entry in entries:
+        if entry.run_id == run_id and entry.release == release:
+            return {k: v for k, v in asdict(entry).items() if k not in ("run_id", "release", "time", "spec_sha256")}
+    return {"mechanism": "exact"}
+
+
+def _served(files: SiteFiles, event: dict[str, Any], serve: Callable[[], Any],
+            sent: Callable[[Any], RecordDict]) -> tuple[Any, str]:
+    """Run `serve` under the audit log: refuse if the log does not verify, record the outcome either way."""
+    log = AuditLog(files.audit)
+    log.verified()
+    event = {"role": "site", "site": files.name, **event}
+    try:
+        result = serve()
+    except Exception as err:
+        log.append({**event, "status": "refused" if isinstance(err, TBAInputError) else "error",
+                    "error": f"{type(err).__name__}: {err}"})
+        raise
+    content = sent(result)
+    outcome: dict[str, Any] = {"status": "ok", "sent_sha256": content_sha256(content), "sent": sent_schema(content)}
+    if event["release"] in RELEASES:
+        outcome["grant"] = release_record(files.ledger, event["run_id"], event["release"])
+    return result, log.append({**event, **outcome})
+
+
+def _request(run_id: Any, round_name: str, release: str, message_type: str, config: Mapping[str, Any],
+             content: RecordDict) -> dict[str, Any]:
+    """What a request was: its run, specification and content hashes, and each array record it carried."""
+    received = {}
+    for name, record in content.array_records.items():
+        arrays = from_record(record)
+        received[name] = {"sha256": payload_sha256(arrays), "arrays": {k: list(v.shape) for k, v in arrays.items()}}
+    return {"run_id": str(run_id), "round": round_name, "release": release, "message_type": message_type,
+            "spec_sha256": spec_sha256(config, release), "request_sha256": content_sha256(content), "received": received}
+
+
+def audited(release: str) -> Callable[[Handler], Handler]:
+    """Decorate a ClientApp handler so every request it serves or refuses is chained into the site's log,
+    and its reply carries the new head in ``meta``."""
+    def decorate(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def serve(msg: Message, context: Context) -> Message:
+            config = dict(msg.content.config_records.get("config", ConfigRecord()).items())  # none: logged as an error
+            event = _request(msg.metadata.run_id, release, release, msg.metadata.message_type, config, msg.content)
+            reply, head = _served(site_files(context.node_config, context.run_config), event,
+                                  lambda: handler(msg, context), lambda reply: reply.content)
+            reply.content.config_records["meta"][HEAD_KEY] = head
+            return reply
+        return serve
+    return decorate
+
+
+def audited_secure(compute: Compute) -> Compute:
+    """The same record for the secure-aggregation statistics round: the request is the config the site
+    received, what it sent is the payload before SecAgg+ masked it (no head travels back: FitRes metrics
+    would reach the server unmasked, and the next round's reply anchors this entry anyway)."""
+    @functools.wraps(compute)
+    def serve(config: dict[str, Scalar], context: Context) -> tuple[Mapping[str, np.ndarray], Mapping[str, float]]:
+        event = _request(context.run_id, SECURE_ROUND, "statistics", "train", config,
+                         RecordDict({"config": ConfigRecord(config)}))
+        result, _ = _served(site_files(context.node_config, context.run_config), event, lambda: compute(config, context),
+                            lambda result: RecordDict({"statistics": to_record(result[0])}))
+        return result
+    return serve
