@@ -36,7 +36,9 @@ Also covered elsewhere: single examples of 42-48 for exact and private span repl
 from __future__ import annotations
 
 import base64
+import gc
 import json
+import weakref
 from functools import cache
 from types import SimpleNamespace
 
@@ -63,6 +65,7 @@ from tba_fed.privacy.policy import PrivacyRequest
 from tba_fed.probe import ProbeHead, ProbeStats
 from tba_fed.stats import SimilarityStats, SpanStats
 
+from answering_grid import AnsweringGrid
 from conftest import TINY, loader
 from refusal import refused
 from test_server_rounds import InProcessGrid, server_identity  # noqa: F401 - the fixture gives messages a run id
@@ -246,14 +249,15 @@ def _reply(node: int, content: RecordDict):
     return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False, content=content)
 
 
-class ScriptedGrid:
-    """Answers every message with what `answer(node, msg)` returns: a list of replies (real sites' encodings)."""
+class ScriptedGrid(AnsweringGrid):
+    """Answers every message with what `script(node, msg)` returns: a list of replies (real sites' encodings)."""
 
-    def __init__(self, answer):
-        self.answer = answer
+    def __init__(self, script):
+        super().__init__()
+        self.script = script
 
-    def send_and_receive(self, messages, *, timeout):
-        return [reply for msg in messages for reply in self.answer(msg.metadata.dst_node_id, msg)]
+    def answer(self, messages):
+        return [reply for msg in messages for reply in self.script(msg.metadata.dst_node_id, msg)]
 
 
 def _statistics_reply(node: int, msg, **meta):
@@ -277,6 +281,26 @@ def test_51_every_reply_of_a_node_that_answered_twice_is_discarded():
     assert sorted(accepted) == ["site-1", "site-3"] and log.nodes == [1, 3]
     assert log.sites["site-2"]["status"] == "rejected"
     assert log.sites["site-2"]["reason"] == "duplicate reply: 2 replies to one request, all discarded"
+
+
+def test_the_server_holds_one_sites_reply_at_a_time():
+    """Each reply is judged and dropped before the next is pulled, so a decode that folds it into a running
+    total leaves no reply alive (113 MB each at ViT-B width: docs/benchmarks.md)."""
+    alive_at_decode = []
+    seen: list[weakref.ref] = []
+
+    def decode(content):
+        gc.collect()
+        alive_at_decode.append(sum(ref() is not None for ref in seen))
+        seen.append(weakref.ref(content))
+        return 1
+
+    log = RoundLog("statistics", {})
+    accepted = exchange(ScriptedGrid(lambda node, msg: [_statistics_reply(node, msg)]), [1, 2, 3, 4], "query.statistics",
+                        lambda: RecordDict({"config": ConfigRecord({"plan": "0->1, 2->3"})}), decode, log, timeout=5,
+                        min_sites=1)
+    assert sorted(accepted) == ["site-1", "site-2", "site-3", "site-4"]
+    assert alive_at_decode == [0, 0, 0, 0]  # no earlier reply outlives its judging
 
 
 @pytest.mark.parametrize("meta,reason", [
@@ -318,9 +342,9 @@ class MisbehavingGrid(InProcessGrid):
     node 3 answers the statistics round twice, node 4 with an echo of another round, node 5 of another run;
     node 5 sends impossible accuracy counts, node 6 claims to have installed other maps."""
 
-    def send_and_receive(self, messages, *, timeout):
+    def answer(self, messages):
         replies = []
-        for reply in super().send_and_receive(messages, timeout=timeout):
+        for reply in super().answer(messages):
             node, content = reply.metadata.src_node_id, reply.content
             meta = content.config_records["meta"]
             if "statistics" in content.array_records:

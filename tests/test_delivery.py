@@ -17,17 +17,20 @@ from flwr.supercore.run import RunNotRunningException
 
 from tba_fed.errors import FederationError
 from tba_fed.federation import delivery
-from tba_fed.federation.delivery import BoundedGrid, send_and_receive
+from tba_fed.federation.delivery import BoundedGrid, replies_as_they_arrive
+
+from answering_grid import AnsweringGrid
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 SUPERLINK = 1  # Flower's SUPERLINK_NODE_ID: the sender of the errors the SuperLink generates
 
 
-class RestartingSites:
+class RestartingSites(AnsweringGrid):
     """Nodes 11, 12, 13. `offline` nodes are reported unavailable (the SuperLink's error reply) and come
     back after `down` get_node_ids calls; every message each node received is kept in `asked`."""
 
     def __init__(self, offline: set[int], down: int) -> None:
+        super().__init__()
         self.offline, self.down = set(offline), down
         self.asked: dict[int, list[Message]] = {11: [], 12: [], 13: []}
 
@@ -35,10 +38,9 @@ class RestartingSites:
         self.down -= 1
         return [n for n in self.asked if n not in self.offline or self.down < 0]
 
-    def send_and_receive(self, messages, *, timeout):
+    def answer(self, messages):
         replies = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id  # what Flower's grid does when it pushes
             node = msg.metadata.dst_node_id
             self.asked[node].append(msg)
             if node in self.offline and self.down >= 0:
@@ -49,6 +51,10 @@ class RestartingSites:
                 replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
                                                content=msg.content))
         return replies
+
+
+def _collect(grid, nodes, timeout) -> dict[int, list]:
+    return dict(replies_as_they_arrive(grid, _messages(nodes), timeout=timeout))
 
 
 def _messages(nodes) -> list[Message]:
@@ -63,9 +69,9 @@ def fast_polls(monkeypatch):
 
 def test_a_site_offline_mid_round_is_asked_again_with_the_same_request_when_it_reconnects():
     grid = RestartingSites(offline={12}, down=3)
-    replies, counts = send_and_receive(grid, _messages([11, 12, 13]), timeout=5)
-    assert sorted(replies) == [11, 12, 13] and not any(r.has_error() for r in replies.values())
-    assert counts == {11: 1, 12: 1, 13: 1}  # the SuperLink's offline error is no reply of the site's: not a duplicate
+    replies = _collect(grid, [11, 12, 13], timeout=5)
+    assert sorted(replies) == [11, 12, 13] and not any(r.has_error() for rs in replies.values() for r in rs)
+    assert [len(replies[n]) for n in (11, 12, 13)] == [1, 1, 1]  # the SuperLink's offline error is no reply: not a duplicate
     assert [len(grid.asked[n]) for n in (11, 12, 13)] == [1, 2, 1]  # only the site that went away, once more
     first, again = grid.asked[12]
     assert again.metadata.message_id != first.metadata.message_id and again.content is first.content
@@ -75,10 +81,11 @@ def test_a_site_offline_mid_round_is_asked_again_with_the_same_request_when_it_r
 def test_a_site_that_does_not_reconnect_in_time_keeps_the_superlinks_error_and_the_round_ends_on_time():
     grid = RestartingSites(offline={12}, down=10**6)
     start = time.monotonic()
-    replies, counts = send_and_receive(grid, _messages([11, 12, 13]), timeout=0.5)
+    replies = _collect(grid, [11, 12, 13], timeout=0.5)
     assert 0.4 < time.monotonic() - start < 2
-    assert replies[12].has_error() and replies[12].error.code == ErrorCode.NODE_UNAVAILABLE  # filed under the site
-    assert not replies[11].has_error() and len(grid.asked[12]) == 1 and counts[12] == 0
+    (error,) = replies[12]
+    assert error.has_error() and error.error.code == ErrorCode.NODE_UNAVAILABLE  # filed under the site
+    assert not replies[11][0].has_error() and len(grid.asked[12]) == 1
 
 
 class SuperLinkGone:
@@ -129,3 +136,65 @@ def test_a_run_the_superlink_no_longer_runs_ends_with_what_to_do():
     with pytest.raises(FederationError, match=r"no longer runs this run \(stopped with `flwr stop`, or marked failed"):
         grid.send_and_receive(_messages([11]), timeout=1)
     assert grid.run.run_id == 7  # what does not reach the SuperLink passes through
+
+
+class Sites(AnsweringGrid):
+    """Every node answers its message with `copies` replies (2: a duplicate); `refused` nodes' messages the
+    SuperLink does not accept (its push returns no id for them)."""
+
+    def __init__(self, copies: dict[int, int] | None = None, refused: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.copies, self.refused = copies or {}, refused
+
+    def answer(self, messages):
+        return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id), has_error=lambda: False,
+                                content=m.content) for m in messages for _ in range(self.copies.get(m.metadata.dst_node_id, 1))]
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        return [None if m.metadata.dst_node_id in self.refused else i for m, i in zip(messages, ids)]
+
+
+def test_replies_are_pulled_one_at_a_time_so_the_caller_judges_each_before_the_next_is_fetched():
+    grid = Sites()
+    waiting = []
+    for node, replies in replies_as_they_arrive(grid, _messages([11, 12, 13]), timeout=5):
+        waiting.append((node, len(replies), len(grid._waiting)))
+    assert waiting == [(11, 1, 2), (12, 1, 1), (13, 1, 0)]  # the others still at the SuperLink when one is judged
+
+
+def test_several_replies_to_one_request_come_together_and_a_request_the_superlink_refused_comes_with_none():
+    replies = dict(replies_as_they_arrive(Sites(copies={12: 2}, refused=frozenset({13})), _messages([11, 12, 13]),
+                                          timeout=5))
+    assert {node: len(rs) for node, rs in replies.items()} == {11: 1, 12: 2, 13: 0}
+
+
+class LateSite(AnsweringGrid):
+    """Node 12 answers only after `delay` seconds; 11 at once."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay, self.start = delay, time.monotonic()
+
+    def answer(self, messages):
+        self.late = {m.metadata.message_id: m for m in messages if m.metadata.dst_node_id == 12}
+        return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=m.metadata.dst_node_id), has_error=lambda: False,
+                                content=m.content) for m in messages if m.metadata.dst_node_id != 12]
+
+    def pull_messages(self, message_ids):
+        message_ids = list(message_ids)
+        if time.monotonic() - self.start >= self.delay:
+            for message_id in [i for i in message_ids if i in self.late]:
+                message = self.late.pop(message_id)
+                self._waiting[message_id] = [SimpleNamespace(metadata=SimpleNamespace(src_node_id=12),
+                                                             has_error=lambda: False, content=message.content)]
+        return super().pull_messages(message_ids)
+
+
+def test_a_reply_is_taken_as_soon_as_it_arrives_and_one_after_the_deadline_is_not():
+    start = time.monotonic()
+    arrivals = [(node, round(time.monotonic() - start, 1))
+                for node, _ in replies_as_they_arrive(LateSite(delay=0.3), _messages([11, 12]), timeout=5)]
+    assert [node for node, _ in arrivals] == [11, 12] and arrivals[0][1] < 0.1 and 0.3 <= arrivals[1][1] < 0.5
+    assert dict(replies_as_they_arrive(LateSite(delay=1.0), _messages([11, 12]), timeout=0.3)).keys() == {11}

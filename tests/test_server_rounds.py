@@ -32,6 +32,7 @@ from tba_fed.compressed import build_compressed
 from tba_fed.errors import TBAInputError
 from tba_fed.plan import parse_plan
 
+from answering_grid import AnsweringGrid
 from conftest import TINY, loader
 
 MODEL = ModelConfig(name="vit_tiny_patch16_224", kwargs=TINY)
@@ -63,12 +64,13 @@ def _corrupt(kind: str):
     return apply
 
 
-class InProcessGrid:
+class InProcessGrid(AnsweringGrid):
     """Answers each message like a ClientApp would, from tba_fed's site functions."""
 
     run = SimpleNamespace(run_id=1)
 
     def __init__(self, tmp_path, behaviours: dict[int, str], policy: SitePolicy | None = None, images: int = 24) -> None:
+        super().__init__()
         self.behaviours = behaviours
         policy = policy or FederationConfig().site_policy
         self.sites = {node: Site(f"site-{node}", loader(images, seed=node), loader(8, seed=100 + node),
@@ -80,7 +82,7 @@ class InProcessGrid:
     def get_node_ids(self):
         return list(self.behaviours)
 
-    def send_and_receive(self, messages, *, timeout):
+    def answer(self, messages):
         replies = []
         for msg in messages:
             node, kind = msg.metadata.dst_node_id, self.behaviours[msg.metadata.dst_node_id]

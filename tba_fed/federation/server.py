@@ -43,11 +43,11 @@ from ..report import compression_dict, compression_markdown, write_similarity
 from ..solver import LinearMap
 from ..stats import SpanStats
 from .config import FederatedRunConfig, fixed_plan
-from .delivery import BoundedGrid, send_and_receive
+from .delivery import BoundedGrid, replies_as_they_arrive
 from .envelope import check_echo, stamp
 from .private_rounds import privacy_markdown, privacy_summary, secure_statistics_round
 from .records import from_record, received_schema, to_record
-from .server_audit import ServerAudit
+from .server_audit import ServerAudit, reply_receipt
 from .wire import (MODELS, decode_private_spans, decode_probe, decode_similarity, decode_spans, encode_heads,
                    encode_maps, encode_priors, payload_bytes)
 
@@ -86,28 +86,33 @@ def _site_name(node_id: int, reply: Message | None, names: dict[int, str]) -> st
 def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Callable[[], RecordDict],
              decode: Callable[[RecordDict], Any], log: RoundLog, *, timeout: float, min_sites: int,
              images: Callable[[Any], int] | None = None, audit: ServerAudit | None = None) -> dict[str, Any]:
-    """Send one message per node, validate each reply with `decode`, keep the valid ones.
+    """Send one message per node, validate each reply with `decode` as it arrives, keep the valid ones.
 
-    `images` reads the image count a valid reply summarises, for the report; `audit` records the round.
+    Replies are judged one at a time and dropped, so `decode` may fold a reply into a running total and
+    the server holds one site's reply at a time. `images` reads the image count a valid reply summarises,
+    for the report; `audit` records the round.
     """
     start = time.perf_counter()
     contents = {node: make_content() for node in nodes}
     sent = {node: Message(content=contents[node], dst_node_id=node, message_type=message_type) for node in nodes}
     for msg in sent.values():
         stamp(msg, log.name)
-    replies, repeats = send_and_receive(grid, list(sent.values()), timeout=timeout)
     accepted: dict[str, Any] = {}
-    for node in nodes:
-        reply = replies.get(node)
-        name = _site_name(node, reply, log.names)
-        entry: dict[str, Any] = {"node_id": node, "bytes_sent": record_bytes(contents[node])}
-        if repeats[node] > 1:
-            entry.update(status="rejected", reason=f"duplicate reply: {repeats[node]} replies to one request, all discarded")
+    entries: dict[int, dict[str, Any]] = {}
+    receipts: dict[int, dict[str, Any]] = {}
+    for node, replies in replies_as_they_arrive(grid, list(sent.values()), timeout=timeout):
+        reply = replies[0] if len(replies) == 1 else None
+        name = _site_name(node, replies[-1] if replies else None, log.names)
+        entry: dict[str, Any] = {"node_id": node}
+        if len(replies) > 1:
+            entry.update(status="rejected", reason=f"duplicate reply: {len(replies)} replies to one request, all discarded")
         elif reply is None:
-            entry.update(status="no reply", reason=f"no reply within {timeout:.0f} s")
+            entry.update(status="not delivered", reason="the SuperLink did not accept the request")
         elif reply.has_error():
             entry.update(status="error", reason=f"site error {reply.error.code}: {reply.error.reason}")
         else:
+            if audit is not None:
+                receipts[node] = reply_receipt(reply)
             try:
                 check_echo(reply.content, sent[node], name)
                 accepted[name] = decode(reply.content)
@@ -117,13 +122,19 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
                     entry["images"] = images(accepted[name])
             except (TBAInputError, KeyError, ValueError) as err:
                 entry.update(status="rejected", reason=str(err))
+        entries[node] = entry
+        del replies, reply  # one site's reply held at a time
+    for node in nodes:  # the report lists sites in node order, whatever order their replies came in
+        entry = entries.get(node) or {"node_id": node, "status": "no reply", "reason": f"no reply within {timeout:.0f} s"}
+        name = _site_name(node, None, log.names)
         if entry["status"] != "ok":
             _logger.warning("round %s: excluded %s: %s", log.name, name, entry["reason"])
-        log.sites[name] = entry
+        log.sites[name] = {"node_id": node, "bytes_sent": record_bytes(contents[node]),
+                           **{k: v for k, v in entry.items() if k != "node_id"}}
     log.seconds = time.perf_counter() - start
-    log.nodes = [log.sites[name]["node_id"] for name in accepted]
+    log.nodes = [log.sites[name]["node_id"] for name in log.sites if log.sites[name]["status"] == "ok"]
     if audit is not None:
-        audit.round(log, message_type, contents, replies)
+        audit.round(log, message_type, contents, receipts)
     if len(accepted) < min_sites:
         detail = "; ".join(f"{s}: {v['status']} ({v.get('reason', '')})" for s, v in log.sites.items())
         raise FederationError(f"round {log.name}: {len(accepted)} valid replies, min_sites is {min_sites}. {detail}")

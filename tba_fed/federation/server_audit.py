@@ -25,6 +25,16 @@ if TYPE_CHECKING:
     from .server import RoundLog
 
 
+def reply_receipt(reply: Message) -> dict[str, Any]:
+    """What the audit keeps of a site's reply (not an error): its sha256, names and shapes, and the site's
+    audit head; taken as the reply is judged, so the reply itself need not be kept for the round's entry."""
+    receipt: dict[str, Any] = {"received_sha256": content_sha256(reply.content), "received": received_schema(reply.content)}
+    meta = reply.content.config_records.get("meta")
+    if meta is not None and HEAD_KEY in meta:
+        receipt["site_head"] = str(meta[HEAD_KEY])
+    return receipt
+
+
 class ServerAudit:
     """Records one run's rounds in the server's audit log."""
 
@@ -37,20 +47,16 @@ class ServerAudit:
         self.log.append({"role": "server", "run_id": self.run_id, "round": round_name, **fields})
 
     def round(self, log: RoundLog, message_type: str, contents: Mapping[int, RecordDict],
-              replies: Mapping[int, Message]) -> None:
-        """A message round of `server.exchange`, after every reply was judged (before too few valid ones fail it)."""
+              receipts: Mapping[int, Mapping[str, Any]]) -> None:
+        """A message round of `server.exchange`, after every reply was judged (before too few valid ones fail it);
+        `receipts`: `reply_receipt` of each node's reply, taken as it was judged."""
         sites: dict[str, dict[str, Any]] = {}
         for name, outcome in log.sites.items():
             node = outcome["node_id"]
             record = {"node_id": node, "status": outcome["status"], "sent_sha256": content_sha256(contents[node])}
             if "reason" in outcome:
                 record["reason"] = outcome["reason"]
-            reply = replies.get(node)
-            if reply is not None and not reply.has_error():
-                record.update(received_sha256=content_sha256(reply.content), received=received_schema(reply.content))
-                meta = reply.content.config_records.get("meta")
-                if meta is not None and HEAD_KEY in meta:
-                    record["site_head"] = str(meta[HEAD_KEY])
+            record.update(receipts.get(node, {}))
             sites[name] = record
         sent = received_schema(next(iter(contents.values()))) if contents else {}
         self._append(log.name, message_type=message_type, sent=sent, sites=sites)
