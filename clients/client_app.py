@@ -12,8 +12,8 @@ from tba_fed.federation import app_logging
 from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import from_record, to_record
 from tba_fed.federation.secure_aggregation import register_secure_fit
-from tba_fed.federation.site import (RunSpec, accuracy_reply, cached_model, install, probe_reply, resolve_site,
-                                     run_spec, secure_statistics, similarity_reply, statistics_reply)
+from tba_fed.federation.site import (RunSpec, accuracy_reply, install, probe_reply, resolve_site, run_spec,
+                                     secure_statistics, similarity_reply, site_model, statistics_reply)
 from tba_fed.federation.site_audit import audited, audited_secure
 from tba_fed.federation.wire import decode_heads, decode_maps, decode_priors
 from tba_fed.plan import parse_plan
@@ -24,7 +24,7 @@ app_logging()
 
 def _setup(msg: Message, context: Context):
     config = msg.content.config_records["config"]
-    model = cached_model(str(config["model"]))
+    model = site_model(context.node_config, config)  # profile and model admitted before any weight is loaded
     site = resolve_site(context.node_config, context.run_config, model, config)
     return config, model, site
 

@@ -90,8 +90,8 @@ class Cluster:
             connection = {"superlink": f"127.0.0.1:{self.port}", "root_certificates": str(self.certs / "ca.crt"),
                           "auth_key": str(self.certs / f"{name}.key"), "port": port}
             site_yaml = tmp / f"{name}.yaml"
-            site_yaml.write_text(yaml.safe_dump({"name": name, "data": data, "output": str(tmp / name), "privacy": policy,
-                                                 "connection": connection}))
+            site_yaml.write_text(yaml.safe_dump({"name": name, "model": MODEL, "data": data, "output": str(tmp / name),
+                                                 "privacy": policy, "connection": connection}))
             self.nodes[name] = {"yaml": site_yaml, "log": tmp / f"{name}.log", "port": port, "process": None}
         # the production profile's description of this SuperLink, which the ServerApp checks before round 1
         self.superlink_config = {

@@ -28,9 +28,13 @@ that do not answer the request they are taken for.
 | 59 | maps from the server: missing, extra key, shape, dtype, NaN         | maps.span.S-E.weight, ...                |
 | 60 | prior maps text: not JSON, bad base64, wrong length, unknown span   | prior-maps, prior-maps.span.S-E.weight   |
 | 61 | privacy request: not JSON, unknown key, ε <= 0, Inf clip, repeats   | privacy, privacy.epsilon, ...            |
+| 62 | another model than the site declares: name, kwargs, pretrained,     | model (before any weight, image, budget) |
+|    | checkpoint, sha256 other or dropped, seed of a random init          |                                          |
+| 63 | model text in a request: not JSON, unknown key, empty name, bad pin | model, model.NAME, model.sha256          |
 
 Also covered elsewhere: single examples of 42-48 for exact and private span replies
-(test_federation_wire.py), faulty sites excluded from a run (test_server_rounds.py).
+(test_federation_wire.py), faulty sites excluded from a run (test_server_rounds.py), 62 through the
+ClientApp with its audit log, ledger and output (test_site_model.py).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import to_record
 from tba_fed.federation.server import RoundLog, exchange, run_server
 from tba_fed.federation.site import cached_model
+from tba_fed.federation.site_admission import admitted_model
 from tba_fed.federation.wire import (decode_heads, decode_maps, decode_priors, decode_private_spans, decode_probe,
                                      decode_similarity, decode_spans, encode_heads, encode_maps, encode_priors,
                                      encode_probe, encode_similarity, encode_spans, private_span_shapes, unpack_symmetric)
@@ -480,3 +485,56 @@ def test_61_malformed_privacy_request_is_refused_by_the_site(text, field, messag
     with refused(field) as err:
         PrivacyRequest.from_json(text)
     assert message in str(err.value)
+
+
+# ------------------------------------------------------------------------------- the model a request names
+
+PIN = {"checkpoint": "/models/vit.safetensors", "sha256": "a" * 64}
+DECLARED = {"name": "vit_tiny_patch16_224", "kwargs": TINY}
+
+
+def _site_yaml(tmp_path, model: dict):
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump({"name": "hospital-a", "output": str(tmp_path / "out"),
+                                    "data": {"source": "image_folder", "path": str(tmp_path / "images")},
+                                    "privacy": {"ledger": str(tmp_path / "ledger.json")}, "model": model}))
+    return {"site-config": str(path)}
+
+
+@pytest.mark.parametrize("declared,asked,difference", [
+    (DECLARED, {"name": "vit_small_patch16_224"}, 'name "vit_small_patch16_224" requested, "vit_tiny_patch16_224"'),
+    (DECLARED, {"kwargs": {**TINY, "num_classes": 10}}, '"num_classes": 10, "num_heads": 3, "patch_size": 8} requested'),
+    (DECLARED, {"kwargs": {k: v for k, v in TINY.items() if k != "depth"}}, '{"embed_dim": 48, "img_size": 32, "num'),
+    (DECLARED, {"pretrained": True}, "pretrained true requested, false declared"),
+    (DECLARED, {"seed": 1}, "seed 1 requested, 0 declared"),
+    (DECLARED, PIN, 'checkpoint "/models/vit.safetensors" requested, null declared; sha256 "aaaa'),
+    ({**DECLARED, **PIN}, {"sha256": "b" * 64}, f'sha256 "{"b" * 64}" requested, "{"a" * 64}" declared'),
+    ({**DECLARED, **PIN}, {"sha256": None}, f'sha256 null requested, "{"a" * 64}" declared'),
+    ({**DECLARED, **PIN}, {"checkpoint": None, "sha256": None}, 'checkpoint null requested, "/models/vit.safetensors"'),
+    ({**DECLARED, "checkpoint": "/models/vit.safetensors"}, {"checkpoint": "/srv/vit.safetensors"},  # unpinned: the path
+     'checkpoint "/srv/vit.safetensors" requested, "/models/vit.safetensors" declared'),
+])
+def test_62_a_request_for_another_model_than_the_site_declares_is_refused(tmp_path, declared, asked, difference):
+    node = _site_yaml(tmp_path, declared)
+    with refused("model", untouched=[tmp_path]) as err:
+        admitted_model(node, {"model": json.dumps({**declared, **asked}), "profile": "production"})
+    assert str(err.value).startswith("model: hospital-a serves only the model its site YAML declares, and this run asks "
+                                     "for another: ") and difference in str(err.value)
+    assert admitted_model(node, {"model": json.dumps(declared), "profile": "production"}) == ModelConfig(**declared)
+
+
+@pytest.mark.parametrize("text,field,message", [
+    ("{not json", "model", "Invalid JSON"),
+    ('{"name": "vit_tiny_patch16_224", "kwarg": {}}', "model.kwarg", "unknown key"),
+    ('{"name": ""}', "model.name", "String should have at least 1 character"),
+    ('{"name": "vit_tiny_patch16_224", "sha256": "abc"}', "model.sha256", "String should match pattern"),
+    ('{"name": "vit_tiny_patch16_224", "sha256": "' + "a" * 64 + '"}', "model.sha256", "pins a checkpoint file"),
+])
+def test_63_malformed_model_text_is_refused_by_the_site(tmp_path, text, field, message):
+    node = _site_yaml(tmp_path, DECLARED)
+    with refused(field, untouched=[tmp_path]) as err:
+        admitted_model(node, {"model": text, "profile": "production"})
+    assert message in str(err.value)
+    simulated = {"partition-id": 0}  # a simulated site (no model section) validates the text just the same
+    with refused(field):
+        admitted_model(simulated, {"model": text, "profile": "development"})

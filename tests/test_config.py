@@ -8,6 +8,7 @@ from tba_fed import TBAInputError
 from tba_fed.config import load_config
 from tba_fed.federation.config import load_federated_config, load_site_config
 from tba_fed.federation.profile import site_errors, development_run, run_errors
+from tba_fed.federation.site_admission import check_model
 from tba_fed.federation.simulate import absolute_paths, site_gpus
 
 
@@ -70,3 +71,5 @@ def test_shipped_federated_and_deployment_configs_validate():
     assert private.privacy is not None and private.privacy.seed is None  # deployments draw secure noise
     assert private.profile == "production" and run_errors(private) == []
     assert set(private.superlink.sites) == {load_site_config(path).name for path in sites}
+    for path in sites:  # every site serves exactly the run's model
+        check_model(path.stem, load_site_config(path).model, private.model)

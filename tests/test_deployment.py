@@ -21,7 +21,8 @@ from tba_fed.federation.wire import payload_sha256
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.ledger import PrivacyLedger
 
-from cluster import SITES, Cluster, assert_maps_equal, wait_for_line
+from cluster import MODEL, SITES, Cluster, assert_maps_equal, wait_for_line
+from conftest import TINY
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,21 @@ def test_production_sites_refuse_a_development_run(cluster):
     assert not (cluster.tmp / "development" / "report.json").exists()
     for name in SITES:  # no fallback: every site refused before reading an image
         assert f"profile: {name} runs in the production profile and refuses a run whose profile is 'development'" in out
+
+
+def test_production_sites_refuse_a_run_for_another_model(cluster):
+    other = {**MODEL, "kwargs": {**TINY, "depth": 5}}
+    run = cluster.run("other-model", {"model": other, "plan": "1->2",
+                                      "federation": {"num_sites": 3, "min_sites": 1, "round_timeout": 120}})
+    out, _ = run.communicate(timeout=600)
+    assert not (cluster.tmp / "other-model" / "report.json").exists()
+    asked, declared = (json.dumps(m["kwargs"], sort_keys=True) for m in (other, MODEL))
+    for name in SITES:  # each refused before building the model or reading an image, and logged it
+        refusal = (f"model: {name} serves only the model its site YAML declares, and this run asks for another: "
+                   f"kwargs {asked} requested, {declared} declared")
+        assert refusal in out, out[-3000:]
+        entry = check_chain(cluster.tmp / name / "audit.jsonl").entries[-1]
+        assert entry["status"] == "refused" and entry["error"].startswith(f"TBAInputError: {refusal} (run it with")
 
 
 def test_private_run_with_secure_aggregation_across_three_hospitals(cluster):

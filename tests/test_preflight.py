@@ -251,6 +251,11 @@ def test_checksum_mismatch_at_preflight_and_at_load(setup):
     unpinned = {k: v for k, v in setup["site"]["model"].items() if k != "sha256"}
     assert _problems(_variant(setup, "unpinned", "site", model=unpinned)) == [
         f"PROBLEM model.sha256: {checkpoint} is not pinned by a checksum (fix: add model.sha256: {actual})"]
+    without = _write(setup["tmp"] / "no-model.yaml", {k: v for k, v in setup["site"].items() if k != "model"})
+    assert _problems(without) == [  # such a site would serve any model a run names
+        "PROBLEM model: the site YAML has no model section: the site would serve whatever model a run names, and its "
+        "weights cannot be checked nor its images read through the model's preprocessing (fix: add the run's model "
+        "section (name, kwargs, checkpoint, sha256): the site then serves only that model)"]
 
 
 def test_unwritable_directories_and_torn_ledger(setup):

@@ -1,11 +1,11 @@
 """``tba-fed preflight CONFIG``: everything a site or the server needs before a run, checked now.
 
 A site YAML (it has ``name``) gets: its profile and connection, the CA certificate, its key pair and
-registration, the SuperLink's reachability, its model's weights, its data (every image the run will
-read, at least the policy's minimum), its privacy policy and ledger, its output directory. A run
-YAML gets: its profile and superlink section, the CA, the server certificate and key, the database
-and output directories, the port, the sites' keys and registrations, the model's weights. Each
-check is one `Check`; the CLI prints them and fails if any is a problem.
+registration, the SuperLink's reachability, its model (the only one it serves) and weights, its data
+(every image the run will read, at least the policy's minimum), its privacy policy and ledger, its
+output directory. A run YAML gets: its profile and superlink section, the CA, the server certificate
+and key, the database and output directories, the port, the sites' keys and registrations, the
+model's weights. Each check is one `Check`; the CLI prints them and fails if any is a problem.
 """
 
 from __future__ import annotations
@@ -71,9 +71,11 @@ def site_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
                             [note("connection.auth_key", "registration not checked: the SuperLink is unreachable")])
     model = None
     if site.model is None:
-        results.append(problem("model", "the site YAML has no model section: its weights cannot be checked nor its "
-                                        "images read through the model's preprocessing",
-                               "add the run's model section (name, kwargs, checkpoint, sha256)"))
+        results.append(problem("model", "the site YAML has no model section: the site would serve whatever model a "
+                                        "run names, and its weights cannot be checked nor its images read through the "
+                                        "model's preprocessing",
+                               "add the run's model section (name, kwargs, checkpoint, sha256): the site then serves "
+                               "only that model"))
     else:
         weights = weights_check(site.model, site.profile)
         results.append(weights)

@@ -36,6 +36,7 @@ from ..solver import LinearMap
 from ..stats import SpanStats
 from .config import FederatedRunConfig, load_federated_config, load_site_config
 from .profile import check_run_profile
+from .site_admission import admitted_model
 from .site_privacy import Release, open_release
 from .wire import MODELS, Arrays, decode_priors, encode_probe, encode_similarity, encode_spans
 
@@ -69,6 +70,12 @@ class RunSpec:
 def cached_model(model_json: str) -> nn.Module:
     """Load the base model once per site process (simulation actors are reused across rounds)."""
     return create_model(ModelConfig.model_validate_json(model_json))
+
+
+def site_model(node_config: Mapping[str, Any], request: Mapping[str, Any]) -> nn.Module:
+    """The base model this site serves `request` with, built only once the site admits the request's profile
+    and model (`site_admission`): a refused request loads no weights."""
+    return cached_model(admitted_model(node_config, request).model_dump_json())
 
 
 def simulated_indices(data: DataConfig, targets: np.ndarray, num_sites: int, site: int, scheme: str, *,
@@ -195,7 +202,7 @@ def secure_statistics(config: Mapping[str, Any], context: Any) -> tuple[Arrays, 
     """The statistics release under secure aggregation: noisy sums (this site's share of the noise)
     and the fixed-point range of each array, for `secure_aggregation.secure_fit`. The run's prior
     maps travel in the config as text (Flower's legacy FitIns config holds scalars only)."""
-    model = cached_model(str(config["model"]))
+    model = site_model(context.node_config, config)
     site = resolve_site(context.node_config, context.run_config, model, config)
     adapter = ViTAdapter(model)
     plan = parse_plan(str(config["plan"]), adapter.num_blocks)

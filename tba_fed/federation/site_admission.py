@@ -1,0 +1,89 @@
+"""What a site agrees to serve, decided from its YAML and the request alone: the run's profile and its model.
+
+The ClientApp asks this before it builds any model, reads any image or touches the privacy ledger, so a
+refused request costs nothing and spends nothing; the audit log records the refusal like any other.
+
+A site whose YAML declares ``model:`` serves only that model, and builds it from its own YAML (its own
+checkpoint path), never from the request. A request is refused if it differs in anything that changes
+the computation:
+
+- ``name``, ``kwargs`` and ``pretrained``: the architecture and where its weights come from. kwargs are
+  compared as JSON, so ``112`` and ``112.0`` differ (timm is handed exactly what the config says).
+- ``sha256``: the checkpoint's bytes. A site that pins its checkpoint refuses a request without that same
+  pin (the server cannot drop it), and a site that does not pin refuses a pinned request (it cannot vouch
+  that its file is the pinned one: it pins it first, after ``tba-fed preflight``).
+- ``checkpoint``: whether there is one, always; its path only when the site does not pin it (the path is
+  then all that identifies the file). With a pin each machine keeps its copy where it likes.
+- ``seed``: only where weights are drawn from it, i.e. no checkpoint (loaded strictly: it overwrites every
+  weight) and not the offline model. Pretrained hub weights count as drawn: timm initialises a head whose
+  ``num_classes`` differs from the hub's from the seed.
+
+A site without ``model:`` serves the model the request names, as before (preflight flags it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..config import ModelConfig, _format_validation_error
+from ..errors import TBAInputError
+from ..models import OFFLINE_MODELS
+from .config import load_site_config
+from .profile import check_run_profile
+
+
+def requested_model(request: Mapping[str, Any]) -> ModelConfig:
+    """The model a request names (its config's ``model``, JSON), validated like a YAML model section."""
+    try:
+        return ModelConfig.model_validate_json(str(request.get("model", "")))
+    except ValidationError as err:
+        raise _format_validation_error(err, "model") from None
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def model_differences(declared: ModelConfig, requested: ModelConfig) -> list[str]:
+    """Each field in which `requested` would compute something else than `declared` (see the module docstring)."""
+    compared = [("name", requested.name, declared.name), ("kwargs", requested.kwargs, declared.kwargs),
+                ("pretrained", requested.pretrained, declared.pretrained)]
+    if declared.sha256 is None or requested.checkpoint is None:
+        compared.append(("checkpoint", requested.checkpoint, declared.checkpoint))
+    compared.append(("sha256", requested.sha256, declared.sha256))
+    if declared.checkpoint is None and declared.name not in OFFLINE_MODELS:
+        compared.append(("seed", requested.seed, declared.seed))
+    return [f"{field} {_text(asked)} requested, {_text(held)} declared" for field, asked, held in compared
+            if _text(asked) != _text(held)]
+
+
+def check_model(site_name: str, declared: ModelConfig, requested: ModelConfig) -> None:
+    """Refuse a request for any other model than the one the site declared, naming every difference."""
+    if differences := model_differences(declared, requested):
+        raise TBAInputError("model", f"{site_name} serves only the model its site YAML declares, and this run asks for "
+                                     f"another: {'; '.join(differences)}",
+                            "run it with the sites' model in the run YAML; or, if this site agrees to serve the new "
+                            "model, change model in its site YAML and run tba-fed preflight")
+
+
+def admitted_model(node_config: Mapping[str, Any], request: Mapping[str, Any]) -> ModelConfig:
+    """The model this site serves `request` with, once it has checked the request's profile and model; raises
+    a TBAInputError naming ``profile`` or ``model`` otherwise. Loads no weights and reads no image."""
+    if "site-config" in node_config:
+        site = load_site_config(Path(str(node_config["site-config"])))
+        check_run_profile(site.name, site.profile, request)
+        requested = requested_model(request)
+        if site.model is None:
+            return requested
+        check_model(site.name, site.model, requested)
+        return site.model
+    if "partition-id" not in node_config:
+        raise TBAInputError("node-config", "neither site-config nor partition-id is set",
+                            "start the SuperNode with --node-config 'site-config=\"/path/site.yaml\"'")
+    check_run_profile(f"site-{node_config['partition-id']}", "development", request)  # simulated sites
+    return requested_model(request)
