@@ -11,7 +11,8 @@ cross-check of site and server logs).
 Appends are serialised by an exclusive ``flock`` on a sibling ``.lock`` file and written as one
 ``write`` of the whole line, then fsynced: a crash can leave only a torn final line (no newline), which
 ``check_chain`` reports apart from tampering. ``append`` fails closed: it refuses to extend a log that
-does not verify.
+does not verify. An `AuditLog` reads and checks the whole log once; after that an append re-hashes the
+bytes it verified, without parsing them, and checks only the entries added since.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .privacy.ledger import now
 _logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
+_CHUNK = 1 << 20  # bytes read at a time when re-hashing a verified prefix
 RESERVED = ("seq", "time", "prev", "hash")
 
 
@@ -93,13 +95,30 @@ def check_chain(path: Path, *, head: str | None = None) -> AuditCheck:
     path = Path(path)
     if not path.is_file():
         raise TBAInputError("audit", f"{path} does not exist", "give the path of an audit log (audit.jsonl)")
-    data = path.read_bytes()
+    return _check_bytes(path, path.read_bytes(), head=head)
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """What a process verified of a log: its first `size` bytes (sha256 `digest`) hold `entries` entries
+    ending at `head`, every link checked."""
+
+    size: int
+    digest: bytes
+    entries: int
+    head: str
+
+
+def _check_bytes(path: Path, data: bytes, *, head: str | None = None, after: _Verified | None = None) -> AuditCheck:
+    """`check_chain` of `data`, the bytes of the log at `path`, or with `after` the bytes that follow that
+    verified prefix: then its first entry must continue the prefix's chain, and lines and sizes count on."""
     check = AuditCheck(path)
     complete = data.rfind(b"\n") + 1  # everything after the last newline is an interrupted append
     if complete < len(data):
         check.torn = True
-    expected_seq, expected_prev = 0, GENESIS
-    for number, raw in enumerate(data[:complete].splitlines(), start=1):
+    lines, size, expected_seq, expected_prev = (0, 0, 0, GENESIS) if after is None else (
+        after.entries, after.size, after.entries, after.head)
+    for number, raw in enumerate(data[:complete].splitlines(), start=lines + 1):
         def problem(message: str, seq: int | None = None, line: int = number) -> None:
             check.problems.append(Problem(path, line, seq, message))
         try:
@@ -110,18 +129,18 @@ def check_chain(path: Path, *, head: str | None = None) -> AuditCheck:
         if not isinstance(entry, dict) or any(k not in entry for k in RESERVED) or not isinstance(entry["seq"], int):
             problem(f"not an audit entry (needs {', '.join(RESERVED)})")
             continue
-        seq = entry["seq"]
+        seq, linked = entry["seq"], bool(check.entries) or after is not None
         if entry["hash"] != entry_hash(entry):
             problem("hash mismatch: the entry was edited after it was written", seq)
-        if not check.entries and (seq != 0 or entry["prev"] != GENESIS):
+        if not linked and (seq != 0 or entry["prev"] != GENESIS):
             problem(f"bad first entry: seq {seq} and prev {str(entry['prev'])[:12]}…, expected seq 0 and prev "
                     "0000… (entries before it were removed)", seq)
-        elif check.entries and seq != expected_seq:
+        elif linked and seq != expected_seq:
             gap = seq - expected_seq
             what = (f"{gap} entr{'y' if gap == 1 else 'ies'} missing before it (removed) or entries reordered"
                     if gap > 0 else "entries reordered or duplicated")
             problem(f"seq {seq} where {expected_seq} was expected: {what}", seq)
-        elif check.entries and entry["prev"] != expected_prev:
+        elif linked and entry["prev"] != expected_prev:
             problem("prev does not match the previous entry's hash: an entry was replaced or the chain "
                     "rewritten from here", seq)
         check.entries.append(entry)
@@ -130,46 +149,108 @@ def check_chain(path: Path, *, head: str | None = None) -> AuditCheck:
             expected_seq, expected_prev = seq + 1, entry["hash"]
     if check.torn:
         check.problems.append(Problem(
-            path, data[:complete].count(b"\n") + 1, None,
+            path, lines + data[:complete].count(b"\n") + 1, None,
             f"torn final line: {len(data) - complete} bytes without a newline, the remains of an interrupted "
-            f"append (a crash, not tampering). After checking it, cut it off with: truncate -s {complete} {path}"))
+            f"append (a crash, not tampering). After checking it, cut it off with: truncate -s {size + complete} {path}"))
     if head is not None and head not in {e["hash"] for e in check.entries}:
         check.problems.append(Problem(path, None, None, f"head {head[:12]}… is not in the log: it was truncated "
                                                         "or rewritten after that head was recorded"))
     return check
 
 
+def chained(seq: int, prev: str, event: Mapping[str, Any]) -> tuple[str, bytes]:
+    """Entry `seq` holding `event`, linked to `prev`: its hash and its line as written (seq, time, prev, event, hash)."""
+    entry = {"seq": seq, "time": now(), "prev": prev, **event}
+    entry["hash"] = entry_hash(entry)
+    return entry["hash"], json.dumps(entry, allow_nan=False).encode() + b"\n"
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """The writers' lock of the log at `path`: an exclusive ``flock`` on its sibling ``.lock`` file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _tail(path: Path, known: _Verified, digest: hashlib._Hash) -> bytes | None:
+    """What follows the verified prefix, if the file still begins with exactly its bytes (their sha256 fed to
+    `digest`, at disk speed, no parsing), else None."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return b"" if known.size == 0 else None
+    with handle:
+        buffer = memoryview(bytearray(_CHUNK))
+        remaining = known.size
+        while remaining:
+            read = handle.readinto(buffer[:min(remaining, _CHUNK)])
+            if not read:
+                return None  # shorter than what was verified
+            digest.update(buffer[:read])
+            remaining -= read
+        return handle.read() if digest.digest() == known.digest else None
+
+
 class AuditLog:
-    """Appends events to the hash-chained log at `path` (created on first use)."""
+    """Appends events to the hash-chained log at `path` (created on first use).
+
+    The first check reads and verifies the whole log; the object then remembers what it verified (bytes,
+    their sha256, entries, head). A later append, under the lock, re-hashes only those bytes to confirm they
+    are unchanged (a same-length edit changes the hash), verifies the entries other writers added since, and
+    appends. Anything else (the prefix changed, shrank or is gone, a new entry does not link) falls back to the
+    full check, anchored at the remembered head, which names the problem and refuses; so a log cut back
+    past an entry this object verified is refused too, which the chain alone would not show.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+        self._known: _Verified | None = None
 
     def verified(self) -> AuditCheck:
-        """The log checked (empty if it does not exist yet); raises `AuditLogInvalid` if it does not verify."""
-        check = check_chain(self.path) if self.path.exists() else AuditCheck(self.path)
+        """The whole log checked (empty if it does not exist yet); raises `AuditLogInvalid` if it does not verify."""
+        with locked(self.path):
+            check, _, _ = self._check_whole()
+            return check
+
+    def _check_whole(self) -> tuple[AuditCheck, _Verified, hashlib._Hash]:
+        """Under the lock: read and check every entry; return the check, what it verified and a sha256 of it."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        known = self._known
+        check = _check_bytes(self.path, data, head=known.head if known is not None and known.entries else None)
         if check.problems:
             raise AuditLogInvalid("audit", f"{self.path} does not verify ({check.problems[0]}); refusing to "
                                            "append to it", f"run `tba-fed audit verify {self.path}`")
-        return check
+        digest = hashlib.sha256(data)
+        self._known = _Verified(len(data), digest.digest(), len(check.entries), check.head)
+        return check, self._known, digest
+
+    def _current(self) -> tuple[_Verified, hashlib._Hash]:
+        """Under the lock: the whole log as it is now, verified, and a sha256 of its bytes to extend."""
+        known = self._known
+        if known is not None:
+            digest = hashlib.sha256()
+            tail = _tail(self.path, known, digest)
+            if tail is not None and (added := _check_bytes(self.path, tail, after=known)).ok:
+                digest.update(tail)
+                self._known = _Verified(known.size + len(tail), digest.digest(), known.entries + len(added.entries),
+                                        added.entries[-1]["hash"] if added.entries else known.head)
+                return self._known, digest
+        _, whole, digest = self._check_whole()  # raises, naming the problem
+        if known is not None:
+            _logger.warning("audit %s: the %d bytes verified earlier changed, yet every entry verified then is "
+                            "intact (entries re-serialised)", self.path, known.size)
+        return whole, digest
 
     def append(self, event: Mapping[str, Any]) -> str:
         """Chain `event` onto the log and return the new head; refuses if the log does not verify."""
         if clash := [k for k in RESERVED if k in event]:
             raise ValueError(f"event fields {clash} are reserved by the audit log")
-        with self._locked():
+        with locked(self.path):
             created = not self.path.exists()
-            check = self.verified()
-            entry = {"seq": len(check.entries), "time": now(), "prev": check.head, **event}
-            entry["hash"] = entry_hash(entry)
-            line = json.dumps(entry, allow_nan=False).encode() + b"\n"  # seq, time, prev, event, hash
+            known, digest = self._current()
+            head, line = chained(known.entries, known.head, event)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 if os.write(fd, line) != len(line):
@@ -177,11 +258,13 @@ class AuditLog:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            digest.update(line)
+            self._known = _Verified(known.size + len(line), digest.digest(), known.entries + 1, head)
             if created:
                 directory = os.open(self.path.parent, os.O_RDONLY)
                 try:
                     os.fsync(directory)
                 finally:
                     os.close(directory)
-        _logger.debug("audit %s: entry %d (%s)", self.path, entry["seq"], entry["hash"][:12])
-        return str(entry["hash"])
+        _logger.debug("audit %s: entry %d (%s)", self.path, known.entries, head[:12])
+        return head

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,8 @@ import pytest
 import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+import tba_fed
+from tba_fed import audit
 from tba_fed.audit import GENESIS, AuditLog, AuditLogInvalid, canonical, check_chain
 from tba_fed.cli import main
 from tba_fed.federation.audit_check import cross_check
@@ -127,9 +133,10 @@ def test_append_after_tampering_is_refused_and_says_how_to_check(tmp_path):
 
 
 def _appender(path: str, writer: int, count: int, barrier) -> None:
+    log = AuditLog(Path(path))  # one object per writer: each append checks only the other writer's new entries
     for k in range(count):
         barrier.wait(30)  # both writers race for every append: they must interleave, whatever the load
-        AuditLog(Path(path)).append({"writer": writer, "k": k})
+        log.append({"writer": writer, "k": k})
 
 
 def test_concurrent_appends_from_two_processes_keep_one_chain(tmp_path):
@@ -147,6 +154,120 @@ def test_concurrent_appends_from_two_processes_keep_one_chain(tmp_path):
     for writer in (1, 2):  # each writer's entries in its own order, none lost
         assert [e["k"] for e in check.entries if e["writer"] == writer] == list(range(40))
     assert {e["writer"] for e in check.entries[:2]} == {1, 2}  # the barrier made them interleave
+
+
+def _recomputed(line: str, **fields) -> str:
+    """`line` with `fields` changed and its hash recomputed: an editor who knows the format."""
+    entry = {**json.loads(line), **fields}
+    entry["hash"] = hashlib.sha256(canonical({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+    return json.dumps(entry) + "\n"
+
+
+# each change made between two appends of one AuditLog object: (change, the first problem its refusal names)
+CHANGES = {
+    "same-length edit": (lambda lines: [lines[0], lines[1].replace('"k": 1', '"k": 7'), *lines[2:]],
+                         "{path}:2 (seq 1): hash mismatch: the entry was edited after it was written"),
+    "same-length edit, hash recomputed": (
+        lambda lines: [lines[0], _recomputed(lines[1], k=7), *lines[2:]],
+        "{path}:3 (seq 2): prev does not match the previous entry's hash: an entry was replaced or the chain rewritten "
+        "from here"),
+    "entry removed": (lambda lines: [*lines[:2], *lines[3:]],
+                      "{path}:3 (seq 3): seq 3 where 2 was expected: 1 entry missing before it (removed) or entries "
+                      "reordered"),
+    "entries swapped": (lambda lines: [lines[0], lines[2], lines[1], lines[3]],
+                        "{path}:2 (seq 2): seq 2 where 1 was expected: 1 entry missing before it (removed) or entries "
+                        "reordered"),
+    "last entry cut": (lambda lines: lines[:3],
+                       "{path}: head {head12}… is not in the log: it was truncated or rewritten after that head was "
+                       "recorded"),
+    "cut inside the last entry": (lambda lines: [*lines[:3], lines[3][:40]],
+                                  "{path}:4: torn final line: 40 bytes without a newline, the remains of an interrupted "
+                                  "append (a crash, not tampering). After checking it, cut it off with: truncate -s "
+                                  "{size3} {path}"),
+    "torn line appended": (lambda lines: [*lines, '{"seq": 4, "time": "2026-'],
+                           "{path}:5: torn final line: 25 bytes without a newline, the remains of an interrupted append "
+                           "(a crash, not tampering). After checking it, cut it off with: truncate -s {size} {path}"),
+    "log emptied": (lambda lines: [],
+                    "{path}: head {head12}… is not in the log: it was truncated or rewritten after that head was recorded"),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_a_change_between_two_appends_of_one_object_is_refused_and_nothing_written(tmp_path, change):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    heads = [log.append({"event": "round", "k": k}) for k in range(4)]
+    lines = _lines(path)
+    mutate, problem = CHANGES[change]
+    changed = "".join(mutate(lines)).encode()
+    path.write_bytes(changed)
+    if change.startswith("same-length"):
+        assert len(changed) == sum(map(len, lines))
+    with pytest.raises(AuditLogInvalid) as err:
+        log.append({"event": "after the change"})
+    problem = problem.format(path=path, head12=heads[-1][:12], size=sum(map(len, lines)), size3=sum(map(len, lines[:3])))
+    assert str(err.value) == (f"audit: {path} does not verify ({problem}); refusing to append to it "
+                              f"(run `tba-fed audit verify {path}`)")
+    assert path.read_bytes() == changed  # nothing written
+    with pytest.raises(AuditLogInvalid):  # and it stays refused
+        log.verified()
+
+
+def test_a_cut_log_is_refused_by_the_object_that_verified_its_end_only(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    heads = [log.append({"k": k}) for k in range(3)]
+    path.write_text("".join(_lines(path)[:2]))
+    with pytest.raises(AuditLogInvalid, match=f"head {heads[2][:12]}… is not in the log"):
+        log.append({"k": 3})
+    # a new object (a new process) has no anchor: the chain alone cannot show a cut end (the counterpart's log does)
+    assert AuditLog(path).append({"k": 3}) != heads[2] and len(check_chain(path).entries) == 3
+
+
+def test_a_repaired_torn_line_and_re_serialised_entries_are_accepted(tmp_path, caplog):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    heads = [log.append({"k": k}) for k in range(3)]
+    size = path.stat().st_size
+    with open(path, "ab") as handle:
+        handle.write(b'{"seq": 3, "ti')
+    with pytest.raises(AuditLogInvalid, match="torn final line"):
+        log.append({"k": 3})
+    os.truncate(path, size)  # the repair `verify` prints
+    heads.append(log.append({"k": 3}))
+    # the same entries written without spaces: other bytes, the same hashes, so every verified entry is intact
+    verified = path.stat().st_size
+    path.write_text("".join(json.dumps(json.loads(line), separators=(",", ":")) + "\n" for line in _lines(path)))
+    with caplog.at_level(logging.WARNING, logger="tba_fed.audit"):
+        heads.append(log.append({"k": 4}))
+    assert f"audit {path}: the {verified} bytes verified earlier changed, yet every entry verified then is intact" \
+        in caplog.text
+    check = check_chain(path)
+    assert check.ok and [e["hash"] for e in check.entries] == heads and [e["k"] for e in check.entries] == list(range(5))
+
+
+def test_entries_other_writers_add_between_two_appends_are_checked_and_chained(tmp_path, monkeypatch):
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    heads = [log.append({"writer": "first", "k": k}) for k in range(3)]
+    other = AuditLog(path)
+    heads += [other.append({"writer": "other", "k": k}) for k in range(2)]
+    child = ("import sys; from pathlib import Path; from tba_fed.audit import AuditLog; "
+             "print(AuditLog(Path(sys.argv[1])).append({'writer': 'process', 'k': 0}))")
+    env = {**os.environ, "PYTHONPATH": str(Path(tba_fed.__file__).parents[1])}
+    heads.append(subprocess.run([sys.executable, "-c", child, str(path)], env=env, check=True, capture_output=True,
+                                text=True).stdout.strip())
+    hashed, entry_hash = [], audit.entry_hash  # which entries get hashed: not the ones an object verified before
+    monkeypatch.setattr(audit, "entry_hash", lambda entry: hashed.append(entry["seq"]) or entry_hash(entry))
+    heads.append(log.append({"writer": "first", "k": 3}))
+    assert hashed == [3, 4, 5, 6]  # the 3 new entries, then its own
+    hashed.clear()
+    heads.append(other.append({"writer": "other", "k": 2}))
+    assert hashed == [5, 6, 7]  # the process's and the first object's entries, then its own
+    check = check_chain(path)
+    assert check.ok and [e["hash"] for e in check.entries] == heads
+    assert [e["seq"] for e in check.entries] == list(range(8)) and [e["prev"] for e in check.entries] == [GENESIS, *heads[:7]]
+    assert [e["writer"] for e in check.entries] == ["first"] * 3 + ["other"] * 2 + ["process", "first", "other"]
 
 
 def test_payload_and_content_hashes():
