@@ -209,6 +209,16 @@ def run_supernode(config: Path, print_only: bool) -> int:
     return launch(site, config)
 
 
+def run_submit(config: Path, print_only: bool, stream: bool, connection: str) -> int:
+    from .federation.submit import describe, plan_submission, submit
+
+    submission = plan_submission(config, connection=connection, stream=stream)
+    if print_only:
+        print(describe(submission))
+        return 0
+    return submit(submission, sys.stdout)
+
+
 def run_privacy_report(site_config: Path) -> None:
     """A site's ledger and remaining budget, read from the site's own YAML (its policy names the ledger)."""
     from .federation.config import load_site_config
@@ -273,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("supernode", help="run flower-supernode as the site YAML's connection section says")
     p.add_argument("config", type=Path, help="site YAML with a connection section")
     p.add_argument("--print", dest="print_only", action="store_true", help="print the command line instead of running it")
+    p = sub.add_parser("submit", help="start a run on the SuperLink the run YAML describes (adds it as a Flower "
+                                      "connection), stream its log; exit 0 only if it completed with a new report")
+    p.add_argument("config", type=Path, help="run YAML with a superlink section (its absolute path goes to the ServerApp)")
+    p.add_argument("--print", dest="print_only", action="store_true",
+                   help="print the connection and the flwr run command instead of writing or running anything")
+    p.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="return once the SuperLink accepted the run (like flwr run without --stream)")
+    p.add_argument("--connection", default="hospitals", metavar="NAME",
+                   help="name of the SuperLink connection in $FLWR_HOME/config.toml (default hospitals)")
     p = sub.add_parser("privacy", help="a site's privacy ledger: every release and the budget left")
     privacy = p.add_subparsers(dest="privacy_command", required=True)
     p = privacy.add_parser("report", help="print the site's ledger and remaining (ε, δ) budget")
@@ -321,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_superlink(args.config, args.print_only)
         elif args.command == "supernode":
             return run_supernode(args.config, args.print_only)
+        elif args.command == "submit":
+            return run_submit(args.config, args.print_only, args.stream, args.connection)
         elif args.command == "analyze":
             run_analyze(_config_from_args(args), args.metric_name)
         else:
@@ -329,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tba-fed: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
-        if type(err).__name__ not in ("SimulationError", "FederationError", "LaunchError"):
+        if type(err).__name__ not in ("SimulationError", "FederationError", "LaunchError", "SubmitError"):
             raise
         print(f"tba-fed: error: {err}", file=sys.stderr)
         return 1

@@ -103,7 +103,7 @@ def development_run(config: FederatedRunConfig) -> FederatedRunConfig:
                                        "authentication, state in memory): it is the development profile, and this "
                                        "config says production",
                             "remove profile (or set profile: development) to simulate; deploy a production run with "
-                            "tba-fed superlink / tba-fed supernode and flwr run (docs/deployment.md)")
+                            "tba-fed superlink, tba-fed supernode and tba-fed submit (docs/deployment.md)")
     return config.model_copy(update={"profile": "development"})
 
 
