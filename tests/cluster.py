@@ -152,14 +152,23 @@ class Cluster:
         except subprocess.TimeoutExpired:
             stop_process(process)
 
-    def run(self, name: str, config: dict) -> subprocess.Popen:
-        """`flwr run --stream` of a run YAML (output in tmp/name); its log on stdout, as text."""
+    def run_yaml(self, name: str, config: dict) -> Path:
+        """A run YAML for this cluster's SuperLink (output in tmp/name)."""
         run = self.tmp / f"{name}.yaml"
         base = {"model": MODEL, "output": str(self.tmp / name), "superlink": self.superlink_config}
         run.write_text(yaml.safe_dump({**base, **config}))
+        return run
+
+    def run(self, name: str, config: dict) -> subprocess.Popen:
+        """`flwr run --stream` of a run YAML (output in tmp/name); its log on stdout, as text."""
         return subprocess.Popen([str(BIN / "flwr"), "run", str(app_directory()), "hospitals", "--stream",
-                                 "--run-config", f'config-path="{run}"'], env=self.env, cwd=REPO,
+                                 "--run-config", f'config-path="{self.run_yaml(name, config)}"'], env=self.env, cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def submit(self, name: str, config: dict, *flags: str) -> subprocess.Popen:
+        """`tba-fed submit` of a run YAML (what the runbook gives the coordinator); its output on stdout, as text."""
+        return subprocess.Popen([sys.executable, "-m", "tba_fed.cli", "submit", str(self.run_yaml(name, config)), *flags],
+                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def flwr_json(self, *args: str) -> dict:
         """A `flwr` CLI command against this SuperLink, with --format json."""

@@ -1,6 +1,6 @@
 """A real deployment on loopback in the production profile: `tba-fed superlink` (flower-superlink with TLS,
 SuperNode authentication and a database; it registers the sites' keys), three `tba-fed supernode` processes
-each reading its own site YAML, and `flwr run`, the sequence docs/deployment.md gives to hospitals. Every
+each reading its own site YAML, and `flwr run` (or `tba-fed submit`), the sequence docs/deployment.md gives. Every
 process started here is stopped by pid, pass or fail."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import hashlib
 import json
 
 import pytest
+import tomli
 import torch
 
 from safetensors.torch import load_file
@@ -21,7 +22,7 @@ from tba_fed.federation.wire import payload_sha256
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.ledger import PrivacyLedger
 
-from cluster import MODEL, SITES, Cluster, assert_maps_equal, wait_for_line
+from cluster import MODEL, SITES, Cluster, assert_maps_equal, run_id, wait_for_line
 from conftest import TINY
 
 
@@ -148,3 +149,35 @@ def test_a_site_killed_mid_run_is_excluded_and_named(cluster):
     report = json.loads((folder / "report.json").read_text())
     central, _ = cluster.centralised(("hospital-a", "hospital-b"), parse_plan(report["plan"], 6))
     assert_maps_equal(folder, central)
+
+
+def test_tba_fed_submit_adds_the_connection_and_exits_by_the_runs_outcome(cluster):
+    """The coordinator's one command: the connection comes from the run YAML (added beside the existing ones),
+    the log is streamed, and the exit code says whether the run completed with a new report."""
+    flower_config = cluster.home / "config.toml"
+    before = tomli.loads(flower_config.read_text())
+    run = cluster.submit("submitted", {"plan": "1->2, 3->5",
+                                       "federation": {"num_sites": 3, "min_sites": 3, "round_timeout": 300}},
+                         "--connection", "coordinator")
+    out, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, out[-3000:]
+    number = run_id(out.splitlines())
+    assert f"run {number} completed; report in {cluster.tmp / 'submitted' / 'report.json'}" in out
+    added = {"address": f"127.0.0.1:{cluster.port}", "root-certificates": str((cluster.certs / "ca.crt").resolve())}
+    assert tomli.loads(flower_config.read_text()) == {**before, "superlink": {**before["superlink"], "coordinator": added}}
+    report = json.loads((cluster.tmp / "submitted" / "report.json").read_text())
+    assert report["profile"] == "production" and [line.split()[0] for line in report["superlink_checks"]] == ["OK"] * 3
+    for rnd in report["federation"]["rounds"]:
+        assert sorted(rnd["sites"]) == list(SITES) and {v["status"] for v in rnd["sites"].values()} == {"ok"}
+    central, _ = cluster.centralised(SITES, parse_plan("1->2, 3->5", 6))
+    assert_maps_equal(cluster.tmp / "submitted", central)
+    assert cluster.run_status(number) == ("finished:completed", "N/A")
+
+    # a run every site refuses: flwr run's stream ends normally, submit says the run failed and exits 1
+    refused = cluster.submit("submit-refused", {"profile": "development", "plan": "1->2",
+                                                "federation": {"num_sites": 3, "min_sites": 1, "round_timeout": 120}},
+                             "--connection", "coordinator")
+    out, _ = refused.communicate(timeout=600)
+    number = run_id(out.splitlines())
+    assert refused.returncode == 1 and f"tba-fed: error: run {number} is finished:failed" in out, out[-3000:]
+    assert not (cluster.tmp / "submit-refused").exists()
