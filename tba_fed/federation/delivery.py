@@ -34,7 +34,7 @@ from ..errors import FederationError
 
 _logger = logging.getLogger(__name__)
 
-POLL_SECONDS = 1.0  # how often replies are pulled, and a site that went offline is looked for (Flower's send_and_receive: 3 s)
+POLL_SECONDS = 3.0  # how often replies are pulled and an offline site is looked for (as Flower's send_and_receive pulls)
 WAKE_SECONDS = 0.5  # longest uninterrupted wait of the main thread
 
 
