@@ -138,7 +138,10 @@ def test_a_site_killed_mid_run_is_excluded_and_named(cluster):
     seen: list[str] = []
     wait_for_line(run, "plan chosen from 3 sites' similarity", seen)  # round 1 is complete once the plan is chosen...
     cluster.stop_node("hospital-c")  # ...and hospital-c dies before round 2
-    out, _ = run.communicate(timeout=600)
+    try:
+        out, _ = run.communicate(timeout=600)
+    finally:
+        cluster.start_node("hospital-c")  # back for the tests after this one (same key, same node id)
     folder = cluster.tmp / "site-killed"
     assert (folder / "report.json").is_file(), out[-3000:]
     rounds = {r["name"]: r["sites"] for r in json.loads((folder / "report.json").read_text())["federation"]["rounds"]}
