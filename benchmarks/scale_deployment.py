@@ -56,6 +56,7 @@ from tba_fed.calibrate import collect_span_stats
 from tba_fed.config import DataConfig
 from tba_fed.data import build_dataset, calibration_split, make_loader
 from tba_fed.fileio import atomic_write_text
+from tba_fed.federation.flower_connection import ensure_connection
 from tba_fed.federation.simulate import app_directory, flower_env, free_port, local_superlink, stop_process
 from tba_fed.federation.wire import SPLITS, decode_spans, encode_spans, payload_bytes
 from tba_fed.plan import Plan
@@ -127,9 +128,8 @@ class Deployment:
         subprocess.run(["bash", str(REPO / "scripts/make-certificates.sh"), str(self.certs), "127.0.0.1", *names],
                        check=True, capture_output=True)
         self.port = free_port()
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.certs / "ca.crt"}"\n')
+        ensure_connection(self.home / "config.toml", FEDERATION,
+                          {"address": f"127.0.0.1:{self.port}", "root-certificates": str(self.certs / "ca.crt")})
         self.env = flower_env(self.home)
         superlink = self.stack.enter_context(local_superlink(self.home, self.port, certificates=self.certs,
                                                              node_auth=True))

@@ -20,6 +20,7 @@ from tba_fed import ModelConfig, ViTAdapter, solve_plan
 from tba_fed.calibrate import collect_span_stats
 from tba_fed.config import DataConfig
 from tba_fed.data import build_dataset, calibration_split, make_loader
+from tba_fed.federation.flower_connection import ensure_connection
 from tba_fed.federation.simulate import app_directory, flower_env, free_port, local_superlink, stop_process
 from tba_fed.models import create_model
 from tba_fed.privacy.policy import RELEASES
@@ -71,9 +72,8 @@ class Cluster:
         subprocess.run(["bash", str(REPO / "scripts/make-certificates.sh"), str(self.certs), "127.0.0.1", *self.sites],
                        check=True, capture_output=True)
         self.port = free_port()
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "hospitals"\n\n[superlink.hospitals]\naddress = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.certs / "ca.crt"}"\n')
+        ensure_connection(self.home / "config.toml", "hospitals",
+                          {"address": f"127.0.0.1:{self.port}", "root-certificates": str(self.certs / "ca.crt")})
         self.env = flower_env(self.home)
         self.started: set[tuple[int, str]] = set()  # every Flower process seen, for the check that all are gone
         self.superlink: subprocess.Popen | None = None
