@@ -71,6 +71,7 @@ from tba_fed.probe import ProbeHead, ProbeStats
 from tba_fed.stats import SimilarityStats, SpanStats
 
 from answering_grid import AnsweringGrid
+from cluster import assert_maps_equal
 from conftest import TINY, loader
 from refusal import refused
 from test_server_rounds import InProcessGrid, server_identity  # noqa: F401 - the fixture gives messages a run id
@@ -385,12 +386,7 @@ def test_51_52_56_57_a_run_excludes_misbehaving_sites_and_sums_only_the_valid_on
     batches = [b for node in (1, 2, 5, 6) for b in loader(8, seed=node)]
     plan = parse_plan("1->2, 3->5", 6)
     central = solve_plan(collect_span_stats(ViTAdapter(model), batches, plan.spans), bias=True)
-    from safetensors.torch import load_file
-
-    maps = load_file(str(tmp_path / "server" / "maps.safetensors"))
-    for span in plan.spans:
-        expected = central[span].map.weight
-        assert float((maps[f"span.{span.key}.weight"] - expected).norm() / expected.norm()) < 1e-9
+    assert_maps_equal(tmp_path / "server", central)
     assert report["evaluation"]["test_images"] == 16
 
 

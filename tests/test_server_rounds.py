@@ -33,6 +33,7 @@ from tba_fed.errors import TBAInputError
 from tba_fed.plan import parse_plan
 
 from answering_grid import AnsweringGrid
+from cluster import assert_maps_equal
 from conftest import TINY, loader
 
 MODEL = ModelConfig(name="vit_tiny_patch16_224", kwargs=TINY)
@@ -155,12 +156,7 @@ def test_faulty_sites_are_rejected_named_and_excluded(tmp_path):
     batches = list(loader(24, seed=1)) + list(loader(24, seed=2))
     plan = parse_plan("1->2, 3->5", 6)
     central = solve_plan(collect_span_stats(ViTAdapter(model), batches, plan.spans), bias=True)
-    from safetensors.torch import load_file
-
-    maps = load_file(str(tmp_path / "server" / "maps.safetensors"))
-    for span in plan.spans:
-        expected = central[span].map.weight
-        assert float((maps[f"span.{span.key}.weight"] - expected).norm() / expected.norm()) < 1e-9
+    assert_maps_equal(tmp_path / "server", central)
     assert report["evaluation"]["test_images"] == 16
     assert "| site-3 | rejected |" in (tmp_path / "server" / "report.md").read_text()
     # the server's audit log, beside its output: one entry per round and one for the result
