@@ -93,6 +93,6 @@ def privacy_markdown(report: Mapping[str, Any]) -> str:
                   "| span | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         spread = report.get("prior_comparison_std", {})
         for span, row in report["prior_comparison"].items():
-            cells = [f"{row[n]:.4f}" + (f" ± {spread[span][n]:.4f}" if span in spread else "") for n in names]
+            cells = [f"{row[n]:.4f}" + (f" ± {spread[span][n]:.4f}" if n in spread.get(span, {}) else "") for n in names]
             lines.append(f"| {span} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n" if lines else ""
