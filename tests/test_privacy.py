@@ -361,3 +361,16 @@ def test_a_release_recorded_but_never_produced_is_produced_once_without_a_second
     [entry] = ledger.entries()
     assert entry.payload_sha256 is not None and entry.time == granted.time
     assert all(np.array_equal(payload[k], v) for k, v in _statistics(tiny_vit, site, run).items())
+
+
+def test_the_report_gives_no_spread_for_a_span_whose_renoised_draws_were_all_unusable():
+    """compare_priors returns an empty spread when every re-noised held-out draw has no ratio: that span's
+    row carries no ±, the others keep theirs (it used to end the ServerApp with a KeyError)."""
+    from tba_fed.federation.private_rounds import privacy_markdown
+
+    report = {"prior": "public",
+              "prior_comparison": {"1->2": {"identity": 1.0, "federated": 0.5}, "3->5": {"identity": 1.0, "federated": 0.25}},
+              "prior_comparison_std": {"1->2": {}, "3->5": {"identity": 0.0, "federated": 0.125}}}
+    markdown = privacy_markdown(report)
+    assert "| 1->2 | 1.0000 | 0.5000 |" in markdown
+    assert "| 3->5 | 1.0000 ± 0.0000 | 0.2500 ± 0.1250 |" in markdown
