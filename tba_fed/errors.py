@@ -23,3 +23,9 @@ class TBAInputError(ValueError):
 class FederationError(RuntimeError):
     """A federated run cannot produce a trustworthy result: too few sites took part validly, or the
     SuperLink is gone."""
+
+
+class SiteRefusal(TBAInputError):
+    """A site declines a request for a reason that depends only on the request and the site's own
+    configuration (policy, declared model, profile, budget), never on its images: this text may leave the
+    site. Every other error a site meets is reported to the server by its field alone."""

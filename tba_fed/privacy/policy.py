@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 
 from ..config import _format_validation_error, _Section
-from ..errors import TBAInputError
+from ..errors import SiteRefusal, TBAInputError
 from ..plan import Span
 from .accounting import noise_multiplier
 from .clipped import SpanBounds
@@ -26,7 +26,7 @@ RELEASES = ("similarity", "statistics", "probe", "accuracy")
 Release = Literal["similarity", "statistics", "probe", "accuracy"]
 
 
-class PolicyRefusal(TBAInputError):
+class PolicyRefusal(SiteRefusal):
     """The site's policy does not allow what the server asked: nothing is computed or sent."""
 
 
