@@ -21,7 +21,7 @@ from ..privacy.policy import PrivacyRequest
 from ..privacy.postprocess import RidgeChoice
 from ..privacy.ranges import statistics_ranges
 from .config import FederatedRunConfig, PrivacyConfig
-from .secure_aggregation import secure_sum
+from .secure_aggregation import default_protocol, secure_sum
 from .server_audit import ServerAudit
 from .wire import decode_private_spans, private_span_shapes
 
@@ -36,8 +36,10 @@ def secure_statistics_round(grid: Grid, nodes: list[int], config: FederatedRunCo
     ranges = statistics_ranges(request, plan.spans, fed.max_images_per_site)
     settings = {**dict(content.config_records["config"].items()), "max-images": fed.max_images_per_site}
     try:
+        # the server must not be able to unmask a sum over fewer sites than the noise is split across
+        threshold = max(default_protocol(len(nodes))[1], request.noise_sites)
         result = secure_sum(grid, nodes, settings, ranges, private_span_shapes(plan.spans, dim),
-                            timeout=fed.round_timeout, min_sites=fed.min_sites)
+                            timeout=fed.round_timeout, min_sites=fed.min_sites, reconstruction_threshold=threshold)
     except Exception as err:  # recorded, then the run stops
         if audit is not None:
             audit.secure_round(log, nodes, settings, None, str(err))
