@@ -25,7 +25,7 @@ from tba_fed.audit import GENESIS, AuditLog, AuditLogInvalid, canonical, check_c
 from tba_fed.cli import main
 from tba_fed.federation.audit_check import cross_check
 from tba_fed.federation.records import content_sha256, from_record, to_record
-from tba_fed.federation.site_audit import spec_sha256
+from tba_fed.federation.site_audit import SiteError, spec_sha256
 from tba_fed.federation.wire import payload_sha256
 from tba_fed.privacy.ledger import PrivacyLedger
 from tba_fed.privacy.policy import PrivacyRequest
@@ -362,7 +362,7 @@ def test_a_site_logs_what_it_released_and_what_it_refused(tmp_path, server_ident
                                                  "statistics")
 
 
-def test_a_private_release_quotes_the_ledger_and_a_tampered_log_stops_the_site(tmp_path, server_identity):
+def test_a_private_release_quotes_the_ledger_and_a_tampered_log_stops_the_site(tmp_path, server_identity, caplog):
     from clients.client_app import probe
     from tba_fed.federation.wire import encode_maps
 
@@ -385,11 +385,14 @@ def test_a_private_release_quotes_the_ledger_and_a_tampered_log_stops_the_site(t
     assert entry["received"] == {"maps": {"sha256": payload_sha256(from_record(maps)),
                                           "arrays": {"span.1-2.weight": [48, 48]}}}
     assert reply.content.config_records["meta"]["audit-head"] == entry["hash"]
-    # the site's own log was edited: it serves nothing, and spends no budget
+    # the site's own log was edited: it serves nothing, and spends no budget; the server learns only the field
     log.write_text(log.read_text().replace('"status": "ok"', '"status": "refused"'))
-    with pytest.raises(AuditLogInvalid, match="hash mismatch"):
+    with caplog.at_level(logging.WARNING, logger="tba_fed"), pytest.raises(SiteError) as err:
         probe(Message(RecordDict({"config": ConfigRecord({**config, "privacy": request.model_copy(
             update={"epsilon": 2.0}).to_json()}), "maps": maps}), dst_node_id=5, message_type="query.probe"), context)
+    assert str(err.value) == ("audit: hospital-a could not serve this request (AuditLogInvalid); the reason is in the "
+                              "site's own log (its operator reads it with tba-fed audit show)")
+    assert f"AuditLogInvalid: audit: {log} does not verify ({log}:1 (seq 0): hash mismatch" in caplog.text
     assert len(PrivacyLedger(tmp_path / "ledger.json").entries()) == 1
 
 
