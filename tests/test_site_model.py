@@ -109,7 +109,7 @@ def test_a_site_refuses_another_model_before_loading_weights_reading_images_or_s
     assert err.value.field == "model" and err.value.fix == FIX
     assert PrivacyLedger(tmp_path / "ledger.json").entries() == [] and not (tmp_path / "out").exists()  # nothing spent, nothing written
     [entry] = check_chain(tmp_path / "audit.jsonl").entries
-    assert entry["status"] == "refused" and entry["error"] == f"TBAInputError: {err.value}"
+    assert entry["status"] == "refused" and entry["error"] == f"SiteRefusal: {err.value}"  # its text may leave the site
     assert entry["round"] == "statistics" and "sent_sha256" not in entry
 
 
