@@ -29,6 +29,7 @@ from tba_fed.federation.site_audit import SiteError, spec_sha256
 from tba_fed.federation.wire import payload_sha256
 from tba_fed.privacy.ledger import PrivacyLedger
 from tba_fed.privacy.policy import PrivacyRequest
+from tba_fed.privacy.site_state import initialise
 
 from conftest import TINY
 
@@ -313,10 +314,15 @@ MODEL = json.dumps({"name": "vit_tiny_patch16_224", "kwargs": TINY})
 
 
 def _site(tmp_path, **policy) -> Context:
+    """A production site, initialised; each of its 32 images held out with probability 0.5 (a part of fewer than
+    min_images = 2 has probability 1.5e-8)."""
     site = tmp_path / "site.yaml"
     site.write_text(yaml.safe_dump({"name": "hospital-a", "output": str(tmp_path / "out"),
-                                    "data": {"source": "synthetic", "num_images": 16, "batch_size": 8},
-                                    "privacy": {"min_images": 2, "ledger": str(tmp_path / "ledger.json"), **policy}}))
+                                    "data": {"source": "synthetic", "num_images": 32, "batch_size": 8,
+                                             "holdout_fraction": 0.5},
+                                    "privacy": {"min_images": 2, "ledger": str(tmp_path / "ledger.json"), **policy},
+                                    "state": str(tmp_path / "state")}))
+    initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")  # tba-fed site init
     return Context(run_id=77, node_id=5, node_config={"site-config": str(site)}, state=RecordDict(), run_config={})
 
 
@@ -380,7 +386,8 @@ def test_a_private_release_quotes_the_ledger_and_a_tampered_log_stops_the_site(t
     assert entry["grant"] == {"mechanism": "gaussian", "noise_multiplier": ledger.noise_multiplier,
                               "noise_std": ledger.noise_std, "noise": ledger.noise, "aggregation": "local",
                               "images": ledger.images, "epsilon_run": 4.0, "delta": 1e-5,
-                              "payload_sha256": ledger.payload_sha256}
+                              "payload_sha256": ledger.payload_sha256, "site_noise_multiplier": ledger.noise_multiplier,
+                              "accountant": "rdp", "releases": ["probe"]}
     assert ledger.payload_sha256 is not None  # the stored payload a repeat would re-send
     assert entry["received"] == {"maps": {"sha256": payload_sha256(from_record(maps)),
                                           "arrays": {"span.1-2.weight": [48, 48]}}}
@@ -420,7 +427,7 @@ def test_the_server_cannot_brute_force_a_sites_image_count_from_its_audit_head(t
     head = reply.content.config_records["meta"]["audit-head"]  # what the server receives
     entry = check_chain(tmp_path / "out" / "audit.jsonl").entries[-1]
     images = PrivacyLedger(tmp_path / "ledger.json").entries()[-1].images
-    assert entry["hash"] == head and entry["grant"]["images"] == images and 0 < images <= 16
+    assert entry["hash"] == head and entry["grant"]["images"] == images and 0 < images <= 32
     assert _counts_matching(head, entry, knows_nonce=True) == [images]  # the enumeration finds it given every field
     assert _counts_matching(head, entry, knows_nonce=False) == []  # the server, without the nonce, finds nothing
 

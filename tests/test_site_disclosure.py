@@ -53,7 +53,8 @@ def _site(tmp_path: Path, *, corrupt: bool = False, model: dict | None = None) -
     if corrupt:
         (scans / PATIENT).write_bytes(b"not a PNG: the scanner cut the transfer")
     config = {"name": "hospital-a", "profile": "development", "output": str(tmp_path / "out"),
-              "data": {"source": "image_folder", "path": str(tmp_path / "images"), "batch_size": 8},
+              "data": {"source": "image_folder", "path": str(tmp_path / "images"), "batch_size": 8,
+                       "holdout_fraction": 0.0},
               "privacy": {"require_dp": False, "min_images": 2, "ledger": str(tmp_path / "ledger.json")},
               **({"model": model} if model is not None else {})}
     path = tmp_path / "site.yaml"
