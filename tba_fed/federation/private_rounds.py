@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 
 from ..plan import Plan, Span
 from ..privacy.clipped import ClippedSpanSums
+from ..privacy.accounting import replace_one_epsilon
 from ..privacy.mechanism import describe_noise
 from ..privacy.policy import PrivacyRequest
 from ..privacy.postprocess import RidgeChoice
@@ -62,6 +63,8 @@ def privacy_summary(privacy: PrivacyConfig, request: PrivacyRequest, sigma: floa
     secure = privacy.aggregation == "secure"
     return {
         "epsilon": privacy.epsilon, "delta": privacy.delta, "accountant": privacy.accountant,
+        "adjacency": "add/remove one image",
+        "epsilon_replace_one": replace_one_epsilon([(sigma, len(request.releases))], privacy.delta, privacy.accountant),
         "releases": list(request.releases), "noise_multiplier": sigma,
         "aggregation": "secure aggregation (SecAgg+), noise split over sites" if secure else "local noise at each site",
         "noise_sites": request.noise_sites, "sites_summed": sites,
@@ -80,6 +83,8 @@ def privacy_markdown(report: Mapping[str, Any]) -> str:
                   f"- (ε, δ) = ({p['epsilon']:g}, {p['delta']:g}) per site over {len(p['releases'])} release(s) "
                   f"({', '.join(p['releases'])}), {p['accountant'].upper()} accounting: noise multiplier σ = "
                   f"{p['noise_multiplier']:.4g}",
+                  f"- the unit protected is one image, under add/remove-one-image adjacency; under replace-one adjacency "
+                  f"the same noise gives ε ≤ {p['epsilon_replace_one']:.3g}",
                   f"- {p['aggregation']}; {p['sites_summed']} sites summed; noise: {p['noise']}",
                   "- image counts above are released counts: noisy sums of the per-image weights that bound each "
                   "image's contribution (an image far outside the bounds counts less than one)",

@@ -126,8 +126,10 @@ class PrivacyLedger:
             if (previous := _find(entries, entry.run_id, entry.release)) is not None:
                 if previous.spec_sha256 != entry.spec_sha256:
                     raise BudgetExceeded("privacy.ledger", f"run {entry.run_id} already made its {entry.release!r} release "
-                                                           "under another specification; releasing again would spend "
-                                                           "budget twice")
+                                                           "under another specification (a secure release: other "
+                                                           "SecAgg+ participants); releasing again would spend budget "
+                                                           "twice, or let the server subtract one sum from the other",
+                                         "start a new run")
                 _logger.info("ledger %s: %s of run %s already recorded; nothing more spent", self.path, entry.release,
                              entry.run_id)
                 return previous
