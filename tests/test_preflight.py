@@ -302,3 +302,15 @@ def test_unreachable_superlink_and_cli_exit_code(setup, capsys):
     assert "NOTE    connection.auth_key: registration not checked: the SuperLink is unreachable" in _lines(path)
     assert run_preflight(path, "site", 30.0) == 1
     assert capsys.readouterr().out.splitlines()[-1] == f"preflight {path}: 1 problem(s)"
+
+
+def test_secure_run_that_cannot_survive_a_dropout_gets_a_note(setup):
+    """Under secure aggregation SecAgg+ unmasks no sum over fewer than min_sites sites (issue #12, A4): with
+    min_sites = num_sites one dropout ends the run, and preflight says so before the run starts."""
+    secure = {"epsilon": 1.0, "aggregation": "secure"}
+    tight = _variant(setup, "secure-tight", "server", privacy=secure, federation={"num_sites": 3, "min_sites": 3})
+    assert ("NOTE    federation.min_sites: the noise is split over min_sites = 3 sites and SecAgg+ may unmask no sum "
+            "over fewer, so with 3 sites one dropout in the secure round ends the run (fix: to survive one dropout, run "
+            "one site more than min_sites)") in _lines(tight)
+    spare = _variant(setup, "secure-spare", "server", privacy=secure, federation={"num_sites": 4, "min_sites": 3})
+    assert not [line for line in _lines(spare) if "federation.min_sites" in line]

@@ -124,7 +124,21 @@ def server_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
                                 "start it (tba-fed superlink) and run preflight again to check them"))
     results.append(weights_check(config.model, config.profile))
     results.append(output_check(config))
+    if (dropout := secure_dropout_note(config)) is not None:
+        results.append(dropout)
     return results
+
+
+def secure_dropout_note(config: FederatedRunConfig) -> Check | None:
+    """Under secure aggregation no sum over fewer than min_sites sites may be unmasked: with min_sites equal to
+    num_sites, one site dropping out of the secure round ends the run."""
+    fed = config.federation
+    if config.privacy is None or config.privacy.aggregation != "secure" or fed.min_sites < fed.num_sites:
+        return None
+    return note("federation.min_sites", f"the noise is split over min_sites = {fed.min_sites} sites and SecAgg+ may "
+                                        f"unmask no sum over fewer, so with {fed.num_sites} sites one dropout in the "
+                                        "secure round ends the run",
+                "to survive one dropout, run one site more than min_sites")
 
 
 def output_check(config: FederatedRunConfig) -> Check:
@@ -237,6 +251,7 @@ def privacy_checks(site: SiteConfig) -> list[Check]:
                                    "raising the budget is a governance decision, not a fix to make lightly"))
         else:
             results.append(ok("privacy", f"releases {', '.join(policy.releases)}; ε {spent:.4f} spent of "
-                                         f"{policy.epsilon:g} at δ={policy.delta:g}; min_images {policy.min_images}"))
+                                         f"{policy.epsilon:g} at δ={policy.delta:g} ({policy.accountant.upper()}, "
+                                         f"add/remove-one-image); min_images {policy.min_images}"))
     results.append(c.writable_directory("privacy.ledger", policy.ledger.parent))
     return results
