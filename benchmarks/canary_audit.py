@@ -124,7 +124,7 @@ def main() -> None:
                              result.mu_low, result.mu_high, result.mu_expected, result.mu_ceiling)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(rows, indent=1) + "\n")
-    print(f"| run ε | release | claimed ε (one release) | ε ≥ (Clopper-Pearson) | ε ≥ (Gaussian DP) | μ̂ [95%] | μ | 1/σ |")
+    print("| run ε | release | claimed ε (one release) | ε ≥ (Clopper-Pearson) | ε ≥ (Gaussian DP) | μ̂ [95%] | μ | 1/σ |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['run_epsilon']:g} | {r['release']} ({r['mode']}) | {r['claimed_epsilon']:.3f} | {r['epsilon_cp']:.3f} "

@@ -36,8 +36,8 @@ from tba_fed.privacy.site_state import initialise
 import neighbours as nb
 from clientapp_grid import ClientAppGrid
 from conftest import TINY
-from test_neighbouring_datasets import bounds, model, server_identity  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("server_identity")
 MODEL = {"name": "vit_tiny_patch16_224", "kwargs": TINY}
 SPANS = parse_plan(nb.PLAN, 6).spans
 
@@ -86,14 +86,14 @@ def _refused(reply: Message, field: str) -> None:
     assert f"<'{field}: " in reply.error.reason, reply.error.reason
 
 
-def test_split_noise_on_a_plain_query_is_refused(tmp_path, bounds):
+def test_split_noise_on_a_plain_query_is_refused(tmp_path, audit_bounds):
     """A plain reply reaches the server on its own: labelling the request 'secure' must not buy it σ/√m."""
     grid = ClientAppGrid(app, node_configs=[_site(tmp_path, "hospital-a", 1)])
     for kind in ("similarity", "statistics", "probe", "accuracy"):
-        reply = grid.answer([_message(kind, _request(bounds, aggregation="secure", noise_sites=3))])[0]
+        reply = grid.answer([_message(kind, _request(audit_bounds, aggregation="secure", noise_sites=3))])[0]
         _refused(reply, "privacy.aggregation")
     assert _ledger(tmp_path, "hospital-a") == []  # nothing spent
-    served = grid.answer([_message("statistics", _request(bounds))])[0]  # the same request, full noise: served
+    served = grid.answer([_message("statistics", _request(audit_bounds))])[0]  # the same request, full noise: served
     assert not served.has_error() and [e.release for e in _ledger(tmp_path, "hospital-a")] == ["statistics"]
 
 
@@ -110,68 +110,68 @@ def _secure(grid: ClientAppGrid, nodes: list[int], bounds: nb.Bounds, *, noise_s
     (4, None, "only 3 sites take part in this secure sum"),  # more sites than exist
     (3, 2, "SecAgg+ can unmask a sum over as few as 2 (its reconstruction threshold)"),  # a 2-site sum unmaskable
 ])
-def test_a_noise_split_the_secure_round_cannot_back_is_refused(tmp_path, bounds, noise_sites, threshold, reason):
+def test_a_noise_split_the_secure_round_cannot_back_is_refused(tmp_path, audit_bounds, noise_sites, threshold, reason):
     sites = [_site(tmp_path, f"hospital-{k}", k) for k in range(3)]
     grid = ClientAppGrid(app, node_configs=sites)
     with pytest.raises(FederationError) as err:
-        _secure(grid, grid.get_node_ids(), bounds, noise_sites=noise_sites, threshold=threshold)
+        _secure(grid, grid.get_node_ids(), audit_bounds, noise_sites=noise_sites, threshold=threshold)
     assert str(err.value).count("privacy.noise_sites: refused by the site's privacy policy") == 3, str(err.value)
     assert reason in str(err.value)
     assert all(_ledger(tmp_path, f"hospital-{k}") == [] for k in range(3))  # nothing spent
-    result = _secure(ClientAppGrid(app, node_configs=sites), grid.get_node_ids(), bounds, noise_sites=3,
+    result = _secure(ClientAppGrid(app, node_configs=sites), grid.get_node_ids(), audit_bounds, noise_sites=3,
                      threshold=3)  # what the sites accept: split over the 3, none unmaskable below 3
     assert result.sites == 3 and all(len(_ledger(tmp_path, f"hospital-{k}")) == 1 for k in range(3))
     applied = _ledger(tmp_path, "hospital-0")[0]
     assert applied.site_noise_multiplier == pytest.approx(applied.noise_multiplier / 3**0.5)  # what was applied
 
 
-def test_a_secure_payload_is_not_resent_into_a_sum_over_other_sites(tmp_path, bounds):
+def test_a_secure_payload_is_not_resent_into_a_sum_over_other_sites(tmp_path, audit_bounds):
     """Run 1 sums hospitals 0, 1, 2; the server then asks 0 and 1 again, in the same run, with 3 in place of 2:
     the difference of the two sums would give away 2's sums minus 3's (which the server may know)."""
     sites = [_site(tmp_path, f"hospital-{k}", k) for k in range(4)]
     grid = ClientAppGrid(app, node_configs=sites)
     nodes = grid.get_node_ids()
-    assert _secure(grid, nodes[:3], bounds, noise_sites=3, threshold=3).sites == 3
+    assert _secure(grid, nodes[:3], audit_bounds, noise_sites=3, threshold=3).sites == 3
     first = {k: _ledger(tmp_path, f"hospital-{k}") for k in range(2)}
-    assert _secure(grid, nodes[:3], bounds, noise_sites=3, threshold=3).sites == 3  # the same sum again: re-sent
+    assert _secure(grid, nodes[:3], audit_bounds, noise_sites=3, threshold=3).sites == 3  # the same sum again: re-sent
     with pytest.raises(FederationError) as err:
-        _secure(grid, [nodes[0], nodes[1], nodes[3]], bounds, noise_sites=3, threshold=3)
+        _secure(grid, [nodes[0], nodes[1], nodes[3]], audit_bounds, noise_sites=3, threshold=3)
     assert str(err.value).count("privacy.ledger: run 1 already made its 'statistics' release under another "
                                 "specification (a secure release: other SecAgg+ participants)") == 2, str(err.value)
     assert {k: _ledger(tmp_path, f"hospital-{k}") for k in range(2)} == first  # nothing more spent
 
 
-def test_requests_of_one_run_cannot_each_declare_only_themselves(tmp_path, bounds):
+def test_requests_of_one_run_cannot_each_declare_only_themselves(tmp_path, audit_bounds):
     """Four requests of one run, each declaring only its own release at ε = 1, would spend 2.13 at the site;
     the run's terms are fixed at its first request, so the others are refused."""
     grid = ClientAppGrid(app, node_configs=[_site(tmp_path, "hospital-a", 1)])
-    first = grid.answer([_message("similarity", _request(bounds, releases=("similarity",)))])[0]
+    first = grid.answer([_message("similarity", _request(audit_bounds, releases=("similarity",)))])[0]
     assert not first.has_error()
     for kind in ("statistics", "probe", "accuracy"):
-        _refused(grid.answer([_message(kind, _request(bounds, releases=(kind,)))])[0], "privacy.releases")
-    _refused(grid.answer([_message("similarity", _request(bounds, epsilon=2.0, releases=("similarity",)))])[0],
+        _refused(grid.answer([_message(kind, _request(audit_bounds, releases=(kind,)))])[0], "privacy.releases")
+    _refused(grid.answer([_message("similarity", _request(audit_bounds, epsilon=2.0, releases=("similarity",)))])[0],
              "privacy.epsilon")  # nor change its ε
     spent = PrivacyLedger(tmp_path / "hospital-a" / "ledger.json").spent(1e-5)
     assert len(_ledger(tmp_path, "hospital-a")) == 1 and spent == pytest.approx(1.0, rel=0.01)
 
 
-def test_the_site_composes_its_budget_with_its_own_accountant(tmp_path, bounds):
+def test_the_site_composes_its_budget_with_its_own_accountant(tmp_path, audit_bounds):
     """A run calibrated with PRV at the site's whole budget spends 1.08 of it under RDP, which the site uses."""
     grid = ClientAppGrid(app, node_configs=[_site(tmp_path, "hospital-a", 1, epsilon=1.0)])
-    reply = grid.answer([_message("statistics", _request(bounds, accountant="prv", releases=("statistics",)))])[0]
+    reply = grid.answer([_message("statistics", _request(audit_bounds, accountant="prv", releases=("statistics",)))])[0]
     _refused(reply, "privacy.epsilon")
     assert "this run would bring the site to ε=1.0" in reply.error.reason and _ledger(tmp_path, "hospital-a") == []
 
 
 @pytest.mark.parametrize(("change", "field"), [({"model": {**MODEL, "kwargs": {**TINY, "depth": 4}}}, "model"),
                                                ({"profile": "development"}, "profile")])
-def test_a_model_or_profile_change_is_refused(tmp_path, bounds, change, field):
+def test_a_model_or_profile_change_is_refused(tmp_path, audit_bounds, change, field):
     grid = ClientAppGrid(app, node_configs=[_site(tmp_path, "hospital-a", 1)])
-    _refused(grid.answer([_message("statistics", _request(bounds), **change)])[0], field)
+    _refused(grid.answer([_message("statistics", _request(audit_bounds), **change)])[0], field)
     assert _ledger(tmp_path, "hospital-a") == []
 
 
-def test_seeded_noise_is_refused(tmp_path, bounds):
+def test_seeded_noise_is_refused(tmp_path, audit_bounds):
     grid = ClientAppGrid(app, node_configs=[_site(tmp_path, "hospital-a", 1)])
-    _refused(grid.answer([_message("statistics", _request(bounds, seed=3))])[0], "privacy.seed")
+    _refused(grid.answer([_message("statistics", _request(audit_bounds, seed=3))])[0], "privacy.seed")
     assert _ledger(tmp_path, "hospital-a") == []

@@ -23,21 +23,22 @@ from tba_fed.privacy.accounting import epsilon_spent, noise_multiplier
 from tba_fed.privacy.empirical import audit_release
 
 import neighbours as nb
-from test_neighbouring_datasets import COUNT, _neighbour, _releases, _site, bounds, model, server_identity  # noqa: F401
+from test_neighbouring_datasets import COUNT, _neighbour, _releases, _site
 
+pytestmark = pytest.mark.usefixtures("server_identity")
 CONFIDENCE = 1 - 1e-7  # a correct mechanism raises a false alarm with probability below 1e-7
 
 
 @pytest.mark.parametrize("kind", ["statistics", "similarity", "probe"])
-def test_the_released_canary_is_no_easier_to_detect_than_the_claimed_epsilon_allows(tmp_path, bounds, kind):
+def test_the_released_canary_is_no_easier_to_detect_than_the_claimed_epsilon_allows(tmp_path, audit_bounds, kind):
     base = nb.ordinary(COUNT)
-    before = _releases(_site(tmp_path / "D", "image_folder", base), bounds)[kind]
+    before = _releases(_site(tmp_path / "D", "image_folder", base), audit_bounds)[kind]
     neighbour, names = _neighbour(base, "middle", "calibration", "image_folder")
-    after = _releases(_site(tmp_path / "D2", "image_folder", neighbour, names), bounds)[kind]
+    after = _releases(_site(tmp_path / "D2", "image_folder", neighbour, names), audit_bounds)[kind]
     # one release of a run declaring all four: its own ε is what the test can be held to
     sigma = noise_multiplier(nb.EPSILON, 1e-5, 4)
     claimed = epsilon_spent([(sigma, 1)], 1e-5)
-    release, stds = nb.mechanism(kind, bounds, sigma, 48, tokens=17)
+    release, stds = nb.mechanism(kind, audit_bounds, sigma, 48, tokens=17)
     result = audit_release(release, before, after, stds, trials=1500, delta=1e-5, claimed_epsilon=claimed,
                            noise_multiplier=sigma, confidence=CONFIDENCE)
     assert result.epsilon_cp <= claimed and result.epsilon_gdp <= claimed

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 from clients.client_app import app
-from tba_fed import ModelConfig, create_model
 from tba_fed.data import CIFAR10Images, SyntheticImages, build_dataset, calibration_split
 from tba_fed.federation.config import load_site_config
 from tba_fed.federation.secure_aggregation import secure_sum
@@ -41,23 +40,7 @@ COUNT = 30  # images in D: each part (30% held out) is non-empty (the policy's m
 POSITIONS = {"first": 0, "middle": COUNT // 2, "last": COUNT}
 
 
-@pytest.fixture(scope="module")
-def model():
-    return create_model(ModelConfig.model_validate(MODEL))
-
-
-@pytest.fixture(scope="module")
-def bounds(model) -> nb.Bounds:
-    return nb.reference_bounds(model)
-
-
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    """Messages built outside a Flower run need the run and task ids a ServerApp would have (internal API)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def _releases(site: Path, bounds: nb.Bounds) -> dict[str, dict]:
@@ -109,28 +92,28 @@ DATASETS = {"ordinary": lambda: nb.ordinary(COUNT), "near-zero": lambda: nb.gray
 @pytest.mark.parametrize(("source", "dataset"), [("image_folder", "ordinary"), ("image_folder", "near-zero"),
                                                  ("image_folder", "two types"), ("fashion_mnist", "ordinary"),
                                                  ("medmnist", "ordinary"), ("medmnist", "two types")])
-def test_one_image_moves_every_release_by_at_most_its_sensitivity(tmp_path_factory, bounds, source, dataset, variant,
+def test_one_image_moves_every_release_by_at_most_its_sensitivity(tmp_path_factory, audit_bounds, source, dataset, variant,
                                                                    side):
     base = DATASETS[dataset]()
     cache = tmp_path_factory.getbasetemp() / f"D-{source}-{dataset}"
     if not cache.exists():  # D's releases are shared by the variants
         cache.mkdir()
-        np.save(cache / "releases.npy", _releases(_site(cache, source, base), bounds), allow_pickle=True)
+        np.save(cache / "releases.npy", _releases(_site(cache, source, base), audit_bounds), allow_pickle=True)
     before = np.load(cache / "releases.npy", allow_pickle=True).item()
     neighbour, names = _neighbour(base, variant, side, source)
-    after = _releases(_site(tmp_path_factory.mktemp(variant), source, neighbour, names), bounds)
+    after = _releases(_site(tmp_path_factory.mktemp(variant), source, neighbour, names), audit_bounds)
     moved = {kind: nb.change(kind, before[kind], after[kind]) for kind in KINDS}
     for kind in KINDS:
-        _check(kind, before[kind], after[kind], bounds)
+        _check(kind, before[kind], after[kind], audit_bounds)
     # not vacuous: the image reached the releases of its part, an added canary at its clipping bound
     reached = ("similarity", "statistics", "probe") if side == "calibration" else ("statistics", "accuracy")
     assert all(max(moved[kind].values()) > 0 for kind in reached), moved
     if variant != "removed" and side == "calibration":
-        assert max(v / nb.parts("statistics", bounds, 17)[k].sensitivity for k, v in moved["statistics"].items()) > 0.999
+        assert max(v / nb.parts("statistics", audit_bounds, 17)[k].sensitivity for k, v in moved["statistics"].items()) > 0.999
 
 
 @pytest.mark.parametrize("variant", ["last", "removed"])
-def test_synthetic_data_too(tmp_path, bounds, variant):
+def test_synthetic_data_too(tmp_path, audit_bounds, variant):
     """Synthetic image k is a function of (seed, k): D' is D with image COUNT added, or with the last removed."""
     def site(folder: Path, count: int) -> Path:
         folder.mkdir()
@@ -138,13 +121,13 @@ def test_synthetic_data_too(tmp_path, bounds, variant):
                                                    "num_classes": nb.NUM_CLASSES},
                             ledger=folder / "ledger.json")
 
-    before = _releases(site(tmp_path / "D", COUNT), bounds)
-    after = _releases(site(tmp_path / "D2", COUNT + 1 if variant == "last" else COUNT - 1), bounds)
+    before = _releases(site(tmp_path / "D", COUNT), audit_bounds)
+    after = _releases(site(tmp_path / "D2", COUNT + 1 if variant == "last" else COUNT - 1), audit_bounds)
     for kind in KINDS:
-        _check(kind, before[kind], after[kind], bounds)
+        _check(kind, before[kind], after[kind], audit_bounds)
 
 
-def test_with_the_sites_secret_key_the_same_holds(tmp_path, bounds, monkeypatch):
+def test_with_the_sites_secret_key_the_same_holds(tmp_path, audit_bounds, monkeypatch):
     """A deployed site keys its decisions with the secret from its state directory: D and D' are the same site
     (one state, one ledger), asked in two runs."""
     from flwr.supercore.task_identity import TaskIdentity
@@ -152,23 +135,23 @@ def test_with_the_sites_secret_key_the_same_holds(tmp_path, bounds, monkeypatch)
     base = nb.two_types(COUNT)
     initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")
     key = {"state": tmp_path / "state"}  # ledger: tmp_path / "ledger.json", shared
-    before = _releases(_site(tmp_path / "D", "image_folder", base, **key), bounds)
+    before = _releases(_site(tmp_path / "D", "image_folder", base, **key), audit_bounds)
     monkeypatch.setattr(TaskIdentity, "_run_id", 2, raising=False)  # the second run of the same site
     neighbour, names = _neighbour(base, "middle", "calibration", "image_folder", site_key(load_site_config(
         tmp_path / "D" / "site.yaml")))
-    after = _releases(_site(tmp_path / "D2", "image_folder", neighbour, names, **key), bounds)
+    after = _releases(_site(tmp_path / "D2", "image_folder", neighbour, names, **key), audit_bounds)
     for kind in KINDS:
-        _check(kind, before[kind], after[kind], bounds)
+        _check(kind, before[kind], after[kind], audit_bounds)
 
 
-def test_the_secure_release_moves_the_secure_sum_by_at_most_its_sensitivity(tmp_path, bounds, model):
+def test_the_secure_release_moves_the_secure_sum_by_at_most_its_sensitivity(tmp_path, audit_bounds, audit_model):
     """Through a real SecAgg+ round with two other sites: the sum over the three moves by the site's own change,
     within its sensitivity plus the quantisation error SecAgg+ reports."""
     base = nb.two_types(COUNT)
     others = [_site(tmp_path / f"other-{k}", "image_folder", nb.ordinary(COUNT, seed=k + 1)) for k in range(2)]
-    settings = nb.secure_settings(MODEL, bounds, 48, sites=3, max_images=64)
+    settings = nb.secure_settings(MODEL, audit_bounds, 48, sites=3, max_images=64)
     spans = parse_plan(nb.PLAN, 6).spans
-    request = nb.request(bounds, aggregation="secure", noise_sites=3)
+    request = nb.request(audit_bounds, aggregation="secure", noise_sites=3)
     ranges = statistics_ranges(request, spans, 64)
 
     def secure(site: Path):
@@ -183,7 +166,7 @@ def test_the_secure_release_moves_the_secure_sum_by_at_most_its_sensitivity(tmp_
     after = secure(_site(tmp_path / "D2", "image_folder", neighbour, names))
     # each entry of each sum is within error_bound of the exact sum: the difference within twice that
     slack = 2 * max(after.error_bound[k] * np.sqrt(np.prod(shape)) for k, shape in private_span_shapes(spans, 48).items())
-    _check("statistics", before.arrays, after.arrays, bounds, slack)
+    _check("statistics", before.arrays, after.arrays, audit_bounds, slack)
 
 
 # ------------------------------------------------------------------------------- membership, per source
@@ -198,7 +181,7 @@ def _sides(dataset, key: bytes, sample_rate: float) -> list[Counter]:
 
 @pytest.mark.parametrize("sample_rate", [1.0, 0.5])
 @pytest.mark.parametrize("source", ["image_folder", "fashion_mnist", "medmnist", "cifar10", "synthetic"])
-def test_no_other_image_changes_sides(tmp_path, model, source, sample_rate):
+def test_no_other_image_changes_sides(tmp_path, audit_model, source, sample_rate):
     """Adding or removing one image changes nothing but that image's own membership (used or not,
     calibration or held out), in every data source, at any position, with or without subsampling."""
     key = development_key(3)
@@ -213,7 +196,7 @@ def test_no_other_image_changes_sides(tmp_path, model, source, sample_rate):
             return SyntheticImages(len(images), 32, seed=2)
         data = nb.write_source(source, tmp_path / folder, images, names)
         config = load_site_config(nb.site_yaml(tmp_path / f"{folder}.yaml", data, ledger=tmp_path / "ledger.json"))
-        return build_dataset(config.data, model)
+        return build_dataset(config.data, audit_model)
 
     before = _sides(dataset(base, "D"), key, sample_rate)
     assert sum(len(side) for side in before[:2]) > 0 and (sample_rate == 1) == (len(before[2]) == 0)
@@ -227,13 +210,13 @@ def test_no_other_image_changes_sides(tmp_path, model, source, sample_rate):
         assert sum(sum(m.values()) for m in moved) == 1, (variant, [sum(m.values()) for m in moved])
 
 
-def test_a_site_selects_with_its_state_key_the_images_a_development_key_would_not(tmp_path, model):
+def test_a_site_selects_with_its_state_key_the_images_a_development_key_would_not(tmp_path, audit_model):
     """The decisions depend on the key: a deployed site's secret gives another selection than the data seed's
     (the server, which may know the seed, cannot predict them), and a site's key is stable across reads."""
     initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")
     path = _site(tmp_path, "image_folder", nb.ordinary(COUNT), state=tmp_path / "state")
     site = load_site_config(path)
-    dataset = build_dataset(site.data, model)
+    dataset = build_dataset(site.data, audit_model)
     secret = [sorted(p.indices) for p in calibration_split(dataset, site.data, site_key(site))]
     assert secret == [sorted(p.indices) for p in calibration_split(dataset, site.data, site_key(site))]
     seeded = [sorted(p.indices) for p in calibration_split(dataset, site.data, development_key(site.data.seed))]

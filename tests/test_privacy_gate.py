@@ -30,9 +30,9 @@ from tba_fed.privacy.site_state import KEY_FILE, MARKER
 
 import neighbours as nb
 from clientapp_grid import ClientAppGrid
-from conftest import TINY
 from test_adversarial_server import MODEL, _message, _refused, _request, _site
-from test_neighbouring_datasets import bounds, model, server_identity  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def _yaml(tmp_path: Path, name: str = "hospital-a", **changes) -> Path:
@@ -62,11 +62,11 @@ def test_site_init_makes_the_state_once_and_keeps_its_key_private(tmp_path, caps
     assert "already holds this site's state" in capsys.readouterr().err and key.read_bytes() == before
 
 
-def test_an_uninitialised_production_site_serves_nothing_and_does_not_start(tmp_path, bounds, capsys):
+def test_an_uninitialised_production_site_serves_nothing_and_does_not_start(tmp_path, audit_bounds, capsys):
     path = _yaml(tmp_path, connection={"superlink": "127.0.0.1:9092", "root_certificates": str(tmp_path / "ca.crt"),
                                        "auth_key": str(tmp_path / "hospital-a.key")})
     grid = ClientAppGrid(app, node_configs=[{"site-config": str(path)}])
-    _refused(grid.answer([_message("statistics", _request(bounds))])[0], "state")
+    _refused(grid.answer([_message("statistics", _request(audit_bounds))])[0], "state")
     assert not (tmp_path / "ledger.json").exists()
     assert main(["supernode", str(path)]) == 2  # refused before flower-supernode is started
     assert "holds no initialised site state" in capsys.readouterr().err
@@ -74,13 +74,13 @@ def test_an_uninitialised_production_site_serves_nothing_and_does_not_start(tmp_
 
 
 @pytest.mark.parametrize("how", ["deleted", "moved", "re-pointed"])
-def test_a_missing_or_repointed_ledger_stops_the_site_instead_of_resetting_its_budget(tmp_path, bounds, capsys, how):
+def test_a_missing_or_repointed_ledger_stops_the_site_instead_of_resetting_its_budget(tmp_path, audit_bounds, capsys, how):
     """Before the state's marker, a missing ledger read as an empty one: the budget silently started again."""
     path = _yaml(tmp_path, privacy={"epsilon": 1.0, "min_images": 2, "releases": ["statistics"],
                                     "ledger": str(tmp_path / "ledger.json")})
     assert main(["site", "init", str(path)]) == 0
     grid = ClientAppGrid(app, node_configs=[{"site-config": str(path)}])
-    assert not grid.answer([_message("statistics", _request(bounds, releases=("statistics",)))])[0].has_error()
+    assert not grid.answer([_message("statistics", _request(audit_bounds, releases=("statistics",)))])[0].has_error()
     assert len(PrivacyLedger(tmp_path / "ledger.json").entries()) == 1  # the budget of 1 is spent
     if how == "deleted":
         (tmp_path / "ledger.json").unlink()
@@ -94,7 +94,7 @@ def test_a_missing_or_repointed_ledger_stops_the_site_instead_of_resetting_its_b
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity._run_id = 2  # a new run (the fixture restores it)
-    reply = grid.answer([_message("statistics", _request(bounds, releases=("statistics",)))])[0]
+    reply = grid.answer([_message("statistics", _request(audit_bounds, releases=("statistics",)))])[0]
     _refused(reply, "privacy.ledger")
     assert not (tmp_path / "fresh-ledger.json").exists() and not (tmp_path / "ledger.json").exists() or how == "re-pointed"
     assert main(["privacy", "report", str(path)]) == 2
@@ -102,7 +102,7 @@ def test_a_missing_or_repointed_ledger_stops_the_site_instead_of_resetting_its_b
             "refusing every release (a missing ledger would reset the privacy budget)") in capsys.readouterr().err
 
 
-def test_each_release_is_checked_against_the_images_it_summarises(tmp_path, bounds):
+def test_each_release_is_checked_against_the_images_it_summarises(tmp_path, audit_bounds):
     """A site with many calibration images and few held out: the statistics (whose held-out sums summarise those
     few) and the accuracy release (held-out images only) are refused; similarity and probe are served. On
     c272bf5 every release was checked against the calibration count."""
@@ -117,9 +117,9 @@ def test_each_release_is_checked_against_the_images_it_summarises(tmp_path, boun
     grid = ClientAppGrid(app, node_configs=[{"site-config": str(tmp_path / "site.yaml")}])
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     for kind in ("similarity", "probe"):
-        assert not grid.answer([_message(kind, _request(bounds))])[0].has_error(), kind
+        assert not grid.answer([_message(kind, _request(audit_bounds))])[0].has_error(), kind
     for kind in ("statistics", "accuracy"):
-        reply = grid.answer([_message(kind, _request(bounds))])[0]
+        reply = grid.answer([_message(kind, _request(audit_bounds))])[0]
         _refused(reply, "privacy.min_images")
         assert "the held-out part of this release would summarise fewer images than the site's minimum per release " \
                "(12)" in reply.error.reason
@@ -128,11 +128,11 @@ def test_each_release_is_checked_against_the_images_it_summarises(tmp_path, boun
     assert 0 < len(load_site(tmp_path / "site.yaml")[1]) < 12  # the held-out part the site selected
 
 
-def test_the_ledger_records_what_each_release_summarises_and_the_noise_this_site_applied(tmp_path, bounds):
+def test_the_ledger_records_what_each_release_summarises_and_the_noise_this_site_applied(tmp_path, audit_bounds):
     sites = [_site(tmp_path, "hospital-a", 1, epsilon=40.0)]
     grid = ClientAppGrid(app, node_configs=sites)
     for kind in ("similarity", "statistics", "probe", "accuracy"):
-        assert not grid.answer([_message(kind, _request(bounds))])[0].has_error(), kind
+        assert not grid.answer([_message(kind, _request(audit_bounds))])[0].has_error(), kind
     entries = {e.release: e for e in PrivacyLedger(tmp_path / "hospital-a" / "ledger.json").entries()}
     site = load_site(tmp_path / "hospital-a.yaml")
     calibration, held_out = (len(part) for part in site)
@@ -156,7 +156,7 @@ def load_site(path: Path):
                              site_key(site))
 
 
-def test_a_dropped_site_leaves_the_server_no_sum_over_fewer_sites_than_the_noise_is_split_across(tmp_path, bounds):
+def test_a_dropped_site_leaves_the_server_no_sum_over_fewer_sites_than_the_noise_is_split_across(tmp_path, audit_bounds):
     """Three sites split the noise (σ/√3 each); one fails at the masked-vector stage. With Flower's default
     reconstruction threshold (2 of 3) the two others' key shares let the server unmask their sum, which carries
     only 0.816 σ, before min_sites refuses it; with the threshold at noise_sites (3) no share is sent."""
@@ -171,7 +171,7 @@ def test_a_dropped_site_leaves_the_server_no_sum_over_fewer_sites_than_the_noise
                                    "federation": {"num_sites": 3, "min_sites": 3, "round_timeout": 10,
                                                   "max_images_per_site": 64}}))
     config = load_federated_config(run)
-    request = _request(bounds, aggregation="secure", noise_sites=3)
+    request = _request(audit_bounds, aggregation="secure", noise_sites=3)
     settings = {"model": json.dumps(MODEL), "token-mode": "all", "profile": "production", "plan": nb.PLAN,
                 "privacy": request.to_json(), "prior-maps": encode_priors(nb.identity_maps(48))}
     with pytest.raises(FederationError):

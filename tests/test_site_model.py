@@ -107,7 +107,8 @@ def test_a_site_refuses_another_model_before_loading_weights_reading_images_or_s
     assert str(err.value) == (f"model: hospital-a serves only the model its site YAML declares, and this run asks for "
                               f"another: {difference} ({FIX})")
     assert err.value.field == "model" and err.value.fix == FIX
-    assert PrivacyLedger(tmp_path / "ledger.json").entries() == [] and not (tmp_path / "out").exists()  # nothing spent, nothing written
+    # nothing spent, nothing written
+    assert PrivacyLedger(tmp_path / "ledger.json").entries() == [] and not (tmp_path / "out").exists()
     [entry] = check_chain(tmp_path / "audit.jsonl").entries
     assert entry["status"] == "refused" and entry["error"] == f"SiteRefusal: {err.value}"  # its text may leave the site
     assert entry["round"] == "statistics" and "sent_sha256" not in entry
