@@ -34,7 +34,7 @@ def centralised(config_path: Path, output: Path) -> float:
     model = create_model(config.model)
     dataset = build_dataset(config.data, model)
     p, n = config.federation.partition, config.federation.num_sites
-    splits = [simulated_indices(config.data, np.asarray(dataset.targets), n, site, p.scheme, alpha=p.alpha,
+    splits = [simulated_indices(config.data, dataset, np.asarray(dataset.targets), n, site, p.scheme, alpha=p.alpha,
                                 shards_per_site=p.shards_per_site, seed=p.seed) for site in range(n)]
     calibration = make_loader(Subset(dataset, np.concatenate([c for c, _ in splits]).tolist()), config.data)
     holdout = make_loader(Subset(dataset, np.concatenate([h for _, h in splits]).tolist()), config.data)

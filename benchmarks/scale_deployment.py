@@ -53,13 +53,15 @@ from safetensors.torch import load_file
 
 from tba_fed import ModelConfig, ViTAdapter, create_model, parse_plan, solve_plan
 from tba_fed.calibrate import collect_span_stats
-from tba_fed.config import DataConfig
 from tba_fed.data import build_dataset, calibration_split, make_loader
 from tba_fed.fileio import atomic_write_text
+from tba_fed.federation.config import load_site_config
 from tba_fed.federation.flower_connection import ensure_connection
 from tba_fed.federation.simulate import app_directory, flower_env, free_port, local_superlink, stop_process
+from tba_fed.federation.site import site_key
 from tba_fed.federation.wire import SPLITS, decode_spans, encode_spans, payload_bytes
 from tba_fed.plan import Plan
+from tba_fed.privacy.site_state import initialise
 from tba_fed.stats import SpanStats
 
 from process_memory import MIB, ProcessMonitor, available_kib  # benchmarks/, next to this script
@@ -161,7 +163,9 @@ class Deployment:
             connection = {"superlink": f"127.0.0.1:{self.port}", "root_certificates": str(self.certs / "ca.crt"),
                           "auth_key": str(self.certs / f"{name}.key")}
             path.write_text(yaml.safe_dump({"name": name, "data": data, "output": str(self.root / name),
-                                            "privacy": policy, "connection": connection}))
+                                            "privacy": policy, "connection": connection,
+                                            "state": str(self.root / name / "state")}))
+            initialise(self.root / name / "state", name, self.root / name / "privacy-ledger.json")  # tba-fed site init
             log = self.stack.enter_context(open(self.root / f"{name}.log", "w"))  # noqa: SIM115 - closed by the stack
             runtime = free_port()
             process = subprocess.Popen(
@@ -213,9 +217,9 @@ class Deployment:
 # ---------------------------------------------------------------- the same statistics in this process
 
 def site_loaders(site_yaml: Path, model: torch.nn.Module):
-    data = DataConfig.model_validate(yaml.safe_load(site_yaml.read_text())["data"])
-    calibration, holdout = calibration_split(build_dataset(data, model), data)
-    return make_loader(calibration, data), make_loader(holdout, data)
+    site = load_site_config(site_yaml)
+    calibration, holdout = calibration_split(build_dataset(site.data, model), site.data, site_key(site))
+    return make_loader(calibration, site.data), make_loader(holdout, site.data)
 
 
 def local_statistics(model: torch.nn.Module, sites: list[Path], plan: Plan) -> float:

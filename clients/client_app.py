@@ -22,10 +22,10 @@ app = ClientApp()
 app_logging()
 
 
-def _setup(msg: Message, context: Context):
+def _setup(msg: Message, context: Context, release: str | None):
     config = msg.content.config_records["config"]
     model = site_model(context.node_config, config)  # profile and model admitted before any weight is loaded
-    site = resolve_site(context.node_config, context.run_config, model, config)
+    site = resolve_site(context.node_config, context.run_config, model, config, release)  # policy before any image
     return config, model, site
 
 
@@ -40,7 +40,7 @@ def _reply(msg: Message, site_name: str, **records) -> Message:
 @app.query("similarity")
 @audited("similarity")
 def similarity(msg: Message, context: Context) -> Message:
-    config, model, site = _setup(msg, context)
+    config, model, site = _setup(msg, context, "similarity")
     return _reply(msg, site.name, similarity=to_record(similarity_reply(model, site, str(config["token-mode"]),
                                                                                 _run(msg, config))))
 
@@ -48,7 +48,7 @@ def similarity(msg: Message, context: Context) -> Message:
 @app.query("statistics")
 @audited("statistics")
 def statistics(msg: Message, context: Context) -> Message:
-    config, model, site = _setup(msg, context)
+    config, model, site = _setup(msg, context, "statistics")
     plan = parse_plan(str(config["plan"]), len(model.blocks))
     priors = decode_priors(str(config["prior-maps"]), plan.spans, model.embed_dim) if config.get("prior-maps") else None
     return _reply(msg, site.name, statistics=to_record(statistics_reply(model, site, plan, str(config["token-mode"]),
@@ -65,7 +65,7 @@ def _compressed(msg: Message, config, model):
 @app.query("probe")
 @audited("probe")
 def probe(msg: Message, context: Context) -> Message:
-    config, model, site = _setup(msg, context)
+    config, model, site = _setup(msg, context, "probe")
     _, compressed = _compressed(msg, config, model)
     return _reply(msg, site.name, probe=to_record(probe_reply(model, compressed, site, int(config["num-classes"]),
                                                                       _run(msg, config))))
@@ -74,7 +74,7 @@ def probe(msg: Message, context: Context) -> Message:
 @app.evaluate("accuracy")
 @audited("accuracy")
 def evaluate_accuracy(msg: Message, context: Context) -> Message:
-    config, model, site = _setup(msg, context)
+    config, model, site = _setup(msg, context, "accuracy")
     _, compressed = _compressed(msg, config, model)
     heads = decode_heads(from_record(msg.content.array_records["heads"]), int(model.num_features),
                          int(config["num-classes"]))
@@ -84,7 +84,7 @@ def evaluate_accuracy(msg: Message, context: Context) -> Message:
 @app.train("install")
 @audited("install")
 def install_maps(msg: Message, context: Context) -> Message:
-    config, model, site = _setup(msg, context)
+    config, model, site = _setup(msg, context, None)
     maps, _ = _compressed(msg, config, model)
     digest = install(model, site, maps, json.loads(str(config["report"])))
     return _reply(msg, site.name, install=ConfigRecord({"checksum": digest}))

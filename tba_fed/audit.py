@@ -1,8 +1,11 @@
 """A tamper-evident audit log: JSON Lines, each entry chained to the previous one by its sha256.
 
 Entry ``k`` holds ``seq`` (= k), ``time`` (UTC), ``prev`` (the hash of entry k-1, 64 zeros for the first),
-the event's own fields, and ``hash``: the sha256 of the canonical JSON (sorted keys, no spaces) of the
-entry without ``hash``. Editing an entry breaks its hash; removing or reordering entries breaks the
+``nonce`` (128 random bits, fresh for each entry), the event's own fields, and ``hash``: the sha256 of the
+canonical JSON (sorted keys, no spaces) of the entry without ``hash``. The nonce salts the hash: a head
+travels to a counterpart who knows nearly every field of the entry (a site's image count may be the only
+one it lacks) and could otherwise find the rest by hashing every candidate. Entries written before the
+nonce have none, and still verify. Editing an entry breaks its hash; removing or reordering entries breaks the
 ``seq``/``prev`` links. What the chain alone cannot show is the loss of its *last* entries, or a
 whole chain rewritten consistently: for that a verifier needs an anchor, a head (the hash of the latest
 entry) recorded elsewhere at some earlier time (``check_chain(..., head=...)``, and the federation's
@@ -23,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +39,8 @@ _logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 _CHUNK = 1 << 20  # bytes read at a time when re-hashing a verified prefix
-RESERVED = ("seq", "time", "prev", "hash")
+REQUIRED = ("seq", "time", "prev", "hash")  # in every entry (those written before the nonce lack only it)
+RESERVED = (*REQUIRED, "nonce")  # set by the log, never by an event
 
 
 class AuditLogInvalid(TBAInputError):
@@ -126,8 +131,8 @@ def _check_bytes(path: Path, data: bytes, *, head: str | None = None, after: _Ve
         except ValueError:
             problem("not a JSON entry (edited or corrupted)")
             continue
-        if not isinstance(entry, dict) or any(k not in entry for k in RESERVED) or not isinstance(entry["seq"], int):
-            problem(f"not an audit entry (needs {', '.join(RESERVED)})")
+        if not isinstance(entry, dict) or any(k not in entry for k in REQUIRED) or not isinstance(entry["seq"], int):
+            problem(f"not an audit entry (needs {', '.join(REQUIRED)})")
             continue
         seq, linked = entry["seq"], bool(check.entries) or after is not None
         if entry["hash"] != entry_hash(entry):
@@ -159,8 +164,9 @@ def _check_bytes(path: Path, data: bytes, *, head: str | None = None, after: _Ve
 
 
 def chained(seq: int, prev: str, event: Mapping[str, Any]) -> tuple[str, bytes]:
-    """Entry `seq` holding `event`, linked to `prev`: its hash and its line as written (seq, time, prev, event, hash)."""
-    entry = {"seq": seq, "time": now(), "prev": prev, **event}
+    """Entry `seq` holding `event`, linked to `prev` and salted with a fresh nonce: its hash and its line as
+    written (seq, time, prev, nonce, event, hash)."""
+    entry = {"seq": seq, "time": now(), "prev": prev, "nonce": secrets.token_hex(16), **event}
     entry["hash"] = entry_hash(entry)
     return entry["hash"], json.dumps(entry, allow_nan=False).encode() + b"\n"
 

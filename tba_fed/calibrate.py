@@ -1,11 +1,13 @@
 """Streaming passes of the frozen model that fill the accumulators.
 
 Memory depends on the batch size, never on the number of images; the forward stops after the
-last block that a computation needs.
+last block that a computation needs. An image with a NaN or ±inf among the values a pass reads is
+left out of its sums and counts (`stats.finite_images`); the site's log counts them.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -17,7 +19,9 @@ from .plan import Span
 from .privacy.clipped import ClippedSpanSums, SpanBounds
 from .privacy.sensitivity import clip_images
 from .solver import LinearMap
-from .stats import SimilarityStats, SpanStats
+from .stats import SimilarityStats, SpanStats, finite_images
+
+_logger = logging.getLogger(__name__)
 
 
 def _images(batches: Iterable, adapter: ViTAdapter, device: torch.device, desc: str) -> Iterator[torch.Tensor]:
@@ -33,6 +37,14 @@ def _images(batches: Iterable, adapter: ViTAdapter, device: torch.device, desc: 
         raise TBAInputError("data", "no images", "check the data source and the calibration split")
 
 
+def _end_of_pass(desc: str, left_out: int, kept: int) -> None:
+    """One local warning per pass that left images out (a count only); a pass that kept none has no images."""
+    if left_out:
+        _logger.warning("%s: left out %d image(s) with non-finite activations", desc, left_out)
+    if kept == 0:
+        raise TBAInputError("data", "no images with finite activations", "check the model weights and input images")
+
+
 def collect_similarity(adapter: ViTAdapter, batches: Iterable, *, token_mode: str = "all",
                        device: str | torch.device = "cpu", clip: Sequence[float] | None = None) -> SimilarityStats:
     """One pass over all blocks: pairwise similarity sums of every block pair.
@@ -43,29 +55,38 @@ def collect_similarity(adapter: ViTAdapter, batches: Iterable, *, token_mode: st
     if clip is not None and len(clip) != adapter.num_blocks:
         raise TBAInputError("privacy.clip", f"{len(clip)} clipping bounds for {adapter.num_blocks} blocks")
     stats = SimilarityStats.zeros(adapter.num_blocks)
+    left_out = 0
     adapter.model.to(device)
     with torch.inference_mode():
         for images in _images(batches, adapter, torch.device(device), "similarity"):
-            outputs = [adapter.image_tokens(x, token_mode) for x in
-                       adapter.iter_block_outputs(images, adapter.num_blocks - 1)]
+            outputs, dropped = finite_images([adapter.image_tokens(x, token_mode) for x in
+                                              adapter.iter_block_outputs(images, adapter.num_blocks - 1)])
+            left_out += dropped
             if clip is not None:
                 outputs = [clip_images(x, bound)[0] for x, bound in zip(outputs, clip)]
-            stats.update([x.reshape(-1, x.shape[-1]) for x in outputs], images=images.shape[0])
+            stats.update([x.reshape(-1, x.shape[-1]) for x in outputs], images=outputs[0].shape[0])
+    _end_of_pass("similarity", left_out, stats.images)
     return stats
 
 
 def _span_outputs(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], token_mode: str,
                   device: str | torch.device) -> Iterator[dict[int, torch.Tensor]]:
-    """Per batch, the selected tokens per image [images, tokens, dim] of every block a span reads;
-    the forward stops after the last of them. Callers hold the inference mode."""
+    """Per batch, the selected tokens per image [images, tokens, dim] of every block a span reads,
+    without the images that have a non-finite value in any of them; the forward stops after the last
+    of them. Callers hold the inference mode."""
     if not spans:
         raise TBAInputError("plan", "no spans to calibrate")
     adapter.check_token_mode(token_mode)
     needed = {i for span in spans for i in (span.start, span.end)}
     adapter.model.to(device)
+    kept = left_out = 0
     for images in _images(batches, adapter, torch.device(device), "statistics"):
-        yield {index: adapter.image_tokens(x, token_mode)
-               for index, x in enumerate(adapter.iter_block_outputs(images, max(needed))) if index in needed}
+        outputs = {index: adapter.image_tokens(x, token_mode)
+                   for index, x in enumerate(adapter.iter_block_outputs(images, max(needed))) if index in needed}
+        finite, dropped = finite_images(list(outputs.values()))
+        kept, left_out = kept + len(finite[0]), left_out + dropped
+        yield dict(zip(outputs, finite))
+    _end_of_pass("statistics", left_out, kept)
 
 
 def collect_span_stats(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str = "all",

@@ -22,6 +22,7 @@ from .fileio import atomic_directory, check_output_dir
 from .models import create_model
 from .pipeline import analyze, calibrate, choose_plan
 from .report import similarity_markdown, write_similarity
+from .selection import development_key
 
 _logger = logging.getLogger("tba_fed")
 
@@ -48,9 +49,13 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data", metavar="SOURCE|PATH",
                    help="synthetic, fashion_mnist, an image folder (one sub-folder per class) or a MedMNIST .npz file")
-    g.add_argument("--num-images", dest="data.num_images", type=int, metavar="N", help="calibration images (default 500)")
+    g.add_argument("--num-images", dest="data.num_images", type=int, metavar="N",
+                   help="a seeded random subset of N images of the source (default 500; synthetic: images generated)")
+    g.add_argument("--sample-rate", dest="data.sample_rate", type=float, metavar="P",
+                   help="use each image with probability P, decided from the image alone (default 1)")
     g.add_argument("--holdout-fraction", dest="data.holdout_fraction", type=float, metavar="F",
-                   help="share of the images kept out of the fit to compare each map with dropping blocks (0.1)")
+                   help="hold each image out of the fit with probability F, to compare each map with dropping "
+                        "blocks (0.1)")
     g.add_argument("--batch-size", dest="data.batch_size", type=int, metavar="N")
     g.add_argument("--data-seed", dest="data.seed", type=int, metavar="N")
     g = parser.add_argument_group("method")
@@ -89,7 +94,7 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
 def _prepare(config: RunConfig):
     model = create_model(config.model)
     dataset = build_dataset(config.data, model)
-    calibration, holdout = calibration_split(dataset, config.data)
+    calibration, holdout = calibration_split(dataset, config.data, development_key(config.data.seed))
     _logger.info("data: %d calibration and %d held-out images", len(calibration), len(holdout))
     return model, make_loader(calibration, config.data), make_loader(holdout, config.data) if len(holdout) else None
 
@@ -220,12 +225,33 @@ def run_submit(config: Path, print_only: bool, stream: bool, connection: str) ->
 
 
 def run_privacy_report(site_config: Path) -> None:
-    """A site's ledger and remaining budget, read from the site's own YAML (its policy names the ledger)."""
+    """A site's ledger and remaining budget, read from the site's own YAML (its policy names the ledger), composed
+    with the site's own accountant; a site with a state directory must find the ledger it was initialised with."""
     from .federation.config import load_site_config
     from .privacy.ledger import PrivacyLedger, ledger_report
+    from .privacy.site_state import open_state
 
-    policy = load_site_config(site_config).privacy
-    print(ledger_report(PrivacyLedger(policy.ledger), policy.epsilon, policy.delta))
+    site = load_site_config(site_config)
+    policy = site.privacy
+    assert policy.ledger is not None
+    if site.state is not None:
+        open_state(site.state, site.name, policy.ledger)
+    print(ledger_report(PrivacyLedger(policy.ledger), policy.epsilon, policy.delta, policy.accountant))
+
+
+def run_site_init(site_config: Path) -> None:
+    """Initialise a site's state directory once: the split key, the ledger and the marker naming it."""
+    from .federation.config import load_site_config
+    from .privacy.site_state import initialise
+
+    site = load_site_config(site_config)
+    if site.state is None:
+        raise TBAInputError("state", f"{site_config} names no state directory",
+                            "set state: /srv/tba-fed/<site>/state in the site YAML")
+    assert site.privacy.ledger is not None
+    state = initialise(site.state, site.name, site.privacy.ledger)
+    print(f"{site.name}: state initialised in {state.folder} (split key {state.folder}/split.key never leaves this "
+          f"machine; ledger {state.ledger}). Back up both; a missing ledger now stops every release.")
 
 
 def run_audit(command: str, log: Path, against: Path | None = None, head: str | None = None) -> int:
@@ -296,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     privacy = p.add_subparsers(dest="privacy_command", required=True)
     p = privacy.add_parser("report", help="print the site's ledger and remaining (ε, δ) budget")
     p.add_argument("site_config", type=Path, help="the site's YAML (its privacy section names the ledger)")
+    p = sub.add_parser("site", help="a site's own state on its machine")
+    site = p.add_subparsers(dest="site_command", required=True)
+    p = site.add_parser("init", help="once per site: create its state directory (the secret that decides which images "
+                                     "each release uses, the ledger, the marker that the ledger must exist)")
+    p.add_argument("site_config", type=Path, help="the site's YAML (its state and privacy.ledger say where)")
     p = sub.add_parser("audit", help="a site's or the server's hash-chained audit log")
     audit = p.add_subparsers(dest="audit_command", required=True)
     p = audit.add_parser("verify", help="check every link of the chain; exit 1 naming every problem")
@@ -332,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             run_simulate(args.config)
         elif args.command == "privacy":
             run_privacy_report(args.site_config)
+        elif args.command == "site":
+            run_site_init(args.site_config)
         elif args.command == "audit":
             return run_audit(args.audit_command, args.log, getattr(args, "against", None), getattr(args, "head", None))
         elif args.command == "preflight":

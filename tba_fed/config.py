@@ -74,8 +74,13 @@ class DataConfig(_Section):
     path: Path | None = None
     split: Literal["train", "val", "test"] = "train"
     download: bool = Field(False, description="cifar: fetch into path if missing (needs internet)")
-    num_images: int = Field(500, ge=1, description="calibration images used (paper: 500)")
-    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    num_images: int | None = Field(500, ge=1, description="synthetic: images generated; other sources: a seeded "
+                                                          "random subset of this many is the data set (experiments, "
+                                                          "simulations; paper: 500); null: every image of the source")
+    sample_rate: float = Field(1.0, gt=0.0, le=1.0, description="each image is used with this probability, decided "
+                                                                 "from the image alone (a keyed hash of its bytes)")
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="each used image is held out of the fit with this "
+                                                                      "probability, decided from the image alone")
     batch_size: int = Field(32, ge=1)
     num_workers: int = Field(0, ge=0)
     seed: int = 0

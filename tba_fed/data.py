@@ -1,4 +1,8 @@
-"""Calibration data: sources, the model's preprocessing, and the calibration/held-out split."""
+"""Calibration data: sources, the model's preprocessing, and the calibration/held-out split.
+
+Every source can read each image as bytes (``record``): which images a run uses, and which it holds
+out, is decided from those bytes alone (`selection`).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,11 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
 from .config import DataConfig
 from .errors import TBAInputError
+from .selection import split_indices
 
 
 class SyntheticImages(Dataset):
@@ -37,17 +43,25 @@ class SyntheticImages(Dataset):
     def _generator(self, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + index)
 
+    def _draw(self, index: int) -> tuple[int, torch.Tensor]:
+        if not 0 <= index < self.num_images:
+            raise IndexError(index)
+        gen = self._generator(index)
+        label = int(torch.randint(self.num_classes, (1,), generator=gen))
+        return label, torch.randn(1, 3, 8, 8, generator=gen)
+
+    def record(self, index: int) -> bytes:
+        """The image's content before upsampling (it determines the image): its label and coarse noise."""
+        label, coarse = self._draw(index)
+        return label.to_bytes(4, "little") + coarse.numpy().tobytes()
+
     @property
     def targets(self) -> np.ndarray:
         return np.array([int(torch.randint(self.num_classes, (1,), generator=self._generator(i)))
                          for i in range(self.num_images)])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= index < self.num_images:
-            raise IndexError(index)
-        gen = self._generator(index)
-        label = int(torch.randint(self.num_classes, (1,), generator=gen))
-        coarse = torch.randn(1, 3, 8, 8, generator=gen)
+        label, coarse = self._draw(index)
         image = nn.functional.interpolate(coarse, size=self.image_size, mode="bilinear", align_corners=False)[0]
         shift = torch.linspace(-1.0, 1.0, self.num_classes)[label]
         return image + shift * torch.tensor([1.0, -0.5, 0.25])[:, None, None], label
@@ -87,6 +101,9 @@ class ArrayImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def record(self, index: int) -> bytes:
+        return np.ascontiguousarray(self.images[index]).tobytes()
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = torch.from_numpy(np.array(self.images[index])).float() / 255.0
@@ -159,12 +176,37 @@ def medmnist(config: DataConfig, data_cfg: dict) -> ArrayImages:
     return ArrayImages(images, labels, data_cfg)
 
 
-def cifar(config: DataConfig, model: nn.Module) -> Dataset:
-    from torchvision.datasets import CIFAR10, CIFAR100
+class _CIFARRecords:
+    data: np.ndarray
 
+    def record(self, index: int) -> bytes:
+        return np.ascontiguousarray(self.data[index]).tobytes()
+
+
+class CIFAR10Images(_CIFARRecords, CIFAR10):
+    """torchvision's CIFAR-10, each image readable as its uint8 pixels."""
+
+
+class CIFAR100Images(_CIFARRecords, CIFAR100):
+    """torchvision's CIFAR-100, each image readable as its uint8 pixels."""
+
+
+class ImageFiles(ImageFolder):
+    """torchvision's ImageFolder, each image readable as the bytes of its file."""
+
+    def record(self, index: int) -> bytes:
+        path = self.samples[index][0]
+        try:
+            return Path(path).read_bytes()
+        except OSError as err:
+            raise TBAInputError("data.path", f"{path} cannot be read ({err.strerror or err})",
+                                "remove the file or make it readable") from None
+
+
+def cifar(config: DataConfig, model: nn.Module) -> Dataset:
     if config.split not in ("train", "test"):
         raise TBAInputError("data.split", "CIFAR has train and test splits")
-    cls = CIFAR10 if config.source == "cifar10" else CIFAR100
+    cls = CIFAR10Images if config.source == "cifar10" else CIFAR100Images
     transform = create_transform(**data_config(model), is_training=False)
     try:
         return cls(str(config.path), train=config.split == "train", download=config.download, transform=transform)
@@ -186,6 +228,8 @@ def read_image(path: str) -> Image.Image:
 def build_dataset(config: DataConfig, model: nn.Module) -> Dataset:
     """The configured source, preprocessed with the model's timm data config."""
     if config.source == "synthetic":
+        if config.num_images is None:
+            raise TBAInputError("data.num_images", "synthetic data needs the number of images to generate", "e.g. 500")
         return SyntheticImages(config.num_images, _input_size(model), num_classes=config.num_classes, seed=config.seed)
     if config.source == "fashion_mnist":
         return fashion_mnist(config, data_config(model))
@@ -193,33 +237,45 @@ def build_dataset(config: DataConfig, model: nn.Module) -> Dataset:
         return medmnist(config, data_config(model))
     if config.source in ("cifar10", "cifar100"):
         return cifar(config, model)
-    from torchvision.datasets import ImageFolder
-
     root = Path(config.path) if config.path is not None else None
     if root is None or not root.is_dir():
         raise TBAInputError("data.path", f"{root} is not a directory", "give a folder with one sub-folder of images per class")
     transform = create_transform(**data_config(model), is_training=False)
     try:
-        dataset = ImageFolder(str(root), transform=transform, loader=read_image)
+        dataset = ImageFiles(str(root), transform=transform, loader=read_image)
     except FileNotFoundError as err:
         raise TBAInputError("data.path", f"{root}: {err}", "put images in one sub-folder per class") from None
     return dataset
 
 
-def calibration_split(dataset: Dataset, config: DataConfig) -> tuple[Subset, Subset]:
-    """A seeded random sample of ``num_images`` split into calibration and held-out parts.
+def pool_indices(dataset: Dataset, config: DataConfig) -> np.ndarray:
+    """The images that make up the data set: all of them, or a seeded random subset of ``num_images``.
 
-    The held-out part never enters the fit: it is where a map is compared with the identity skip.
+    The subset defines which images exist, for experiments and simulations (a simulation then
+    partitions them into sites); a site's own data set is all its images (`SiteDataConfig`).
+    Synthetic data has exactly ``num_images`` images.
     """
     total = len(dataset)  # type: ignore[arg-type]
     if total == 0:
         raise TBAInputError("data", "the dataset is empty", "check data.path")
-    count = min(config.num_images, total)
-    order = torch.randperm(total, generator=torch.Generator().manual_seed(config.seed))[:count].tolist()
-    held = int(round(count * config.holdout_fraction))
-    if count - held < 1:
-        raise TBAInputError("data.holdout_fraction", f"leaves no calibration images out of {count}")
-    return Subset(dataset, order[held:]), Subset(dataset, order[:held])
+    if config.num_images is None or config.source == "synthetic" or config.num_images >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(config.seed).permutation(total)[: config.num_images])
+
+
+def calibration_split(dataset: Dataset, config: DataConfig, key: bytes) -> tuple[Subset, Subset]:
+    """The calibration and held-out images, each image's fate decided from its own bytes (`selection`).
+
+    The held-out part never enters the fit: it is where a map is compared with the identity skip.
+    """
+    pool = pool_indices(dataset, config)
+    calibration, holdout = split_indices(dataset, pool, key, sample_rate=config.sample_rate,  # type: ignore[arg-type]
+                                         holdout_fraction=config.holdout_fraction)
+    if len(calibration) == 0:
+        raise TBAInputError("data", f"no image was selected for calibration (of {len(pool)}, sample rate "
+                                    f"{config.sample_rate:g}, held-out fraction {config.holdout_fraction:g})",
+                            "add images, raise data.sample_rate or lower data.holdout_fraction")
+    return Subset(dataset, calibration.tolist()), Subset(dataset, holdout.tolist())
 
 
 def make_loader(dataset: Dataset, config: DataConfig) -> DataLoader:

@@ -1,7 +1,9 @@
 """Splitting one dataset into simulated sites: IID, Dirichlet label skew, or class shards.
 
-Deterministic given the seed; the parts are disjoint and together cover every index. Real
-deployments need none of this: each site simply has its own data config (``SiteConfig``).
+Deterministic given the seed; the parts are disjoint and together cover every index. This is the
+simulation's world (which hospital holds which image); each site then decides for each of its
+images alone whether it is used and held out (`selection`). Real deployments need none of this:
+each site simply has its own data config (``SiteConfig``).
 """
 
 from __future__ import annotations
@@ -61,15 +63,6 @@ def _dirichlet(targets: np.ndarray, num_sites: int, alpha: float, rng: np.random
             return [np.asarray(p, dtype=np.int64) for p in parts]
     raise TBAInputError("federation.partition.alpha", f"Dirichlet({alpha}) left a site with fewer than {min_per_site} "
                                                       f"images in {max_attempts} draws", "raise alpha or the image count")
-
-
-def site_split(indices: np.ndarray, holdout_fraction: float, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A site's (calibration, held-out) indices; the held-out part never enters the fit."""
-    order = np.random.default_rng(seed).permutation(np.asarray(indices))
-    held = int(round(len(order) * holdout_fraction))
-    if len(order) - held < 1:
-        raise TBAInputError("data.holdout_fraction", f"leaves no calibration images out of {len(order)}")
-    return np.sort(order[held:]), np.sort(order[:held])
 
 
 def class_histograms(targets: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:

@@ -8,6 +8,7 @@ head are labelled "closed-form ridge probe".)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,10 @@ from tqdm.auto import tqdm
 
 from .errors import TBAInputError
 from .privacy.sensitivity import clip_images
-from .stats import SpanStats, _Accumulator, _as_float64, vector_length
+from .stats import SpanStats, _Accumulator, _as_float64, finite_images, vector_length
 from .solver import solve_span
+
+_logger = logging.getLogger(__name__)
 
 
 def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -101,32 +104,46 @@ def collect_probe_stats(model: nn.Module, batches: Iterable, num_classes: int, *
                         device: str | torch.device = "cpu", clip: float | None = None) -> ProbeStats:
     """Stream labelled batches through the frozen model and sum the probe statistics.
 
-    `clip` bounds each image's feature vector (L2) before it is summed, for private releases.
+    `clip` bounds each image's feature vector (L2) before it is summed, for private releases. Images
+    with a non-finite feature are left out (`stats.finite_images`) and counted in the log.
     """
     stats: ProbeStats | None = None
+    left_out = 0
     dtype = next(model.parameters()).dtype
     model.to(device).eval()
     with torch.inference_mode():
         for images, labels in tqdm(batches, desc="probe", unit="batch", leave=False, disable=None):
-            feats = features(model, images.to(device=device, dtype=dtype))
+            (feats, labels), dropped = finite_images([features(model, images.to(device=device, dtype=dtype)),
+                                                      torch.as_tensor(labels)])
+            left_out += dropped
             if clip is not None:
                 feats, _ = clip_images(feats, clip)
             if stats is None:
                 stats = ProbeStats.zeros(feats.shape[1], num_classes)
             stats.update(feats, labels)
-    if stats is None:
+    if left_out:
+        _logger.warning("probe: left out %d image(s) with non-finite activations", left_out)
+    if stats is None or stats.images == 0:
         raise TBAInputError("data", "no labelled images for the probe", "check the probe's data split")
     return stats
 
 
 def accuracy(model: nn.Module, head: ProbeHead, batches: Iterable, *, device: str | torch.device = "cpu") -> tuple[int, int]:
-    """(correct, total) as integers, so sites can report them and a server can pool them."""
-    correct = total = 0
+    """(correct, total) as integers, so sites can report them and a server can pool them.
+
+    Images with a non-finite feature are left out of both counts (`stats.finite_images`) and counted in the log.
+    """
+    correct = total = left_out = 0
     dtype = next(model.parameters()).dtype
     model.to(device).eval()
     with torch.inference_mode():
         for images, labels in tqdm(batches, desc="accuracy", unit="batch", leave=False, disable=None):
-            predicted = head.predict(features(model, images.to(device=device, dtype=dtype)).cpu())
-            correct += int((predicted == torch.as_tensor(labels)).sum())
+            (feats, labels), dropped = finite_images([features(model, images.to(device=device, dtype=dtype)),
+                                                      torch.as_tensor(labels)])
+            left_out += dropped
+            predicted = head.predict(feats.cpu())
+            correct += int((predicted == labels.cpu()).sum())
             total += len(labels)
+    if left_out:
+        _logger.warning("accuracy: left out %d image(s) with non-finite activations", left_out)
     return correct, total

@@ -68,6 +68,18 @@ def _as_float64(x: torch.Tensor, what: str) -> torch.Tensor:
     return x.detach().to(torch.float64)
 
 
+def finite_images(tensors: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    """The images (dim 0) whose values are finite in every tensor, and how many were left out.
+
+    Each image is kept or left out on its own values alone, so adding or removing one image changes
+    nothing but its own contribution (record-level DP), and one NaN or ±inf image cannot turn a whole
+    release into NaN. When every image is finite the tensors come back untouched.
+    """
+    keep = torch.stack([torch.isfinite(x).reshape(len(x), -1).all(dim=1).cpu() for x in tensors]).all(dim=0)
+    left_out = int((~keep).sum())
+    return (list(tensors) if left_out == 0 else [x[keep.to(x.device)] for x in tensors]), left_out
+
+
 @dataclass
 class _Accumulator:
     """Shared merge/serialise logic; subclasses declare float64 tensor fields plus two counts."""

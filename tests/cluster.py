@@ -18,12 +18,14 @@ from safetensors.torch import load_file
 
 from tba_fed import ModelConfig, ViTAdapter, solve_plan
 from tba_fed.calibrate import collect_span_stats
-from tba_fed.config import DataConfig
 from tba_fed.data import build_dataset, calibration_split, make_loader
+from tba_fed.federation.config import load_site_config
 from tba_fed.federation.flower_connection import ensure_connection
 from tba_fed.federation.simulate import app_directory, flower_env, free_port, local_superlink, stop_process
+from tba_fed.federation.site import site_key
 from tba_fed.models import create_model
 from tba_fed.privacy.policy import RELEASES
+from tba_fed.privacy.site_state import initialise
 
 from conftest import TINY
 
@@ -82,16 +84,20 @@ class Cluster:
         self.superlink_starts = 0
         self.nodes: dict[str, dict] = {}
         for seed, name in enumerate(self.sites, start=1):
-            data = {"source": "synthetic", "num_images": 24, "seed": seed, "batch_size": 8, "holdout_fraction": 0.25,
+            # each image held out with probability 0.5 by its own hash under the site's secret key: fewer than 2
+            # images in a part (refused by min_images) has probability 3e-6
+            data = {"source": "synthetic", "num_images": 24, "seed": seed, "batch_size": 8, "holdout_fraction": 0.5,
                     **(site_data or {}).get(name, {})}
-            policy = {"require_dp": False, "epsilon": 20.0, "min_images": 5, "releases": list(RELEASES),
+            policy = {"require_dp": False, "epsilon": 20.0, "min_images": 2, "releases": list(RELEASES),
                       "ledger": str(tmp / name / "privacy-ledger.json")}
             port = free_port()
             connection = {"superlink": f"127.0.0.1:{self.port}", "root_certificates": str(self.certs / "ca.crt"),
                           "auth_key": str(self.certs / f"{name}.key"), "port": port}
             site_yaml = tmp / f"{name}.yaml"
             site_yaml.write_text(yaml.safe_dump({"name": name, "model": MODEL, "data": data, "output": str(tmp / name),
-                                                 "privacy": policy, "connection": connection}))
+                                                 "privacy": policy, "connection": connection,
+                                                 "state": str(tmp / name / "state")}))
+            initialise(tmp / name / "state", name, tmp / name / "privacy-ledger.json")  # tba-fed site init
             self.nodes[name] = {"yaml": site_yaml, "log": tmp / f"{name}.log", "port": port, "process": None}
         # the production profile's description of this SuperLink, which the ServerApp checks before round 1
         self.superlink_config = {
@@ -207,9 +213,9 @@ class Cluster:
         model = create_model(ModelConfig.model_validate(MODEL))
         batches = []
         for name in sites:
-            data = DataConfig.model_validate(yaml.safe_load(self.nodes[name]["yaml"].read_text())["data"])
-            calibration, _ = calibration_split(build_dataset(data, model), data)
-            batches += list(make_loader(calibration, data))
+            site = load_site_config(self.nodes[name]["yaml"])
+            calibration, _ = calibration_split(build_dataset(site.data, model), site.data, site_key(site))
+            batches += list(make_loader(calibration, site.data))
         return solve_plan(collect_span_stats(ViTAdapter(model), batches, plan.spans), bias=True), batches
 
 

@@ -53,3 +53,17 @@ def server_identity(monkeypatch):
 
     for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+@pytest.fixture(scope="session")
+def audit_model() -> torch.nn.Module:
+    """The tiny ViT whose sites the privacy audit runs (tests/neighbours.py)."""
+    return create_model(ModelConfig(name="vit_tiny_patch16_224", kwargs=TINY))
+
+
+@pytest.fixture(scope="session")
+def audit_bounds(audit_model: torch.nn.Module):
+    """The clipping bounds every audited release is requested with."""
+    import neighbours
+
+    return neighbours.reference_bounds(audit_model)

@@ -25,10 +25,11 @@ from tba_fed.audit import GENESIS, AuditLog, AuditLogInvalid, canonical, check_c
 from tba_fed.cli import main
 from tba_fed.federation.audit_check import cross_check
 from tba_fed.federation.records import content_sha256, from_record, to_record
-from tba_fed.federation.site_audit import spec_sha256
+from tba_fed.federation.site_audit import SiteError, spec_sha256
 from tba_fed.federation.wire import payload_sha256
 from tba_fed.privacy.ledger import PrivacyLedger
 from tba_fed.privacy.policy import PrivacyRequest
+from tba_fed.privacy.site_state import initialise
 
 from conftest import TINY
 
@@ -313,10 +314,15 @@ MODEL = json.dumps({"name": "vit_tiny_patch16_224", "kwargs": TINY})
 
 
 def _site(tmp_path, **policy) -> Context:
+    """A production site, initialised; each of its 32 images held out with probability 0.5 (a part of fewer than
+    min_images = 2 has probability 1.5e-8)."""
     site = tmp_path / "site.yaml"
     site.write_text(yaml.safe_dump({"name": "hospital-a", "output": str(tmp_path / "out"),
-                                    "data": {"source": "synthetic", "num_images": 16, "batch_size": 8},
-                                    "privacy": {"min_images": 2, "ledger": str(tmp_path / "ledger.json"), **policy}}))
+                                    "data": {"source": "synthetic", "num_images": 32, "batch_size": 8,
+                                             "holdout_fraction": 0.5},
+                                    "privacy": {"min_images": 2, "ledger": str(tmp_path / "ledger.json"), **policy},
+                                    "state": str(tmp_path / "state")}))
+    initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")  # tba-fed site init
     return Context(run_id=77, node_id=5, node_config={"site-config": str(site)}, state=RecordDict(), run_config={})
 
 
@@ -362,7 +368,7 @@ def test_a_site_logs_what_it_released_and_what_it_refused(tmp_path, server_ident
                                                  "statistics")
 
 
-def test_a_private_release_quotes_the_ledger_and_a_tampered_log_stops_the_site(tmp_path, server_identity):
+def test_a_private_release_quotes_the_ledger_and_a_tampered_log_stops_the_site(tmp_path, server_identity, caplog):
     from clients.client_app import probe
     from tba_fed.federation.wire import encode_maps
 
@@ -380,17 +386,90 @@ def test_a_private_release_quotes_the_ledger_and_a_tampered_log_stops_the_site(t
     assert entry["grant"] == {"mechanism": "gaussian", "noise_multiplier": ledger.noise_multiplier,
                               "noise_std": ledger.noise_std, "noise": ledger.noise, "aggregation": "local",
                               "images": ledger.images, "epsilon_run": 4.0, "delta": 1e-5,
-                              "payload_sha256": ledger.payload_sha256}
+                              "payload_sha256": ledger.payload_sha256, "site_noise_multiplier": ledger.noise_multiplier,
+                              "accountant": "rdp", "releases": ["probe"]}
     assert ledger.payload_sha256 is not None  # the stored payload a repeat would re-send
     assert entry["received"] == {"maps": {"sha256": payload_sha256(from_record(maps)),
                                           "arrays": {"span.1-2.weight": [48, 48]}}}
     assert reply.content.config_records["meta"]["audit-head"] == entry["hash"]
-    # the site's own log was edited: it serves nothing, and spends no budget
+    # the site's own log was edited: it serves nothing, and spends no budget; the server learns only the field
     log.write_text(log.read_text().replace('"status": "ok"', '"status": "refused"'))
-    with pytest.raises(AuditLogInvalid, match="hash mismatch"):
+    with caplog.at_level(logging.WARNING, logger="tba_fed"), pytest.raises(SiteError) as err:
         probe(Message(RecordDict({"config": ConfigRecord({**config, "privacy": request.model_copy(
             update={"epsilon": 2.0}).to_json()}), "maps": maps}), dst_node_id=5, message_type="query.probe"), context)
+    assert str(err.value) == ("audit: hospital-a could not serve this request (AuditLogInvalid); the reason is in the "
+                              "site's own log (its operator reads it with tba-fed audit show)")
+    assert f"AuditLogInvalid: audit: {log} does not verify ({log}:1 (seq 0): hash mismatch" in caplog.text
     assert len(PrivacyLedger(tmp_path / "ledger.json").entries()) == 1
+
+
+def _counts_matching(head: str, entry: dict, *, knows_nonce: bool, counts: range = range(100_001)) -> list[int]:
+    """The server's brute force of a site's image count from its audit head: it knows every other field of the
+    site's entry (run id, spec and request hashes: it sent them; reply hash and schema: it received them; the
+    grant's mechanism, σ and noise: the run's; the time to the second), so it hashes the entry once per count.
+    Here those fields are read from the site's log; without `knows_nonce` the attacker lacks the entry's nonce."""
+    known = {k: v for k, v in entry.items() if k != "hash" and (knows_nonce or k != "nonce")}
+    known["grant"] = {**known["grant"], "images": "COUNT"}
+    before, after = canonical(known).split(b'"COUNT"')
+    return [n for n in counts if hashlib.sha256(before + str(n).encode() + after).hexdigest() == head]
+
+
+def test_the_server_cannot_brute_force_a_sites_image_count_from_its_audit_head(tmp_path, server_identity):
+    from clients.client_app import probe
+    from tba_fed.federation.wire import encode_maps
+
+    context = _site(tmp_path, epsilon=8.0, releases=["probe"], allow_seeded_noise=True)
+    request = PrivacyRequest(epsilon=4.0, delta=1e-5, releases=("probe",), clip_features=2.0, seed=3)
+    config = {"model": MODEL, "plan": "1->2", "identity-spans": "", "num-classes": 10, "privacy": request.to_json(),
+              "profile": "production"}
+    reply = probe(Message(RecordDict({"config": ConfigRecord(config), "maps": to_record(encode_maps(_identity_maps()))}),
+                          dst_node_id=5, message_type="query.probe"), context)
+    head = reply.content.config_records["meta"]["audit-head"]  # what the server receives
+    entry = check_chain(tmp_path / "out" / "audit.jsonl").entries[-1]
+    images = PrivacyLedger(tmp_path / "ledger.json").entries()[-1].images
+    assert entry["hash"] == head and entry["grant"]["images"] == images and 0 < images <= 32
+    assert _counts_matching(head, entry, knows_nonce=True) == [images]  # the enumeration finds it given every field
+    assert _counts_matching(head, entry, knows_nonce=False) == []  # the server, without the nonce, finds nothing
+
+
+def test_every_entry_is_salted_with_its_own_128_bit_nonce_which_no_event_can_set(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    _log(path, 50)
+    entries = check_chain(path).entries
+    assert list(json.loads(_lines(path)[0]))[:4] == ["seq", "time", "prev", "nonce"]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", e["nonce"]) for e in entries) and len({e["nonce"] for e in entries}) == 50
+    with pytest.raises(ValueError, match=r"event fields \['nonce'\] are reserved by the audit log"):
+        AuditLog(path).append({"event": "round", "nonce": "0" * 32})
+    assert len(_lines(path)) == 50
+    # a changed nonce is an edit like any other: the entry's hash breaks, or with it recomputed, the next link
+    lines = _lines(path)
+    nonce = entries[1]["nonce"]
+    lines[1] = lines[1].replace(nonce, nonce[::-1])
+    path.write_text("".join(lines))
+    assert _problems(path) == [f"{path}:2 (seq 1): hash mismatch: the entry was edited after it was written"]
+    lines[1] = _recomputed(lines[1])
+    path.write_text("".join(lines))
+    assert _problems(path) == [f"{path}:3 (seq 2): prev does not match the previous entry's hash: an entry was "
+                               "replaced or the chain rewritten from here"]
+
+
+def test_a_log_written_before_nonces_verifies_and_takes_salted_entries(tmp_path, capsys):
+    path = tmp_path / "audit.jsonl"
+    prev, lines = GENESIS, []
+    for k in range(3):  # entries as tba-fed wrote them before the nonce: seq, time, prev, the event, hash
+        entry = {"seq": k, "time": f"2026-01-0{k + 1}T00:00:00+00:00", "prev": prev, "event": "round", "k": k}
+        entry["hash"] = prev = hashlib.sha256(canonical(entry)).hexdigest()
+        lines.append(json.dumps(entry) + "\n")
+    path.write_text("".join(lines))
+    assert check_chain(path).ok and check_chain(path).head == prev
+    head = AuditLog(path).append({"event": "round", "k": 3})
+    check = check_chain(path)
+    assert check.ok and check.head == head and check.entries[3]["prev"] == prev
+    assert ["nonce" in e for e in check.entries] == [False, False, False, True]
+    assert main(["audit", "verify", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: 4 entries, chain intact; head {head}\n"
+    path.write_text("".join([lines[0].replace('"k": 0', '"k": 5'), *_lines(path)[1:]]))  # an old entry edited
+    assert _problems(path) == [f"{path}:1 (seq 0): hash mismatch: the entry was edited after it was written"]
 
 
 # ------------------------------------------------------------------------------------- site vs server, CLI

@@ -54,6 +54,7 @@ from tba_fed.federation.server import run_server
 from tba_fed.federation.simulate import simulate
 from tba_fed.federation.site_privacy import open_release
 from tba_fed.privacy.policy import PrivacyRequest, SitePolicy
+from tba_fed.privacy.site_state import initialise
 
 from conftest import TINY
 from refusal import refused, unchanged
@@ -204,7 +205,8 @@ def test_16_ledger_that_cannot_be_written_refuses_the_release(tmp_path):
     request = PrivacyRequest(epsilon=1.0, delta=1e-5, releases=("statistics",))
     fix = "set privacy.ledger to a path in a directory this site's user can write"
     with refused("privacy.ledger", fix=fix, untouched=[tmp_path]) as err, \
-            open_release(policy, request, "statistics", 50, site_name="h", run_id="7", spec=(), parts=()):
+            open_release(policy, request, "statistics", {"calibration": 50}, site_name="h", run_id="7", spec=(),
+                         parts=()):
         pass
     assert f"{blocker / 'ledger.json.releases'} cannot be written (" in str(err.value)
 
@@ -222,9 +224,13 @@ def _cli(argv, capsys, untouched=()) -> tuple[int, str]:
 
 
 def test_17_privacy_report_on_a_corrupt_ledger(tmp_path, capsys):
-    ledger = _write(tmp_path / "ledger.json", '{"format": "tba-fed privacy ledger 1", "entries": [{"run_id": 1}')
+    ledger = tmp_path / "ledger.json"
+    initialise(tmp_path / "state", "h", ledger)  # an initialised site whose ledger was corrupted since
+    capsys.readouterr()  # what initialising logged
+    _write(ledger, '{"format": "tba-fed privacy ledger 1", "entries": [{"run_id": 1}')
     site = _yaml(tmp_path / "site.yaml", {"name": "h", "data": {"source": "synthetic"}, "output": str(tmp_path / "out"),
-                                          "privacy": {"epsilon": 1.0, "ledger": str(ledger)}})
+                                          "privacy": {"epsilon": 1.0, "ledger": str(ledger)},
+                                          "state": str(tmp_path / "state")})
     code, err = _cli(["privacy", "report", str(site)], capsys, untouched=[tmp_path])
     assert code == 2
     assert err.startswith(f"tba-fed: error: privacy.ledger: {ledger} is unreadable (")

@@ -15,7 +15,7 @@
 | 38 | an IDX labels file where the images file should be             | data.path                                |
 | 39 | fewer images than the site's policy minimum                    | privacy.min_images (ledger not written)  |
 | 40 | fewer images than the server's min_images_per_site             | statistics.images (run fails, no output) |
-| 41 | a held-out fraction that leaves no calibration image           | data.holdout_fraction                    |
+| 41 | a held-out fraction that leaves no calibration image           | data                                     |
 | –  | mixed image sizes and modes (gray, RGBA, 3x3 to 50x10 px)      | accepted: the model's transform resizes  |
 
 Also covered elsewhere: a .npz without the split's keys, missing files and folders (test_data_sources.py,
@@ -35,12 +35,14 @@ from PIL import Image
 from tba_fed import LinearMap, ModelConfig, Span, create_model
 from tba_fed.cli import main
 from tba_fed.config import DataConfig
-from tba_fed.data import build_dataset, calibration_split, make_loader
+from tba_fed.data import SyntheticImages, build_dataset, calibration_split, make_loader
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.server import FederationError, run_server
 from tba_fed.federation.site import Site, resolve_site, run_spec, statistics_reply
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy
+from tba_fed.privacy.site_state import initialise
+from tba_fed.selection import development_key
 
 from conftest import TINY, loader
 from refusal import refused, unchanged
@@ -89,7 +91,9 @@ def test_29_a_truncated_image_stops_a_site_before_it_sends_anything(tmp_path, mo
     site_yaml.write_text(yaml.safe_dump({
         "name": "hospital-a", "output": str(tmp_path / "site-out"),
         "data": {"source": "image_folder", "path": str(tmp_path / "images"), "holdout_fraction": 0.0, "batch_size": 2},
-        "privacy": {"require_dp": False, "min_images": 1, "ledger": str(tmp_path / "ledger.json")}}))
+        "privacy": {"require_dp": False, "min_images": 1, "ledger": str(tmp_path / "ledger.json")},
+        "state": str(tmp_path / "state")}))
+    initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")  # tba-fed site init
     site = resolve_site({"site-config": str(site_yaml)}, {}, model, {"profile": "production"})
     with refused("data.path", fix="remove or replace the file", untouched=[tmp_path]) as err:
         statistics_reply(model, site, parse_plan("1->2", 6), "all", run_spec("run-1", {}))
@@ -179,8 +183,9 @@ def test_39_fewer_images_than_the_site_policy_minimum(tmp_path, model):
     run = run_spec("run-1", {"privacy": request.to_json()})
     with refused("privacy.min_images", error=PolicyRefusal, untouched=[tmp_path]) as err:
         statistics_reply(model, site, parse_plan("1->2", 6), "all", run, priors={Span(1, 2): LinearMap.identity(48)})
-    assert str(err.value) == ("privacy.min_images: refused by the site's privacy policy: 24 images, the site's minimum "
-                              "per release is 50")
+    assert str(err.value) == ("privacy.min_images: refused by the site's privacy policy: the calibration part of this "
+                              "release would summarise fewer images than the site's minimum per release (50)")
+    assert "24" not in str(err.value)  # the count stays at the site
 
 
 def test_40_fewer_images_than_the_server_minimum_fails_the_run_and_writes_nothing(tmp_path):
@@ -198,7 +203,11 @@ def test_40_fewer_images_than_the_server_minimum_fails_the_run_and_writes_nothin
 
 
 def test_41_holdout_fraction_leaving_no_calibration_image(model):
-    dataset = torch.utils.data.TensorDataset(torch.zeros(1, 3, 32, 32), torch.zeros(1))
-    with refused("data.holdout_fraction") as err:
-        calibration_split(dataset, DataConfig(holdout_fraction=0.6))
-    assert str(err.value) == "data.holdout_fraction: leaves no calibration images out of 1"
+    config = DataConfig(source="synthetic", num_images=3, holdout_fraction=0.99)
+    with refused("data", fix="add images, raise data.sample_rate or lower data.holdout_fraction") as err:
+        calibration_split(SyntheticImages(3, 32), config, development_key(0))
+    assert str(err.value).startswith("data: no image was selected for calibration (of 3, sample rate 1, held-out "
+                                     "fraction 0.99)")
+    with refused("data.source", fix="use one of tba-fed's data sources"):  # no bytes to decide from: no split
+        calibration_split(torch.utils.data.TensorDataset(torch.zeros(1, 3, 32, 32), torch.zeros(1)), config,
+                          development_key(0))

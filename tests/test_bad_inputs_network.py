@@ -493,7 +493,8 @@ def _site_yaml(tmp_path, model: dict):
     path = tmp_path / "site.yaml"
     path.write_text(yaml.safe_dump({"name": "hospital-a", "output": str(tmp_path / "out"),
                                     "data": {"source": "image_folder", "path": str(tmp_path / "images")},
-                                    "privacy": {"ledger": str(tmp_path / "ledger.json")}, "model": model}))
+                                    "privacy": {"ledger": str(tmp_path / "ledger.json")}, "model": model,
+                                    "state": str(tmp_path / "state")}))  # admission reads no state
     return {"site-config": str(path)}
 
 

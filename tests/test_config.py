@@ -54,7 +54,15 @@ def test_federated_config_validation_names_fields(tmp_path):
         load_site_config(site)
     site.write_text(yaml.safe_dump({"name": "h", "data": {"source": "synthetic"}, "output": "out",
                                     "privacy": {"epsilon": 1.0, "ledger": "l.json"}}))
+    with pytest.raises(TBAInputError, match="^state: the production profile keeps a state directory"):
+        load_site_config(site)
+    site.write_text(yaml.safe_dump({"name": "h", "data": {"source": "synthetic"}, "output": "out",
+                                    "privacy": {"epsilon": 1.0, "ledger": "l.json"}, "state": "state"}))
     assert load_site_config(site).audit_log == Path("out/audit.jsonl")  # outside out/compressed, replaced on install
+    site.write_text(yaml.safe_dump({"name": "h", "data": {"source": "fashion_mnist", "num_images": 500}, "output": "out",
+                                    "privacy": {"epsilon": 1.0, "ledger": "l.json"}, "state": "state"}))
+    with pytest.raises(TBAInputError, match=r"^data.num_images: a site decides for each image alone whether it is used"):
+        load_site_config(site)  # the first 500 of a permutation of all images: one added image moves the others
 
 
 def test_shipped_federated_and_deployment_configs_validate():

@@ -99,7 +99,7 @@ def test_production_sites_refuse_a_run_for_another_model(cluster):
                    f"kwargs {asked} requested, {declared} declared")
         assert refusal in out, out[-3000:]
         entry = check_chain(cluster.tmp / name / "audit.jsonl").entries[-1]
-        assert entry["status"] == "refused" and entry["error"].startswith(f"TBAInputError: {refusal} (run it with")
+        assert entry["status"] == "refused" and entry["error"].startswith(f"SiteRefusal: {refusal} (run it with")
 
 
 def test_private_run_with_secure_aggregation_across_three_hospitals(cluster):

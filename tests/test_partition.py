@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from tba_fed import TBAInputError
-from tba_fed.partition import class_histograms, log_histograms, partition, site_split
+from tba_fed.partition import class_histograms, log_histograms, partition
 
 TARGETS = np.repeat(np.arange(10), 100)[np.random.default_rng(0).permutation(1000)]
 
@@ -36,14 +36,9 @@ def test_dirichlet_is_skewed_and_iid_is_not():
     assert ((shards > 0).sum(axis=1) <= 3).all()  # two shards touch at most 2-3 classes
 
 
-def test_site_split_and_errors():
-    calibration, holdout = site_split(np.arange(50, 90), 0.25, seed=1)
-    assert len(holdout) == 10 and len(calibration) == 30
-    assert set(calibration).isdisjoint(holdout) and set(calibration) | set(holdout) == set(range(50, 90))
+def test_partition_errors():
     with pytest.raises(TBAInputError, match="data.num_images"):
         partition(TARGETS[:3], 5)
     with pytest.raises(TBAInputError, match="scheme"):
         partition(TARGETS, 2, scheme="random")  # type: ignore[arg-type]
-    with pytest.raises(TBAInputError, match="holdout_fraction"):
-        site_split(np.arange(1), 0.9)
     assert "total" in log_histograms(TARGETS, partition(TARGETS, 2), 10)

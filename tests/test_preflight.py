@@ -6,6 +6,7 @@ Each problem kind is provoked on a copy of the good set-up and its exact line as
 from __future__ import annotations
 
 import datetime as dt
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from safetensors.torch import save_file
 from tba_fed import ModelConfig, TBAInputError, create_model
 from tba_fed.cli import run_preflight
 from tba_fed.fileio import file_sha256
+from tba_fed.privacy.site_state import initialise
 from tba_fed.federation.certificates import key_bytes, load_auth_public_key
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.flower_control import registered_nodes
@@ -52,10 +54,10 @@ def setup(tmp_path_factory):
     model_config = {"name": "vit_tiny_patch16_224", "kwargs": TINY, "checkpoint": str(checkpoint),
                     "sha256": file_sha256(checkpoint)}
     images = tmp / "images"
-    for label in ("a", "b"):
+    for k, label in enumerate(("a", "b")):
         (images / label).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(np.full((20, 20, 3), 30 * i, np.uint8)).save(images / label / f"{i}.png")
+        for i in range(20):
+            Image.fromarray(np.full((20, 20, 3), 6 * i + k, np.uint8)).save(images / label / f"{i}.png")
     port = free_port()
     server = {"model": model_config, "plan": "1->2", "output": str(tmp / "server-out"),
               "superlink": {"address": "127.0.0.1", "host": "127.0.0.1", "port": port,
@@ -64,14 +66,17 @@ def setup(tmp_path_factory):
                             "database": str(tmp / "state" / "superlink.db"),
                             "sites": {"hospital-a": str(certs / "hospital-a.key.pub")}}}
     site = {"name": "hospital-a", "model": model_config,
-            "data": {"source": "image_folder", "path": str(images), "num_images": 12, "holdout_fraction": 0.25,
-                     "batch_size": 4},
+            # 40 distinct images, each held out with probability 0.5 by its hash under the site's secret key:
+            # fewer than min_images = 2 in a part has probability 7e-11
+            "data": {"source": "image_folder", "path": str(images), "holdout_fraction": 0.5, "batch_size": 4},
             "output": str(tmp / "hospital-a"),
-            "privacy": {"require_dp": False, "epsilon": 10.0, "min_images": 5,
+            "privacy": {"require_dp": False, "epsilon": 10.0, "min_images": 2,
                         "ledger": str(tmp / "hospital-a" / "privacy-ledger.json")},
+            "state": str(tmp / "hospital-a" / "state"),
             "connection": {"superlink": f"127.0.0.1:{port}", "root_certificates": str(certs / "ca.crt"),
                            "auth_key": str(certs / "hospital-a.key")}}
     run_yaml = _write(tmp / "run.yaml", server)
+    initialise(tmp / "hospital-a" / "state", "hospital-a", tmp / "hospital-a" / "privacy-ledger.json")  # site init
     (tmp / "state").mkdir()
     home = tmp / "flwr-home"
     home.mkdir()
@@ -145,7 +150,9 @@ def test_good_site_and_server_pass(setup, capsys):
     fields = {line.split()[1].rstrip(":") for line in site_lines if line.startswith("OK")}
     assert fields == {"config", "profile", "connection.root_certificates", "connection.auth_key", "connection.superlink",
                       "model.sha256", "data", "privacy", "privacy.ledger", "output"}
-    assert "OK      data: 9 calibration and 3 held-out images read (min_images 5)" in site_lines
+    data = [line for line in site_lines if line.startswith("OK      data: ")]
+    counts = re.fullmatch(r"OK      data: (\d+) calibration and (\d+) held-out images read \(min_images 2 each\)", data[0])
+    assert counts is not None and int(counts[1]) + int(counts[2]) == 40, data  # each image used, as one or the other
     assert any(line.startswith("OK      connection.auth_key: hospital-a registered as node ") for line in site_lines)
     server_lines = _lines(setup["run_yaml"])
     assert not [line for line in server_lines if line.startswith("PROBLEM")], server_lines
@@ -224,9 +231,11 @@ def test_unregistered_keys(setup):
 
 def test_data_problems(setup):
     tmp = setup["tmp"]
-    assert _problems(_variant(setup, "few", "site", **{"privacy.min_images": 20})) == [
-        "PROBLEM data: 9 calibration images (12 selected, 3 held out); the privacy policy's min_images is 20 (fix: add "
-        "images (data.num_images, data.path), lower data.holdout_fraction, or lower privacy.min_images)"]
+    few = _problems(_variant(setup, "few", "site", **{"privacy.min_images": 40}))  # no part can hold all 40 images
+    assert len(few) == 1 and re.fullmatch(
+        r"PROBLEM data: \d+ calibration and \d+ held-out images; every part a release summarises needs the privacy "
+        r"policy's min_images \(40\) \(fix: add images \(data.path\), raise data.sample_rate, adjust "
+        r"data.holdout_fraction, or lower privacy.min_images\)", few[0]), few
     broken = tmp / "broken-images"
     shutil.copytree(setup["site"]["data"]["path"], broken)
     (broken / "b" / "3.png").write_bytes(b"not an image")
@@ -262,9 +271,12 @@ def test_unwritable_directories_and_torn_ledger(setup):
     tmp = setup["tmp"]
     blocker = tmp / "a-file"
     blocker.write_text("not a directory")
-    problems = _problems(_variant(setup, "unwritable", "site", output=str(blocker / "out"),
+    fresh = tmp / "unwritable-state"  # a site whose ledger cannot be written cannot be initialised either
+    problems = _problems(_variant(setup, "unwritable", "site", output=str(blocker / "out"), state=str(fresh),
                                   **{"privacy.ledger": str(blocker / "ledger" / "ledger.json")}))
-    assert problems == [f"PROBLEM privacy.ledger: {blocker / 'ledger'} is not writable (Not a directory: {blocker}) "
+    assert problems == [f"PROBLEM state: {fresh} holds no initialised site state: this site makes no release (fix: run "
+                        "`tba-fed site init SITE.yaml` once on this machine)",
+                        f"PROBLEM privacy.ledger: {blocker / 'ledger'} is not writable (Not a directory: {blocker}) "
                         f"(fix: {WRITABLE})",
                         f"PROBLEM output: {blocker / 'out'} is not writable (Not a directory: {blocker}) (fix: {WRITABLE})"]
     earlier = tmp / "earlier-output"
@@ -273,9 +285,10 @@ def test_unwritable_directories_and_torn_ledger(setup):
     assert _problems(_variant(setup, "earlier", "server", output=str(earlier))) == [
         f"PROBLEM output: {earlier} already exists (fix: pass --overwrite (overwrite: true) or choose another path)"]
     torn = tmp / "torn" / "ledger.json"
-    torn.parent.mkdir()
+    initialise(tmp / "torn" / "state", "hospital-a", torn)  # an initialised site whose ledger was torn since
     torn.write_text('{"format": "tba-fed privacy ledger 1", "entries": [{"run_id"')
-    problems = _problems(_variant(setup, "torn", "site", **{"privacy.ledger": str(torn)}))
+    problems = _problems(_variant(setup, "torn", "site", state=str(tmp / "torn" / "state"),
+                                  **{"privacy.ledger": str(torn)}))
     assert len(problems) == 1 and problems[0].startswith(f"PROBLEM privacy.ledger: {torn} is unreadable (")
     assert problems[0].endswith("refusing to release anything (fix: restore the ledger from backup; never delete it to "
                                 "reset a budget)")
@@ -289,3 +302,15 @@ def test_unreachable_superlink_and_cli_exit_code(setup, capsys):
     assert "NOTE    connection.auth_key: registration not checked: the SuperLink is unreachable" in _lines(path)
     assert run_preflight(path, "site", 30.0) == 1
     assert capsys.readouterr().out.splitlines()[-1] == f"preflight {path}: 1 problem(s)"
+
+
+def test_secure_run_that_cannot_survive_a_dropout_gets_a_note(setup):
+    """Under secure aggregation SecAgg+ unmasks no sum over fewer than min_sites sites (issue #12, A4): with
+    min_sites = num_sites one dropout ends the run, and preflight says so before the run starts."""
+    secure = {"epsilon": 1.0, "aggregation": "secure"}
+    tight = _variant(setup, "secure-tight", "server", privacy=secure, federation={"num_sites": 3, "min_sites": 3})
+    assert ("NOTE    federation.min_sites: the noise is split over min_sites = 3 sites and SecAgg+ may unmask no sum "
+            "over fewer, so with 3 sites one dropout in the secure round ends the run (fix: to survive one dropout, run "
+            "one site more than min_sites)") in _lines(tight)
+    spare = _variant(setup, "secure-spare", "server", privacy=secure, federation={"num_sites": 4, "min_sites": 3})
+    assert not [line for line in _lines(spare) if "federation.min_sites" in line]

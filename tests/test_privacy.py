@@ -122,7 +122,7 @@ class CountingLoader:
     ({"epsilon": 0.5}, {"epsilon": 1.0}, "exceeds the site's total budget"),
     ({"delta": 1e-6}, {"delta": 1e-5}, "δ"),
     ({"releases": ("similarity",)}, {}, "does not release 'statistics'"),
-    ({"min_images": 100}, {}, "minimum per release is 100"),
+    ({"min_images": 100}, {}, r"fewer images than the site's minimum per release \(100\)"),
     ({"max_clip": 1.0}, {}, "exceeds the site's maximum"),
     ({"secure_aggregation": "required"}, {}, "only through secure aggregation"),
     ({}, None, "requires differential privacy"),
@@ -200,8 +200,8 @@ def test_ledger_composes_runs_and_refuses_an_over_budget_run(tmp_path):
     assert 1.0 < ledger.spent(1e-5) <= 2.0  # RDP composition: tighter than adding ε
     before = ledger.path.read_bytes()
     with pytest.raises(BudgetExceeded, match="budget is 2"):
-        ledger.record(_entry("run-3", "statistics", sigma), budget=2.0, delta=1e-5,
-                      run_releases=("statistics", "probe", "accuracy"))
+        ledger.record(replace(_entry("run-3", "statistics", sigma), releases=("statistics", "probe", "accuracy")),
+                      budget=2.0, delta=1e-5)
     other_spec = replace(_entry("run-2", "statistics", sigma * 100), spec_sha256="1" * 64)
     with pytest.raises(BudgetExceeded, match="already made its 'statistics' release under another specification"):
         ledger.record(other_spec, budget=2.0, delta=1e-5)

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from tba_fed import ModelConfig, TBAInputError, create_model
+from tba_fed.privacy.site_state import initialise
 from tba_fed.federation.config import load_federated_config, load_site_config
 from tba_fed.federation.flower_control import registered_nodes
 from tba_fed.federation.launch import superlink_command, supernode_command
@@ -50,7 +51,7 @@ def _site(tmp: Path, profile: str | None = None, **connection) -> Path:
             "auth_key": str(tmp / "hospital-a.key"), **connection}
     config = {"name": "hospital-a", "data": {"source": "synthetic", "num_images": 8}, "output": str(tmp / "out"),
               "privacy": {"require_dp": False, "min_images": 1, "ledger": str(tmp / "ledger.json")},
-              "connection": {k: v for k, v in conn.items() if v is not None}}
+              "state": str(tmp / "state"), "connection": {k: v for k, v in conn.items() if v is not None}}
     path.write_text(yaml.safe_dump(config if profile is None else {**config, "profile": profile}))
     return path
 
@@ -148,13 +149,14 @@ def test_simulate_is_development_and_refuses_explicit_production(tmp_path):
 def test_production_site_refuses_a_development_run_and_reports_its_profile(tmp_path):
     model = create_model(ModelConfig.model_validate(MODEL))
     node = {"site-config": str(_site(tmp_path))}
+    initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")  # tba-fed site init
     for requested in ({"profile": "development"}, {}):
         with pytest.raises(TBAInputError) as err:
             resolve_site(node, {}, model, requested)
         assert str(err.value) == (f"profile: hospital-a runs in the production profile and refuses a run whose profile "
                                   f"is {requested.get('profile')!r} (run it with profile: production in the run YAML)")
     site = resolve_site(node, {}, model, {"profile": "production"})
-    assert site.profile == "production" and len(site.calibration.dataset) == 7
+    assert site.profile == "production" and len(site.calibration.dataset) + len(site.holdout.dataset) == 8
     maps = {span: LinearMap(torch.eye(48, dtype=torch.float64), None) for span in parse_plan("1->2", 6).spans}
     install(model, site, maps, {"model": MODEL, "plan": "1->2", "profile": "production"})
     report = json.loads((tmp_path / "out" / "compressed" / "report.json").read_text())

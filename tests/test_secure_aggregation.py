@@ -20,14 +20,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Message
 from flwr.common import bytes_to_ndarray
-from flwr.common.serde import message_from_proto, message_to_proto
 
 from tba_fed.federation.secure_aggregation import (SecureSumRefused, quantisation_error_bound, scaled_for_secagg,
                                                    secure_sum)
 from tba_fed.federation.server import FederationError
 from tba_fed.federation.simulate import flower_env, free_port, local_superlink
+
+from clientapp_grid import ClientAppGrid
 
 # The sites of every test: the client module is written into the simulated app and imported here as is.
 CLIENT_SOURCE = textwrap.dedent('''
@@ -148,44 +149,6 @@ def server_identity(monkeypatch):
 
     for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, name, value, raising=False)
-
-
-def _wire(msg: Message) -> Message:
-    """What the other side receives: the message serialised and parsed again (no shared objects)."""
-    return message_from_proto(message_to_proto(msg))
-
-
-class ClientAppGrid:
-    """A stand-in Grid: each message goes to a real ClientApp (mods applied) with the node's own Context;
-    every reply the server receives is kept in `received`."""
-
-    def __init__(self, app, num_nodes: int, silent: tuple[int, ...] = ()) -> None:
-        self.app, self.silent = app, silent
-        self.run = SimpleNamespace(run_id=1)
-        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i,
-                                                                                 "num-partitions": num_nodes},
-                                          state=RecordDict(), run_config={}) for i in range(num_nodes)}
-        self.received: list[Message] = []
-        self.raised: dict[int, str] = {}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            if node in self.silent:  # a site that went away: no reply
-                continue
-            delivered = _wire(msg)
-            try:
-                reply = self.app(delivered, self.contexts[node])
-            except Exception as err:  # what the SuperNode does with a ClientApp exception
-                self.raised[node] = repr(err)
-                reply = Message(Error(code=2, reason=f"{type(err)}:<'{err}'>"), reply_to=delivered)
-            replies.append(_wire(reply))
-        self.received += replies
-        return replies
 
 
 def _received_arrays(replies: list[Message]) -> list[np.ndarray]:

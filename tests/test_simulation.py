@@ -37,7 +37,10 @@ from conftest import TINY
 def _config(tmp_path, num_sites: int, scheme: str) -> dict:
     return {
         "model": {"name": "vit_tiny_patch16_224", "kwargs": TINY},
-        "data": {"source": "synthetic", "num_images": 60, "holdout_fraction": 0.2, "batch_size": 10, "seed": 3},
+        # 120 images: with Dirichlet(0.1) shares and each image held out with probability 0.2 (decided from its bytes
+        # alone), every site's calibration and held-out parts hold at least one image (60 left a part empty, which
+        # the sites' policy, min_images 1, refuses)
+        "data": {"source": "synthetic", "num_images": 120, "holdout_fraction": 0.2, "batch_size": 10, "seed": 3},
         "budget": {"blocks": 2},
         "federation": {"num_sites": num_sites, "partition": {"scheme": scheme, "alpha": 0.1, "seed": 7},
                        "min_sites": num_sites, "round_timeout": 300},
@@ -67,8 +70,8 @@ def test_federated_maps_equal_centralised(tmp_path, num_sites, scheme):
     model = create_model(ModelConfig(name="vit_tiny_patch16_224", kwargs=TINY))
     dataset = build_dataset(config.data, model)
     p = config.federation.partition
-    splits = [simulated_indices(config.data, np.asarray(dataset.targets), num_sites, site, p.scheme, alpha=p.alpha,
-                                shards_per_site=p.shards_per_site, seed=p.seed) for site in range(num_sites)]
+    splits = [simulated_indices(config.data, dataset, np.asarray(dataset.targets), num_sites, site, p.scheme,
+                                alpha=p.alpha, shards_per_site=p.shards_per_site, seed=p.seed) for site in range(num_sites)]
     union = np.concatenate([calibration for calibration, _ in splits])
     held = np.concatenate([holdout for _, holdout in splits])
     assert len(np.unique(union)) == len(union)
@@ -118,7 +121,7 @@ def test_private_secure_aggregation_run_reproduces_the_server_solve(tmp_path):
     p = config.federation.partition
     released = []
     for site in range(3):
-        calibration, holdout = simulated_indices(config.data, np.asarray(dataset.targets), 3, site, p.scheme,
+        calibration, holdout = simulated_indices(config.data, dataset, np.asarray(dataset.targets), 3, site, p.scheme,
                                                  alpha=p.alpha, shards_per_site=p.shards_per_site, seed=p.seed)
         sums = {split: collect_clipped_span_sums(adapter, make_loader(Subset(dataset, idx.tolist()), config.data), [span],
                                                  token_mode="all", bounds=bounds, priors=prior)

@@ -22,7 +22,9 @@ from tba_fed.federation.site_admission import model_differences
 from tba_fed.federation.wire import encode_priors
 from tba_fed.fileio import file_sha256
 from tba_fed.plan import parse_plan
+from tba_fed.privacy.ledger import PrivacyLedger
 from tba_fed.privacy.policy import PrivacyRequest
+from tba_fed.privacy.site_state import initialise
 from tba_fed.solver import LinearMap
 
 from conftest import TINY
@@ -46,16 +48,21 @@ def _pinned(weights: tuple[Path, str], **changes) -> dict:
     return {"name": NAME, "kwargs": TINY, "checkpoint": str(path), "sha256": digest, **changes}
 
 
-def _context(tmp_path: Path, model: dict | None, data: dict | None = None) -> Context:
+def _context(tmp_path: Path, model: dict | None, data: dict | None = None, state: Path | None = None) -> Context:
     """A production site whose audit log lives outside its output folder (so the folder stays absent unless
-    something is written there)."""
+    something is written there); its state (split key, ledger) is initialised in tmp_path unless `state` names
+    one initialised before. Each image is held out with probability 0.5: a part of fewer than min_images = 2 of
+    the 32 images has probability 1.5e-8."""
+    state = state or tmp_path
     config = {"name": "hospital-a", "output": str(tmp_path / "out"), "audit": str(tmp_path / "audit.jsonl"),
-              "data": data or {"source": "synthetic", "num_images": 16, "batch_size": 8},
-              "privacy": {"require_dp": False, "epsilon": 8.0, "min_images": 2, "ledger": str(tmp_path / "ledger.json")},
-              **({"model": model} if model is not None else {})}
+              "data": data or {"source": "synthetic", "num_images": 32, "batch_size": 8, "holdout_fraction": 0.5},
+              "privacy": {"require_dp": False, "epsilon": 8.0, "min_images": 2, "ledger": str(state / "ledger.json")},
+              "state": str(state / "state"), **({"model": model} if model is not None else {})}
     path = tmp_path / "site.yaml"
     path.parent.mkdir(exist_ok=True)
     path.write_text(yaml.safe_dump(config))
+    if state == tmp_path:
+        initialise(state / "state", "hospital-a", state / "ledger.json")  # tba-fed site init: an empty ledger
     return Context(run_id=77, node_id=5, node_config={"site-config": str(path)}, state=RecordDict(), run_config={})
 
 
@@ -100,9 +107,10 @@ def test_a_site_refuses_another_model_before_loading_weights_reading_images_or_s
     assert str(err.value) == (f"model: hospital-a serves only the model its site YAML declares, and this run asks for "
                               f"another: {difference} ({FIX})")
     assert err.value.field == "model" and err.value.fix == FIX
-    assert not (tmp_path / "ledger.json").exists() and not (tmp_path / "out").exists()  # nothing spent, nothing written
+    # nothing spent, nothing written
+    assert PrivacyLedger(tmp_path / "ledger.json").entries() == [] and not (tmp_path / "out").exists()
     [entry] = check_chain(tmp_path / "audit.jsonl").entries
-    assert entry["status"] == "refused" and entry["error"] == f"TBAInputError: {err.value}"
+    assert entry["status"] == "refused" and entry["error"] == f"SiteRefusal: {err.value}"  # its text may leave the site
     assert entry["round"] == "statistics" and "sent_sha256" not in entry
 
 
@@ -115,12 +123,13 @@ def test_a_matching_request_is_served_with_the_sites_own_model_and_the_same_stat
 
     before = statistics(_statistics(_pinned(checkpoint)), _context(tmp_path / "without", None))
     elsewhere = _pinned(checkpoint, checkpoint=str(tmp_path / "server" / "vit.safetensors"), seed=7)  # not on this site
-    after = statistics(_statistics(elsewhere), _context(tmp_path / "with", _pinned(checkpoint)))
+    after = statistics(_statistics(elsewhere), _context(tmp_path / "with", _pinned(checkpoint),  # the same site's state
+                                                        state=tmp_path / "without"))
     sums, expected = (from_record(reply.content.array_records["statistics"]) for reply in (after, before))
     assert sums.keys() == expected.keys() and len(sums) == 14
     for key, value in expected.items():
         np.testing.assert_array_equal(sums[key], value)
-    assert sums["calibration/1-2/images"][0] == 14  # 16 synthetic images, 10% held out
+    assert sums["calibration/1-2/images"][0] + sums["holdout/1-2/images"][0] == 32  # every image, used or held out
     assert [e["status"] for e in check_chain(tmp_path / "with" / "audit.jsonl").entries] == ["ok"]
 
 
@@ -136,7 +145,7 @@ def test_the_profile_is_checked_before_any_model_is_built(tmp_path, monkeypatch,
         assert str(err.value) == ("profile: hospital-a runs in the production profile and refuses a run whose profile is "
                                   "'development' (run it with profile: production in the run YAML)")
     assert [e["status"] for e in check_chain(tmp_path / "audit.jsonl").entries] == ["refused", "refused"]
-    assert not (tmp_path / "ledger.json").exists() and not (tmp_path / "out").exists()
+    assert PrivacyLedger(tmp_path / "ledger.json").entries() == [] and not (tmp_path / "out").exists()
     simulated = Context(run_id=77, node_id=5, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
                         run_config={"config-path": str(tmp_path / "unused.yaml")})
     with pytest.raises(TBAInputError, match="^profile: site-0 runs in the development profile and refuses a run whose "

@@ -85,12 +85,17 @@ def test_arrays_round_trip_and_validation(tiny_vit):
         _ = stats + SpanStats.zeros(stats.dim + 1)
 
 
-def test_nan_activations_and_empty_data_are_rejected(tiny_vit):
+def test_nan_activations_are_left_out_and_empty_data_is_rejected(tiny_vit):
     adapter = ViTAdapter(tiny_vit)
     images = torch.zeros(2, 3, 32, 32)
     images[0, 0, 0, 0] = float("nan")
-    with pytest.raises(TBAInputError, match="activations: .*NaN"):
-        collect_span_stats(adapter, [images], SPANS)
+    assert collect_span_stats(adapter, [images], SPANS)[SPANS[0]].images == 1  # more in test_nonfinite_images
+    with pytest.raises(TBAInputError, match="data: no images with finite activations"):
+        collect_span_stats(adapter, [images[:1]], SPANS)
+    rows = torch.zeros(2, 48)
+    rows[0, 0] = float("nan")
+    with pytest.raises(TBAInputError, match="activations: .*NaN"):  # the accumulator itself still refuses them
+        SpanStats.zeros(48).update(rows, rows, images=1)
     with pytest.raises(TBAInputError, match="data: no images"):
         collect_span_stats(adapter, [], SPANS)
     with pytest.raises(TBAInputError, match="token_mode"):

@@ -105,7 +105,9 @@ class PrivacyConfig(_Section):
     accountant: Literal["rdp", "prv"] = "rdp"
     aggregation: Literal["local", "secure"] = Field(
         "local", description="secure: SecAgg+ sums, each site adds σ/√min_sites of the noise")
-    seed: int | None = Field(None, description="seeded noise (tests, simulations); sites in secure mode refuse it")
+    seed: int | None = Field(None, description="seeded noise (tests, simulations): not private; every site whose policy "
+                                               "does not allow seeded noise refuses it, and the production profile "
+                                               "refuses it outright")
     clip_scale: float = Field(1.0, gt=0, description="clipping bounds = this × the median norms on public photos")
     public_images: int = Field(336, ge=16, description="random crops of the bundled public photos (prior, clip bounds)")
 
@@ -139,11 +141,31 @@ class FederatedRunConfig(RunConfig):
         return self
 
 
+class SiteDataConfig(DataConfig):
+    """A site's own images: all of them, each used or held out by a decision about that image alone.
+
+    ``num_images`` (a seeded subset of that many, picked by position among all the images) is refused: one
+    added image would change which others are used. A site that wants fewer images sets ``sample_rate``.
+    Synthetic data (tests) still names how many images to generate.
+    """
+
+    num_images: int | None = Field(None, ge=1, description="synthetic data only: images generated")
+
+    @model_validator(mode="after")
+    def _per_image(self) -> SiteDataConfig:
+        if self.num_images is not None and self.source != "synthetic":
+            raise TBAInputError("num_images", "a site decides for each image alone whether it is used; num_images picks "
+                                              "a subset by position among all the images, so one added image would "
+                                              "change which others are used",
+                                "remove num_images; set sample_rate to use each image with that probability")
+        return self
+
+
 class SiteConfig(_Section):
     """One site's own settings (deployment: ``--node-config 'site-config="site.yaml"'``)."""
 
     name: str = Field(min_length=1)
-    data: DataConfig
+    data: SiteDataConfig
     output: Path = Field(description="where this site writes its compressed model")
     device: Device = "cpu"
     privacy: SitePolicy = Field(description="this site's privacy policy: its caps hold whatever the server asks")
@@ -153,6 +175,9 @@ class SiteConfig(_Section):
                                                         "preflight checks its weights and reads the data through it")
     audit: Path | None = Field(None, description="this site's hash-chained audit log of every request and release; "
                                                  "default <output>/audit.jsonl")
+    state: Path | None = Field(None, description="this site's state directory: the secret keying its per-image "
+                                                 "decisions and the marker of its ledger (tba-fed site init); "
+                                                 "production: required")
 
     @property
     def audit_log(self) -> Path:
@@ -164,6 +189,10 @@ class SiteConfig(_Section):
         if self.privacy.ledger is None:
             raise TBAInputError("privacy.ledger", "must be set: the file where this site records every release",
                                 "e.g. ledger: /srv/tba-fed/privacy-ledger.json")
+        if self.state is None and self.profile == "production":
+            raise TBAInputError("state", "the production profile keeps a state directory: the secret that decides "
+                                         "which images each release uses, and the marker that its ledger exists",
+                                "set state: /srv/tba-fed/<site>/state and run tba-fed site init SITE.yaml once")
         return self
 
 

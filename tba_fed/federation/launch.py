@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import TBAInputError
+from ..privacy.site_state import open_state
 from .certificates import describe_os_error, key_bytes, load_auth_public_key, tls_context, tls_handshake
 from .config import FederatedRunConfig, SiteConfig
 from .flower_control import SuperLinkAPIError, register_node, registered_nodes
@@ -144,4 +145,8 @@ def run_superlink(config: FederatedRunConfig) -> int:
 
 
 def run_supernode(site: SiteConfig, site_yaml: Path) -> int:
+    """flower-supernode in the foreground, once the site's state is in place (it would refuse every release)."""
+    if site.state is not None:
+        assert site.privacy.ledger is not None
+        open_state(site.state, site.name, site.privacy.ledger)
     return run_foreground(supernode_command(site, site_yaml))

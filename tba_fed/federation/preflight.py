@@ -17,6 +17,7 @@ from ..config import ModelConfig, read_yaml, validate
 from ..errors import TBAInputError
 from ..fileio import check_output_dir, file_sha256
 from ..privacy.ledger import PrivacyLedger
+from ..privacy.site_state import open_state
 from . import checks as c
 from .checks import Check, note, ok, problem
 from .config import FederatedRunConfig, SiteConfig
@@ -123,7 +124,21 @@ def server_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
                                 "start it (tba-fed superlink) and run preflight again to check them"))
     results.append(weights_check(config.model, config.profile))
     results.append(output_check(config))
+    if (dropout := secure_dropout_note(config)) is not None:
+        results.append(dropout)
     return results
+
+
+def secure_dropout_note(config: FederatedRunConfig) -> Check | None:
+    """Under secure aggregation no sum over fewer than min_sites sites may be unmasked: with min_sites equal to
+    num_sites, one site dropping out of the secure round ends the run."""
+    fed = config.federation
+    if config.privacy is None or config.privacy.aggregation != "secure" or fed.min_sites < fed.num_sites:
+        return None
+    return note("federation.min_sites", f"the noise is split over min_sites = {fed.min_sites} sites and SecAgg+ may "
+                                        f"unmask no sum over fewer, so with {fed.num_sites} sites one dropout in the "
+                                        "secure round ends the run",
+                "to survive one dropout, run one site more than min_sites")
 
 
 def output_check(config: FederatedRunConfig) -> Check:
@@ -176,36 +191,46 @@ def _build(model: ModelConfig):
 
 
 def data_check(site: SiteConfig, model) -> Check:
-    """Build the site's dataset as a run would and read every image the run will use."""
+    """Build the site's dataset as a run would, select its images with the site's own key, read every selected
+    one. Without a usable state (reported by the privacy check) every image is read instead."""
     from ..data import build_dataset, calibration_split
+    from .site import site_key
 
     try:
         dataset = build_dataset(site.data, model)
-        calibration, holdout = calibration_split(dataset, site.data)
+        try:
+            key = site_key(site)
+        except TBAInputError:
+            key = None
+        parts = calibration_split(dataset, site.data, key) if key is not None else None
     except TBAInputError as err:
         return c.from_error(err)
     except (OSError, ValueError) as err:
         return problem("data", f"cannot read the {site.data.source} data ({type(err).__name__}: {err})",
                        "check data.source and data.path")
-    for subset in (calibration, holdout):
-        for index in subset.indices:
-            try:
-                dataset[index]
-            except TBAInputError as err:  # the data source names the file and the fix
-                return c.from_error(err)
-            except Exception as err:  # any other decoder error: the run would fail on this image
-                files = getattr(dataset, "samples", None)  # an image folder names the file (decoders repeat it)
-                what = f"{files[index][0]} ({type(err).__name__})" if files else \
-                    f"record {index} ({type(err).__name__}: {err})"
-                return problem("data", f"cannot read {what}", "remove or replace the file, or fix data.path")
+    for index in (i for part in parts for i in part.indices) if parts is not None else range(len(dataset)):
+        try:
+            dataset[index]
+        except TBAInputError as err:  # the data source names the file and the fix
+            return c.from_error(err)
+        except Exception as err:  # any other decoder error: the run would fail on this image
+            files = getattr(dataset, "samples", None)  # an image folder names the file (decoders repeat it)
+            what = f"{files[index][0]} ({type(err).__name__})" if files else \
+                f"record {index} ({type(err).__name__}: {err})"
+            return problem("data", f"cannot read {what}", "remove or replace the file, or fix data.path")
+    if parts is None:
+        return note("data", f"{len(dataset)} images read; which of them each release uses is decided with the site's "
+                            "secret key, once its state is initialised", "tba-fed site init SITE.yaml, then preflight")
+    calibration, holdout = parts
     minimum = site.privacy.min_images
-    if len(calibration) < minimum:
-        return problem("data", f"{len(calibration)} calibration images ({len(calibration) + len(holdout)} selected, "
-                               f"{len(holdout)} held out); the privacy policy's min_images is {minimum}",
-                       "add images (data.num_images, data.path), lower data.holdout_fraction, or lower "
+    counts = {"calibration": len(calibration), **({"held-out": len(holdout)} if site.data.holdout_fraction > 0 else {})}
+    if small := [f"{count} {name}" for name, count in counts.items() if count < minimum]:
+        return problem("data", f"{' and '.join(small)} images; every part a release summarises needs the privacy "
+                               f"policy's min_images ({minimum})",
+                       "add images (data.path), raise data.sample_rate, adjust data.holdout_fraction, or lower "
                        "privacy.min_images")
     return ok("data", f"{len(calibration)} calibration and {len(holdout)} held-out images read "
-                      f"(min_images {minimum})")
+                      f"(min_images {minimum} each)")
 
 
 def privacy_checks(site: SiteConfig) -> list[Check]:
@@ -214,7 +239,9 @@ def privacy_checks(site: SiteConfig) -> list[Check]:
     assert policy.ledger is not None
     results = []
     try:
-        spent = PrivacyLedger(policy.ledger).spent(policy.delta)
+        if site.state is not None:
+            open_state(site.state, site.name, policy.ledger)
+        spent = PrivacyLedger(policy.ledger).spent(policy.delta, policy.accountant)
     except TBAInputError as err:
         results.append(c.from_error(err))
     else:
@@ -224,6 +251,7 @@ def privacy_checks(site: SiteConfig) -> list[Check]:
                                    "raising the budget is a governance decision, not a fix to make lightly"))
         else:
             results.append(ok("privacy", f"releases {', '.join(policy.releases)}; ε {spent:.4f} spent of "
-                                         f"{policy.epsilon:g} at δ={policy.delta:g}; min_images {policy.min_images}"))
+                                         f"{policy.epsilon:g} at δ={policy.delta:g} ({policy.accountant.upper()}, "
+                                         f"add/remove-one-image); min_images {policy.min_images}"))
     results.append(c.writable_directory("privacy.ledger", policy.ledger.parent))
     return results

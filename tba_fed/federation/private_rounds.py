@@ -16,12 +16,13 @@ from flwr.serverapp import Grid
 
 from ..plan import Plan, Span
 from ..privacy.clipped import ClippedSpanSums
+from ..privacy.accounting import replace_one_epsilon
 from ..privacy.mechanism import describe_noise
 from ..privacy.policy import PrivacyRequest
 from ..privacy.postprocess import RidgeChoice
 from ..privacy.ranges import statistics_ranges
 from .config import FederatedRunConfig, PrivacyConfig
-from .secure_aggregation import secure_sum
+from .secure_aggregation import default_protocol, secure_sum
 from .server_audit import ServerAudit
 from .wire import decode_private_spans, private_span_shapes
 
@@ -36,8 +37,10 @@ def secure_statistics_round(grid: Grid, nodes: list[int], config: FederatedRunCo
     ranges = statistics_ranges(request, plan.spans, fed.max_images_per_site)
     settings = {**dict(content.config_records["config"].items()), "max-images": fed.max_images_per_site}
     try:
+        # the server must not be able to unmask a sum over fewer sites than the noise is split across
+        threshold = max(default_protocol(len(nodes))[1], request.noise_sites)
         result = secure_sum(grid, nodes, settings, ranges, private_span_shapes(plan.spans, dim),
-                            timeout=fed.round_timeout, min_sites=fed.min_sites)
+                            timeout=fed.round_timeout, min_sites=fed.min_sites, reconstruction_threshold=threshold)
     except Exception as err:  # recorded, then the run stops
         if audit is not None:
             audit.secure_round(log, nodes, settings, None, str(err))
@@ -60,6 +63,8 @@ def privacy_summary(privacy: PrivacyConfig, request: PrivacyRequest, sigma: floa
     secure = privacy.aggregation == "secure"
     return {
         "epsilon": privacy.epsilon, "delta": privacy.delta, "accountant": privacy.accountant,
+        "adjacency": "add/remove one image",
+        "epsilon_replace_one": replace_one_epsilon([(sigma, len(request.releases))], privacy.delta, privacy.accountant),
         "releases": list(request.releases), "noise_multiplier": sigma,
         "aggregation": "secure aggregation (SecAgg+), noise split over sites" if secure else "local noise at each site",
         "noise_sites": request.noise_sites, "sites_summed": sites,
@@ -78,6 +83,8 @@ def privacy_markdown(report: Mapping[str, Any]) -> str:
                   f"- (ε, δ) = ({p['epsilon']:g}, {p['delta']:g}) per site over {len(p['releases'])} release(s) "
                   f"({', '.join(p['releases'])}), {p['accountant'].upper()} accounting: noise multiplier σ = "
                   f"{p['noise_multiplier']:.4g}",
+                  f"- the unit protected is one image, under add/remove-one-image adjacency; under replace-one adjacency "
+                  f"the same noise gives ε ≤ {p['epsilon_replace_one']:.3g}",
                   f"- {p['aggregation']}; {p['sites_summed']} sites summed; noise: {p['noise']}",
                   "- image counts above are released counts: noisy sums of the per-image weights that bound each "
                   "image's contribution (an image far outside the bounds counts less than one)",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import TBAInputError
+from ..errors import SiteRefusal, TBAInputError
 from .checks import live_superlink_checks, problems
 from .config import ConnectionConfig, FederatedRunConfig, SiteConfig, SuperLinkConfig
 
@@ -122,9 +122,10 @@ def verify_superlink(config: FederatedRunConfig) -> list[str]:
 
 def check_run_profile(site_name: str, site_profile: str, config: Mapping[str, Any]) -> None:
     """A site serves only runs of its own profile: a production site never answers a development run
-    (whose server made no production checks), and a run that does not name its profile is refused."""
+    (whose server made no production checks), and a run that does not name its profile is refused. The
+    refusal quotes the request and the site's profile only, so it reaches the server as it is."""
     requested = config.get("profile")
     if requested != site_profile:
-        raise TBAInputError("profile", f"{site_name} runs in the {site_profile} profile and refuses a run whose profile "
-                                       f"is {requested!r}",
-                            f"run it with profile: {site_profile} in the run YAML")
+        raise SiteRefusal("profile", f"{site_name} runs in the {site_profile} profile and refuses a run whose profile "
+                                     f"is {requested!r}",
+                          f"run it with profile: {site_profile} in the run YAML")

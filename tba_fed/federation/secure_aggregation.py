@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
+from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
 from flwr.clientapp import ClientApp
 from flwr.common import (Code, EvaluateIns, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters,
                          parameters_to_ndarrays)
@@ -62,8 +63,11 @@ from flwr.server import ClientManager, LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
+
+from ..privacy.policy import SecureRound
 
 _logger = logging.getLogger(__name__)
 
@@ -150,6 +154,18 @@ def scaled_for_secagg(arrays: Mapping[str, np.ndarray], site_bounds: Mapping[str
             raise SecureSumRefused(f"'{name}': an entry of magnitude {largest:g} exceeds its bound {site_bound:g}")
         out.append(value / bound)
     return out
+
+
+def secure_round(context: Context) -> SecureRound:
+    """What this site's own SecAgg+ state (kept by secaggplus_mod in the node's Context) shows of the round it is
+    asked to contribute to: the sites whose public keys it received at set-up, and the reconstruction threshold,
+    the fewest sites whose sum the server can unmask. Read at the masked-vector stage, before any image is."""
+    record = context.state.config_records.get(RECORD_KEY_STATE)
+    state = SecAggPlusState(**record) if record is not None else None
+    if state is None or not state.public_keys_dict or state.threshold < 1:
+        raise SecureSumRefused("no SecAgg+ set-up precedes this request: a secure sum is asked for outside a "
+                               "SecAgg+ round")
+    return SecureRound(tuple(sorted(int(nid) for nid in state.public_keys_dict)), int(state.threshold))
 
 
 def secure_fit(msg: Message, context: Context, compute: Compute) -> Message:

@@ -141,10 +141,11 @@ def site_gpus(device: str, num_sites: int) -> float:
 
 def log_site_histograms(config: FederatedRunConfig, model: nn.Module) -> str:
     """The class histogram of every simulated site (the same partition the sites will compute)."""
-    targets = np.asarray(build_dataset(config.data, model).targets)
+    dataset = build_dataset(config.data, model)
+    targets = np.asarray(dataset.targets)
     p = config.federation.partition
-    parts = [np.concatenate(simulated_indices(config.data, targets, config.federation.num_sites, site, p.scheme,
-                                              alpha=p.alpha, shards_per_site=p.shards_per_site, seed=p.seed))
+    parts = [np.concatenate(simulated_indices(config.data, dataset, targets, config.federation.num_sites, site,
+                                              p.scheme, alpha=p.alpha, shards_per_site=p.shards_per_site, seed=p.seed))
              for site in range(config.federation.num_sites)]
     return log_histograms(targets, parts, int(targets.max()) + 1)
 

@@ -14,28 +14,31 @@ from typing import Any
 
 import numpy as np
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..adapter import ViTAdapter
 from ..calibrate import collect_clipped_span_sums, collect_similarity, collect_span_stats
 from ..checkpoint import MAPS_FILE, manifest, write_compressed
 from ..compressed import build_compressed
 from ..config import DataConfig, ModelConfig
-from ..data import build_dataset, calibration_split, make_loader
+from ..data import build_dataset, calibration_split, make_loader, pool_indices
 from ..errors import TBAInputError
 from ..models import create_model
-from ..partition import partition, site_split
+from ..partition import partition
 from ..plan import Plan, Span, parse_plan
-from ..privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy, check_request
+from ..privacy.policy import PolicyRefusal, PrivacyRequest, SecureRound, SitePolicy, check_request
 from ..privacy.clipped import ClippedSpanSums
 from ..privacy.ranges import clamp, statistics_ranges
 from ..privacy.release import noisy_counts, noisy_probe, noisy_similarity, noisy_spans
 from ..privacy.sensitivity import accuracy_parts, probe_parts, similarity_parts, span_parts
+from ..privacy.site_state import open_state
 from ..probe import ProbeHead, accuracy, collect_probe_stats
+from ..selection import Records, development_key, split_indices
 from ..solver import LinearMap
 from ..stats import SpanStats
-from .config import FederatedRunConfig, load_federated_config, load_site_config
+from .config import FederatedRunConfig, SiteConfig, load_federated_config, load_site_config
 from .profile import check_run_profile
+from .secure_aggregation import secure_round
 from .site_admission import admitted_model
 from .site_privacy import Release, open_release
 from .wire import MODELS, Arrays, decode_priors, encode_probe, encode_similarity, encode_spans
@@ -78,32 +81,57 @@ def site_model(node_config: Mapping[str, Any], request: Mapping[str, Any]) -> nn
     return cached_model(admitted_model(node_config, request).model_dump_json())
 
 
-def simulated_indices(data: DataConfig, targets: np.ndarray, num_sites: int, site: int, scheme: str, *,
-                      alpha: float, shards_per_site: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def simulated_indices(data: DataConfig, dataset: Records, targets: np.ndarray, num_sites: int, site: int, scheme: str,
+                      *, alpha: float, shards_per_site: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Site `site`'s calibration and held-out indices in a simulation.
 
-    The pool is the same seeded sample of ``data.num_images`` images a centralised run would use;
-    it is partitioned across sites, then each site keeps ``holdout_fraction`` of its share out of the fit.
+    The pool is the data set a centralised run would use (`data.pool_indices`); it is partitioned across
+    sites (which images each simulated hospital holds), then each site decides for each of its images,
+    from that image alone, whether it is used and held out, with the key the data seed gives: a
+    centralised run on the union of the sites' images selects exactly the same images.
     """
-    rng = np.random.default_rng(data.seed)
-    pool = rng.permutation(len(targets))[: min(data.num_images, len(targets))]
+    pool = pool_indices(dataset, data)  # type: ignore[arg-type]
     parts = partition(targets[pool], num_sites, scheme=scheme, alpha=alpha, shards_per_site=shards_per_site,
                       seed=seed)
-    calibration, holdout = site_split(pool[parts[site]], data.holdout_fraction, seed=seed + site)
-    return calibration, holdout
+    return split_indices(dataset, pool[parts[site]], development_key(data.seed), sample_rate=data.sample_rate,
+                         holdout_fraction=data.holdout_fraction)
+
+
+def site_key(config: SiteConfig) -> bytes:
+    """The key of a deployed site's per-image decisions: the secret in its initialised state directory;
+    a development site without one keys them from its data seed (reproducible, not secret)."""
+    if config.state is not None:
+        assert config.privacy.ledger is not None
+        return open_state(config.state, config.name, config.privacy.ledger).split_key
+    if config.profile == "production":  # SiteConfig refuses this; kept as the last line of defence
+        raise TBAInputError("state", "a production site needs its state directory", "set state and run tba-fed site init")
+    return development_key(config.data.seed)
+
+
+def _holdout_loader(dataset: Dataset, indices: list[int], data: DataConfig) -> DataLoader | None:
+    """None only when the configuration holds nothing out: an empty held-out part is still a part (its size is
+    checked against the policy's minimum like any other), so whether it exists never depends on the data."""
+    return make_loader(Subset(dataset, indices), data) if data.holdout_fraction > 0 else None
 
 
 def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], model: nn.Module,
-                 request: Mapping[str, Any]) -> Site:
+                 request: Mapping[str, Any], release: str | None = None, secure: SecureRound | None = None) -> Site:
     """Deployment: the site's own YAML (``site-config``); simulation: its partition of the run's data.
-    The `request` (a message's config) must name the site's profile, or nothing is read."""
+
+    The `request` (a message's config) must name the site's profile and, for a `release`, pass the site's
+    privacy policy (`secure`: what its SecAgg+ state shows of the round), or no image is read at all.
+    """
+    privacy = PrivacyRequest.from_json(str(request["privacy"])) if request.get("privacy") else None
     if "site-config" in node_config:
         config = load_site_config(Path(str(node_config["site-config"])))
         check_run_profile(config.name, config.profile, request)
+        if release is not None:
+            check_request(config.privacy, privacy, release, secure)
+        key = site_key(config)
         dataset = build_dataset(config.data, model)
-        calibration, holdout = calibration_split(dataset, config.data)
+        calibration, holdout = calibration_split(dataset, config.data, key)
         return Site(config.name, make_loader(calibration, config.data),
-                    make_loader(holdout, config.data) if len(holdout) else None, config.output, config.privacy,
+                    _holdout_loader(dataset, holdout.indices, config.data), config.output, config.privacy,
                     config.device, config.profile)
     if "partition-id" not in node_config:
         raise TBAInputError("node-config", "neither site-config nor partition-id is set",
@@ -111,15 +139,17 @@ def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], 
     check_run_profile(f"site-{node_config['partition-id']}", "development", request)
     run = load_federated_config(Path(str(run_config["config-path"])))
     site = int(node_config["partition-id"])
+    name, output, policy = simulated_site(run, site)
+    if release is not None:
+        check_request(policy, privacy, release, secure)
     num_sites = int(node_config.get("num-partitions", run.federation.num_sites))
     dataset = build_dataset(run.data, model)
     p = run.federation.partition
-    calibration, holdout = simulated_indices(run.data, np.asarray(dataset.targets), num_sites, site, p.scheme,
-                                             alpha=p.alpha, shards_per_site=p.shards_per_site, seed=p.seed)
-    name, output, policy = simulated_site(run, site)
+    calibration, holdout = simulated_indices(run.data, dataset, np.asarray(dataset.targets), num_sites,  # type: ignore
+                                             site, p.scheme, alpha=p.alpha, shards_per_site=p.shards_per_site,
+                                             seed=p.seed)
     return Site(name, make_loader(Subset(dataset, calibration.tolist()), run.data),
-                make_loader(Subset(dataset, holdout.tolist()), run.data) if len(holdout) else None, output, policy,
-                run.device)
+                _holdout_loader(dataset, holdout.tolist(), run.data), output, policy, run.device)
 
 
 def simulated_site(run: FederatedRunConfig, site: int) -> tuple[str, Path, SitePolicy]:
@@ -131,10 +161,14 @@ def simulated_site(run: FederatedRunConfig, site: int) -> tuple[str, Path, SiteP
     return f"site-{site}", output, policy
 
 
-def run_spec(run_id: int | str, config: Mapping[str, Any]) -> RunSpec:
-    """The run specification a release serves; the privacy request is data, validated by its schema."""
+def run_spec(run_id: int | str, config: Mapping[str, Any], secure: SecureRound | None = None) -> RunSpec:
+    """The run specification a release serves; the privacy request is data, validated by its schema. A secure
+    release's specification includes the SecAgg+ participants, so its stored payload is never re-sent into a
+    sum over other sites (the server could subtract one sum from the other)."""
     privacy = str(config.get("privacy", ""))
     spec = tuple(f"{key}={config[key]}" for key in sorted(config) if key != "privacy")
+    if secure is not None:
+        spec += (f"secure-sum participants={list(secure.participants)} threshold={secure.threshold}",)
     return RunSpec(str(run_id), PrivacyRequest.from_json(privacy) if privacy else None, spec)
 
 
@@ -142,9 +176,19 @@ def _images(loader: DataLoader | None) -> int:
     return 0 if loader is None else len(loader.dataset)  # type: ignore[arg-type]
 
 
-def _release(site: Site, run: RunSpec, release: str, parts) -> contextlib.AbstractContextManager[Release]:
-    return open_release(site.policy, run.privacy, release, _images(site.calibration), site_name=site.name,
-                        run_id=run.run_id, spec=run.spec, parts=parts)
+def _release(site: Site, run: RunSpec, release: str, parts, summaries: Mapping[str, int],
+             secure: SecureRound | None = None) -> contextlib.AbstractContextManager[Release]:
+    return open_release(site.policy, run.privacy, release, summaries, site_name=site.name, run_id=run.run_id,
+                        spec=run.spec, parts=parts, secure=secure)
+
+
+def _calibration(site: Site) -> dict[str, int]:
+    return {"calibration": _images(site.calibration)}
+
+
+def _held_out(site: Site) -> dict[str, int]:
+    """The held-out part's size, if the site's configuration holds images out at all."""
+    return {} if site.holdout is None else {"held-out": _images(site.holdout)}
 
 
 def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec) -> Arrays:
@@ -154,7 +198,7 @@ def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec
         raise TBAInputError("privacy.clip_blocks", f"{len(request.clip_blocks)} bounds for {adapter.num_blocks} blocks")
     tokens = adapter.tokens_per_image(token_mode)
     parts = similarity_parts(request.clip_blocks, tokens) if request is not None else None
-    with _release(site, run, "similarity", parts) as release:
+    with _release(site, run, "similarity", parts, _calibration(site)) as release:
         if release.stored is not None:
             return release.stored
         grant = release.grant
@@ -167,15 +211,18 @@ def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec
 
 
 def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, run: RunSpec,
-                     priors: Mapping[Span, LinearMap] | None = None) -> Arrays:
-    """Exact span sums, or (private run) noisy weighted residual-form sums around the run's priors."""
+                     priors: Mapping[Span, LinearMap] | None = None, secure: SecureRound | None = None) -> Arrays:
+    """Exact span sums, or (private run) noisy weighted residual-form sums around the run's priors.
+    `secure`: the SecAgg+ round this reply goes into (None: a plain reply, which carries the full noise)."""
     adapter = ViTAdapter(model)
     request = run.privacy
+    summaries = {**_calibration(site), **_held_out(site)}
     if request is None:
-        check_request(site.policy, None, "statistics", _images(site.calibration))
-        calibration = collect_span_stats(adapter, site.calibration, plan.spans, token_mode=token_mode, device=site.device)
-        holdout = (collect_span_stats(adapter, site.holdout, plan.spans, token_mode=token_mode, device=site.device)
-                   if site.holdout is not None else {s: SpanStats.zeros(adapter.embed_dim) for s in plan.spans})
+        with _release(site, run, "statistics", None, summaries, secure):
+            calibration = collect_span_stats(adapter, site.calibration, plan.spans, token_mode=token_mode,
+                                             device=site.device)
+            holdout = (collect_span_stats(adapter, site.holdout, plan.spans, token_mode=token_mode, device=site.device)
+                       if site.holdout is not None else {s: SpanStats.zeros(adapter.embed_dim) for s in plan.spans})
         _logger.info("%s: span sums over %d calibration and %d held-out images", site.name,
                      calibration[plan.spans[0]].images, holdout[plan.spans[0]].images)
         return encode_spans({"calibration": calibration, "holdout": holdout})
@@ -183,7 +230,7 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
     if priors is None or set(priors) != set(plan.spans):
         raise TBAInputError("prior", "a private statistics release needs the run's prior map for every span")
     parts = span_parts(plan.spans, bounds)
-    with _release(site, run, "statistics", parts) as release:
+    with _release(site, run, "statistics", parts, summaries, secure) as release:
         if release.stored is not None:
             return release.stored
         per_split = {}
@@ -201,22 +248,25 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
 def secure_statistics(config: Mapping[str, Any], context: Any) -> tuple[Arrays, dict[str, float]]:
     """The statistics release under secure aggregation: noisy sums (this site's share of the noise)
     and the fixed-point range of each array, for `secure_aggregation.secure_fit`. The run's prior
-    maps travel in the config as text (Flower's legacy FitIns config holds scalars only)."""
+    maps travel in the config as text (Flower's legacy FitIns config holds scalars only). What the
+    site's own SecAgg+ state shows of the round (participants, reconstruction threshold) bounds the
+    noise split it accepts."""
+    secure = secure_round(context)
     model = site_model(context.node_config, config)
-    site = resolve_site(context.node_config, context.run_config, model, config)
-    adapter = ViTAdapter(model)
-    plan = parse_plan(str(config["plan"]), adapter.num_blocks)
-    run = run_spec(context.run_id, config)
+    run = run_spec(context.run_id, config, secure)
     request = run.privacy
-    if request is None or request.aggregation != "secure":
+    if request is None:
         raise PolicyRefusal("privacy.aggregation", "a secure-aggregation round must carry a privacy request with "
                                                    "aggregation 'secure'")
+    site = resolve_site(context.node_config, context.run_config, model, config, "statistics", secure)
+    adapter = ViTAdapter(model)
+    plan = parse_plan(str(config["plan"]), adapter.num_blocks)
     max_images = int(config["max-images"])
     if _images(site.calibration) + _images(site.holdout) > max_images:
         raise PolicyRefusal("federation.max_images_per_site", f"{site.name} holds more images than the fixed-point "
                                                               f"range allows ({max_images})", "raise max_images_per_site")
     priors = decode_priors(str(config.get("prior-maps", "")), plan.spans, adapter.embed_dim)
-    arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors)
+    arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors, secure)
     ranges = statistics_ranges(request, plan.spans, max_images)
     return clamp(arrays, ranges), ranges
 
@@ -227,7 +277,7 @@ def probe_reply(model: nn.Module, compressed: nn.Module, site: Site, num_classes
     if request is not None and request.clip_features is None:
         raise TBAInputError("privacy.clip_features", "a private probe release needs a feature clipping bound")
     parts = probe_parts(MODELS, request.clip_features) if request is not None else None
-    with _release(site, run, "probe", parts) as release:
+    with _release(site, run, "probe", parts, _calibration(site)) as release:
         if release.stored is not None:
             return release.stored
         grant = release.grant
@@ -244,9 +294,10 @@ def accuracy_reply(model: nn.Module, compressed: nn.Module, site: Site, heads: M
                    run: RunSpec) -> dict[str, int]:
     """Correct counts on this site's held-out images: integers, no per-image outcome (noisy under DP)."""
     if site.holdout is None:
-        raise TBAInputError("data.holdout_fraction", f"{site.name} has no held-out images to evaluate on")
+        raise TBAInputError("data.holdout_fraction", f"{site.name} holds no images out to evaluate on",
+                            "set data.holdout_fraction above 0")
     parts = accuracy_parts() if run.privacy is not None else None
-    with _release(site, run, "accuracy", parts) as release:
+    with _release(site, run, "accuracy", parts, _held_out(site)) as release:
         if release.stored is None:
             original, total = accuracy(model, heads["original"], site.holdout, device=site.device)
             compressed_correct, _ = accuracy(compressed, heads["compressed"], site.holdout, device=site.device)

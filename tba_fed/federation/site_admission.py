@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..config import ModelConfig, _format_validation_error
-from ..errors import TBAInputError
+from ..errors import SiteRefusal, TBAInputError
 from ..models import OFFLINE_MODELS
 from .config import load_site_config
 from .profile import check_run_profile
@@ -63,12 +63,13 @@ def model_differences(declared: ModelConfig, requested: ModelConfig) -> list[str
 
 
 def check_model(site_name: str, declared: ModelConfig, requested: ModelConfig) -> None:
-    """Refuse a request for any other model than the one the site declared, naming every difference."""
+    """Refuse a request for any other model than the one the site declared, naming every difference (the
+    request's and the site YAML's values only, so the refusal reaches the server as it is)."""
     if differences := model_differences(declared, requested):
-        raise TBAInputError("model", f"{site_name} serves only the model its site YAML declares, and this run asks for "
-                                     f"another: {'; '.join(differences)}",
-                            "run it with the sites' model in the run YAML; or, if this site agrees to serve the new "
-                            "model, change model in its site YAML and run tba-fed preflight")
+        raise SiteRefusal("model", f"{site_name} serves only the model its site YAML declares, and this run asks for "
+                                   f"another: {'; '.join(differences)}",
+                          "run it with the sites' model in the run YAML; or, if this site agrees to serve the new "
+                          "model, change model in its site YAML and run tba-fed preflight")
 
 
 def admitted_model(node_config: Mapping[str, Any], request: Mapping[str, Any]) -> ModelConfig:

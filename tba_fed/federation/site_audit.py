@@ -6,12 +6,19 @@ reply's records, their names and shapes) and under which mechanism (the privacy 
 release, or "exact"). The log is checked before any work, so a site whose log does not verify serves
 nothing; the entry is written before the reply leaves, and its hash (the site's new audit head) rides in
 the reply's ``meta`` record, where the server records it: the anchor that shows a truncated site log.
+
+This is also where a site's failures leave it. Flower returns a ClientApp's exception to the server as
+its type and text, and the server writes that into its report; so only a `SiteRefusal` (its text comes
+from the request and the site's configuration alone) leaves with its text. Any other error may quote what
+the site's data decided (an image count, a patient's file name): it leaves as a `SiteError` that names its
+field alone, and the detail stays in the audit log and in one line of the site's own log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +28,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from ..audit import AuditLog
-from ..errors import TBAInputError
+from ..errors import SiteRefusal, TBAInputError
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import RELEASES, PrivacyRequest, spec_hash
 from .config import SITE_AUDIT_FILE, load_federated_config, load_site_config
@@ -30,9 +37,21 @@ from .records import content_sha256, from_record, received_schema, to_record
 from .site import run_spec, simulated_site
 from .wire import payload_sha256
 
+_logger = logging.getLogger(__name__)
+
 Handler = Callable[[Message, Context], Message]
 HEAD_KEY = "audit-head"  # the reply's meta field carrying the site's audit head
 SECURE_ROUND = "statistics (secure aggregation)"
+
+
+class SiteError(TBAInputError):
+    """What leaves a site in place of any error but a `SiteRefusal`: its field and a fixed text, so the server's
+    report holds nothing the site's data decided; the reason stays in the site's audit log and its own log."""
+
+    def __init__(self, site: str, err: Exception) -> None:
+        field = err.field if isinstance(err, TBAInputError) else "site"
+        super().__init__(field, f"{site} could not serve this request ({type(err).__name__}); the reason is in the "
+                                "site's own log", "its operator reads it with tba-fed audit show")
 
 
 @dataclass(frozen=True)
@@ -83,23 +102,37 @@ def release_record(ledger: Path | None, run_id: str, release: str) -> dict[str, 
     return {"mechanism": "exact"}
 
 
-def _served(files: SiteFiles, event: dict[str, Any], serve: Callable[[], Any],
+def _served(context: Context, round_name: str, request: Callable[[], dict[str, Any]], serve: Callable[[], Any],
             sent: Callable[[Any], RecordDict]) -> tuple[Any, str]:
-    """Run `serve` under the audit log: refuse if the log does not verify, record the outcome either way."""
-    log = AuditLog(files.audit)
-    log.verified()
-    event = {"role": "site", "site": files.name, **event}
+    """Run `serve` under the audit log: refuse if the log does not verify, record the outcome either way.
+    A failure leaves the site as itself only if it is a `SiteRefusal`, else as a `SiteError`; neither with
+    a chained cause, which a simulation's traceback would show the server."""
+    site = "this site"
     try:
-        result = serve()
+        files = site_files(context.node_config, context.run_config)
+        site = files.name
+        log = AuditLog(files.audit)
+        log.verified()
+        event = {"role": "site", "site": files.name, **request()}
+        try:
+            result = serve()
+        except Exception as err:
+            log.append({**event, "status": "refused" if isinstance(err, TBAInputError) else "error",
+                        "error": f"{type(err).__name__}: {err}"})
+            raise
+        content = sent(result)
+        outcome: dict[str, Any] = {"status": "ok", "sent_sha256": content_sha256(content),
+                                   "sent": sent_schema(content)}
+        if event["release"] in RELEASES:
+            outcome["grant"] = release_record(files.ledger, event["run_id"], event["release"])
+        return result, log.append({**event, **outcome})
     except Exception as err:
-        log.append({**event, "status": "refused" if isinstance(err, TBAInputError) else "error",
-                    "error": f"{type(err).__name__}: {err}"})
-        raise
-    content = sent(result)
-    outcome: dict[str, Any] = {"status": "ok", "sent_sha256": content_sha256(content), "sent": sent_schema(content)}
-    if event["release"] in RELEASES:
-        outcome["grant"] = release_record(files.ledger, event["run_id"], event["release"])
-    return result, log.append({**event, **outcome})
+        leaving = err if isinstance(err, SiteRefusal) else SiteError(site, err)
+        _logger.warning("%s %s a %s request of run %s: %r (the server %s)", site,
+                        "refused" if isinstance(err, TBAInputError) else "could not serve", round_name,
+                        context.run_id, f"{type(err).__name__}: {err}",
+                        "gets this text" if leaving is err else f"gets only its field, {leaving.field}")
+        raise leaving from None
 
 
 def _request(run_id: Any, round_name: str, release: str, message_type: str, config: Mapping[str, Any],
@@ -119,10 +152,11 @@ def audited(release: str) -> Callable[[Handler], Handler]:
     def decorate(handler: Handler) -> Handler:
         @functools.wraps(handler)
         def serve(msg: Message, context: Context) -> Message:
-            config = dict(msg.content.config_records.get("config", ConfigRecord()).items())  # none: logged as an error
-            event = _request(msg.metadata.run_id, release, release, msg.metadata.message_type, config, msg.content)
-            reply, head = _served(site_files(context.node_config, context.run_config), event,
-                                  lambda: handler(msg, context), lambda reply: reply.content)
+            def request() -> dict[str, Any]:
+                config = dict(msg.content.config_records.get("config", ConfigRecord()).items())  # none: logged as an error
+                return _request(msg.metadata.run_id, release, release, msg.metadata.message_type, config, msg.content)
+
+            reply, head = _served(context, release, request, lambda: handler(msg, context), lambda reply: reply.content)
             reply.content.config_records["meta"][HEAD_KEY] = head
             return reply
         return serve
@@ -135,9 +169,10 @@ def audited_secure(compute: Compute) -> Compute:
     would reach the server unmasked, and the next round's reply anchors this entry anyway)."""
     @functools.wraps(compute)
     def serve(config: dict[str, Scalar], context: Context) -> tuple[Mapping[str, np.ndarray], Mapping[str, float]]:
-        event = _request(context.run_id, SECURE_ROUND, "statistics", "train", config,
-                         RecordDict({"config": ConfigRecord(config)}))
-        result, _ = _served(site_files(context.node_config, context.run_config), event, lambda: compute(config, context),
+        result, _ = _served(context, SECURE_ROUND,
+                            lambda: _request(context.run_id, SECURE_ROUND, "statistics", "train", config,
+                                             RecordDict({"config": ConfigRecord(config)})),
+                            lambda: compute(config, context),
                             lambda result: RecordDict({"statistics": to_record(result[0])}))
         return result
     return serve

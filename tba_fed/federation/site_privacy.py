@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..privacy.ledger import LedgerEntry, PrivacyLedger, now
 from ..privacy.mechanism import NoiseSource
-from ..privacy.policy import PrivacyRequest, SitePolicy, check_request, spec_hash
+from ..privacy.policy import PrivacyRequest, SecureRound, SitePolicy, check_images, check_request, spec_hash
 from ..privacy.release_store import Arrays, ReleaseStore
 from ..privacy.sensitivity import Part
 
@@ -55,13 +55,18 @@ class Release:
 
 
 @contextlib.contextmanager
-def open_release(policy: SitePolicy, request: PrivacyRequest | None, release: str, images: int, *, site_name: str,
-                 run_id: str, spec: Sequence[str], parts: Sequence[Part] | None) -> Iterator[Release]:
+def open_release(policy: SitePolicy, request: PrivacyRequest | None, release: str, summaries: Mapping[str, int], *,
+                 site_name: str, run_id: str, spec: Sequence[str], parts: Sequence[Part] | None,
+                 secure: SecureRound | None = None) -> Iterator[Release]:
     """Check, account and record one release, idempotently per (run id, release).
 
-    Exact statistics (the policy allows no DP) are recomputed on every ask: the same sums each time.
+    `summaries` are the image counts of each sum the release makes (e.g. calibration and held-out),
+    each checked against ``min_images``; `secure` is what the site's SecAgg+ state shows of the round
+    (None: a plain reply, which must carry the full noise). Exact statistics (the policy allows no DP)
+    are recomputed on every ask: the same sums each time.
     """
-    check_request(policy, request, release, images)
+    check_request(policy, request, release, secure)
+    check_images(policy, summaries)
     if request is None:
         yield Release(None)
         return
@@ -72,12 +77,12 @@ def open_release(policy: SitePolicy, request: PrivacyRequest | None, release: st
                         noise_std={p.name: p.std(site_sigma) for p in parts or ()}, noise=noise.mode,
                         aggregation=f"{request.aggregation} (noise split over {request.noise_sites} sites)"
                         if request.noise_sites > 1 else request.aggregation,
-                        images=images, epsilon_run=request.epsilon, delta=request.delta, time=now())
+                        images=sum(summaries.values()), epsilon_run=request.epsilon, delta=request.delta, time=now(),
+                        site_noise_multiplier=site_sigma, accountant=request.accountant, releases=request.releases)
     ledger, store = PrivacyLedger(policy.ledger), ReleaseStore(policy.ledger)
     grant = Grant(sigma, site_sigma, noise)
     with store.locked(run_id, release):
-        recorded = ledger.record(entry, budget=policy.epsilon, delta=policy.delta, run_releases=request.releases,
-                                 accountant=request.accountant)
+        recorded = ledger.record(entry, budget=policy.epsilon, delta=policy.delta, accountant=policy.accountant)
         if recorded.payload_sha256 is not None:
             _logger.info("%s: %s of run %s asked again: re-sending the stored payload", site_name, release, run_id)
             yield Release(grant, store.load(run_id, release, recorded.payload_sha256))

@@ -56,3 +56,13 @@ def epsilon_spent(history: Iterable[tuple[float, int]], delta: float, accountant
         if accountant == "rdp":
             return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
         return float(acc.get_epsilon(delta=delta))
+
+
+def replace_one_epsilon(history: Iterable[tuple[float, int]], delta: float, accountant: str = "rdp") -> float:
+    """ε of the same releases under replace-one-image adjacency, for reports that must not let the two be confused.
+
+    Every guarantee tba-fed states is under add/remove-one-image adjacency. Replacing an image can move
+    each clipped sum by twice its per-image bound (out with one, in with the other), so the same noise
+    is then a Gaussian mechanism with noise multiplier σ/2 (a conservative bound: counts move by 1, not 2).
+    """
+    return epsilon_spent([(float(sigma) / 2, int(steps)) for sigma, steps in history], delta, accountant)

@@ -5,7 +5,11 @@ directory), under an exclusive lock, so a crash mid-write leaves the previous co
 A release is recorded before its payload leaves the site (write-ahead): a crash after recording
 can only over-count the budget, never under-count it. Entries are idempotent per run and release:
 asking again for a recorded release spends nothing more (the site re-sends the stored payload,
-see `release_store`). A ledger that cannot be read is an error, never an empty ledger.
+see `release_store`). A run's privacy terms (ε, δ, accountant, declared releases) are fixed by its
+first recorded request: a later request of the run that declares others is refused, so a server
+cannot spend more than one run's ε by declaring each release on its own. A ledger that cannot be
+read is an error, never an empty ledger; a deployed site's state directory also refuses a missing
+one (`site_state`).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..errors import TBAInputError
-from .accounting import epsilon_spent
+from ..errors import SiteRefusal, TBAInputError
+from .accounting import epsilon_spent, replace_one_epsilon
 
 _logger = logging.getLogger(__name__)
 FORMAT = "tba-fed privacy ledger 1"
@@ -43,10 +47,22 @@ class LedgerEntry:
     delta: float
     time: str
     payload_sha256: str | None = None  # set once the noisy payload is stored; None: granted, never produced
+    site_noise_multiplier: float | None = None  # the σ this site applied (σ/√m when m sites split the noise)
+    accountant: str | None = None  # the run's accountant, which calibrated σ (entries before these fields: None)
+    releases: tuple[str, ...] | None = None  # every release the run declared at this request
+
+    def __post_init__(self) -> None:
+        if isinstance(self.releases, list):  # read back from JSON
+            object.__setattr__(self, "releases", tuple(self.releases))
+
+    def run_terms(self) -> dict[str, object]:
+        """What a run fixes at its first request; None where an entry predates the field."""
+        return {"epsilon": self.epsilon_run, "delta": self.delta, "accountant": self.accountant,
+                "releases": self.releases}
 
 
-class BudgetExceeded(TBAInputError):
-    """The release would take the site past its privacy budget: refused, nothing sent."""
+class BudgetExceeded(SiteRefusal):
+    """The release would take the site past its privacy budget, or spend it twice: refused, nothing sent."""
 
 
 class PrivacyLedger:
@@ -80,29 +96,46 @@ class PrivacyLedger:
         """ε spent so far at `delta`, composing every recorded release."""
         return _composed([e.noise_multiplier for e in self.entries()], delta, accountant)
 
-    def record(self, entry: LedgerEntry, *, budget: float, delta: float, run_releases: Sequence[str] = (),
-               accountant: str = "rdp") -> LedgerEntry:
-        """Append `entry` if the budget allows its whole run: this release plus those of `run_releases` the
-        run has not recorded yet, all at the entry's σ. Decided under the ledger's lock.
+    def initialise(self) -> bool:
+        """Create an empty ledger unless one exists (`site_state.initialise`); True if one existed."""
+        with self._locked():
+            if self.path.exists():
+                self.entries()  # an unreadable ledger is refused, never adopted
+                return True
+            self._write([])
+            return False
 
-        Budgets are accounted at the site's `delta`. Idempotent per (run id, release): the same release
-        asked again with the same specification returns the recorded entry and spends nothing; with
-        another specification it is refused (a fresh noisy copy would spend budget again).
-        Returns the entry as recorded.
+    def record(self, entry: LedgerEntry, *, budget: float, delta: float, accountant: str = "rdp") -> LedgerEntry:
+        """Append `entry` if the budget allows its whole run: this release plus the run's other declared
+        releases (`entry.releases`) it has not recorded yet, all at the entry's σ. Decided under the lock.
+
+        Budgets are accounted at the site's `delta` with the site's `accountant`, whatever accountant
+        calibrated the run's σ. Idempotent per (run id, release): the same release asked again with the
+        same specification returns the recorded entry and spends nothing; with another specification it
+        is refused (a fresh noisy copy would spend budget again). A run's terms are those of its first
+        recorded request (`LedgerEntry.run_terms`). Returns the entry as recorded.
         """
         with self._locked():
             entries = self.entries()
+            first = next((e for e in entries if e.run_id == entry.run_id), None)
+            if first is not None and (changed := _changed_terms(first, entry)):
+                raise RunTermsChanged("privacy." + changed[0], f"run {entry.run_id} declared "
+                                      f"{_terms_text(first)} at its first request, this request declares "
+                                      f"{_terms_text(entry)}: a run's privacy terms are fixed by its first request",
+                                      "start a new run to release under other terms")
             if (previous := _find(entries, entry.run_id, entry.release)) is not None:
                 if previous.spec_sha256 != entry.spec_sha256:
                     raise BudgetExceeded("privacy.ledger", f"run {entry.run_id} already made its {entry.release!r} release "
-                                                           "under another specification; releasing again would spend "
-                                                           "budget twice")
+                                                           "under another specification (a secure release: other "
+                                                           "SecAgg+ participants); releasing again would spend budget "
+                                                           "twice, or let the server subtract one sum from the other",
+                                         "start a new run")
                 _logger.info("ledger %s: %s of run %s already recorded; nothing more spent", self.path, entry.release,
                              entry.run_id)
                 return previous
             recorded = {e.release for e in entries if e.run_id == entry.run_id}
             sigmas = [e.noise_multiplier for e in entries]
-            planned = [entry.noise_multiplier for r in run_releases if r != entry.release and r not in recorded]
+            planned = [entry.noise_multiplier for r in entry.releases or () if r != entry.release and r not in recorded]
             projected = _composed([*sigmas, entry.noise_multiplier, *planned], delta, accountant)
             if projected > budget * (1 + 1e-9):
                 raise BudgetExceeded("privacy.epsilon", f"this run would bring the site to ε={projected:.3f} at "
@@ -152,6 +185,21 @@ def unwritable(path: Path, err: OSError) -> TBAInputError:
                                            "anything", "set privacy.ledger to a path in a directory this site's user can write")
 
 
+class RunTermsChanged(SiteRefusal):
+    """A request of a run declares other privacy terms than the run's first request: refused, nothing sent."""
+
+
+def _changed_terms(first: LedgerEntry, entry: LedgerEntry) -> list[str]:
+    """The terms in which `entry` differs from its run's first entry (a term an old entry lacks is not compared)."""
+    old, new = first.run_terms(), entry.run_terms()
+    return [k for k in old if old[k] is not None and new[k] is not None and old[k] != new[k]]
+
+
+def _terms_text(entry: LedgerEntry) -> str:
+    return (f"(ε={entry.epsilon_run:g}, δ={entry.delta:g}, accountant {entry.accountant}, releases "
+            f"{', '.join(entry.releases or ())})")
+
+
 def _find(entries: Sequence[LedgerEntry], run_id: str, release: str) -> LedgerEntry | None:
     return next((e for e in entries if e.run_id == run_id and e.release == release), None)
 
@@ -169,12 +217,16 @@ def ledger_report(ledger: PrivacyLedger, budget: float, delta: float, accountant
     """Markdown: every release and the budget left (``tba-fed privacy report``)."""
     entries = ledger.entries()
     spent = ledger.spent(delta, accountant)
+    replace_one = replace_one_epsilon([(e.noise_multiplier, 1) for e in entries], delta, accountant)
     lines = [f"# Privacy ledger {ledger.path}", "",
              f"- releases: {len(entries)}; ε spent {spent:.4f} of {budget:g} at δ={delta:g} ({accountant.upper()} "
-             f"composition); remaining {max(budget - spent, 0.0):.4f}", "",
-             "| time | run | release | σ | run ε | images | noise | aggregation | spec sha256 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"composition); remaining {max(budget - spent, 0.0):.4f}",
+             "- the unit protected is one image, under add/remove-one-image adjacency; under replace-one adjacency "
+             f"the same releases give ε ≤ {replace_one:.4f}", "",
+             "| time | run | release | σ (accounted) | σ applied here | run ε | images | noise | aggregation | spec sha256 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
-        lines.append(f"| {e.time} | {e.run_id} | {e.release} | {e.noise_multiplier:.4g} | {e.epsilon_run:g} | {e.images} "
-                     f"| {e.noise} | {e.aggregation} | `{e.spec_sha256[:12]}` |")
+        applied = "" if e.site_noise_multiplier is None else f"{e.site_noise_multiplier:.4g}"
+        lines.append(f"| {e.time} | {e.run_id} | {e.release} | {e.noise_multiplier:.4g} | {applied} | {e.epsilon_run:g} "
+                     f"| {e.images} | {e.noise} | {e.aggregation} | `{e.spec_sha256[:12]}` |")
     return "\n".join(lines) + "\n"

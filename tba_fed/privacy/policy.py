@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -101,9 +102,28 @@ class SitePolicy(_Section):
     max_clip: float | None = Field(None, gt=0, description="refuse clipping bounds above this (fixed-point safety)")
     secure_aggregation: Literal["allowed", "required", "refused"] = "allowed"
     min_noise_sites: int = Field(3, ge=2, description="split noise only if at least this many sites' shares add up")
+    max_noise_sites: int = Field(10, ge=2, description="never add less than σ/√max_noise_sites: with m sites splitting "
+                                                       "the noise, m − 1 colluding sites leave this site only its share")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="how this site composes its releases against its "
+                                                                 "budget, whatever accountant a run names")
     allow_seeded_noise: bool = Field(False, description="seeded noise is for tests and simulations only")
     ledger: Path | None = Field(None, description="this site's privacy ledger (JSON, written atomically); "
                                                   "simulations keep one per site beside the site's output")
+
+    @model_validator(mode="after")
+    def _noise_sites(self) -> SitePolicy:
+        if self.max_noise_sites < self.min_noise_sites:
+            raise TBAInputError("max_noise_sites", f"{self.max_noise_sites} is below min_noise_sites "
+                                                   f"({self.min_noise_sites})", "raise max_noise_sites")
+        return self
+
+
+@dataclass(frozen=True)
+class SecureRound:
+    """What a site sees, in its own SecAgg+ state, of the secure sum it is asked to contribute to."""
+
+    participants: tuple[int, ...]  # node ids whose public keys this site received in the set-up stage, its own included
+    threshold: int  # key shares needed to unmask: the server can unmask no sum over fewer sites than this
 
 
 def spec_hash(*parts: str) -> str:
@@ -111,35 +131,73 @@ def spec_hash(*parts: str) -> str:
     return hashlib.sha256(json.dumps(list(parts)).encode()).hexdigest()
 
 
-def check_request(policy: SitePolicy, request: PrivacyRequest | None, release: str, images: int) -> None:
-    """Refuse, with the reason, any release the policy does not allow."""
-    def refuse(field: str, message: str, fix: str | None = None) -> None:
-        raise PolicyRefusal(field, f"refused by the site's privacy policy: {message}", fix)
+def _refuse(field: str, message: str, fix: str | None = None) -> None:
+    raise PolicyRefusal(field, f"refused by the site's privacy policy: {message}", fix)
 
+
+def check_request(policy: SitePolicy, request: PrivacyRequest | None, release: str,
+                  secure: SecureRound | None = None) -> None:
+    """Refuse, with the reason, any request the policy does not allow; reads only the request and the policy.
+
+    `secure` is None for a plain reply, which reaches the server on its own and so must carry the full
+    noise whatever the request says; otherwise it is what the site's SecAgg+ state shows of the round.
+    """
     if release not in policy.releases:
-        refuse("privacy.releases", f"this site does not release {release!r} (it releases {', '.join(policy.releases)})")
-    if images < policy.min_images:
-        refuse("privacy.min_images", f"{images} images, the site's minimum per release is {policy.min_images}")
+        _refuse("privacy.releases", f"this site does not release {release!r} (it releases {', '.join(policy.releases)})")
     if request is None:
         if policy.require_dp:
-            refuse("privacy", "the run asks for exact statistics and this site requires differential privacy",
-                   "set a privacy section in the run config")
+            _refuse("privacy", "the run asks for exact statistics and this site requires differential privacy",
+                    "set a privacy section in the run config")
         return
     if release not in request.releases:
-        refuse("privacy.releases", f"{release!r} is not among the releases the run declared: {request.releases}")
+        _refuse("privacy.releases", f"{release!r} is not among the releases the run declared: {request.releases}")
     if request.delta > policy.delta:
-        refuse("privacy.delta", f"δ {request.delta:g} exceeds the site's cap {policy.delta:g}")
+        _refuse("privacy.delta", f"δ {request.delta:g} exceeds the site's cap {policy.delta:g}")
     if request.epsilon > policy.epsilon:
-        refuse("privacy.epsilon", f"ε {request.epsilon:g} exceeds the site's total budget {policy.epsilon:g}")
+        _refuse("privacy.epsilon", f"ε {request.epsilon:g} exceeds the site's total budget {policy.epsilon:g}")
     if request.seed is not None and not policy.allow_seeded_noise:
-        refuse("privacy.seed", "seeded noise is not private; this site draws noise from its CSPRNG only")
-    if request.aggregation == "secure" and policy.secure_aggregation == "refused":
-        refuse("privacy.aggregation", "this site does not take part in secure aggregation")
-    if request.aggregation == "local" and policy.secure_aggregation == "required":
-        refuse("privacy.aggregation", "this site releases statistics only through secure aggregation")
-    if request.noise_sites > 1 and request.noise_sites < policy.min_noise_sites:
-        refuse("privacy.noise_sites", f"noise split over {request.noise_sites} sites, the site's minimum is "
-                                      f"{policy.min_noise_sites}")
+        _refuse("privacy.seed", "seeded noise is not private; this site draws noise from its CSPRNG only")
+    if secure is None:
+        _check_plain(policy, request)
+    else:
+        _check_secure(policy, request, secure)
     bounds = request.clip_bounds()
     if policy.max_clip is not None and bounds and max(bounds) > policy.max_clip:
-        refuse("privacy.clip", f"clipping bound {max(bounds):g} exceeds the site's maximum {policy.max_clip:g}")
+        _refuse("privacy.clip", f"clipping bound {max(bounds):g} exceeds the site's maximum {policy.max_clip:g}")
+
+
+def _check_plain(policy: SitePolicy, request: PrivacyRequest) -> None:
+    if request.aggregation != "local" or request.noise_sites != 1:
+        _refuse("privacy.aggregation", f"a plain reply reaches the server on its own and carries the full noise; this "
+                                       f"request asks for a share of noise split over {request.noise_sites} sites "
+                                       f"(aggregation {request.aggregation!r})", "only a SecAgg+ round may split noise")
+    if policy.secure_aggregation == "required":
+        _refuse("privacy.aggregation", "this site releases statistics only through secure aggregation")
+
+
+def _check_secure(policy: SitePolicy, request: PrivacyRequest, secure: SecureRound) -> None:
+    if request.aggregation != "secure":
+        _refuse("privacy.aggregation", "a secure-aggregation round must carry a privacy request with aggregation 'secure'")
+    if policy.secure_aggregation == "refused":
+        _refuse("privacy.aggregation", "this site does not take part in secure aggregation")
+    m = request.noise_sites
+    if m > 1 and m < policy.min_noise_sites:
+        _refuse("privacy.noise_sites", f"noise split over {m} sites, the site's minimum is {policy.min_noise_sites}")
+    if m > policy.max_noise_sites:
+        _refuse("privacy.noise_sites", f"noise split over {m} sites, the site's maximum is {policy.max_noise_sites}")
+    if m > len(secure.participants):
+        _refuse("privacy.noise_sites", f"noise split over {m} sites, but only {len(secure.participants)} sites take "
+                                       "part in this secure sum")
+    if m > secure.threshold:
+        _refuse("privacy.noise_sites", f"noise split over {m} sites, but SecAgg+ can unmask a sum over as few as "
+                                       f"{secure.threshold} (its reconstruction threshold)",
+                "run secure aggregation with a reconstruction threshold of at least noise_sites")
+
+
+def check_images(policy: SitePolicy, summaries: Mapping[str, int]) -> None:
+    """Refuse a release any of whose summaries (e.g. calibration and held-out sums) covers fewer than
+    ``min_images`` images. The refusal reveals one bit about the counts and never the counts themselves:
+    they stay in the site's own log."""
+    if small := [name for name, count in summaries.items() if count < policy.min_images]:
+        _refuse("privacy.min_images", f"the {' and '.join(small)} part of this release would summarise fewer images "
+                                      f"than the site's minimum per release ({policy.min_images})")
