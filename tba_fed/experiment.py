@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from .adapter import ViTAdapter
 from .calibrate import collect_span_stats
 from .compressed import parameter_report
-from .config import DataConfig, Device, ModelConfig, _Section, read_yaml, validate
+from .config import DataConfig, Device, ModelConfig, _Section, check_device, read_yaml, validate
 from .data import build_dataset
 from .errors import TBAInputError
-from .fileio import atomic_write_text
+from .fileio import open_output_dir, owned_files, writable_location, write_owned
 from .models import create_model
 from .pipeline import solve_plan
 from .plan import Plan, Span, parse_plan
@@ -42,6 +42,8 @@ from .solver import LinearMap
 _logger = logging.getLogger(__name__)
 
 PAPER_APPROXIMATIONS = ("0->1", "3->4", "9->10", "10->11", "2->4", "9->11", "1->2, 4->5", "2->5", "7->10", "1->5")
+KIND = "experiment"
+ROWS = "rows.jsonl"
 
 
 class DatasetSpec(_Section):
@@ -171,16 +173,27 @@ def run_seed(config: ExperimentConfig, model: nn.Module, spec: DatasetSpec, seed
     return rows
 
 
+def check_experiment(config: ExperimentConfig) -> None:
+    """What can be checked before any work: the device is on this machine, and the output directory is new,
+    empty or this tool's experiment, and writable."""
+    check_device(config.device)
+    owned_files(config.output, KIND)
+    writable_location(config.output, "output")
+
+
 def run_experiment(config: ExperimentConfig) -> Path:
-    """Run (or resume) the protocol; returns the output directory with rows.jsonl, table.md, table.csv."""
+    """Run (or resume) the protocol; returns the output directory with rows.jsonl, table.md, table.csv.
+    Refused before any work: a device this machine lacks, an output directory holding anything but this
+    tool's experiment."""
+    check_device(config.device)
+    files = open_output_dir(config.output, KIND, appended=[ROWS])
     model = create_model(config.model)
     adapter = ViTAdapter(model)
     plans = [parse_plan(text, adapter.num_blocks, field="approximations") for text in config.approximations]
     variants = [Variant(None, "original")] + [Variant(p, "linear") for p in plans]
     if config.identity_baseline:
         variants += [Variant(p, "identity") for p in plans]
-    config.output.mkdir(parents=True, exist_ok=True)
-    rows_path = config.output / "rows.jsonl"
+    rows_path = config.output / ROWS
     done = {(r["dataset"], r["seed"]) for r in _read_rows(rows_path)}
     for spec in config.datasets:
         for seed in tqdm(config.seeds, desc=f"{spec.name}: seeds", disable=None):
@@ -194,9 +207,8 @@ def run_experiment(config: ExperimentConfig) -> Path:
                 os.fsync(handle.fileno())
             _logger.info("%s seed %d: original %.4f", spec.name, seed, rows[0]["accuracy"])
     rows = _read_rows(rows_path)
-    atomic_write_text(config.output / "table.md", table_markdown(rows, config))
-    atomic_write_text(config.output / "table.csv", table_csv(rows))
-    atomic_write_text(config.output / "summary.json", json.dumps(summarise(rows), indent=2) + "\n")
+    write_owned(config.output, KIND, files, {"table.md": table_markdown(rows, config), "table.csv": table_csv(rows),
+                                             "summary.json": json.dumps(summarise(rows), indent=2) + "\n"})
     return config.output
 
 
