@@ -53,7 +53,7 @@ def write_compressed(path: str | Path, maps: Mapping[Span, LinearMap], manifest:
                      extra: Callable[[Path], None] | None = None) -> Path:
     """Write maps.safetensors + manifest.yaml (+ text files) atomically: complete or absent."""
     path = Path(path)
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with atomic_directory(path, kind="compressed", overwrite=overwrite) as tmp:
         (tmp / MAPS_FILE).write_bytes(save(map_tensors(maps)))
         (tmp / MANIFEST_FILE).write_text(yaml.safe_dump(manifest, sort_keys=False))
         for name, text in (files or {}).items():

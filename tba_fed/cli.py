@@ -7,6 +7,7 @@ import importlib.resources
 import logging
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import yaml
 
 from . import __version__
 from .checkpoint import save_compressed
-from .config import RunConfig, load_config, merge_overrides
+from .config import RunConfig, check_device, load_config, merge_overrides
 from .data import build_dataset, calibration_split, make_loader
 from .errors import TBAInputError
 from .fileio import atomic_directory, check_output_dir
@@ -63,7 +64,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", dest="device", help="cpu (default), cuda, cuda:N, or auto (the GPU if torch sees one)")
     g.add_argument("--output", "-o", dest="output", type=Path, metavar="DIR", help="output directory")
     g.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
-                   help="replace an existing tba-fed output directory")
+                   help="replace tba-fed's own earlier output of this command (refused if the directory holds "
+                        "anything else)")
 
 
 def _add_compress_flags(parser: argparse.ArgumentParser) -> None:
@@ -100,17 +102,19 @@ def _prepare(config: RunConfig):
 
 
 def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
-    check_output_dir(config.output, overwrite=config.overwrite, marker="similarity.json")  # before any work
+    check_device(config.device)  # before any work, not after it
+    check_output_dir(config.output, kind="similarity", overwrite=config.overwrite)
     model, calibration, _ = _prepare(config)
     similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
-    with atomic_directory(config.output, overwrite=config.overwrite, marker="similarity.json") as tmp:
+    with atomic_directory(config.output, kind="similarity", overwrite=config.overwrite) as tmp:
         write_similarity(tmp, similarity, metric)
     print(similarity_markdown(similarity, metric))
     return config.output
 
 
 def run_compress(config: RunConfig) -> Path:
-    check_output_dir(config.output, overwrite=config.overwrite)  # before any work, not after it
+    check_device(config.device)  # before any work, not after it
+    check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)
     model, calibration, holdout = _prepare(config)
     similarity = None
     if config.plan is not None:
@@ -131,21 +135,24 @@ def run_compress(config: RunConfig) -> Path:
 
 
 def run_demo(output: Path) -> None:
-    """Both halves of the mission on the embedded defaults: a federated run, then a short Table 1."""
-    from .experiment import ExperimentConfig, run_experiment
+    """Both halves of the mission on the embedded defaults: a federated run, then a short Table 1. Both output
+    directories (in `output`, beside whatever else it holds) are checked before either half starts."""
+    from .experiment import ExperimentConfig, check_experiment, run_experiment
     from .federation.simulate import simulate
 
     resources = importlib.resources.files("tba_fed").joinpath("configs")
     federated = yaml.safe_load(resources.joinpath("demo-federated.yaml").read_text())
     federated["output"] = str(output / "federated")
-    path = output / "demo-federated.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(federated, sort_keys=False))
-    _, folder = simulate(path)
-    print((folder / "report.md").read_text())
     table = ExperimentConfig.model_validate(
         merge_overrides(yaml.safe_load(resources.joinpath("demo-table1.yaml").read_text()),
                         {"output": str(output / "table1")}))
+    check_output_dir(output / "federated", kind="compressed", overwrite=federated["overwrite"])
+    check_experiment(table)
+    with tempfile.TemporaryDirectory(prefix="tba-fed-demo-") as tmp:  # simulate hands Flower its own copy
+        path = Path(tmp) / "demo-federated.yaml"
+        path.write_text(yaml.safe_dump(federated, sort_keys=False))
+        _, folder = simulate(path)
+    print((folder / "report.md").read_text())
     table_folder = run_experiment(table)
     print((table_folder / "table.md").read_text())
     print(f"federated run (3 simulated sites): compressed model and report in {folder}/ (report.md)\n"
@@ -293,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress_flags(p)
     p = sub.add_parser("experiment", help="the paper's Table-1 protocol: approximations x seeds x datasets")
     p.add_argument("config", type=Path, help="experiment YAML (see configs/table1-*.yaml)")
-    p.add_argument("--output", "-o", type=Path, help="output directory (finished seeds there are reused)")
+    p.add_argument("--output", "-o", type=Path, help="output directory: new, empty, or an earlier run's (its "
+                                                     "finished seeds of the same configuration are reused)")
     p = sub.add_parser("simulate", help="federated run in Flower's simulation engine on this machine")
     p.add_argument("config", type=Path, help="federated run YAML (see configs/federated-*.yaml)")
     p = sub.add_parser("preflight", help="check a site or the server before a run: one line per check, exit 1 on any "

@@ -24,7 +24,30 @@ def resolve_device(value: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if value != "cpu" and not value.startswith(("cuda", "mps")):
         raise ValueError(f"unknown device {value!r}: use cpu, cuda, cuda:N or auto")
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"unknown device {value!r}: use cpu, cuda, cuda:N or auto") from None
     return value
+
+
+def check_device(device: str, field: str = "device") -> None:
+    """Before any work: the device is on this machine. Torch would say so only at the first forward pass, after
+    the model was built and the data read; a config is checked where it runs, not where it is read (a server
+    reads the device its simulated sites use)."""
+    import torch
+
+    parsed = torch.device(device)
+    fix = "use --device cpu (device: cpu), or auto for the GPU when there is one"
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise TBAInputError(field, f"{device}: torch sees no CUDA GPU on this machine", fix)
+        if parsed.index is not None and parsed.index >= count:
+            raise TBAInputError(field, f"{device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}",
+                                fix)
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise TBAInputError(field, f"{device}: torch sees no Apple GPU (mps) on this machine", fix)
 
 
 Device = Annotated[str, AfterValidator(resolve_device)]

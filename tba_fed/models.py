@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import timm
@@ -94,3 +95,14 @@ def _freeze(model: nn.Module, config: ModelConfig) -> nn.Module:
         p.requires_grad_(False)
     _logger.info("model %s: %.2fM parameters", config.name, sum(p.numel() for p in model.parameters()) / 1e6)
     return model.eval()
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 of every tensor of the model's state (name, dtype, shape and bytes): the identity of the weights
+    whatever their source (seeded init, hub, checkpoint, offline), so results can be bound to them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -162,7 +162,7 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
     """The whole federated run; returns the report that is also written to ``config.output``.
     `superlink_checks`: what the production ServerApp verified of the SuperLink before round 1 (reported)."""
     fed = config.federation
-    check_output_dir(config.output, overwrite=config.overwrite)  # fail before any site works, not after
+    check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)  # fail before any site works, not after
     grid = BoundedGrid(grid, patience=fed.round_timeout)  # no call waits forever for a SuperLink that is gone
     model = create_model(config.model)
     adapter = ViTAdapter(model)

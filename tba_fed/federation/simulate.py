@@ -26,6 +26,7 @@ import yaml
 from torch import nn
 
 from ..adapter import ViTAdapter
+from ..config import check_device
 from ..data import build_dataset
 from ..errors import TBAInputError
 from ..fileio import check_output_dir
@@ -33,7 +34,7 @@ from ..models import create_model
 from ..partition import log_histograms
 from .config import FederatedRunConfig, fixed_plan, load_federated_config
 from .profile import development_run
-from .site import simulated_indices
+from .site import simulated_indices, simulated_site
 
 _logger = logging.getLogger(__name__)
 FEDERATION = "tba-fed-sim"
@@ -155,7 +156,10 @@ def simulate(config_path: str | Path, *, timeout: float | None = None) -> tuple[
     # a bad config fails before anything starts; the resolved YAML handed to Flower says profile: development
     config = absolute_paths(development_run(load_federated_config(Path(config_path))))
     fed = config.federation
-    check_output_dir(config.output, overwrite=config.overwrite)
+    check_device(config.device)  # the simulated sites' device is this machine's
+    check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)
+    for site in range(fed.num_sites):  # where each simulated site installs the maps, beside the run's output
+        check_output_dir(simulated_site(config, site)[1] / "compressed", kind="compressed", overwrite=True)
     model = create_model(config.model)
     fixed_plan(config, ViTAdapter(model).num_blocks)  # a bad plan fails here, not after the SuperLink started
     log_site_histograms(config, model)

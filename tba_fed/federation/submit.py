@@ -73,7 +73,7 @@ def plan_submission(config_path: Path, *, connection: str = CONNECTION, stream: 
         raise TBAInputError("output", f"{config.output} is relative: the ServerApp would resolve it against its own "
                                       "working directory, not this one", "give an absolute path, e.g. "
                                                                          "/srv/tba-fed/server-out")
-    check_output_dir(config.output, overwrite=config.overwrite)  # refused now, not after the sites spent budget
+    check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)  # refused now, not after sites spent budget
     name = check_name(connection)
     entry = connection_entry(superlink)
     flower_config = flower_config_path()
