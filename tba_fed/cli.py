@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import logging
+import math
 import shlex
 import sys
 import time
@@ -15,7 +16,7 @@ import yaml
 
 from . import __version__
 from .checkpoint import save_compressed
-from .config import RunConfig, load_config, merge_overrides
+from .config import RunConfig, load_config, load_yaml, merge_overrides, yaml_error_text
 from .data import build_dataset, calibration_split, make_loader
 from .errors import TBAInputError
 from .fileio import atomic_directory, check_output_dir
@@ -32,9 +33,20 @@ def _key_value(text: str) -> tuple[str, Any]:
     if not equals or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), load_yaml(value)
     except yaml.YAMLError as err:
-        raise argparse.ArgumentTypeError(f"{key.strip()}: cannot read the value {value!r} ({err})") from None
+        raise argparse.ArgumentTypeError(f"{key.strip()}: cannot read the value {value!r}{yaml_error_text(err)}") from None
+
+
+def _positive_days(text: str) -> float:
+    """A finite positive number of days (argparse's float takes inf and nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number of days")
+    return value
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +148,7 @@ def run_demo(output: Path) -> None:
     from .federation.simulate import simulate
 
     resources = importlib.resources.files("tba_fed").joinpath("configs")
-    federated = yaml.safe_load(resources.joinpath("demo-federated.yaml").read_text())
+    federated = load_yaml(resources.joinpath("demo-federated.yaml").read_text())
     federated["output"] = str(output / "federated")
     path = output / "demo-federated.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +156,7 @@ def run_demo(output: Path) -> None:
     _, folder = simulate(path)
     print((folder / "report.md").read_text())
     table = ExperimentConfig.model_validate(
-        merge_overrides(yaml.safe_load(resources.joinpath("demo-table1.yaml").read_text()),
+        merge_overrides(load_yaml(resources.joinpath("demo-table1.yaml").read_text()),
                         {"output": str(output / "table1")}))
     table_folder = run_experiment(table)
     print((table_folder / "table.md").read_text())
@@ -300,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "problem")
     p.add_argument("config", type=Path, help="a site YAML (it has name:) or a run YAML")
     p.add_argument("--as", dest="kind", choices=["site", "server"], help="what the YAML describes (default: detected)")
-    p.add_argument("--expiry-days", type=float, default=30.0, metavar="N",
+    p.add_argument("--expiry-days", type=_positive_days, default=30.0, metavar="N",
                    help="a certificate expiring within N days is a problem (default 30)")
     p = sub.add_parser("superlink", help="run flower-superlink as the run YAML's superlink section says, and register "
                                          "the sites' keys")
