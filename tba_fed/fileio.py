@@ -1,4 +1,5 @@
-"""Atomic outputs: a result directory appears whole or not at all."""
+"""Files: atomic outputs (a result directory appears whole or not at all), and tensor files read with
+errors that name them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from .errors import TBAInputError
 
@@ -73,3 +76,24 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_input_file(path: Path, field: str, fix: str) -> None:
+    """`path` must be an existing regular file: a missing one or a directory is named as such."""
+    if path.is_dir():
+        raise TBAInputError(field, f"{path} is a directory, not a file", fix)
+    if not path.is_file():
+        raise TBAInputError(field, f"{path} does not exist", fix)
+
+
+def read_safetensors(path: Path, field: str, fix: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing, truncated or foreign file is a TBAInputError naming it
+    (the format holds raw tensors only, so nothing in it can run code)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_input_file(path, field, fix)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise TBAInputError(field, f"{path} is not a readable safetensors file ({err})", fix) from None
