@@ -269,17 +269,19 @@ def run_site_init(site_config: Path) -> None:
 def run_audit(command: str, log: Path, against: Path | None = None, head: str | None = None) -> int:
     """``audit verify``: every problem, exit 1 if any; ``audit show``: the log as a table."""
     from .audit import check_chain
-    from .federation.audit_check import audit_table, cross_check
+    from .federation.audit_check import audit_table, cross_check, read_entries
 
     check = check_chain(log, head=head)
     if command == "show":
         print(audit_table(check))
         return 0
     problems, matched = list(check.problems), ""
-    if against is not None:
+    if against is None:
+        problems += read_entries(check).problems
+    else:
         other = check_chain(against)
         problems += other.problems
-        found, matched = cross_check(check, other)
+        found, matched = cross_check(check, other)  # names the entries of either log that do not fit their role
         problems += found
     for problem in problems:
         print(problem)
