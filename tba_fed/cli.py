@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import logging
+import math
 import shlex
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import yaml
 
 from . import __version__
 from .checkpoint import save_compressed
-from .config import RunConfig, check_device, load_config, merge_overrides
+from .config import RunConfig, check_device, load_config, load_yaml, merge_overrides, yaml_error_text
 from .data import build_dataset, calibration_split, make_loader
 from .errors import TBAInputError
 from .fileio import atomic_directory, check_output_dir
@@ -33,9 +34,20 @@ def _key_value(text: str) -> tuple[str, Any]:
     if not equals or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), load_yaml(value)
     except yaml.YAMLError as err:
-        raise argparse.ArgumentTypeError(f"{key.strip()}: cannot read the value {value!r} ({err})") from None
+        raise argparse.ArgumentTypeError(f"{key.strip()}: cannot read the value {value!r}{yaml_error_text(err)}") from None
+
+
+def _positive_days(text: str) -> float:
+    """A finite positive number of days (argparse's float takes inf and nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number of days")
+    return value
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -141,10 +153,10 @@ def run_demo(output: Path) -> None:
     from .federation.simulate import simulate
 
     resources = importlib.resources.files("tba_fed").joinpath("configs")
-    federated = yaml.safe_load(resources.joinpath("demo-federated.yaml").read_text())
+    federated = load_yaml(resources.joinpath("demo-federated.yaml").read_text())
     federated["output"] = str(output / "federated")
     table = ExperimentConfig.model_validate(
-        merge_overrides(yaml.safe_load(resources.joinpath("demo-table1.yaml").read_text()),
+        merge_overrides(load_yaml(resources.joinpath("demo-table1.yaml").read_text()),
                         {"output": str(output / "table1")}))
     check_output_dir(output / "federated", kind="compressed", overwrite=federated["overwrite"])
     check_experiment(table)
@@ -264,17 +276,19 @@ def run_site_init(site_config: Path) -> None:
 def run_audit(command: str, log: Path, against: Path | None = None, head: str | None = None) -> int:
     """``audit verify``: every problem, exit 1 if any; ``audit show``: the log as a table."""
     from .audit import check_chain
-    from .federation.audit_check import audit_table, cross_check
+    from .federation.audit_check import audit_table, cross_check, read_entries
 
     check = check_chain(log, head=head)
     if command == "show":
         print(audit_table(check))
         return 0
     problems, matched = list(check.problems), ""
-    if against is not None:
+    if against is None:
+        problems += read_entries(check).problems
+    else:
         other = check_chain(against)
         problems += other.problems
-        found, matched = cross_check(check, other)
+        found, matched = cross_check(check, other)  # names the entries of either log that do not fit their role
         problems += found
     for problem in problems:
         print(problem)
@@ -308,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "problem")
     p.add_argument("config", type=Path, help="a site YAML (it has name:) or a run YAML")
     p.add_argument("--as", dest="kind", choices=["site", "server"], help="what the YAML describes (default: detected)")
-    p.add_argument("--expiry-days", type=float, default=30.0, metavar="N",
+    p.add_argument("--expiry-days", type=_positive_days, default=30.0, metavar="N",
                    help="a certificate expiring within N days is a problem (default 30)")
     p = sub.add_parser("superlink", help="run flower-superlink as the run YAML's superlink section says, and register "
                                          "the sites' keys")

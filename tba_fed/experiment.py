@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from .adapter import ViTAdapter
 from .calibrate import collect_span_stats
 from .compressed import parameter_report
-from .config import DataConfig, Device, ModelConfig, _Section, check_device, read_yaml, validate
+from .config import (MAX_BATCH, MAX_IMAGES, DataConfig, Device, ModelConfig, Seed, _Section, check_device,
+                     read_yaml, validate)
 from .data import build_dataset
 from .errors import TBAInputError
 from .fileio import open_output_dir, owned_files, writable_location, write_owned
@@ -60,16 +61,16 @@ class ExperimentConfig(_Section):
     model: ModelConfig
     datasets: list[DatasetSpec] = Field(min_length=1)
     approximations: list[str] = Field(default_factory=lambda: list(PAPER_APPROXIMATIONS), min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    calibration_images: int = Field(500, ge=1)
-    probe_train_images: int = Field(3000, ge=1)
-    probe_test_images: int = Field(1000, ge=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    calibration_images: int = Field(500, ge=1, le=MAX_IMAGES)
+    probe_train_images: int = Field(3000, ge=1, le=MAX_IMAGES)
+    probe_test_images: int = Field(1000, ge=1, le=MAX_IMAGES)
     identity_baseline: bool = True
     token_mode: str = "all"
     bias: bool = True
     ridge: float = Field(0.0, ge=0)
     probe_ridge: float = Field(1e-6, ge=0)
-    batch_size: int = Field(50, ge=1)
+    batch_size: int = Field(50, ge=1, le=MAX_BATCH)
     device: Device = "cpu"
     output: Path = Path("outputs/experiment")
 

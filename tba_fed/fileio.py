@@ -5,6 +5,8 @@ The marker, ``tba-fed-output.json``, names the kind of output (``format: tba-fed
 file tba-fed wrote with its sha256 (or null for a file tba-fed appends to and whose reader checks it line by
 line, the experiment's ``rows.jsonl``). A file that is not listed, is not a regular file, or no longer has its
 recorded sha256 is someone else's: the directory is then refused, never replaced.
+
+Tensor files are read with errors that name them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+
+import torch
 
 from . import __version__
 from .errors import TBAInputError
@@ -231,3 +235,24 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_input_file(path: Path, field: str, fix: str) -> None:
+    """`path` must be an existing regular file: a missing one or a directory is named as such."""
+    if path.is_dir():
+        raise TBAInputError(field, f"{path} is a directory, not a file", fix)
+    if not path.is_file():
+        raise TBAInputError(field, f"{path} does not exist", fix)
+
+
+def read_safetensors(path: Path, field: str, fix: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a missing, truncated or foreign file is a TBAInputError naming it
+    (the format holds raw tensors only, so nothing in it can run code)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_input_file(path, field, fix)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise TBAInputError(field, f"{path} is not a readable safetensors file ({err})", fix) from None

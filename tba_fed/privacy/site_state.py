@@ -96,7 +96,7 @@ def open_state(folder: Path, site: str, ledger: Path) -> SiteState:
             raise ValueError(f"unknown format {marker.get('format')!r}")
     except FileNotFoundError:
         raise TBAInputError("state", f"{folder} holds no initialised site state: this site makes no release", INIT) from None
-    except (OSError, ValueError, AttributeError) as err:
+    except (OSError, ValueError, AttributeError, RecursionError) as err:
         raise TBAInputError("state", f"{folder / MARKER} is unreadable ({err}): this site makes no release",
                           "restore the state directory from backup") from None
     recorded = Path(str(marker.get("ledger", "")))
