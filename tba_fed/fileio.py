@@ -12,6 +12,14 @@ from pathlib import Path
 
 from .errors import TBAInputError
 
+
+def cache_dir() -> Path:
+    """Where downloaded and converted assets and crash reports live: ``$TBA_FED_CACHE`` or ``~/.cache/tba-fed``
+    (never the repo)."""
+    env = os.environ.get("TBA_FED_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tba-fed"
+
+
 MARKER = "manifest.yaml"
 
 
