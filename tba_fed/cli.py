@@ -6,10 +6,13 @@ import argparse
 import importlib.resources
 import logging
 import math
+import os
 import shlex
 import sys
 import tempfile
 import time
+import traceback
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,8 @@ from . import __version__
 from .checkpoint import save_compressed
 from .config import RunConfig, check_device, load_config, load_yaml, merge_overrides, yaml_error_text
 from .data import build_dataset, calibration_split, make_loader
-from .errors import TBAInputError
-from .fileio import atomic_directory, check_output_dir
+from .errors import TBAInputError, TBARunError, one_line
+from .fileio import atomic_directory, cache_dir, check_output_dir
 from .models import create_model
 from .pipeline import analyze, calibrate, choose_plan
 from .report import similarity_markdown, write_similarity
@@ -146,7 +149,7 @@ def run_compress(config: RunConfig) -> Path:
     return config.output
 
 
-def run_demo(output: Path) -> None:
+def run_demo(output: Path, tracebacks: bool) -> None:
     """Both halves of the mission on the embedded defaults: a federated run, then a short Table 1. Both output
     directories (in `output`, beside whatever else it holds) are checked before either half starts."""
     from .experiment import ExperimentConfig, check_experiment, run_experiment
@@ -163,7 +166,7 @@ def run_demo(output: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="tba-fed-demo-") as tmp:  # simulate hands Flower its own copy
         path = Path(tmp) / "demo-federated.yaml"
         path.write_text(yaml.safe_dump(federated, sort_keys=False))
-        _, folder = simulate(path)
+        _, folder = simulate(path, out=sys.stdout, tracebacks=tracebacks)
     print((folder / "report.md").read_text())
     table_folder = run_experiment(table)
     print((table_folder / "table.md").read_text())
@@ -191,10 +194,10 @@ def run_prepare(force: bool) -> None:
     print(f"dinov2-s-imgfocus: verified weights at {path}")
 
 
-def run_simulate(config: Path) -> None:
+def run_simulate(config: Path, tracebacks: bool) -> None:
     from .federation.simulate import simulate
 
-    report, output = simulate(config)
+    report, output = simulate(config, out=sys.stdout, tracebacks=tracebacks)
     print((output / "report.md").read_text())
     print(f"federated run of {report['federation']['sites_connected']} sites: compressed model and report in {output}/")
 
@@ -233,14 +236,14 @@ def run_supernode(config: Path, print_only: bool) -> int:
     return launch(site, config)
 
 
-def run_submit(config: Path, print_only: bool, stream: bool, connection: str) -> int:
+def run_submit(config: Path, print_only: bool, stream: bool, connection: str, tracebacks: bool) -> int:
     from .federation.submit import describe, plan_submission, submit
 
     submission = plan_submission(config, connection=connection, stream=stream)
     if print_only:
         print(describe(submission))
         return 0
-    return submit(submission, sys.stdout)
+    return submit(submission, sys.stdout, tracebacks)
 
 
 def run_privacy_report(site_config: Path) -> None:
@@ -303,7 +306,8 @@ def run_audit(command: str, log: Path, against: Path | None = None, head: str | 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tba-fed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tba-fed {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an unexpected error (else only written to a file)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("analyze", help="similarity of every block pair (table, JSON, PNG heatmap)")
     _add_run_flags(p)
@@ -378,11 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             run_prepare(args.force)
         elif args.command == "demo":
-            run_demo(args.output)
+            run_demo(args.output, args.verbose)
         elif args.command == "experiment":
             run_experiment_command(args.config, args.output)
         elif args.command == "simulate":
-            run_simulate(args.config)
+            run_simulate(args.config, args.verbose)
         elif args.command == "privacy":
             run_privacy_report(args.site_config)
         elif args.command == "site":
@@ -396,21 +400,56 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "supernode":
             return run_supernode(args.config, args.print_only)
         elif args.command == "submit":
-            return run_submit(args.config, args.print_only, args.stream, args.connection)
+            return run_submit(args.config, args.print_only, args.stream, args.connection, args.verbose)
         elif args.command == "analyze":
             run_analyze(_config_from_args(args), args.metric_name)
         else:
             run_compress(_config_from_args(args))
     except TBAInputError as err:
-        print(f"tba-fed: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        if type(err).__name__ not in ("SimulationError", "FederationError", "LaunchError", "SubmitError"):
-            raise
-        print(f"tba-fed: error: {err}", file=sys.stderr)
+        return _error(err, 2)
+    except (TBARunError, OSError) as err:  # a run that could not finish, a file system or network that failed it
+        return _error(err, 1)
+    except KeyboardInterrupt:
+        print("tba-fed: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: one line here, the traceback in a file (and here with --verbose)
+        report = _crash_report(err, sys.argv[1:] if argv is None else argv)
+        if args.verbose:
+            traceback.print_exception(err, file=sys.stderr)
+        where = f"the traceback is in {report}" if report is not None else "no file could hold the traceback"
+        print(f"tba-fed: error: unexpected {type(err).__name__}: {one_line(str(err), 300)} (a bug in tba-fed: {where}; "
+              "tba-fed -v prints it; please report it)", file=sys.stderr)
         return 1
     _logger.info("done in %.1f s", time.perf_counter() - start)
     return 0
+
+
+def _error(err: Exception, code: int) -> int:
+    """An anticipated error as one line: exit 2 for bad input, 1 for a run that failed."""
+    text = str(err)
+    if isinstance(err, OSError):
+        from .federation.certificates import describe_os_error
+
+        text = describe_os_error(err) + (f": {err.filename}" if err.filename else "")
+    print(f"tba-fed: error: {one_line(text, 4000)}", file=sys.stderr)
+    return code
+
+
+def _crash_report(err: BaseException, argv: list[str]) -> Path | None:
+    """Write an unanticipated error's traceback to a new file in the cache (else the temporary directory), so the
+    user sees one line and can still send the whole; None if neither can be written."""
+    text = (f"tba-fed {__version__}, {datetime.now(timezone.utc).isoformat()}\ncommand: {shlex.join(['tba-fed', *argv])}\n\n"
+            + "".join(traceback.format_exception(err)))
+    for folder in (cache_dir() / "crashes", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(prefix="tba-fed-crash-", suffix=".log", dir=folder)
+            with os.fdopen(handle, "w") as file:
+                file.write(text)
+            return Path(name)
+        except OSError:
+            continue
+    return None
 
 
 if __name__ == "__main__":

@@ -31,6 +31,14 @@ from .errors import TBAInputError
 
 _logger = logging.getLogger(__name__)
 
+
+def cache_dir() -> Path:
+    """Where downloaded and converted assets and crash reports live: ``$TBA_FED_CACHE`` or ``~/.cache/tba-fed``
+    (never the repo)."""
+    env = os.environ.get("TBA_FED_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tba-fed"
+
+
 MARKER = "tba-fed-output.json"
 KINDS = {"compressed": "a compressed model", "similarity": "a similarity analysis", "experiment": "an experiment"}
 _SHA256 = re.compile("^[0-9a-f]{64}$")
