@@ -20,7 +20,7 @@ the tool's outputs changed. Numbering continues parts 1-3 (test_bad_inputs_confi
 |     | error of Flower's own (a crashed ClientApp)                              | Flower's own reasons on one line           |
 | 305 | a failure reply carrying arrays, an unknown status, a reason with line   | rejected (failure, failure.status); one    |
 |     | breaks, colour codes and pipes                                           | table row, pipes escaped                   |
-| 306 | an unexpected exception in a CLI command (a ledger holding ``[]``)       | exit 1, one line naming the traceback's    |
+| 306 | an unexpected exception in a CLI command (a bug planted in one)          | exit 1, one line naming the traceback's    |
 |     |                                                                          | file; -v prints the traceback              |
 | 307 | Flower's log with a ServerApp's chained traceback and a Ray task's one   | frames left out, each exception's line     |
 """
@@ -296,19 +296,30 @@ def test_305_a_failure_reason_with_line_breaks_colour_codes_and_pipes_is_one_tab
 
 # ------------------------------------------------------------------------------------- 306-307 the CLI
 
+BUG = """
+import sys
+import tba_fed.cli as cli
+
+def run_privacy_report(site_config):  # stands in for a bug reached by some input nobody anticipated
+    {}.get("site").get("name")
+
+cli.run_privacy_report = run_privacy_report
+raise SystemExit(cli.main())
+"""
+
+
 def test_306_an_unexpected_exception_is_one_line_naming_the_file_with_its_traceback(tmp_path):
-    """A corrupt but parseable ledger (``[]``) reaches code that raises AttributeError: on c272bf5 the user got
-    the traceback. The crash report goes to $TBA_FED_CACHE/crashes, the tool's own directory."""
-    ledger = tmp_path / "ledger.json"
-    ledger.write_text("[]\n")
+    """A bug in a command (here planted in `privacy report`, since every input found to reach one is now refused
+    cleanly: a ledger holding ``[]`` was one, on c272bf5) gives one line naming a crash file, not a traceback. The
+    crash report goes to $TBA_FED_CACHE/crashes, the tool's own directory."""
     site = tmp_path / "site.yaml"
     site.write_text(yaml.safe_dump({"name": "h", "profile": "development", "data": {"source": "synthetic"},
-                                    "output": str(tmp_path / "out"), "privacy": {"epsilon": 1.0, "ledger": str(ledger)}}))
+                                    "output": str(tmp_path / "out"), "privacy": {"epsilon": 1.0}}))
     env = {**os.environ, "TBA_FED_CACHE": str(tmp_path / "cache")}
     runs = []
-    with unchanged([ledger, site]):
+    with unchanged([site]):
         for flags in ((), ("-v",)):
-            runs.append(subprocess.run([sys.executable, "-m", "tba_fed.cli", *flags, "privacy", "report", str(site)],
+            runs.append(subprocess.run([sys.executable, "-c", BUG, *flags, "privacy", "report", str(site)],
                                        capture_output=True, text=True, timeout=300, env=env))
     assert "Traceback" not in runs[0].stderr and runs[0].stderr.strip().count("\n") == 0, runs[0].stderr[-3000:]
     reports = sorted((tmp_path / "cache" / "crashes").iterdir())
@@ -316,14 +327,15 @@ def test_306_an_unexpected_exception_is_one_line_naming_the_file_with_its_traceb
     for done in runs:
         assert done.returncode == 1 and done.stdout == ""
         last = done.stderr.strip().splitlines()[-1]
-        found = re.fullmatch(r"tba-fed: error: unexpected AttributeError: 'list' object has no attribute 'get' \(a bug in "
-                             r"tba-fed: the traceback is in (\S+); tba-fed -v prints it; please report it\)", last)
+        found = re.fullmatch(r"tba-fed: error: unexpected AttributeError: 'NoneType' object has no attribute 'get' "
+                             r"\(a bug in tba-fed: the traceback is in (\S+); tba-fed -v prints it; please report it\)",
+                             last)
         assert found and Path(found[1]) in reports, last
         written = Path(found[1]).read_text()
         assert written.startswith("tba-fed ") and f"command: tba-fed {'-v ' if '-v' in done.args else ''}privacy " \
                                                     f"report {site}\n" in written
         assert "Traceback (most recent call last):" in written and written.rstrip().endswith(
-            "AttributeError: 'list' object has no attribute 'get'")
+            "AttributeError: 'NoneType' object has no attribute 'get'")
     assert "Traceback (most recent call last):" in runs[1].stderr  # -v shows it as well
 
 
