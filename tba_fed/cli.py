@@ -14,7 +14,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -40,6 +40,13 @@ def _key_value(text: str) -> tuple[str, Any]:
         return key.strip(), load_yaml(value)
     except yaml.YAMLError as err:
         raise argparse.ArgumentTypeError(f"{key.strip()}: cannot read the value {value!r}{yaml_error_text(err)}") from None
+
+
+def _sha256_hex(text: str) -> str:
+    """An audit head as printed after a run: 64 lowercase hex digits (a typo is refused, not reported missing)."""
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a head (64 hex digits, as printed after a run)")
+    return text
 
 
 def _positive_days(text: str) -> float:
@@ -128,19 +135,19 @@ def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
 
 
 def run_compress(config: RunConfig) -> Path:
-    check_device(config.device)  # before any work, not after it
+    if config.plan is None and config.budget is None:  # before any work, not after it
+        raise TBAInputError("plan", "give a plan or a budget", 'e.g. --plan "1->2" or --budget-blocks 2')
+    check_device(config.device)
     check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)
     model, calibration, holdout = _prepare(config)
     similarity = None
     if config.plan is not None:
         plan = config.plan
-    elif config.budget is not None:
+    else:
         similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
         plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
                            metric=config.budget.metric, bias=config.bias)
         _logger.info("chosen plan for the budget: %s", plan)
-    else:
-        raise TBAInputError("plan", "give a plan or a budget", 'e.g. --plan "1->2" or --budget-blocks 2')
     result = calibrate(model, plan, calibration, holdout, token_mode=config.token_mode, bias=config.bias,
                        ridge=config.ridge, identity=config.identity_spans or "", device=config.device, source=config.model)
     save_compressed(result, config.output, overwrite=config.overwrite, similarity=similarity)
@@ -303,8 +310,15 @@ def run_audit(command: str, log: Path, against: Path | None = None, head: str | 
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the flag and where the flags are listed, not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tba-fed", description=__doc__)
+    parser = _Parser(prog="tba-fed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tba-fed {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and the traceback of an unexpected error (else only written to a file)")
@@ -360,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", type=Path, metavar="OTHER_LOG",
                    help="the counterpart's log (the server's for a site log, a site's for the server's): "
                         "catches entries cut from either end and mismatched hashes")
-    p.add_argument("--head", metavar="HASH", help="a head recorded earlier (e.g. printed after a run): "
+    p.add_argument("--head", metavar="HASH", type=_sha256_hex, help="a head recorded earlier (e.g. printed after a run): "
                                                   "the log must still contain that entry")
     p = audit.add_parser("show", help="print the log as a table: runs, rounds, statuses, what was released")
     p.add_argument("log", type=Path, help="the audit log")
