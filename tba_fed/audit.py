@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import load_json
 from .errors import TBAInputError
 from .privacy.ledger import now
 
@@ -134,7 +135,7 @@ def _check_bytes(path: Path, data: bytes, *, head: str | None = None, after: _Ve
         def problem(message: str, seq: int | None = None, line: int = number) -> None:
             check.problems.append(Problem(path, line, seq, message))
         try:
-            entry = json.loads(raw)
+            entry = load_json(raw)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
             problem("not a JSON entry (edited or corrupted)")
             continue

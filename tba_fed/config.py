@@ -8,6 +8,7 @@ that size memory or processes (images, batch, workers, classes, seeds) have a ce
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -275,6 +276,21 @@ def load_yaml(text: str) -> Any:
     """The one YAML parser of tba-fed: safe (no Python objects), and a key given twice is an error, never
     "the last one wins" (a policy with ``epsilon: 1.0`` then ``epsilon: 1000.0`` must not mean 1000)."""
     return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no Python tags
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key[:80]!r} given twice")
+        seen[key] = value
+    return seen
+
+
+def load_json(text: str | bytes) -> Any:
+    """The one JSON parser of tba-fed for the files it reads back (ledgers, audit logs, markers, rows): like
+    ``load_yaml``, a key given twice is an error (a ValueError), never "the last one wins"."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
 
 
 def yaml_error_text(err: yaml.YAMLError) -> str:

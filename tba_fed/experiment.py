@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .adapter import ViTAdapter
 from .calibrate import collect_span_stats
 from .compressed import parameter_report
-from .config import (MAX_BATCH, MAX_IMAGES, DataConfig, Device, ModelConfig, Seed, _Section, check_device,
+from .config import (MAX_BATCH, MAX_IMAGES, DataConfig, Device, ModelConfig, Seed, _Section, check_device, load_json,
                      read_yaml, validate)
 from .data import build_dataset
 from .errors import TBAInputError
@@ -300,9 +300,9 @@ def read_rows(path: Path, keys: Mapping[str, str]) -> list[dict]:
 def _row(path: Path, number: int, line: bytes, keys: Mapping[str, str]) -> dict:
     where, fix = f"{path} line {number}", "remove that line to redo its seed, or give the run another output directory"
     try:
-        row = json.loads(line)
+        row = load_json(line)
     except (ValueError, RecursionError) as err:
-        raise TBAInputError("output", f"{where} is not JSON ({type(err).__name__})", fix) from None
+        raise TBAInputError("output", f"{where} is not a JSON row ({type(err).__name__}: {str(err)[:120]})", fix) from None
     if not isinstance(row, dict):
         raise TBAInputError("output", f"{where} is not a row (a JSON object)", fix)
     try:

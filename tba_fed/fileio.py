@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .config import load_json
 from .errors import TBAInputError
 
 _logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def _read_marker(path: Path, kind: str) -> dict[str, str | None]:
     if not stat.S_ISREG(marker.lstat().st_mode):
         raise unreadable("not a regular file")
     try:
-        data = json.loads(marker.read_bytes())
+        data = load_json(marker.read_bytes())
     except (OSError, ValueError, RecursionError) as err:
         raise unreadable(f"{type(err).__name__}: {err}"[:200]) from None
     found = data.get("format") if isinstance(data, dict) else None

@@ -113,6 +113,11 @@ DataLoader workers without end for it.
 | 292 | num_classes ``10**30``                                             | data.num_classes                          |
 | 293 | num_workers ``10**30``                                             | data.num_workers                          |
 | 294 | a negative data seed with a subset of a real source                | data.seed                                 |
+|     | **JSON files tba-fed reads back: a key given twice**               |                                           |
+| 295 | a ledger entry giving ``noise_multiplier`` twice                   | privacy.ledger                            |
+| 296 | an audit entry giving ``status`` twice (same value: hash intact)   | the line: not a JSON entry (exit 1)       |
+| 297 | an output marker giving ``format`` twice                           | output (nothing touched)                  |
+| 298 | a site state marker giving ``ledger`` twice                        | state                                     |
 """
 
 from __future__ import annotations
@@ -250,7 +255,8 @@ def test_207_a_key_twice_inside_a_model_arg_value(tmp_path, capsys):
                          "-o", str(tmp_path / "out")], capsys, [tmp_path])
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1].endswith("error: argument --model-arg: img_size: cannot read the value "
-                                         "'{a: 1, a: 2}' at line 1, column 8: found duplicate key 'a'")
+                                         "'{a: 1, a: 2}' at line 1, column 8: found duplicate key 'a' "
+                                         "(see tba-fed compress --help)")
 
 
 def test_a_key_merged_in_and_then_overridden_keeps_its_yaml_meaning(tmp_path):
@@ -329,7 +335,8 @@ def test_220_a_nan_model_kwarg(tmp_path):
 def test_221_preflight_with_infinite_expiry_days(tmp_path, capsys):
     code, _, err = _cli(["preflight", str(_site(tmp_path, {})), "--expiry-days", "inf"], capsys, [tmp_path])
     assert code == 2 and "Traceback" not in err
-    assert err.splitlines()[-1].endswith("error: argument --expiry-days: 'inf' is not a positive finite number of days")
+    assert err.splitlines()[-1].endswith("error: argument --expiry-days: 'inf' is not a positive finite number of days "
+                                         "(see tba-fed preflight --help)")
 
 
 def test_222_a_run_epsilon_no_accountant_can_compose(tmp_path):
@@ -651,7 +658,9 @@ LEDGER_FIX = "(restore the ledger from backup; never delete it to reset a budget
      "entries.1.epsilon_run: Input should be a finite number"),
     (_ledger_text(_entry(images="many")), "entries.0.images: Input should be a valid integer"),         # 270
     ('{"format": "' + LEDGER_FORMAT + '", "entries": ' + "[" * 100_000 + "]" * 100_000 + "}",          # 271
-     "recursion limit exceeded"),
+     "RecursionError: maximum recursion depth exceeded"),
+    (_ledger_text(_entry()).replace('"noise_multiplier": 2.0', '"noise_multiplier": 50.0, "noise_multiplier": 2.0'),
+     "ValueError: key 'noise_multiplier' given twice"),                                                 # 295
 ])
 def test_261_271_privacy_report_on_a_ledger_that_is_not_one(tmp_path, capsys, text, reason):
     ledger = _write(tmp_path / "ledger.json", text)
@@ -709,6 +718,41 @@ def test_273_a_line_nested_too_deep_is_a_problem_of_the_log(tmp_path, capsys):
     code, out, err = _cli(["audit", "verify", str(log)], capsys, [tmp_path])
     assert code == 1 and "Traceback" not in err
     assert out.splitlines() == [f"{log}:2: not a JSON entry (edited or corrupted)"]
+
+
+def test_296_an_audit_entry_giving_a_key_twice_is_a_problem_of_the_log(tmp_path, capsys):
+    """The hash covers the parsed entry, so a duplicated key with the same value left the chain intact on c272bf5;
+    a reader keeping the first value instead of the last would see another entry."""
+    log = _log(tmp_path / "audit.jsonl", _site_event())
+    log.write_text(log.read_text().replace('"status": "ok"', '"status": "ok", "status": "ok"', 1))
+    code, out, err = _cli(["audit", "verify", str(log)], capsys, [tmp_path])
+    assert code == 1 and "Traceback" not in err
+    assert out.splitlines() == [f"{log}:1: not a JSON entry (edited or corrupted)"]
+
+
+def test_297_an_output_marker_giving_a_key_twice_is_not_tba_feds(tmp_path):
+    from tba_fed.fileio import MARKER, check_output_dir
+
+    out = tmp_path / "out"
+    _write(out / "notes.txt", "kept\n")
+    _write(out / MARKER, '{"format": "tba-fed/experiment/1", "format": "tba-fed/compressed/1", "files": {"notes.txt": null}}')
+    with refused("output", untouched=[tmp_path]) as info:
+        check_output_dir(out, kind="compressed", overwrite=True)
+    assert "key 'format' given twice" in str(info.value)
+
+
+def test_298_a_site_state_marker_giving_a_key_twice(tmp_path):
+    from tba_fed.privacy.site_state import MARKER, initialise, open_state
+
+    state, ledger = tmp_path / "state", tmp_path / "ledger.json"
+    initialise(state, "hospital-a", ledger)
+    marker = json.loads((state / MARKER).read_text())
+    text = json.dumps(marker)
+    (state / MARKER).write_text(text.replace('"ledger": ', f'"ledger": {json.dumps(str(tmp_path / "other.json"))}, '
+                                                           '"ledger": ', 1))
+    with refused("state", untouched=[tmp_path]) as info:
+        open_state(state, "hospital-a", ledger)
+    assert "key 'ledger' given twice" in str(info.value)
 
 
 def test_274_audit_show_counts_a_line_nested_too_deep(tmp_path, capsys):

@@ -37,6 +37,7 @@ that tba-fed finishes correctly instead.
 | 125 | a line that is not JSON, in the middle of the file                                 | output (file, line)      |
 | 126 | a JSON line that is not an object                                                  | output (file, line)      |
 | 127 | a deeply nested JSON line (was a RecursionError)                                   | output (file, line)      |
+| 150 | a JSON line giving a key twice (the last would win)                                | output (file, line)      |
 | 128 | a row of this configuration with accuracy 1.5                                      | output (line, accuracy)  |
 | 129 | a row of this configuration with accuracy as a string                              | output (line, accuracy)  |
 | 130 | a row of this configuration with a field run_seed never writes                     | output (line, field)     |
@@ -429,10 +430,12 @@ def test_122_123_124_rows_of_another_configuration(resumed, tmp_path, capsys, ch
 
 
 @pytest.mark.parametrize("bad,message", [
-    (b'{"dataset": "synth", "seed": 0, "accuracy": 0.9', "line 2 is not JSON (JSONDecodeError)"),       # 125
+    (b'{"dataset": "synth", "seed": 0, "accuracy": 0.9', "line 2 is not a JSON row (JSONDecodeError: "),  # 125
     (b'["synth", 0, "original", 0.999]', "line 2 is not a row (a JSON object)"),                        # 126
-    (b"[" * 100_000 + b"]" * 100_000, "line 2 is not JSON (RecursionError)"),                           # 127
-], ids=["125-not-json", "126-not-an-object", "127-deeply-nested"])
+    (b"[" * 100_000 + b"]" * 100_000, "line 2 is not a JSON row (RecursionError: "),                    # 127
+    (b'{"dataset": "synth", "dataset": "other", "seed": 0}',                                            # 150
+     "line 2 is not a JSON row (ValueError: key 'dataset' given twice)"),
+], ids=["125-not-json", "126-not-an-object", "127-deeply-nested", "150-a-key-twice"])
 def test_125_126_127_lines_that_are_not_rows(resumed, tmp_path, capsys, bad, message):
     config, rows = resumed
     first, *others = rows.read_bytes().splitlines()
@@ -456,7 +459,7 @@ def test_128_to_131_malformed_rows_with_this_configurations_key(resumed, tmp_pat
 def test_132_rows_that_are_not_utf8(resumed, tmp_path, capsys):
     config, rows = resumed
     _replace_rows(rows, [bytes(range(128, 256))])
-    _rows_refused(config, rows, capsys, tmp_path, 1, "line 1 is not JSON (UnicodeDecodeError)")
+    _rows_refused(config, rows, capsys, tmp_path, 1, "line 1 is not a JSON row (UnicodeDecodeError: ")
 
 
 def test_133_rows_jsonl_is_a_directory(resumed, tmp_path, capsys):

@@ -29,6 +29,7 @@ from typing import Annotated, ClassVar, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..config import load_json
 from ..errors import SiteRefusal, TBAInputError
 from .accounting import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, epsilon_spent, replace_one_epsilon
 
@@ -106,13 +107,17 @@ class PrivacyLedger:
         if not self.path.exists():
             return []
         try:
-            return _LedgerFile.model_validate_json(self.path.read_bytes()).entries
+            raw = self.path.read_bytes()
+            load_json(raw)  # refuses a key given twice, where pydantic's parser keeps the last one
+            return _LedgerFile.model_validate_json(raw).entries
         except OSError as err:
             reason = err.strerror or str(err)
         except ValidationError as err:
             first = err.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             reason = f"{where + ': ' if where else ''}{first['msg']}"
+        except (ValueError, RecursionError) as err:  # not JSON, a key given twice, nested past the parser
+            reason = f"{type(err).__name__}: {err}"[:200]
         raise TBAInputError("privacy.ledger", f"{self.path} is unreadable ({reason}); refusing to release anything",
                             "restore the ledger from backup; never delete it to reset a budget")
 
