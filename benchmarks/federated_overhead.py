@@ -23,6 +23,7 @@ import yaml
 from torch.utils.data import Subset
 
 from tba_fed import analyze, calibrate, choose_plan, create_model, save_compressed, simulate
+from tba_fed.config import load_yaml, read_yaml
 from tba_fed.data import build_dataset, make_loader
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.site import simulated_indices
@@ -52,8 +53,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        raw = yaml.safe_load(args.config.read_text() if args.config else
-                             importlib.resources.files("tba_fed").joinpath("configs/demo-federated.yaml").read_text())
+        raw = read_yaml(args.config) if args.config else \
+            load_yaml(importlib.resources.files("tba_fed").joinpath("configs/demo-federated.yaml").read_text())
         raw.update(output=str(tmp_path / "federated"), overwrite=True, evaluation={"enabled": False})
         path = tmp_path / "run.yaml"
         path.write_text(yaml.safe_dump(raw))

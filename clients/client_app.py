@@ -1,4 +1,5 @@
-"""Flower ClientApp of a tba-fed site: unpack a request, call tba_fed, pack the sums."""
+"""Flower ClientApp of a tba-fed site: unpack a request, call tba_fed, pack the sums. A request the site cannot
+serve is answered with a failure reply (`failures_as_replies`), never an exception."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tba_fed.federation.records import from_record, to_record
 from tba_fed.federation.secure_aggregation import register_secure_fit
 from tba_fed.federation.site import (RunSpec, accuracy_reply, install, probe_reply, resolve_site, run_spec,
                                      secure_statistics, similarity_reply, site_model, statistics_reply)
-from tba_fed.federation.site_audit import audited, audited_secure
+from tba_fed.federation.site_audit import audited, audited_secure, failures_as_replies
 from tba_fed.federation.wire import decode_heads, decode_maps, decode_priors
 from tba_fed.plan import parse_plan
 
@@ -37,7 +38,7 @@ def _reply(msg: Message, site_name: str, **records) -> Message:
     return Message(RecordDict({"meta": ConfigRecord({"site": site_name, **echo(msg)}), **records}), reply_to=msg)
 
 
-@app.query("similarity")
+@app.query("similarity", mods=[failures_as_replies])
 @audited("similarity")
 def similarity(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context, "similarity")
@@ -45,7 +46,7 @@ def similarity(msg: Message, context: Context) -> Message:
                                                                                 _run(msg, config))))
 
 
-@app.query("statistics")
+@app.query("statistics", mods=[failures_as_replies])
 @audited("statistics")
 def statistics(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context, "statistics")
@@ -62,7 +63,7 @@ def _compressed(msg: Message, config, model):
     return maps, build_compressed(model, maps)
 
 
-@app.query("probe")
+@app.query("probe", mods=[failures_as_replies])
 @audited("probe")
 def probe(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context, "probe")
@@ -71,7 +72,7 @@ def probe(msg: Message, context: Context) -> Message:
                                                                       _run(msg, config))))
 
 
-@app.evaluate("accuracy")
+@app.evaluate("accuracy", mods=[failures_as_replies])
 @audited("accuracy")
 def evaluate_accuracy(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context, "accuracy")
@@ -81,7 +82,7 @@ def evaluate_accuracy(msg: Message, context: Context) -> Message:
     return _reply(msg, site.name, accuracy=MetricRecord(accuracy_reply(model, compressed, site, heads, _run(msg, config))))
 
 
-@app.train("install")
+@app.train("install", mods=[failures_as_replies])
 @audited("install")
 def install_maps(msg: Message, context: Context) -> Message:
     config, model, site = _setup(msg, context, None)

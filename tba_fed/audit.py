@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import load_json
 from .errors import TBAInputError
 from .privacy.ledger import now
 
@@ -98,9 +99,16 @@ def check_chain(path: Path, *, head: str | None = None) -> AuditCheck:
     entries twice.
     """
     path = Path(path)
+    fix = "give the path of an audit log (audit.jsonl)"
+    if path.is_dir():
+        raise TBAInputError("audit", f"{path} is a directory", fix)
     if not path.is_file():
-        raise TBAInputError("audit", f"{path} does not exist", "give the path of an audit log (audit.jsonl)")
-    return _check_bytes(path, path.read_bytes(), head=head)
+        raise TBAInputError("audit", f"{path} does not exist", fix)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise TBAInputError("audit", f"{path} cannot be read ({err.strerror or err})", fix) from None
+    return _check_bytes(path, data, head=head)
 
 
 @dataclass(frozen=True)
@@ -127,8 +135,8 @@ def _check_bytes(path: Path, data: bytes, *, head: str | None = None, after: _Ve
         def problem(message: str, seq: int | None = None, line: int = number) -> None:
             check.problems.append(Problem(path, line, seq, message))
         try:
-            entry = json.loads(raw)
-        except ValueError:
+            entry = load_json(raw)
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
             problem("not a JSON entry (edited or corrupted)")
             continue
         if not isinstance(entry, dict) or any(k not in entry for k in REQUIRED) or not isinstance(entry["seq"], int):

@@ -1,32 +1,37 @@
 """Saving and loading compressed models: maps.safetensors + manifest.yaml.
 
 Only the maps are stored: the base weights are rebuilt from their recorded source (hub name,
-checkpoint path, or seeded random init), which is what sites in a federation already hold.
+checkpoint path, or seeded random init), which is what sites in a federation already hold. Loading
+believes nothing it reads: the manifest is validated like a config, and every map is checked against the
+rebuilt model (keys, shapes, float64, finite) as a site checks the maps the server sends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.torch import save
 from torch import nn
 
 from . import __version__
 from .compressed import build_compressed
-from .config import ModelConfig
+from .config import ModelConfig, _format_validation_error, read_yaml
 from .errors import TBAInputError
-from .fileio import atomic_directory
+from .fileio import atomic_directory, read_safetensors
 from .models import create_model
 from .plan import Span, parse_plan
 from .pipeline import Compression
 from .report import compression_dict, compression_markdown, write_similarity
 from .solver import LinearMap
-from .stats import SimilarityStats
+from .stats import SimilarityStats, check_arrays
 
 MAPS_FILE = "maps.safetensors"
 MANIFEST_FILE = "manifest.yaml"
@@ -53,7 +58,7 @@ def write_compressed(path: str | Path, maps: Mapping[Span, LinearMap], manifest:
                      extra: Callable[[Path], None] | None = None) -> Path:
     """Write maps.safetensors + manifest.yaml (+ text files) atomically: complete or absent."""
     path = Path(path)
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with atomic_directory(path, kind="compressed", overwrite=overwrite) as tmp:
         (tmp / MAPS_FILE).write_bytes(save(map_tensors(maps)))
         (tmp / MANIFEST_FILE).write_text(yaml.safe_dump(manifest, sort_keys=False))
         for name, text in (files or {}).items():
@@ -84,26 +89,66 @@ def manifest(report: dict, maps: Mapping[Span, LinearMap]) -> dict:
             "identity_spans": [str(s) for s, m in sorted(maps.items()) if m.kind == "identity"]}
 
 
+def decode_maps(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], identity: Iterable[Span],
+                dim: int, kind: str = "maps") -> dict[Span, LinearMap]:
+    """The maps of the plan's fitted spans (all with a bias or none), checked like any payload: exactly the
+    expected keys, shapes [dim, dim] and [dim], float64, finite; errors name ``KIND.span.S-E.weight``."""
+    spans, identity = list(spans), set(identity)
+    fitted = [span for span in spans if span not in identity]
+    biased = any(key.endswith(".bias") for key in arrays)
+    shapes = {f"span.{span.key}.{name}": shape for span in fitted
+              for name, shape in (("weight", (dim, dim)), ("bias", (dim,))) if name == "weight" or biased}
+    check_arrays(arrays, shapes, kind)
+
+    def fitted_map(span: Span) -> LinearMap:
+        bias = arrays.get(f"span.{span.key}.bias")
+        return LinearMap(torch.from_numpy(np.array(arrays[f"span.{span.key}.weight"])),
+                         None if bias is None else torch.from_numpy(np.array(bias)))
+
+    return {span: LinearMap.identity(dim) if span in identity else fitted_map(span) for span in spans}
+
+
+class Manifest(BaseModel):
+    """What `load_compressed` reads from manifest.yaml; the rest (parameters, fit diagnostics, the
+    federation's report) is the run's record and is not interpreted."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    format: Literal["tba-fed/compressed"]
+    model: ModelConfig
+    plan: str
+    identity_spans: list[str] = []
+
+
+COMPRESSED_FIX = "give a directory that tba-fed compress or a site's install wrote, unmodified"
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest of a compressed-model directory, validated; errors name ``manifest.FIELD`` and the file."""
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise TBAInputError("path", f"{path} holds no {MANIFEST_FILE}", COMPRESSED_FIX)
+    raw = read_yaml(manifest_path, "manifest", COMPRESSED_FIX)
+    if raw.get("format") != "tba-fed/compressed":
+        raise TBAInputError("manifest", f"{manifest_path} is not a tba-fed manifest", COMPRESSED_FIX)
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as err:
+        error = _format_validation_error(err, "manifest")
+        raise TBAInputError(error.field, f"{manifest_path}: {error.message}", COMPRESSED_FIX) from None
+
+
 def load_compressed(path: str | Path) -> nn.Module:
     """Rebuild a compressed model saved by ``save_compressed`` (base weights from their source)."""
     path = Path(path)
-    manifest_path = path / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise TBAInputError("path", f"{path} holds no {MANIFEST_FILE}", "give a directory written by tba-fed compress")
-    manifest = yaml.safe_load(manifest_path.read_text())
-    if not isinstance(manifest, dict) or manifest.get("format") != "tba-fed/compressed":
-        raise TBAInputError("manifest", f"{manifest_path} is not a tba-fed manifest")
-    model = create_model(ModelConfig.model_validate(manifest["model"]))
-    plan = parse_plan(manifest["plan"], len(model.blocks), field="manifest.plan")
-    identity = {s.strip() for s in manifest.get("identity_spans", [])}
-    tensors = load_file(str(path / MAPS_FILE))
-    maps = {}
-    for span in plan.spans:
-        if str(span) in identity:
-            maps[span] = LinearMap.identity(model.embed_dim)
-            continue
-        weight = tensors.get(f"span.{span.key}.weight")
-        if weight is None:
-            raise TBAInputError(MAPS_FILE, f"missing tensor span.{span.key}.weight")
-        maps[span] = LinearMap(weight, tensors.get(f"span.{span.key}.bias"))
+    manifest = read_manifest(path)
+    model = create_model(manifest.model)
+    plan = parse_plan(manifest.plan, len(model.blocks), field="manifest.plan")
+    identity = parse_plan(", ".join(manifest.identity_spans), len(model.blocks), field="manifest.identity_spans").spans \
+        if manifest.identity_spans else ()
+    if unknown := [str(s) for s in identity if s not in plan.spans]:
+        raise TBAInputError("manifest.identity_spans", f"{path / MANIFEST_FILE}: {', '.join(unknown)} not in the plan "
+                                                       f"{plan}", COMPRESSED_FIX)
+    tensors = read_safetensors(path / MAPS_FILE, MAPS_FILE, COMPRESSED_FIX)
+    maps = decode_maps({k: v.numpy() for k, v in tensors.items()}, plan.spans, identity, model.embed_dim, MAPS_FILE)
     return build_compressed(model, maps)

@@ -5,20 +5,25 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import logging
+import math
+import os
 import shlex
 import sys
+import tempfile
 import time
+import traceback
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
 from . import __version__
 from .checkpoint import save_compressed
-from .config import RunConfig, load_config, merge_overrides
+from .config import RunConfig, check_device, load_config, load_yaml, merge_overrides, yaml_error_text
 from .data import build_dataset, calibration_split, make_loader
-from .errors import TBAInputError
-from .fileio import atomic_directory, check_output_dir
+from .errors import TBAInputError, TBARunError, one_line
+from .fileio import atomic_directory, cache_dir, check_output_dir
 from .models import create_model
 from .pipeline import analyze, calibrate, choose_plan
 from .report import similarity_markdown, write_similarity
@@ -32,9 +37,27 @@ def _key_value(text: str) -> tuple[str, Any]:
     if not equals or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), load_yaml(value)
     except yaml.YAMLError as err:
-        raise argparse.ArgumentTypeError(f"{key.strip()}: cannot read the value {value!r} ({err})") from None
+        raise argparse.ArgumentTypeError(f"{key.strip()}: cannot read the value {value!r}{yaml_error_text(err)}") from None
+
+
+def _sha256_hex(text: str) -> str:
+    """An audit head as printed after a run: 64 lowercase hex digits (a typo is refused, not reported missing)."""
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a head (64 hex digits, as printed after a run)")
+    return text
+
+
+def _positive_days(text: str) -> float:
+    """A finite positive number of days (argparse's float takes inf and nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number of days")
+    return value
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +86,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", dest="device", help="cpu (default), cuda, cuda:N, or auto (the GPU if torch sees one)")
     g.add_argument("--output", "-o", dest="output", type=Path, metavar="DIR", help="output directory")
     g.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
-                   help="replace an existing tba-fed output directory")
+                   help="replace tba-fed's own earlier output of this command (refused if the directory holds "
+                        "anything else)")
 
 
 def _add_compress_flags(parser: argparse.ArgumentParser) -> None:
@@ -100,28 +124,30 @@ def _prepare(config: RunConfig):
 
 
 def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
-    check_output_dir(config.output, overwrite=config.overwrite, marker="similarity.json")  # before any work
+    check_device(config.device)  # before any work, not after it
+    check_output_dir(config.output, kind="similarity", overwrite=config.overwrite)
     model, calibration, _ = _prepare(config)
     similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
-    with atomic_directory(config.output, overwrite=config.overwrite, marker="similarity.json") as tmp:
+    with atomic_directory(config.output, kind="similarity", overwrite=config.overwrite) as tmp:
         write_similarity(tmp, similarity, metric)
     print(similarity_markdown(similarity, metric))
     return config.output
 
 
 def run_compress(config: RunConfig) -> Path:
-    check_output_dir(config.output, overwrite=config.overwrite)  # before any work, not after it
+    if config.plan is None and config.budget is None:  # before any work, not after it
+        raise TBAInputError("plan", "give a plan or a budget", 'e.g. --plan "1->2" or --budget-blocks 2')
+    check_device(config.device)
+    check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)
     model, calibration, holdout = _prepare(config)
     similarity = None
     if config.plan is not None:
         plan = config.plan
-    elif config.budget is not None:
+    else:
         similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
         plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
                            metric=config.budget.metric, bias=config.bias)
         _logger.info("chosen plan for the budget: %s", plan)
-    else:
-        raise TBAInputError("plan", "give a plan or a budget", 'e.g. --plan "1->2" or --budget-blocks 2')
     result = calibrate(model, plan, calibration, holdout, token_mode=config.token_mode, bias=config.bias,
                        ridge=config.ridge, identity=config.identity_spans or "", device=config.device, source=config.model)
     save_compressed(result, config.output, overwrite=config.overwrite, similarity=similarity)
@@ -130,22 +156,25 @@ def run_compress(config: RunConfig) -> Path:
     return config.output
 
 
-def run_demo(output: Path) -> None:
-    """Both halves of the mission on the embedded defaults: a federated run, then a short Table 1."""
-    from .experiment import ExperimentConfig, run_experiment
+def run_demo(output: Path, tracebacks: bool) -> None:
+    """Both halves of the mission on the embedded defaults: a federated run, then a short Table 1. Both output
+    directories (in `output`, beside whatever else it holds) are checked before either half starts."""
+    from .experiment import ExperimentConfig, check_experiment, run_experiment
     from .federation.simulate import simulate
 
     resources = importlib.resources.files("tba_fed").joinpath("configs")
-    federated = yaml.safe_load(resources.joinpath("demo-federated.yaml").read_text())
+    federated = load_yaml(resources.joinpath("demo-federated.yaml").read_text())
     federated["output"] = str(output / "federated")
-    path = output / "demo-federated.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(federated, sort_keys=False))
-    _, folder = simulate(path)
-    print((folder / "report.md").read_text())
     table = ExperimentConfig.model_validate(
-        merge_overrides(yaml.safe_load(resources.joinpath("demo-table1.yaml").read_text()),
+        merge_overrides(load_yaml(resources.joinpath("demo-table1.yaml").read_text()),
                         {"output": str(output / "table1")}))
+    check_output_dir(output / "federated", kind="compressed", overwrite=federated["overwrite"])
+    check_experiment(table)
+    with tempfile.TemporaryDirectory(prefix="tba-fed-demo-") as tmp:  # simulate hands Flower its own copy
+        path = Path(tmp) / "demo-federated.yaml"
+        path.write_text(yaml.safe_dump(federated, sort_keys=False))
+        _, folder = simulate(path, out=sys.stdout, tracebacks=tracebacks)
+    print((folder / "report.md").read_text())
     table_folder = run_experiment(table)
     print((table_folder / "table.md").read_text())
     print(f"federated run (3 simulated sites): compressed model and report in {folder}/ (report.md)\n"
@@ -172,10 +201,10 @@ def run_prepare(force: bool) -> None:
     print(f"dinov2-s-imgfocus: verified weights at {path}")
 
 
-def run_simulate(config: Path) -> None:
+def run_simulate(config: Path, tracebacks: bool) -> None:
     from .federation.simulate import simulate
 
-    report, output = simulate(config)
+    report, output = simulate(config, out=sys.stdout, tracebacks=tracebacks)
     print((output / "report.md").read_text())
     print(f"federated run of {report['federation']['sites_connected']} sites: compressed model and report in {output}/")
 
@@ -214,14 +243,14 @@ def run_supernode(config: Path, print_only: bool) -> int:
     return launch(site, config)
 
 
-def run_submit(config: Path, print_only: bool, stream: bool, connection: str) -> int:
+def run_submit(config: Path, print_only: bool, stream: bool, connection: str, tracebacks: bool) -> int:
     from .federation.submit import describe, plan_submission, submit
 
     submission = plan_submission(config, connection=connection, stream=stream)
     if print_only:
         print(describe(submission))
         return 0
-    return submit(submission, sys.stdout)
+    return submit(submission, sys.stdout, tracebacks)
 
 
 def run_privacy_report(site_config: Path) -> None:
@@ -257,17 +286,19 @@ def run_site_init(site_config: Path) -> None:
 def run_audit(command: str, log: Path, against: Path | None = None, head: str | None = None) -> int:
     """``audit verify``: every problem, exit 1 if any; ``audit show``: the log as a table."""
     from .audit import check_chain
-    from .federation.audit_check import audit_table, cross_check
+    from .federation.audit_check import audit_table, cross_check, read_entries
 
     check = check_chain(log, head=head)
     if command == "show":
         print(audit_table(check))
         return 0
     problems, matched = list(check.problems), ""
-    if against is not None:
+    if against is None:
+        problems += read_entries(check).problems
+    else:
         other = check_chain(against)
         problems += other.problems
-        found, matched = cross_check(check, other)
+        found, matched = cross_check(check, other)  # names the entries of either log that do not fit their role
         problems += found
     for problem in problems:
         print(problem)
@@ -279,10 +310,18 @@ def run_audit(command: str, log: Path, against: Path | None = None, head: str | 
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line naming the flag and where the flags are listed, not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tba-fed", description=__doc__)
+    parser = _Parser(prog="tba-fed", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tba-fed {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an unexpected error (else only written to a file)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("analyze", help="similarity of every block pair (table, JSON, PNG heatmap)")
     _add_run_flags(p)
@@ -293,14 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress_flags(p)
     p = sub.add_parser("experiment", help="the paper's Table-1 protocol: approximations x seeds x datasets")
     p.add_argument("config", type=Path, help="experiment YAML (see configs/table1-*.yaml)")
-    p.add_argument("--output", "-o", type=Path, help="output directory (finished seeds there are reused)")
+    p.add_argument("--output", "-o", type=Path, help="output directory: new, empty, or an earlier run's (its "
+                                                     "finished seeds of the same configuration are reused)")
     p = sub.add_parser("simulate", help="federated run in Flower's simulation engine on this machine")
     p.add_argument("config", type=Path, help="federated run YAML (see configs/federated-*.yaml)")
     p = sub.add_parser("preflight", help="check a site or the server before a run: one line per check, exit 1 on any "
                                          "problem")
     p.add_argument("config", type=Path, help="a site YAML (it has name:) or a run YAML")
     p.add_argument("--as", dest="kind", choices=["site", "server"], help="what the YAML describes (default: detected)")
-    p.add_argument("--expiry-days", type=float, default=30.0, metavar="N",
+    p.add_argument("--expiry-days", type=_positive_days, default=30.0, metavar="N",
                    help="a certificate expiring within N days is a problem (default 30)")
     p = sub.add_parser("superlink", help="run flower-superlink as the run YAML's superlink section says, and register "
                                          "the sites' keys")
@@ -334,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", type=Path, metavar="OTHER_LOG",
                    help="the counterpart's log (the server's for a site log, a site's for the server's): "
                         "catches entries cut from either end and mismatched hashes")
-    p.add_argument("--head", metavar="HASH", help="a head recorded earlier (e.g. printed after a run): "
+    p.add_argument("--head", metavar="HASH", type=_sha256_hex, help="a head recorded earlier (e.g. printed after a run): "
                                                   "the log must still contain that entry")
     p = audit.add_parser("show", help="print the log as a table: runs, rounds, statuses, what was released")
     p.add_argument("log", type=Path, help="the audit log")
@@ -356,11 +396,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             run_prepare(args.force)
         elif args.command == "demo":
-            run_demo(args.output)
+            run_demo(args.output, args.verbose)
         elif args.command == "experiment":
             run_experiment_command(args.config, args.output)
         elif args.command == "simulate":
-            run_simulate(args.config)
+            run_simulate(args.config, args.verbose)
         elif args.command == "privacy":
             run_privacy_report(args.site_config)
         elif args.command == "site":
@@ -374,21 +414,56 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "supernode":
             return run_supernode(args.config, args.print_only)
         elif args.command == "submit":
-            return run_submit(args.config, args.print_only, args.stream, args.connection)
+            return run_submit(args.config, args.print_only, args.stream, args.connection, args.verbose)
         elif args.command == "analyze":
             run_analyze(_config_from_args(args), args.metric_name)
         else:
             run_compress(_config_from_args(args))
     except TBAInputError as err:
-        print(f"tba-fed: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        if type(err).__name__ not in ("SimulationError", "FederationError", "LaunchError", "SubmitError"):
-            raise
-        print(f"tba-fed: error: {err}", file=sys.stderr)
+        return _error(err, 2)
+    except (TBARunError, OSError) as err:  # a run that could not finish, a file system or network that failed it
+        return _error(err, 1)
+    except KeyboardInterrupt:
+        print("tba-fed: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug: one line here, the traceback in a file (and here with --verbose)
+        report = _crash_report(err, sys.argv[1:] if argv is None else argv)
+        if args.verbose:
+            traceback.print_exception(err, file=sys.stderr)
+        where = f"the traceback is in {report}" if report is not None else "no file could hold the traceback"
+        print(f"tba-fed: error: unexpected {type(err).__name__}: {one_line(str(err), 300)} (a bug in tba-fed: {where}; "
+              "tba-fed -v prints it; please report it)", file=sys.stderr)
         return 1
     _logger.info("done in %.1f s", time.perf_counter() - start)
     return 0
+
+
+def _error(err: Exception, code: int) -> int:
+    """An anticipated error as one line: exit 2 for bad input, 1 for a run that failed."""
+    text = str(err)
+    if isinstance(err, OSError):
+        from .federation.certificates import describe_os_error
+
+        text = describe_os_error(err) + (f": {err.filename}" if err.filename else "")
+    print(f"tba-fed: error: {one_line(text, 4000)}", file=sys.stderr)
+    return code
+
+
+def _crash_report(err: BaseException, argv: list[str]) -> Path | None:
+    """Write an unanticipated error's traceback to a new file in the cache (else the temporary directory), so the
+    user sees one line and can still send the whole; None if neither can be written."""
+    text = (f"tba-fed {__version__}, {datetime.now(timezone.utc).isoformat()}\ncommand: {shlex.join(['tba-fed', *argv])}\n\n"
+            + "".join(traceback.format_exception(err)))
+    for folder in (cache_dir() / "crashes", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(prefix="tba-fed-crash-", suffix=".log", dir=folder)
+            with os.fdopen(handle, "w") as file:
+                file.write(text)
+            return Path(name)
+        except OSError:
+            continue
+    return None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .adapter import ViTAdapter
+from .errors import TBAInputError
 from .plan import Plan, Span, validate_plan
 from .solver import LinearMap
 
@@ -49,7 +50,8 @@ class BlockApproximation(nn.Module):
 def build_compressed(model: nn.Module, maps: Mapping[Span, LinearMap]) -> nn.Module:
     """A copy of `model` with each span's blocks replaced by its map (the original is untouched).
 
-    Maps are cast from float64 to the model's dtype.
+    Maps are cast from float64 to the model's dtype; one whose entries overflow that dtype is refused
+    (it would turn every output into inf or NaN).
     """
     adapter = ViTAdapter(model)
     plan = validate_plan(maps, adapter.num_blocks)
@@ -59,7 +61,11 @@ def build_compressed(model: nn.Module, maps: Mapping[Span, LinearMap]) -> nn.Mod
     index = 0
     for span in plan.spans:
         new_blocks.extend(compressed.blocks[index : span.start + 1])
-        new_blocks.append(BlockApproximation.from_map(span, maps[span], dtype))
+        approximation = BlockApproximation.from_map(span, maps[span], dtype)
+        if approximation.linear is not None and not all(torch.isfinite(p).all() for p in approximation.linear.parameters()):
+            peak = max(float(t.abs().max()) for t in (maps[span].weight, maps[span].bias) if t is not None)
+            raise TBAInputError(f"maps.span.{span.key}", f"entries of up to {peak:.3g} overflow the model's {dtype}")
+        new_blocks.append(approximation)
         index = span.end + 1
     new_blocks.extend(compressed.blocks[index:])
     compressed.blocks = nn.Sequential(*new_blocks)

@@ -1,17 +1,21 @@
 """Run configuration: YAML files and CLI flags validated into one typed object.
 
 Every section forbids unknown keys, so a misspelt YAML key is an error that names it instead of a
-setting that silently does nothing.
+setting that silently does nothing. Every YAML file tba-fed reads goes through `load_yaml`, which refuses
+a key given twice (PyYAML would keep the last one silently); every number must be finite, and counts
+that size memory or processes (images, batch, workers, classes, seeds) have a ceiling.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import math
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import TBAInputError
 
@@ -24,14 +28,45 @@ def resolve_device(value: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if value != "cpu" and not value.startswith(("cuda", "mps")):
         raise ValueError(f"unknown device {value!r}: use cpu, cuda, cuda:N or auto")
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"unknown device {value!r}: use cpu, cuda, cuda:N or auto") from None
     return value
+
+
+def check_device(device: str, field: str = "device") -> None:
+    """Before any work: the device is on this machine. Torch would say so only at the first forward pass, after
+    the model was built and the data read; a config is checked where it runs, not where it is read (a server
+    reads the device its simulated sites use)."""
+    import torch
+
+    parsed = torch.device(device)
+    fix = "use --device cpu (device: cpu), or auto for the GPU when there is one"
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise TBAInputError(field, f"{device}: torch sees no CUDA GPU on this machine", fix)
+        if parsed.index is not None and parsed.index >= count:
+            raise TBAInputError(field, f"{device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}",
+                                fix)
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise TBAInputError(field, f"{device}: torch sees no Apple GPU (mps) on this machine", fix)
 
 
 Device = Annotated[str, AfterValidator(resolve_device)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are errors, and so is inf or nan in any float field: no setting of tba-fed means
+    "unbounded" by infinity (an unset optional cap is null)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+MAX_IMAGES = 10_000_000  # more images than any calibration set; a larger count is a typo, not a request
+MAX_BATCH = 65_536
+Seed = Annotated[int, Field(ge=0, lt=2**32, description="a 32-bit seed")]
 
 
 _S = TypeVar("_S", bound=_Section)
@@ -50,8 +85,15 @@ class ModelConfig(_Section):
     pretrained: bool = False
     checkpoint: Path | None = None
     sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="sha256 of the checkpoint file")
-    seed: int = 0
+    seed: Seed = 0
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        for key, value in kwargs.items():
+            check_model_kwarg(key, value)
+        return kwargs
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -60,6 +102,47 @@ class ModelConfig(_Section):
         if self.sha256 is not None and self.checkpoint is None:
             raise TBAInputError("sha256", "pins a checkpoint file", "set checkpoint too")
         return self
+
+
+_SIZES = ("img_size", "patch_size")  # an int or an (H, W) pair
+_COUNTS = ("depth", "embed_dim", "num_heads")
+_RATES = ("drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite(value: Any) -> bool:
+    """No inf or nan anywhere in a YAML value (lists and mappings searched)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(_finite(v) for v in value.values())
+    return True
+
+
+def check_model_kwarg(key: str, value: Any) -> None:
+    """A timm ``create_model`` override: finite, and the ViT geometry (sizes, depth, width, heads, rates)
+    in range, so a typo is named by its key here rather than failing deep inside timm's constructor.
+    Raises with the key as field (the section adds ``model.kwargs.``)."""
+    if not _finite(value):
+        raise TBAInputError(key, f"{value!r} is not a finite number")
+    if key in _SIZES and not (_positive_int(value) or (isinstance(value, (list, tuple)) and len(value) == 2
+                                                        and all(_positive_int(v) for v in value))):
+        raise TBAInputError(key, f"{value!r} is not a positive integer or a pair of them")
+    if key in _COUNTS and not _positive_int(value):
+        raise TBAInputError(key, f"{value!r} is not a positive integer")
+    if key == "mlp_ratio" and not (_is_number(value) and value > 0):
+        raise TBAInputError(key, f"{value!r} is not a positive number")
+    if key in _RATES and not (_is_number(value) and 0 <= value < 1):
+        raise TBAInputError(key, f"{value!r} is not a probability in [0, 1)")
 
 
 class DataConfig(_Section):
@@ -74,17 +157,17 @@ class DataConfig(_Section):
     path: Path | None = None
     split: Literal["train", "val", "test"] = "train"
     download: bool = Field(False, description="cifar: fetch into path if missing (needs internet)")
-    num_images: int | None = Field(500, ge=1, description="synthetic: images generated; other sources: a seeded "
+    num_images: int | None = Field(500, ge=1, le=MAX_IMAGES, description="synthetic: images generated; other sources: a seeded "
                                                           "random subset of this many is the data set (experiments, "
                                                           "simulations; paper: 500); null: every image of the source")
     sample_rate: float = Field(1.0, gt=0.0, le=1.0, description="each image is used with this probability, decided "
                                                                  "from the image alone (a keyed hash of its bytes)")
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="each used image is held out of the fit with this "
                                                                       "probability, decided from the image alone")
-    batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(0, ge=0)
-    seed: int = 0
-    num_classes: int = Field(10, ge=1, description="synthetic only")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
+    seed: Seed = 0
+    num_classes: int = Field(10, ge=1, le=1_000_000, description="synthetic only")
 
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
@@ -165,25 +248,76 @@ def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> di
     return merged
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping from a file, with errors that name the file."""
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python tags), refusing a mapping that gives one key twice."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose own keys are distinct as Python sees them (``1``, ``1.0`` and ``true`` collide too);
+    keys merged in with ``<<`` may be overridden, as YAML intends."""
+    seen: set[Hashable] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, Hashable):
+            continue  # construct_mapping refuses it
+        if key in seen:
+            raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                    f"found duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def load_yaml(text: str) -> Any:
+    """The one YAML parser of tba-fed: safe (no Python objects), and a key given twice is an error, never
+    "the last one wins" (a policy with ``epsilon: 1.0`` then ``epsilon: 1000.0`` must not mean 1000)."""
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no Python tags
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key {key[:80]!r} given twice")
+        seen[key] = value
+    return seen
+
+
+def load_json(text: str | bytes) -> Any:
+    """The one JSON parser of tba-fed for the files it reads back (ledgers, audit logs, markers, rows): like
+    ``load_yaml``, a key given twice is an error (a ValueError), never "the last one wins"."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def yaml_error_text(err: yaml.YAMLError) -> str:
+    """Where and what, from a PyYAML error: `` at line L, column C: problem`` (``: problem`` without a position)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {getattr(err, 'problem', None) or err}"
+
+
+def read_yaml(path: Path, field: str = "config", fix: str | None = None) -> dict[str, Any]:
+    """A YAML mapping from a file, with errors that name the file (as `field`); `fix` replaces the default
+    advice, which is about config files."""
     path = Path(path)
     if path.is_dir():
-        raise TBAInputError("config", f"{path} is a directory", "give the YAML file inside it")
+        raise TBAInputError(field, f"{path} is a directory", fix or "give the YAML file inside it")
     try:
-        loaded = yaml.safe_load(path.read_text())
+        loaded = load_yaml(path.read_text())
     except FileNotFoundError:
-        raise TBAInputError("config", f"{path} does not exist") from None
+        raise TBAInputError(field, f"{path} does not exist", fix) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise TBAInputError("config", f"{path} cannot be read ({err})") from None
+        raise TBAInputError(field, f"{path} cannot be read ({err})", fix) from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise TBAInputError("config", f"{path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+        raise TBAInputError(field, f"{path} is not valid YAML{yaml_error_text(err)}", fix) from None
     if loaded is None:
-        raise TBAInputError("config", f"{path} is empty", "write the settings as a YAML mapping (see configs/)")
+        raise TBAInputError(field, f"{path} is empty", fix or "write the settings as a YAML mapping (see configs/)")
     if not isinstance(loaded, dict):
-        raise TBAInputError("config", f"{path} must hold a mapping at top level, not a {type(loaded).__name__}")
+        raise TBAInputError(field, f"{path} must hold a mapping at top level, not a {type(loaded).__name__}", fix)
     return loaded
 
 

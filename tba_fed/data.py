@@ -7,6 +7,8 @@ out, is decided from those bytes alone (`selection`).
 from __future__ import annotations
 
 import gzip
+import logging
+import os
 import struct
 import zipfile
 from pathlib import Path
@@ -18,10 +20,13 @@ from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .config import DataConfig
 from .errors import TBAInputError
 from .selection import split_indices
+
+_logger = logging.getLogger(__name__)
 
 
 class SyntheticImages(Dataset):
@@ -192,7 +197,75 @@ class CIFAR100Images(_CIFARRecords, CIFAR100):
 
 
 class ImageFiles(ImageFolder):
-    """torchvision's ImageFolder, each image readable as the bytes of its file."""
+    """torchvision's ImageFolder, each image readable as the bytes of its file, each file counted once.
+
+    One image is the unit of privacy, so no file may count twice: no symbolic link is followed (a link
+    either leads out of the data root, or back into it to files counted where they are, or round a loop that
+    would repeat them), and a file reachable under several names (hard links) counts under its first. What
+    was skipped is logged, and named in the refusal if no image is left. An unreadable folder is an error,
+    never a silent gap.
+    """
+
+    skipped: list[str]
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        self.skipped = []
+        classes = []
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as err:
+            raise TBAInputError("data.path", f"{directory} cannot be read ({err.strerror or err})",
+                                "make the folder readable") from None
+        for entry in entries:
+            if entry.is_symlink():
+                self.skipped.append(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                classes.append(entry.name)
+        if not classes:
+            raise TBAInputError("data.path", f"Couldn't find any class folder in {directory}{self._skipped_text()}",
+                                "put images in one sub-folder per class")
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    def make_dataset(self, directory: str | Path, class_to_idx: dict[str, int],  # type: ignore[override]
+                     extensions: tuple[str, ...] | None = None, is_valid_file: object = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """Every image file under each class folder, links skipped, each file (device, inode) once."""
+        samples: list[tuple[str, int]] = []
+        seen: set[tuple[int, int]] = set()
+
+        def unreadable(err: OSError) -> None:
+            raise TBAInputError("data.path", f"{err.filename} cannot be read ({err.strerror or err})",
+                                "make the folder readable or remove it")
+
+        for name, label in sorted(class_to_idx.items()):
+            found = 0
+            for root, folders, files in os.walk(os.path.join(directory, name), onerror=unreadable):
+                folders.sort()
+                for link in [f for f in folders if os.path.islink(os.path.join(root, f))]:
+                    self.skipped.append(os.path.join(root, link))  # os.walk does not descend into it
+                for file in sorted(files):
+                    path = os.path.join(root, file)
+                    if os.path.islink(path):
+                        self.skipped.append(path)
+                    elif has_file_allowed_extension(file, IMG_EXTENSIONS):
+                        stat = os.stat(path, follow_symlinks=False)
+                        if (stat.st_dev, stat.st_ino) in seen:
+                            self.skipped.append(path)
+                            continue
+                        seen.add((stat.st_dev, stat.st_ino))
+                        samples.append((path, label))
+                        found += 1
+            if not found:
+                raise TBAInputError("data.path", f"Found no valid file for the classes {name}. Supported extensions "
+                                                 f"are: {', '.join(IMG_EXTENSIONS)}{self._skipped_text()}",
+                                    "put images in one sub-folder per class")
+        if self.skipped:
+            _logger.warning("image folder %s: %d links and second names of files skipped (never followed, never "
+                            "counted twice): %s", directory, len(self.skipped), ", ".join(self.skipped))
+        return samples
+
+    def _skipped_text(self) -> str:
+        return f" (skipped, never followed: {', '.join(self.skipped)})" if self.skipped else ""
 
     def record(self, index: int) -> bytes:
         path = self.samples[index][0]
@@ -241,11 +314,7 @@ def build_dataset(config: DataConfig, model: nn.Module) -> Dataset:
     if root is None or not root.is_dir():
         raise TBAInputError("data.path", f"{root} is not a directory", "give a folder with one sub-folder of images per class")
     transform = create_transform(**data_config(model), is_training=False)
-    try:
-        dataset = ImageFiles(str(root), transform=transform, loader=read_image)
-    except FileNotFoundError as err:
-        raise TBAInputError("data.path", f"{root}: {err}", "put images in one sub-folder per class") from None
-    return dataset
+    return ImageFiles(str(root), transform=transform, loader=read_image)
 
 
 def pool_indices(dataset: Dataset, config: DataConfig) -> np.ndarray:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fileio import file_sha256
+from .fileio import cache_dir, file_sha256
 
 _logger = logging.getLogger(__name__)
 
@@ -50,12 +50,6 @@ TOLERANCE = 1e-4
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _SUBDIR = "dinov2-s-imgfocus"
-
-
-def cache_dir() -> Path:
-    """Where downloaded and converted assets live: ``$TBA_FED_CACHE`` or ``~/.cache/tba-fed`` (never the repo)."""
-    env = os.environ.get("TBA_FED_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tba-fed"
 
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:

@@ -2,6 +2,25 @@
 
 from __future__ import annotations
 
+import re
+
+# ANSI escape sequences (colours, cursor moves: Ray and Flower colour their logs) and other control characters
+_ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def strip_escapes(text: str) -> str:
+    """`text` without terminal escape sequences (colour codes)."""
+    return _ESCAPES.sub("", text)
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """`text` as one short line for a report table or a terminal: escape sequences and control characters
+    removed, whitespace runs made one space, cut at `limit` characters. A reason that arrives from elsewhere
+    (a site, Flower, an exception) must not break the line it is printed on."""
+    text = " ".join(_CONTROL.sub(" ", strip_escapes(str(text))).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class TBAInputError(ValueError):
     """Bad user input: a config field, CLI flag, plan, model or data.
@@ -20,7 +39,12 @@ class TBAInputError(ValueError):
         super().__init__(text)
 
 
-class FederationError(RuntimeError):
+class TBARunError(RuntimeError):
+    """A run that could not finish for a reason its message names (a federation, a Flower process, the
+    SuperLink): the CLI prints the message as one line and exits 1."""
+
+
+class FederationError(TBARunError):
     """A federated run cannot produce a trustworthy result: too few sites took part validly, or the
     SuperLink is gone."""
 

@@ -7,21 +7,25 @@ variant also runs as "identity" (blocks simply dropped) so the value of the line
 
 Variants share the original's block outputs: a variant s->e restarts from the cached output of block s,
 so only the blocks after the span are recomputed (equal to the compressed model's forward, see tests).
-Finished rows are appended to ``rows.jsonl``; a rerun skips them.
+Finished rows are appended to ``rows.jsonl``; a rerun skips the seeds whose rows are all there. Each row
+carries the key of what its numbers depend on (the model's weights, the dataset's selection, the protocol's
+sizes and settings), so a rerun reuses only rows of its own configuration and refuses any other line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -29,11 +33,12 @@ from tqdm.auto import tqdm
 from .adapter import ViTAdapter
 from .calibrate import collect_span_stats
 from .compressed import parameter_report
-from .config import DataConfig, Device, ModelConfig, _Section, read_yaml, validate
+from .config import (MAX_BATCH, MAX_IMAGES, DataConfig, Device, ModelConfig, Seed, _Section, check_device, load_json,
+                     read_yaml, validate)
 from .data import build_dataset
 from .errors import TBAInputError
-from .fileio import atomic_write_text
-from .models import create_model
+from .fileio import open_output_dir, owned_files, writable_location, write_owned
+from .models import create_model, weights_sha256
 from .pipeline import solve_plan
 from .plan import Plan, Span, parse_plan
 from .probe import ProbeStats, solve_probe
@@ -42,6 +47,8 @@ from .solver import LinearMap
 _logger = logging.getLogger(__name__)
 
 PAPER_APPROXIMATIONS = ("0->1", "3->4", "9->10", "10->11", "2->4", "9->11", "1->2, 4->5", "2->5", "7->10", "1->5")
+KIND = "experiment"
+ROWS = "rows.jsonl"
 
 
 class DatasetSpec(_Section):
@@ -54,18 +61,26 @@ class ExperimentConfig(_Section):
     model: ModelConfig
     datasets: list[DatasetSpec] = Field(min_length=1)
     approximations: list[str] = Field(default_factory=lambda: list(PAPER_APPROXIMATIONS), min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    calibration_images: int = Field(500, ge=1)
-    probe_train_images: int = Field(3000, ge=1)
-    probe_test_images: int = Field(1000, ge=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    calibration_images: int = Field(500, ge=1, le=MAX_IMAGES)
+    probe_train_images: int = Field(3000, ge=1, le=MAX_IMAGES)
+    probe_test_images: int = Field(1000, ge=1, le=MAX_IMAGES)
     identity_baseline: bool = True
     token_mode: str = "all"
     bias: bool = True
     ridge: float = Field(0.0, ge=0)
     probe_ridge: float = Field(1e-6, ge=0)
-    batch_size: int = Field(50, ge=1)
+    batch_size: int = Field(50, ge=1, le=MAX_BATCH)
     device: Device = "cpu"
     output: Path = Path("outputs/experiment")
+
+    @model_validator(mode="after")
+    def _distinct_datasets(self) -> ExperimentConfig:
+        names = [d.name for d in self.datasets]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise TBAInputError("datasets", f"the name {twice[0]!r} is given to two datasets: their rows and columns "
+                                            "would be mixed", "give each dataset its own name")
+        return self
 
 
 def load_experiment_config(path: Path) -> ExperimentConfig:
@@ -82,6 +97,10 @@ class Variant:
     @property
     def label(self) -> str:
         return "original" if self.plan is None else f"{self.plan} ({self.kind})"
+
+    @property
+    def approximation(self) -> str:
+        return "original" if self.plan is None else str(self.plan)
 
 
 def variant_features(adapter: ViTAdapter, outputs: list[torch.Tensor], variant: Variant,
@@ -128,7 +147,8 @@ def _probe_pass(adapter: ViTAdapter, batches: Iterable, variants: list[Variant],
     return results
 
 
-def run_seed(config: ExperimentConfig, model: nn.Module, spec: DatasetSpec, seed: int, variants: list[Variant]) -> list[dict]:
+def run_seed(config: ExperimentConfig, model: nn.Module, spec: DatasetSpec, seed: int, variants: list[Variant],
+             key: str) -> list[dict]:
     adapter = ViTAdapter(model)
     train, test = build_dataset(spec.train, model), build_dataset(spec.test, model)
     num_classes = int(max(np.max(train.targets), np.max(test.targets)) + 1)
@@ -154,7 +174,7 @@ def run_seed(config: ExperimentConfig, model: nn.Module, spec: DatasetSpec, seed
                                         leave=False, disable=None), variants, maps, num_classes, heads, config.device)
     rows = []
     for variant in variants:
-        row = {"dataset": spec.name, "seed": seed, "approximation": "original" if variant.plan is None else str(variant.plan),
+        row = {"key": key, "dataset": spec.name, "seed": seed, "approximation": variant.approximation,
                "kind": variant.kind, "accuracy": correct[variant.label] / len(probe_test),
                "calibration_images": len(calibration), "probe_train_images": len(probe_train),
                "probe_test_images": len(probe_test)}
@@ -171,45 +191,131 @@ def run_seed(config: ExperimentConfig, model: nn.Module, spec: DatasetSpec, seed
     return rows
 
 
+def check_experiment(config: ExperimentConfig) -> None:
+    """What can be checked before any work: the device is on this machine, and the output directory is new,
+    empty or this tool's experiment, and writable."""
+    check_device(config.device)
+    owned_files(config.output, KIND)
+    writable_location(config.output, "output")
+
+
+def rows_key(config: ExperimentConfig, spec: DatasetSpec, weights: str) -> str:
+    """sha256 of what a row's numbers depend on: the model's weights (`weights_sha256`) and architecture, the
+    dataset's selection (its sources with absolute paths; not how they are batched) and the protocol's sizes
+    and settings. Not the seeds nor the approximations: each row names its own."""
+    def selection(data: DataConfig) -> dict:
+        chosen = data.model_dump(mode="json", exclude={"batch_size", "num_workers", "download"})
+        return {**chosen, "path": None if data.path is None else str(data.path.resolve())}
+
+    identity = {"weights": weights, "model": config.model.model_dump(mode="json", include={"name", "kwargs"}),
+                "dataset": {"name": spec.name, "train": selection(spec.train), "test": selection(spec.test)},
+                **config.model_dump(mode="json", include={"calibration_images", "probe_train_images",
+                                                          "probe_test_images", "token_mode", "bias", "ridge",
+                                                          "probe_ridge"})}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
 def run_experiment(config: ExperimentConfig) -> Path:
-    """Run (or resume) the protocol; returns the output directory with rows.jsonl, table.md, table.csv."""
+    """Run (or resume) the protocol; returns the output directory with rows.jsonl, table.md, table.csv.
+    Refused before any work: a device this machine lacks, an output directory holding anything but this
+    tool's experiment; before any seed: a line of rows.jsonl that is not a row of this configuration."""
+    check_device(config.device)
+    files = open_output_dir(config.output, KIND, appended=[ROWS])
     model = create_model(config.model)
     adapter = ViTAdapter(model)
     plans = [parse_plan(text, adapter.num_blocks, field="approximations") for text in config.approximations]
     variants = [Variant(None, "original")] + [Variant(p, "linear") for p in plans]
     if config.identity_baseline:
         variants += [Variant(p, "identity") for p in plans]
-    config.output.mkdir(parents=True, exist_ok=True)
-    rows_path = config.output / "rows.jsonl"
-    done = {(r["dataset"], r["seed"]) for r in _read_rows(rows_path)}
+    weights = weights_sha256(model)
+    keys = {spec.name: rows_key(config, spec, weights) for spec in config.datasets}
+    rows_path = config.output / ROWS
+    latest = {_cell(r): r for r in read_rows(rows_path, keys)}  # a seed redone after an interruption: its last rows
+
+    def cells(name: str, seed: int) -> list[tuple]:
+        return [(name, seed, v.approximation, v.kind) for v in variants]
+
     for spec in config.datasets:
         for seed in tqdm(config.seeds, desc=f"{spec.name}: seeds", disable=None):
-            if (spec.name, seed) in done:
+            if all(cell in latest for cell in cells(spec.name, seed)):
                 _logger.info("%s seed %d: already done, skipped", spec.name, seed)
                 continue
-            rows = run_seed(config, model, spec, seed, variants)
-            with open(rows_path, "a") as handle:  # one seed's rows land together or not at all
+            rows = run_seed(config, model, spec, seed, variants, keys[spec.name])
+            with open(rows_path, "a") as handle:  # a seed counts as done only once all its rows are there
                 handle.write("".join(json.dumps(r) + "\n" for r in rows))
                 handle.flush()
                 os.fsync(handle.fileno())
+            latest |= {_cell(r): r for r in rows}
             _logger.info("%s seed %d: original %.4f", spec.name, seed, rows[0]["accuracy"])
-    rows = _read_rows(rows_path)
-    atomic_write_text(config.output / "table.md", table_markdown(rows, config))
-    atomic_write_text(config.output / "table.csv", table_csv(rows))
-    atomic_write_text(config.output / "summary.json", json.dumps(summarise(rows), indent=2) + "\n")
+    rows = [latest[cell] for spec in config.datasets for seed in config.seeds for cell in cells(spec.name, seed)]
+    write_owned(config.output, KIND, files, {"table.md": table_markdown(rows, config), "table.csv": table_csv(rows),
+                                             "summary.json": json.dumps(summarise(rows), indent=2) + "\n"})
     return config.output
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
+class Row(BaseModel):
+    """One line of rows.jsonl, as run_seed writes it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    key: str
+    dataset: str
+    seed: int
+    approximation: str
+    kind: Literal["original", "linear", "identity"]
+    accuracy: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
+    calibration_images: int = Field(ge=1)
+    probe_train_images: int = Field(ge=1)
+    probe_test_images: int = Field(ge=1)
+    params_removed: int
+    paper_params_removed: int
+    params: int | None = None
+    calibration_relative_error: float | None = Field(None, allow_inf_nan=False)
+
+
+def _cell(row: dict) -> tuple:
+    return row["dataset"], row["seed"], row["approximation"], row["kind"]
+
+
+def read_rows(path: Path, keys: Mapping[str, str]) -> list[dict]:
+    """The rows of rows.jsonl in file order; `keys`: this configuration's rows_key per dataset name. A last line
+    without its newline is what a run interrupted while appending leaves: it is cut off the file (with a
+    warning) and its seed redone. Any other line that is not a row of this configuration is refused, naming
+    the file and the line."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            _logger.warning("%s: ignoring a truncated line (an interrupted run); its seed will be redone", path)
+    except OSError as err:
+        raise TBAInputError("output", f"{path} cannot be read ({err.strerror})") from None
+    lines = data.split(b"\n")
+    torn = lines.pop()
+    rows = [_row(path, number, line, keys) for number, line in enumerate(lines, 1)]
+    if torn:  # cut only once every complete line is known to be a row: a refused file stays as it was
+        _logger.warning("%s line %d: incomplete (a run interrupted while writing it): cut off, its seed is redone",
+                        path, len(lines) + 1)
+        os.truncate(path, len(data) - len(torn))
     return rows
+
+
+def _row(path: Path, number: int, line: bytes, keys: Mapping[str, str]) -> dict:
+    where, fix = f"{path} line {number}", "remove that line to redo its seed, or give the run another output directory"
+    try:
+        row = load_json(line)
+    except (ValueError, RecursionError) as err:
+        raise TBAInputError("output", f"{where} is not a JSON row ({type(err).__name__}: {str(err)[:120]})", fix) from None
+    if not isinstance(row, dict):
+        raise TBAInputError("output", f"{where} is not a row (a JSON object)", fix)
+    try:
+        Row.model_validate(row)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise TBAInputError("output", f"{where}: {'.'.join(map(str, first['loc'])) or 'row'}: {first['msg']}",
+                            fix) from None
+    if keys.get(row["dataset"]) != row["key"]:
+        raise TBAInputError("output", f"{where} holds a row of another configuration (dataset {row['dataset']!r}: other "
+                                      "model weights, data selection or protocol settings)",
+                            "give this configuration another output directory, or rerun the one that wrote it")
+    return row
 
 
 def summarise(rows: list[dict]) -> list[dict]:

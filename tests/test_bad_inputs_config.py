@@ -283,8 +283,8 @@ def test_24_output_not_made_by_tba_fed_is_refused_before_data_is_read(tmp_path, 
     code, err = _cli(["compress", *TINY_FLAGS, "--data", str(tmp_path / "no-images"), "--plan", "1->2", "-o", str(out),
                       "--overwrite"], capsys, [tmp_path])
     assert code == 2
-    assert err == (f"tba-fed: error: output: {out} is not empty and holds no manifest.yaml; refusing to replace it "
-                   "(choose an empty or new output path)\n")
+    assert err == (f"tba-fed: error: output: {out} is not empty and holds no tba-fed-output.json, so it is not a "
+                   "tba-fed output; refusing to touch it (choose an empty or new output path)\n")
 
 
 def test_25_output_is_an_existing_file(tmp_path, capsys):

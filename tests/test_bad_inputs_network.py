@@ -472,7 +472,7 @@ VALID_REQUEST = PrivacyRequest(epsilon=1.0, delta=1e-5, releases=("statistics",)
     (VALID_REQUEST.replace('"epsilon"', '"epsilom"'), "privacy.epsilom", "unknown key"),
     (VALID_REQUEST.replace('"epsilon":1.0', '"epsilon":0.0'), "privacy.epsilon", "Input should be greater than 0"),
     (VALID_REQUEST.replace('"clip_features":null', '"clip_features":Infinity'), "privacy.clip_features",
-     "clipping bounds must be positive and finite"),
+     "Input should be a finite number"),
     (VALID_REQUEST.replace('["statistics"]', '["statistics","statistics"]'), "privacy.releases", "releases must not repeat"),
     (VALID_REQUEST.replace('"delta":0.00001', '"delta":"tiny"'), "privacy.delta", "Input should be a valid number"),
 ])

@@ -1,8 +1,10 @@
-"""What of a site's failures reaches the server (issue #12, A2b): Flower turns a ClientApp exception into an
-error reply whose reason is the exception's type and text, and the server writes that reason into its
-report. Only a `SiteRefusal` (its text depends on the request and the site's configuration alone) leaves
-with its text; anything else leaves as its field and a fixed sentence, with no chained cause, and the
-detail (a patient's file name, a count) stays in the site's audit log and its own log.
+"""What of a site's failures reaches the server (issue #12, A2b; issue #16, 5): a site that cannot serve a request
+answers with a failure reply (its name, the request's echo, a status and one line), and the server writes that
+line into its report. Only a `SiteRefusal` (its text depends on the request and the site's configuration alone)
+leaves with its text; anything else leaves as its field and a fixed sentence, and the detail (a patient's file
+name, a count) stays in the site's audit log and its own log. No exception leaves the ClientApp, so there is no
+traceback for Flower (Ray, in a simulation) to print or forward; only the secure round still raises, with no
+chained cause.
 
 End to end: real flwr Messages, serialised like on the wire, through the site's real ClientApp
 (clients/client_app.py) with a deployed site's YAML (development profile), the SuperNode's error reply,
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ import pytest
 import torch
 import yaml
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp.client_app import ClientAppException
 from PIL import Image
 
 from clients import client_app
@@ -72,15 +72,18 @@ def _statistics(*, model: dict = MODEL, profile: str = "development", epsilon: f
     return RecordDict({"config": ConfigRecord(config)})
 
 
-def _reason(grid: ClientAppGrid, content: RecordDict) -> str:
+def _reason(grid: ClientAppGrid, content: RecordDict, status: str = "error") -> str:
     """The server's statistics round against the grid's one site: the reason it records for the site (what the
-    report prints), after checking the run's error message carries the same."""
+    report prints), after checking the site is named by its own name (on c272bf5: node-100), no exception left its
+    ClientApp, and the run's error message carries the same reason."""
     log = RoundLog("statistics", {})
     with pytest.raises(FederationError) as err:
         exchange(grid, grid.get_node_ids(), "query.statistics", lambda: content, lambda reply: reply, log, timeout=5,
                  min_sites=1)
     [(name, entry)] = log.sites.items()
-    assert name == "node-100" and entry["status"] == "error" and entry["reason"] in str(err.value)
+    assert name == "hospital-a" and entry["status"] == status and entry["reason"] in str(err.value)
+    assert grid.raised == {} and not grid.received[0].has_error()
+    assert set(grid.received[0].content.config_records) == {"meta", "failure"} and not grid.received[0].content.array_records
     return entry["reason"]
 
 
@@ -92,8 +95,7 @@ def test_an_unreadable_patient_file_reaches_the_server_as_its_field_alone(tmp_pa
     grid = ClientAppGrid(client_app.app, node_configs=[_site(tmp_path, corrupt=True)])
     with caplog.at_level(logging.WARNING, logger="tba_fed"):
         reason = _reason(grid, _statistics())
-    assert reason == ("site error 2: <class 'tba_fed.federation.site_audit.SiteError'>:<'"
-                      + WITHHELD.format(field="data.path", kind="TBAInputError") + "'>")
+    assert reason == WITHHELD.format(field="data.path", kind="TBAInputError")
     for secret in ("4711", "smith", "patient", ".png", "ward", "/"):
         assert secret not in reason
     # the detail stays at the site: in its audit log and in one line of its own log
@@ -119,20 +121,17 @@ def test_any_other_error_in_a_handler_leaves_only_its_field_and_no_cause(tmp_pat
     monkeypatch.setattr(client_app, "statistics_reply", fail)
     grid = ClientAppGrid(client_app.app, node_configs=[_site(tmp_path)])
     kind = type(raised()).__name__
-    assert _reason(grid, _statistics()) == ("site error 2: <class 'tba_fed.federation.site_audit.SiteError'>:<'"
-                                            + WITHHELD.format(field=field, kind=kind) + "'>")
+    assert _reason(grid, _statistics()) == WITHHELD.format(field=field, kind=kind)
     entries = check_chain(tmp_path / "out" / "audit.jsonl").entries
     assert [e["status"] for e in entries] == [status] and entries[0]["error"] == f"{kind}: {raised()}"
-    # in simulation Ray's error text carries the traceback with every chained cause: there is none to carry
+    # the reply is all that leaves the ClientApp (in simulation Ray would print and forward an exception's
+    # traceback with every chained cause): its records hold the site, the echo, the status and the fixed line
     message = Message(_statistics(), dst_node_id=100, message_type="query.statistics")
-    with pytest.raises(SiteError) as info:
-        client_app.app(wire(message), grid.contexts[100])
-    assert info.value.field == field and info.value.__cause__ is None and info.value.__suppress_context__
-    try:
-        raise ClientAppException(str(info.value)) from info.value  # what flwr's Ray actor raises
-    except ClientAppException as wrapped:
-        shown = "".join(traceback.format_exception(wrapped))
-    assert WITHHELD.format(field=field, kind=kind) in shown and "4711" not in shown and "17" not in shown
+    reply = client_app.app(wire(message), grid.contexts[100])
+    records = {name: dict(record) for name, record in reply.content.config_records.items()}
+    assert records == {"meta": {"site": "hospital-a", "round": "", "run-id": -1},
+                       "failure": {"status": "error", "reason": WITHHELD.format(field=field, kind=kind)}}
+    assert "4711" not in str(records) and "17" not in str(records)
 
 
 @pytest.mark.parametrize("kind,site,request_,text", [
@@ -149,8 +148,8 @@ def test_any_other_error_in_a_handler_leaves_only_its_field_and_no_cause(tmp_pat
 ])
 def test_a_site_refusal_keeps_its_text(tmp_path, server_identity, kind, site, request_, text):
     grid = ClientAppGrid(client_app.app, node_configs=[_site(tmp_path, **site)])
-    reason = _reason(grid, _statistics(**request_))
-    assert reason.startswith(f"site error 2: <class '{kind}'>:<'{text}")
+    reason = _reason(grid, _statistics(**request_), "refused")
+    assert reason.startswith(text)
     [entry] = check_chain(tmp_path / "out" / "audit.jsonl").entries
     assert entry["status"] == "refused" and entry["error"].startswith(f"{kind.rsplit('.', 1)[1]}: {text}")
     assert not (tmp_path / "ledger.json").exists()  # refused before anything was spent

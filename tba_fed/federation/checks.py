@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import socket
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Literal
 import httpx
 
 from ..errors import TBAInputError
+from ..fileio import writable_location
 from . import certificates as certs
 from .config import SuperLinkConfig
 from .flower_control import SuperLinkAPIError, accepts_unregistered_nodes, database_node_ids, registered_nodes
@@ -129,21 +128,12 @@ def auth_key_check(field: str, path: Path) -> Check:
 
 def writable_directory(field: str, path: Path) -> Check:
     """Whether files can be created in `path` (or, if it does not exist yet, in its nearest existing
-    parent, where it will be created). Tested by creating a file: permission bits lie to root."""
-    target = Path(path)
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    parent, where it will be created)."""
     try:
-        if not existing.is_dir():
-            raise NotADirectoryError(20, "Not a directory", str(existing))
-        fd, probe = tempfile.mkstemp(prefix=".tba-fed-preflight-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        return problem(field, f"{target} is not writable ({err.strerror}: {existing})",
-                       "give a directory this user can create files in")
-    return ok(field, f"{target} is writable" + ("" if existing == target else f" (will be created in {existing})"))
+        existing = writable_location(path, field)
+    except TBAInputError as err:
+        return from_error(err)
+    return ok(field, f"{path} is writable" + ("" if existing == Path(path) else f" (will be created in {existing})"))
 
 
 def reachable(field: str, address: str, ca_certfile: Path) -> Check:

@@ -7,9 +7,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import DataConfig, Device, ModelConfig, RunConfig, _Section, merge_overrides, read_yaml, validate
+from ..config import (MAX_IMAGES, DataConfig, Device, ModelConfig, RunConfig, Seed, _Section, merge_overrides,
+                      read_yaml, validate)
 from ..errors import TBAInputError
 from ..plan import Plan, Span, parse_plan
+from ..privacy.accounting import MAX_RUN_EPSILON
 from ..privacy.policy import RELEASES, SitePolicy
 
 SITE_AUDIT_FILE = "audit.jsonl"  # a site's audit log in its output folder, unless its YAML names another
@@ -63,7 +65,7 @@ class PartitionConfig(_Section):
     scheme: Literal["iid", "dirichlet", "shards"] = "iid"
     alpha: float = Field(0.5, gt=0)
     shards_per_site: int = Field(2, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class FederationConfig(_Section):
@@ -100,7 +102,7 @@ class EvaluationConfig(_Section):
 class PrivacyConfig(_Section):
     """Differential privacy of a run: what the server asks every site for (each site caps it)."""
 
-    epsilon: float = Field(gt=0, description="ε of the whole run at each site (all its releases)")
+    epsilon: float = Field(gt=0, le=MAX_RUN_EPSILON, description="ε of the whole run at each site (all its releases)")
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "prv"] = "rdp"
     aggregation: Literal["local", "secure"] = Field(
@@ -149,7 +151,7 @@ class SiteDataConfig(DataConfig):
     Synthetic data (tests) still names how many images to generate.
     """
 
-    num_images: int | None = Field(None, ge=1, description="synthetic data only: images generated")
+    num_images: int | None = Field(None, ge=1, le=MAX_IMAGES, description="synthetic data only: images generated")
 
     @model_validator(mode="after")
     def _per_image(self) -> SiteDataConfig:

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ..errors import TBARunError
 from .certificates import key_bytes
 
 _logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ REGISTRATION_DISABLED = 2001  # flwr ApiErrorCode.FLEET_SUPERNODE_REGISTRATION_D
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-class SuperLinkAPIError(RuntimeError):
+class SuperLinkAPIError(TBARunError):
     """The SuperLink answered a request with an error (its code and detail in the message)."""
 
 

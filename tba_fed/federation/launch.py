@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from ..errors import TBAInputError
+from ..errors import TBAInputError, TBARunError
 from ..privacy.site_state import open_state
 from .certificates import describe_os_error, key_bytes, load_auth_public_key, tls_context, tls_handshake
 from .config import FederatedRunConfig, SiteConfig
@@ -26,7 +26,7 @@ from .simulate import executable, flower_env, stop_process
 _logger = logging.getLogger(__name__)
 
 
-class LaunchError(RuntimeError):
+class LaunchError(TBARunError):
     """The Flower process did not come up as the YAML describes (it was stopped)."""
 
 

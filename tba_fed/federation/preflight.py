@@ -144,7 +144,7 @@ def secure_dropout_note(config: FederatedRunConfig) -> Check | None:
 def output_check(config: FederatedRunConfig) -> Check:
     """The server's output directory can be written, and the run will not refuse it as an earlier output."""
     try:
-        check_output_dir(config.output, overwrite=config.overwrite)
+        check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)
     except TBAInputError as err:
         return c.from_error(err)
     return c.writable_directory("output", config.output)

@@ -40,7 +40,8 @@ def secure_statistics_round(grid: Grid, nodes: list[int], config: FederatedRunCo
         # the server must not be able to unmask a sum over fewer sites than the noise is split across
         threshold = max(default_protocol(len(nodes))[1], request.noise_sites)
         result = secure_sum(grid, nodes, settings, ranges, private_span_shapes(plan.spans, dim),
-                            timeout=fed.round_timeout, min_sites=fed.min_sites, reconstruction_threshold=threshold)
+                            timeout=fed.round_timeout, min_sites=fed.min_sites, reconstruction_threshold=threshold,
+                            site_names=log.names)
     except Exception as err:  # recorded, then the run stops
         if audit is not None:
             audit.secure_round(log, nodes, settings, None, str(err))

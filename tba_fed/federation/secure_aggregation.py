@@ -68,6 +68,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 
 from ..privacy.policy import SecureRound
+from .failures import error_reason
 
 _logger = logging.getLogger(__name__)
 
@@ -150,8 +151,9 @@ def scaled_for_secagg(arrays: Mapping[str, np.ndarray], site_bounds: Mapping[str
             raise SecureSumRefused(f"'{name}': the site bounds entries by {site_bound:g}, the server scales by "
                                    f"{bound:g}: entries could be clipped")
         largest = float(np.abs(value).max(initial=0.0))
-        if largest > site_bound:
-            raise SecureSumRefused(f"'{name}': an entry of magnitude {largest:g} exceeds its bound {site_bound:g}")
+        if largest > site_bound:  # the magnitude is the data's: it stays in the site's log
+            _logger.error("secure sum: '%s' has an entry of magnitude %g", name, largest)
+            raise SecureSumRefused(f"'{name}': an entry exceeds its bound {site_bound:g}")
         out.append(value / bound)
     return out
 
@@ -222,10 +224,8 @@ class _ObservedGrid:
         for reply in replies:
             node = reply.metadata.src_node_id
             answered.add(node)
-            if reply.has_error():
-                reason = str(reply.error.reason)  # in simulation a Ray traceback ending in the site's message
-                reason = reason if len(reason) <= 400 else "..." + reason[-400:]
-                self.problems.setdefault(node, f"site error {reply.error.code}: {reason}")
+            if reply.has_error():  # in simulation a Ray traceback quoting the site's message: one line of it
+                self.problems.setdefault(node, error_reason(reply.error))
         for msg in messages:
             if msg.metadata.dst_node_id not in answered:
                 self.problems.setdefault(msg.metadata.dst_node_id, f"no reply within {timeout} s")
@@ -324,7 +324,8 @@ def _check_request(nodes: list[int], config: Mapping[str, Any], bounds: Mapping[
 
 def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: dict[str, float],
                shapes: dict[str, tuple[int, ...]], *, timeout: float, min_sites: int, num_shares: int | None = None,
-               reconstruction_threshold: int | None = None, quantization_range: int = 2**22) -> SecureSum:
+               reconstruction_threshold: int | None = None, quantization_range: int = 2**22,
+               site_names: Mapping[int, str] | None = None) -> SecureSum:
     """Run one SecAgg+ fit round on exactly `nodes` and return the sum of the sites' named arrays.
 
     Every site gets `config` (in FitIns.config, plus the shapes and bounds under reserved keys) and
@@ -332,7 +333,8 @@ def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: 
     refuse drop out of the sum (SecAgg+ removes their masks); fewer than `min_sites` summed sites, a failed
     round or a malformed result raise ``FederationError`` naming each site's problem. `timeout` applies to
     each of SecAgg+'s four stages. Defaults: num_shares = len(nodes), reconstruction_threshold =
-    max(2, ceil(2/3 len(nodes))). The quantisation error is derived in the module docstring.
+    max(2, ceil(2/3 len(nodes))). The quantisation error is derived in the module docstring. `site_names`: the
+    sites' names the server already knows, for its messages (else "node N").
     """
     from .server import FederationError  # server.py pulls in the model stack; keep this module light
 
@@ -356,8 +358,11 @@ def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: 
                             config=ServerConfig(num_rounds=1), strategy=strategy)
     start = time.perf_counter()
 
+    def site(node: int) -> str:
+        return (site_names or {}).get(node, f"node {node}")
+
     def fail(what: str) -> FederationError:
-        detail = "; ".join(f"node {node}: {reason}" for node, reason in sorted(observed.problems.items()))
+        detail = "; ".join(f"{site(node)}: {reason}" for node, reason in sorted(observed.problems.items()))
         return FederationError(f"secure sum: {what}" + (f". {detail}" if detail else ""))
 
     try:
@@ -366,7 +371,7 @@ def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: 
         raise fail(f"the SecAgg+ round failed ({type(err).__name__}: {err})") from err
     seconds = time.perf_counter() - start
     for node, reason in sorted(observed.problems.items()):
-        _logger.warning("secure sum: excluded node %s: %s", node, reason)
+        _logger.warning("secure sum: excluded %s: %s", site(node), reason)
     if strategy.aggregate is None:
         raise fail(f"the SecAgg+ round halted without a result (asked {len(nodes)} sites, min_sites is {min_sites})")
     if strategy.sites < min_sites:

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from ..adapter import ViTAdapter
 from ..checkpoint import manifest, maps_checksum, write_compressed
 from ..compressed import build_compressed, parameter_report
-from ..errors import FederationError, TBAInputError
+from ..errors import FederationError, TBAInputError, one_line
 from ..fileio import check_output_dir
 from ..models import create_model
 from ..pipeline import Compression, choose_plan, solve_plan
@@ -45,6 +45,7 @@ from ..stats import SpanStats
 from .config import FederatedRunConfig, fixed_plan
 from .delivery import BoundedGrid, replies_as_they_arrive
 from .envelope import check_echo, stamp
+from .failures import decode_failure, error_reason
 from .private_rounds import privacy_markdown, privacy_summary, secure_statistics_round
 from .records import from_record, received_schema, to_record
 from .server_audit import ServerAudit, reply_receipt
@@ -109,19 +110,23 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
         elif reply is None:
             entry.update(status="not delivered", reason="the SuperLink did not accept the request")
         elif reply.has_error():
-            entry.update(status="error", reason=f"site error {reply.error.code}: {reply.error.reason}")
+            entry.update(status="error", reason=error_reason(reply.error))
         else:
             if audit is not None:
                 receipts[node] = reply_receipt(reply)
             try:
                 check_echo(reply.content, sent[node], name)
-                accepted[name] = decode(reply.content)
-                entry.update(status="ok", bytes_received=record_bytes(reply.content),
-                             received=received_schema(reply.content))
-                if images is not None:
-                    entry["images"] = images(accepted[name])
+                failure = decode_failure(reply.content)
+                if failure is not None:  # the site could not serve the request, and says why in one line
+                    entry.update(status=failure[0], reason=failure[1])
+                else:
+                    accepted[name] = decode(reply.content)
+                    entry.update(status="ok", bytes_received=record_bytes(reply.content),
+                                 received=received_schema(reply.content))
+                    if images is not None:
+                        entry["images"] = images(accepted[name])
             except (TBAInputError, KeyError, ValueError) as err:
-                entry.update(status="rejected", reason=str(err))
+                entry.update(status="rejected", reason=one_line(str(err)))
         entries[node] = entry
         del replies, reply  # one site's reply held at a time
     for node in nodes:  # the report lists sites in node order, whatever order their replies came in
@@ -136,7 +141,8 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
     if audit is not None:
         audit.round(log, message_type, contents, receipts)
     if len(accepted) < min_sites:
-        detail = "; ".join(f"{s}: {v['status']} ({v.get('reason', '')})" for s, v in log.sites.items())
+        detail = "; ".join(f"{one_line(s, 100)}: {v['status']}" + (f" ({v['reason']})" if v.get("reason") else "")
+                           for s, v in log.sites.items())
         raise FederationError(f"round {log.name}: {len(accepted)} valid replies, min_sites is {min_sites}. {detail}")
     return accepted
 
@@ -162,7 +168,7 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
     """The whole federated run; returns the report that is also written to ``config.output``.
     `superlink_checks`: what the production ServerApp verified of the SuperLink before round 1 (reported)."""
     fed = config.federation
-    check_output_dir(config.output, overwrite=config.overwrite)  # fail before any site works, not after
+    check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)  # fail before any site works, not after
     grid = BoundedGrid(grid, patience=fed.round_timeout)  # no call waits forever for a SuperLink that is gone
     model = create_model(config.model)
     adapter = ViTAdapter(model)
@@ -435,6 +441,11 @@ PROFILE_NOTES = {"production": "TLS, registered SuperNode keys, persistent Super
                  "development": "simulation or local test: no TLS, authentication or persistence guarantees"}
 
 
+def _cell(text: str) -> str:
+    """A table cell from text a site chose (its name, its reason): one line, its pipes escaped."""
+    return one_line(text).replace("|", "\\|")
+
+
 def federation_markdown(fed: dict[str, Any], profile: str, superlink_checks: list[str] | None = None) -> str:
     lines = ["", "## Federation", "", f"- profile: **{profile}** ({PROFILE_NOTES[profile]})",
              *(f"  - verified before round 1: `{line}`" for line in superlink_checks or ()),
@@ -443,9 +454,9 @@ def federation_markdown(fed: dict[str, Any], profile: str, superlink_checks: lis
              "|---|---|---|---|---|---|---|"]
     for rnd in fed["rounds"]:
         for site, entry in sorted(rnd["sites"].items()):
-            lines.append(f"| {rnd['name']} ({rnd['seconds']:.1f} s) | {site} | {entry['status']} "
+            lines.append(f"| {rnd['name']} ({rnd['seconds']:.1f} s) | {_cell(site)} | {entry['status']} "
                          f"| {entry.get('images', '')} "
                          f"| {entry.get('bytes_sent', 0):,} | {entry.get('bytes_received', 0):,} "
-                         f"| {entry.get('reason', '')} |")
+                         f"| {_cell(entry.get('reason', ''))} |")
     return "\n".join(lines) + "\n"
 

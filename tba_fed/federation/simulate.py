@@ -12,35 +12,43 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import yaml
 from torch import nn
 
 from ..adapter import ViTAdapter
+from ..config import check_device
 from ..data import build_dataset
-from ..errors import TBAInputError
+from ..errors import TBAInputError, TBARunError, one_line, strip_escapes
 from ..fileio import check_output_dir
 from ..models import create_model
 from ..partition import log_histograms
 from .config import FederatedRunConfig, fixed_plan, load_federated_config
 from .profile import development_run
-from .site import simulated_indices
+from .site import simulated_indices, simulated_site
 
 _logger = logging.getLogger(__name__)
 FEDERATION = "tba-fed-sim"
+TRACEBACK = "Traceback (most recent call last):"
+QUOTED = ("The above exception was the direct cause", "During handling of the above exception", "ray::")
+RAY_TRACEBACK = re.compile(r"^(?:\S.*:\s+)?ray::[\w.]+\(\) \(pid=")  # Ray's header of a task's traceback
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(\([\w.]*\))?:( |$)|Exception \w+ occurred)")
 
 
-class SimulationError(RuntimeError):
-    """The Flower run did not complete (its log was streamed above)."""
+class SimulationError(TBARunError):
+    """The Flower run did not complete; the message says why, in one line."""
 
 
 def app_directory() -> Path:
@@ -107,7 +115,8 @@ def local_superlink(home: Path, port: int, *, simulation: bool = False, certific
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
                 break
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"flower-superlink did not start: {(home / 'superlink.log').read_text()[-2000:]}")
+                raise SimulationError(f"flower-superlink did not start: "
+                                      f"{one_line((home / 'superlink.log').read_text()[-2000:])}")
             time.sleep(0.3)
         yield process
     finally:
@@ -150,12 +159,18 @@ def log_site_histograms(config: FederatedRunConfig, model: nn.Module) -> str:
     return log_histograms(targets, parts, int(targets.max()) + 1)
 
 
-def simulate(config_path: str | Path, *, timeout: float | None = None) -> tuple[dict, Path]:
-    """Run the federation described by the YAML at `config_path`; return its report and output directory."""
+def simulate(config_path: str | Path, *, timeout: float | None = None, out: TextIO | None = None,
+             tracebacks: bool = False) -> tuple[dict, Path]:
+    """Run the federation described by the YAML at `config_path`; return its report and output directory.
+    Flower's log goes to `out` (None: this process's own output, as it is), with each traceback cut to its
+    exception's line unless `tracebacks`."""
     # a bad config fails before anything starts; the resolved YAML handed to Flower says profile: development
     config = absolute_paths(development_run(load_federated_config(Path(config_path))))
     fed = config.federation
-    check_output_dir(config.output, overwrite=config.overwrite)
+    check_device(config.device)  # the simulated sites' device is this machine's
+    check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)
+    for site in range(fed.num_sites):  # where each simulated site installs the maps, beside the run's output
+        check_output_dir(simulated_site(config, site)[1] / "compressed", kind="compressed", overwrite=True)
     model = create_model(config.model)
     fixed_plan(config, ViTAdapter(model).num_blocks)  # a bad plan fails here, not after the SuperLink started
     log_site_histograms(config, model)
@@ -176,10 +191,72 @@ def simulate(config_path: str | Path, *, timeout: float | None = None) -> tuple[
             command = [executable("flwr"), "run", str(app), FEDERATION, "--stream", "--federation-config", resources,
                        "--run-config", f"config-path={json.dumps(str(resolved))}"]
             _logger.info("simulating %d sites: %s", fed.num_sites, " ".join(command))
-            limit = timeout or (fed.round_timeout * 4 + 300)
-            completed = subprocess.run(command, env=flower_env(home), cwd=app, timeout=limit, check=False)
-    report_path = config.output / "report.json"
-    if completed.returncode != 0 or not report_path.is_file() or report_path.stat().st_mtime < started:
-        raise SimulationError(f"the federated run failed (flwr exit code {completed.returncode}): no new report in "
-                           f"{config.output}; see the log above")
+            code = relay(command, env=flower_env(home), cwd=app, timeout=timeout or (fed.round_timeout * 4 + 300),
+                         out=out, tracebacks=tracebacks)
+            report_path = config.output / "report.json"
+            if code != 0 or not report_path.is_file() or report_path.stat().st_mtime < started:
+                reason = failure_details(home)  # asked while this simulation's SuperLink still runs
+                raise SimulationError(f"the federated run failed: {reason}" if reason else
+                                      f"the federated run failed (flwr exit code {code}) and wrote no new report in "
+                                      f"{config.output}; Flower's log above says why")
     return json.loads(report_path.read_text()), config.output
+
+
+def without_tracebacks(lines: Iterable[str]) -> Iterator[str]:
+    """A log with each Python traceback in it (a chain of them, or one Ray quotes in its error) cut to the lines
+    that name each exception and its message, after a note where the frames were: what failed stays readable,
+    and ``tba-fed -v`` shows the frames."""
+    inside = False  # from a traceback's first line until a line of the log's own
+    for line in lines:
+        plain = strip_escapes(line).strip()
+        if TRACEBACK in plain or RAY_TRACEBACK.search(plain):
+            if not inside:
+                yield strip_escapes(line).split(TRACEBACK, 1)[0].split("ray::", 1)[0] \
+                    + "(traceback left out; tba-fed -v shows it)\n"
+            inside = True
+        elif inside and (not plain or line[:1].isspace() or plain.startswith(QUOTED)):
+            continue  # a frame, a chained cause's preamble, Ray's header of the traceback it quotes
+        elif inside and EXCEPTION_LINE.match(plain):
+            yield line  # what was raised, and its message
+        else:
+            inside = False
+            yield line
+
+
+def relay(command: list[str], *, env: dict[str, str], cwd: Path, timeout: float, out: TextIO | None,
+          tracebacks: bool) -> int:
+    """Run `command` to its end (stopped after `timeout` seconds), its output copied to `out` as it comes,
+    tracebacks cut unless `tracebacks` (None: left on this process's own output); its exit code."""
+    pipe = subprocess.PIPE if out is not None else None
+    process = subprocess.Popen(command, env={**env, "PYTHONUNBUFFERED": "1"}, cwd=cwd, stdout=pipe,
+                               stderr=subprocess.STDOUT if out is not None else None, text=True, errors="replace")
+    expired = threading.Event()
+    timer = threading.Timer(timeout, lambda: (expired.set(), process.kill()))
+    timer.start()
+    try:
+        if out is not None:
+            assert process.stdout is not None
+            for line in process.stdout if tracebacks else without_tracebacks(process.stdout):
+                out.write(line)
+                out.flush()
+        code = process.wait()
+    finally:
+        timer.cancel()
+        if process.poll() is None:
+            stop_process(process)
+    if expired.is_set():
+        raise SimulationError(f"{Path(command[0]).name} did not finish within {timeout:.0f} s and was stopped")
+    return code
+
+
+def failure_details(home: Path) -> str | None:
+    """Why the one run of this simulation's SuperLink failed, as the SuperLink recorded it (the exception the
+    ServerApp ended with, e.g. a round's sites and their reasons), in one line; None if it cannot say."""
+    done = subprocess.run([executable("flwr"), "ls", FEDERATION, "--format", "json"], env=flower_env(home),
+                          capture_output=True, text=True, timeout=120, check=False)
+    try:
+        details = str(json.loads(done.stdout)["runs"][-1]["status-details"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    details = details.split("failed with exception: ", 1)[-1]  # Flower's prefix: "Simulation failed with exception: "
+    return one_line(details, 2000) if details.strip() and details != "N/A" else None

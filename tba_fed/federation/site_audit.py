@@ -7,11 +7,12 @@ release, or "exact"). The log is checked before any work, so a site whose log do
 nothing; the entry is written before the reply leaves, and its hash (the site's new audit head) rides in
 the reply's ``meta`` record, where the server records it: the anchor that shows a truncated site log.
 
-This is also where a site's failures leave it. Flower returns a ClientApp's exception to the server as
-its type and text, and the server writes that into its report; so only a `SiteRefusal` (its text comes
-from the request and the site's configuration alone) leaves with its text. Any other error may quote what
-the site's data decided (an image count, a patient's file name): it leaves as a `SiteError` that names its
-field alone, and the detail stays in the audit log and in one line of the site's own log.
+This is also where a site's failures leave it, and the server writes what leaves into its report; so only
+a `SiteRefusal` (its text comes from the request and the site's configuration alone) leaves with its text.
+Any other error may quote what the site's data decided (an image count, a patient's file name): it leaves
+as a `SiteError` that names its field alone, and the detail stays in the audit log and in one line of the
+site's own log. Either leaves as a failure reply (`failures_as_replies`), not as an exception Flower would
+print and forward as a traceback; only the secure round, whose protocol needs one, raises it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..errors import SiteRefusal, TBAInputError
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import RELEASES, PrivacyRequest, spec_hash
 from .config import SITE_AUDIT_FILE, load_federated_config, load_site_config
+from .failures import failure_reply
 from .secure_aggregation import Compute, Scalar
 from .records import content_sha256, from_record, received_schema, to_record
 from .site import run_spec, simulated_site
@@ -161,6 +163,18 @@ def audited(release: str) -> Callable[[Handler], Handler]:
             return reply
         return serve
     return decorate
+
+
+def failures_as_replies(msg: Message, context: Context, call_next: Handler) -> Message:
+    """ClientApp mod of every `audited` handler: what `_served` lets leave the site goes back as a failure reply
+    naming the site, which the server reads like any reply; an exception would reach it as a traceback."""
+    try:
+        return call_next(msg, context)
+    except (SiteRefusal, SiteError) as err:
+        site = None
+        with contextlib.suppress(TBAInputError, OSError):  # the site YAML itself may be why it failed
+            site = site_files(context.node_config, context.run_config).name
+        return failure_reply(msg, err, site)
 
 
 def audited_secure(compute: Compute) -> Compute:

@@ -29,13 +29,13 @@ from typing import Any, TextIO
 
 import tomli_w
 
-from ..errors import TBAInputError
+from ..errors import TBAInputError, TBARunError
 from ..fileio import check_output_dir
 from .certificates import load_certificate
 from .config import load_federated_config
 from .flower_connection import check_name, connection_entry, ensure_connection, flower_config_path, updated_config
 from .profile import require_run
-from .simulate import app_directory, executable, flower_env, stop_process
+from .simulate import app_directory, executable, flower_env, stop_process, without_tracebacks
 
 _logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ STARTED = re.compile(r"Successfully started run (\d+)")
 COMPLETED = "finished:completed"
 
 
-class SubmitError(RuntimeError):
+class SubmitError(TBARunError):
     """The run was not started, or did not complete with a new report (its log was relayed above)."""
 
 
@@ -73,7 +73,7 @@ def plan_submission(config_path: Path, *, connection: str = CONNECTION, stream: 
         raise TBAInputError("output", f"{config.output} is relative: the ServerApp would resolve it against its own "
                                       "working directory, not this one", "give an absolute path, e.g. "
                                                                          "/srv/tba-fed/server-out")
-    check_output_dir(config.output, overwrite=config.overwrite)  # refused now, not after the sites spent budget
+    check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)  # refused now, not after sites spent budget
     name = check_name(connection)
     entry = connection_entry(superlink)
     flower_config = flower_config_path()
@@ -92,14 +92,15 @@ def describe(sub: Submission) -> str:
     return f"{where}\n\n{shlex.join(sub.command)}"
 
 
-def _relay(sub: Submission, out: TextIO) -> tuple[int, int | None]:
-    """Run `flwr run`, copying its output to `out` as it comes; its exit code and the run id it printed."""
+def _relay(sub: Submission, out: TextIO, tracebacks: bool) -> tuple[int, int | None]:
+    """Run `flwr run`, copying its output to `out` as it comes (each traceback cut to its exception's line unless
+    `tracebacks`); its exit code and the run id it printed."""
     env = {**flower_env(), "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(sub.command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_id = None
     try:
         assert process.stdout is not None
-        for line in process.stdout:
+        for line in process.stdout if tracebacks else without_tracebacks(process.stdout):
             out.write(line)
             out.flush()
             if run_id is None and (found := STARTED.search(line)):
@@ -126,12 +127,12 @@ def run_status(sub: Submission, run_id: int) -> tuple[str, str]:
                           f"and flwr ls {sub.connection}") from None
 
 
-def submit(sub: Submission, out: TextIO) -> int:
+def submit(sub: Submission, out: TextIO, tracebacks: bool = False) -> int:
     """Add the connection if missing, submit the run and, when streaming, follow it to its end; 0 only if the
     SuperLink reports it completed and it wrote a new report. Raises SubmitError otherwise."""
     ensure_connection(sub.flower_config, sub.connection, sub.entry)
     started = time.time()
-    code, run_id = _relay(sub, out)
+    code, run_id = _relay(sub, out, tracebacks)
     if run_id is None:
         raise SubmitError(f"flwr run did not start the run (exit code {code}); see its output above")
     follow = f"flwr log {run_id} {sub.connection} --stream; flwr ls --run-id {run_id} {sub.connection}"

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from ..checkpoint import map_tensors
+from ..checkpoint import decode_maps, map_tensors
 from ..errors import TBAInputError
 from ..plan import Span
 from ..privacy.clipped import ClippedSpanSums
@@ -186,24 +186,6 @@ def check_psd(gram: torch.Tensor, field: str, tolerance: float | None) -> None:
 
 def encode_maps(maps: Mapping[Span, LinearMap]) -> Arrays:
     return {k: v.numpy() for k, v in map_tensors(maps).items()}
-
-
-def decode_maps(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], identity: Iterable[Span],
-                dim: int, kind: str = "maps") -> dict[Span, LinearMap]:
-    """The maps of the plan's fitted spans (all with a bias or none), checked like any payload."""
-    spans, identity = list(spans), set(identity)
-    fitted = [span for span in spans if span not in identity]
-    biased = any(key.endswith(".bias") for key in arrays)
-    shapes = {f"span.{span.key}.{name}": shape for span in fitted
-              for name, shape in (("weight", (dim, dim)), ("bias", (dim,))) if name == "weight" or biased}
-    check_arrays(arrays, shapes, kind)
-
-    def fitted_map(span: Span) -> LinearMap:
-        bias = arrays.get(f"span.{span.key}.bias")
-        return LinearMap(torch.from_numpy(np.array(arrays[f"span.{span.key}.weight"])),
-                         None if bias is None else torch.from_numpy(np.array(bias)))
-
-    return {span: LinearMap.identity(dim) if span in identity else fitted_map(span) for span in spans}
 
 
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:

@@ -21,11 +21,18 @@ from ..errors import TBAInputError
 RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64))
                                       + [64 * 1.25**k for k in range(1, 32)])
 ACCOUNTANTS = ("rdp", "prv")
+# A run spends at most ε = 100: there is no privacy to speak of beyond it, and the accountants' σ search
+# breaks down (PRV fails, or exhausts memory, when it probes σ below about 0.03).
+MAX_RUN_EPSILON = 100.0
+# Every σ tba-fed derives (ε ≤ 100 gives σ ≥ 0.09) or reads from a ledger lies in this range, where both
+# accountants compose it, halved too (replace-one reports): a forged σ of 1e-300 or 1e300 is refused.
+MIN_NOISE_MULTIPLIER = 0.06
+MAX_NOISE_MULTIPLIER = 1e6
 
 
 def _check(epsilon: float, delta: float, releases: int, accountant: str) -> None:
-    if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise TBAInputError("privacy.epsilon", f"must be a positive finite number, got {epsilon}")
+    if not 0 < epsilon <= MAX_RUN_EPSILON:
+        raise TBAInputError("privacy.epsilon", f"must lie in (0, {MAX_RUN_EPSILON:g}], got {epsilon}")
     if not 0 < delta < 1:
         raise TBAInputError("privacy.delta", f"must lie in (0, 1), got {delta}")
     if releases < 1:
@@ -40,8 +47,18 @@ def noise_multiplier(epsilon: float, delta: float, releases: int, accountant: st
     kwargs = {"alphas": list(RDP_ORDERS)} if accountant == "rdp" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about optimal orders at the edge; ours are wide
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0,
-                                          steps=releases, accountant=accountant, epsilon_tolerance=0.005 * epsilon, **kwargs))
+        try:
+            sigma = float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0,
+                                               steps=releases, accountant=accountant,
+                                               epsilon_tolerance=0.005 * epsilon, **kwargs))
+        except ValueError:  # Opacus: "the privacy budget is too low"
+            sigma = math.inf
+    if not MIN_NOISE_MULTIPLIER <= sigma <= MAX_NOISE_MULTIPLIER:
+        raise TBAInputError("privacy.epsilon", f"ε={epsilon:g} at δ={delta:g} over {releases} release(s) needs σ="
+                                               f"{sigma:.3g}, outside the range [{MIN_NOISE_MULTIPLIER:g}, "
+                                               f"{MAX_NOISE_MULTIPLIER:g}] the accountants compose reliably",
+                            "ask for a larger ε")
+    return sigma
 
 
 def epsilon_spent(history: Iterable[tuple[float, int]], delta: float, accountant: str = "rdp") -> float:

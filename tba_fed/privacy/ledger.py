@@ -9,7 +9,8 @@ see `release_store`). A run's privacy terms (ε, δ, accountant, declared releas
 first recorded request: a later request of the run that declares others is refused, so a server
 cannot spend more than one run's ε by declaring each release on its own. A ledger that cannot be
 read is an error, never an empty ledger; a deployed site's state directory also refuses a missing
-one (`site_state`).
+one (`site_state`). Reading validates every entry (types, finite numbers, a σ the accountants can
+compose), so a damaged or forged ledger is refused with the entry and field named, never half-believed.
 """
 
 from __future__ import annotations
@@ -24,31 +25,43 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Annotated, ClassVar, Final, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..config import load_json
 from ..errors import SiteRefusal, TBAInputError
-from .accounting import epsilon_spent, replace_one_epsilon
+from .accounting import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, epsilon_spent, replace_one_epsilon
 
 _logger = logging.getLogger(__name__)
-FORMAT = "tba-fed privacy ledger 1"
+FORMAT: Final = "tba-fed privacy ledger 1"
+
+
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+Positive = Annotated[float, Field(gt=0)]
 
 
 @dataclass(frozen=True)
 class LedgerEntry:
+    """One recorded release; the annotations are also the schema a ledger read from disk must meet."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = _STRICT
+
     run_id: str
     release: str
     spec_sha256: str
     mechanism: str
-    noise_multiplier: float
-    noise_std: dict[str, float]
+    noise_multiplier: Annotated[float, Field(ge=MIN_NOISE_MULTIPLIER, le=MAX_NOISE_MULTIPLIER)]
+    noise_std: dict[str, Annotated[float, Field(ge=0)]]
     noise: str
     aggregation: str
-    images: int
-    epsilon_run: float
-    delta: float
+    images: Annotated[int, Field(ge=0)]
+    epsilon_run: Positive
+    delta: Annotated[float, Field(gt=0, lt=1)]
     time: str
     payload_sha256: str | None = None  # set once the noisy payload is stored; None: granted, never produced
-    site_noise_multiplier: float | None = None  # the σ this site applied (σ/√m when m sites split the noise)
-    accountant: str | None = None  # the run's accountant, which calibrated σ (entries before these fields: None)
+    site_noise_multiplier: Positive | None = None  # the σ this site applied (σ/√m when m sites split the noise)
+    accountant: Literal["rdp", "prv"] | None = None  # the run's accountant, which calibrated σ (older entries: None)
     releases: tuple[str, ...] | None = None  # every release the run declared at this request
 
     def __post_init__(self) -> None:
@@ -59,6 +72,15 @@ class LedgerEntry:
         """What a run fixes at its first request; None where an entry predates the field."""
         return {"epsilon": self.epsilon_run, "delta": self.delta, "accountant": self.accountant,
                 "releases": self.releases}
+
+
+class _LedgerFile(BaseModel):
+    """The ledger document as written by `PrivacyLedger._write`."""
+
+    model_config = _STRICT
+
+    format: Literal[FORMAT]
+    entries: list[LedgerEntry]
 
 
 class BudgetExceeded(SiteRefusal):
@@ -81,16 +103,23 @@ class PrivacyLedger:
             yield
 
     def entries(self) -> list[LedgerEntry]:
+        """Every recorded release, each entry validated; an unreadable or invalid ledger is refused."""
         if not self.path.exists():
             return []
         try:
-            data = json.loads(self.path.read_text())
-            if data.get("format") != FORMAT:
-                raise ValueError(f"unknown format {data.get('format')!r}")
-            return [LedgerEntry(**entry) for entry in data["entries"]]
-        except (ValueError, KeyError, TypeError) as err:
-            raise TBAInputError("privacy.ledger", f"{self.path} is unreadable ({err}); refusing to release anything",
-                                "restore the ledger from backup; never delete it to reset a budget") from None
+            raw = self.path.read_bytes()
+            load_json(raw)  # refuses a key given twice, where pydantic's parser keeps the last one
+            return _LedgerFile.model_validate_json(raw).entries
+        except OSError as err:
+            reason = err.strerror or str(err)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            reason = f"{where + ': ' if where else ''}{first['msg']}"
+        except (ValueError, RecursionError) as err:  # not JSON, a key given twice, nested past the parser
+            reason = f"{type(err).__name__}: {err}"[:200]
+        raise TBAInputError("privacy.ledger", f"{self.path} is unreadable ({reason}); refusing to release anything",
+                            "restore the ledger from backup; never delete it to reset a budget")
 
     def spent(self, delta: float, accountant: str = "rdp") -> float:
         """ε spent so far at `delta`, composing every recorded release."""

@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, model_validator
 from ..config import _format_validation_error, _Section
 from ..errors import SiteRefusal, TBAInputError
 from ..plan import Span
-from .accounting import noise_multiplier
+from .accounting import MAX_RUN_EPSILON, noise_multiplier
 from .clipped import SpanBounds
 
 RELEASES = ("similarity", "statistics", "probe", "accuracy")
@@ -34,7 +34,7 @@ class PolicyRefusal(SiteRefusal):
 class PrivacyRequest(_Section):
     """The privacy part of a run specification, as the server sends it to every site."""
 
-    epsilon: float = Field(gt=0, description="ε the whole run may spend at each site")
+    epsilon: float = Field(gt=0, le=MAX_RUN_EPSILON, description="ε the whole run may spend at each site")
     delta: float = Field(gt=0, lt=1)
     accountant: Literal["rdp", "prv"] = "rdp"
     releases: tuple[Release, ...] = Field(min_length=1, description="every release the run will make, in order")
@@ -57,8 +57,8 @@ class PrivacyRequest(_Section):
         spans = [b for pair in self.clip_spans.values() for b in pair]
         features = [] if self.clip_features is None else [self.clip_features]
         for name, bounds in (("clip_spans", spans), ("clip_blocks", self.clip_blocks), ("clip_features", features)):
-            if any(not (b > 0 and b < float("inf")) for b in bounds):
-                raise TBAInputError(name, "clipping bounds must be positive and finite")
+            if any(b <= 0 for b in bounds):  # finite: refused by the schema (allow_inf_nan=False)
+                raise TBAInputError(name, "clipping bounds must be positive")
         return self
 
     def clip_bounds(self) -> list[float]:

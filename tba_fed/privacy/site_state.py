@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import load_json
 from ..errors import TBAInputError
 from ..selection import KEY_BYTES, check_key
 from .ledger import PrivacyLedger
@@ -91,12 +92,12 @@ def open_state(folder: Path, site: str, ledger: Path) -> SiteState:
     """The site's state, once the marker, the key and the ledger it names are all in place; refuses otherwise."""
     folder, ledger = Path(folder).absolute(), Path(ledger).absolute()
     try:
-        marker = json.loads((folder / MARKER).read_text())
+        marker = load_json((folder / MARKER).read_text())
         if marker.get("format") != FORMAT:
             raise ValueError(f"unknown format {marker.get('format')!r}")
     except FileNotFoundError:
         raise TBAInputError("state", f"{folder} holds no initialised site state: this site makes no release", INIT) from None
-    except (OSError, ValueError, AttributeError) as err:
+    except (OSError, ValueError, AttributeError, RecursionError) as err:
         raise TBAInputError("state", f"{folder / MARKER} is unreadable ({err}): this site makes no release",
                           "restore the state directory from backup") from None
     recorded = Path(str(marker.get("ledger", "")))
