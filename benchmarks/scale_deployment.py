@@ -71,6 +71,10 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FEDERATION = "hospitals"
 TOLERANCE = 1e-9
+# Each site holds IMAGES synthetic images, each held out with probability HOLDOUT_FRACTION by the site's own
+# random key (production profile), and refuses a release any part of which has fewer than MIN_IMAGES images:
+# with these values a site refuses by chance with probability 0.8**40 = 1.3e-4 (tests/test_scale_benchmark.py).
+IMAGES, HOLDOUT_FRACTION, MIN_IMAGES = 40, 0.2, 1
 # Twenty sites share two cores and one allocator's habits: one OpenMP thread each, and buffers of 1 MiB or
 # more (5 MiB chunks of a reply) given back to the system when freed instead of kept by glibc's heap.
 SITE_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
@@ -156,8 +160,8 @@ class Deployment:
         for name in names:
             seed = len(self.sites) + 1
             data = {"source": "synthetic", "num_images": self.images, "seed": seed, "batch_size": 16,
-                    "holdout_fraction": 0.2}
-            policy = {"require_dp": False, "epsilon": 1.0, "min_images": 5, "releases": ["statistics"],
+                    "holdout_fraction": HOLDOUT_FRACTION}
+            policy = {"require_dp": False, "epsilon": 1.0, "min_images": MIN_IMAGES, "releases": ["statistics"],
                       "ledger": str(self.root / name / "privacy-ledger.json")}
             path = self.root / f"{name}.yaml"
             connection = {"superlink": f"127.0.0.1:{self.port}", "root_certificates": str(self.certs / "ca.crt"),
@@ -336,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=768, help="embed_dim of the random ViT")
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--min-payload-mb", type=float, default=100.0, help="each site's statistics reply, MB (1e6 B)")
-    parser.add_argument("--images", type=int, default=40, help="synthetic images per site (20%% held out)")
+    parser.add_argument("--images", type=int, default=IMAGES, help="synthetic images per site (20%% held out)")
     parser.add_argument("--concurrent-sites", type=int, default=2, help="sites computing at once (site_executors.py)")
     parser.add_argument("--round-timeout", type=float, default=3600.0)
     parser.add_argument("--memory-floor-gib", type=float, default=2.0,
