@@ -73,8 +73,9 @@ FEDERATION = "hospitals"
 TOLERANCE = 1e-9
 # Each site holds IMAGES synthetic images, each held out with probability HOLDOUT_FRACTION by the site's own
 # random key (production profile), and refuses a release any part of which has fewer than MIN_IMAGES images:
-# with these values a site refuses by chance with probability 0.8**40 = 1.3e-4 (tests/test_scale_benchmark.py).
-IMAGES, HOLDOUT_FRACTION, MIN_IMAGES = 40, 0.2, 1
+# with these values a site refuses by chance with probability 0.8**40 = 1.3e-4, and 0.8**64 = 6e-7 in --quick
+# (tests/test_scale_benchmark.py).
+IMAGES, QUICK_IMAGES, HOLDOUT_FRACTION, MIN_IMAGES = 40, 64, 0.2, 1
 # Twenty sites share two cores and one allocator's habits: one OpenMP thread each, and buffers of 1 MiB or
 # more (5 MiB chunks of a reply) given back to the system when freed instead of kept by glibc's heap.
 SITE_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="2 sites, d=64, 0.5 MB replies, no baseline (~1 min)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sites, args.baseline_sites, args.dim, args.min_payload_mb, args.images = 2, 0, 64, 0.5, 24
+        args.sites, args.baseline_sites, args.dim, args.min_payload_mb, args.images = 2, 0, 64, 0.5, QUICK_IMAGES
     if not 0 <= args.baseline_sites < args.sites:
         parser.error("--baseline-sites must be between 0 and --sites - 1")
     for signum in (signal.SIGINT, signal.SIGTERM):
