@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tba_fed.cli import main
 from tba_fed.errors import TBAInputError
 
 
@@ -64,3 +65,16 @@ def refused(field: str, *, fix: str | None = None, error: type[Exception] = TBAI
     assert isinstance(info.value, TBAInputError) and info.value.field == field, (info.value, field)
     if fix is not None:
         assert info.value.fix == fix, (info.value.fix, fix)
+
+
+def run_cli(argv: list[str], capsys, untouched: Sequence[Path] = ()) -> tuple[int, str, str]:
+    """Run tba-fed's entry point in this process: its exit code (argparse's SystemExit too), stdout and stderr;
+    `untouched` must not change and nothing may leak (see `unchanged`)."""
+    capsys.readouterr()
+    with unchanged(untouched):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

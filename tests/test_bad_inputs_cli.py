@@ -42,9 +42,9 @@ from pathlib import Path
 
 import pytest
 
-from tba_fed.cli import build_parser, main
+from tba_fed.cli import build_parser
 
-from refusal import snapshot
+from refusal import run_cli, snapshot
 
 # Every leaf command and the positional arguments that make an otherwise valid call of it.
 POSITIONALS = {
@@ -70,20 +70,11 @@ def leaf_commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ())
 COMMANDS = leaf_commands(build_parser())
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as stop:  # argparse's refusals
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def assert_refused(argv: list[str], named: str, capsys, tmp_path: Path, code: int = 2) -> str:
     """`argv` exits with `code`, no traceback, one error line naming `named`, and the directory untouched.
     Returns what was written to stderr (the log and the error)."""
     before = snapshot(tmp_path)
-    got, out, err = run(argv, capsys)
+    got, out, err = run_cli(argv, capsys)
     assert snapshot(tmp_path) == before, f"{argv} changed files"
     assert "Traceback" not in out + err, err[-3000:]
     assert got == code, (argv, got, out[-1000:], err[-1000:])
@@ -160,7 +151,7 @@ def test_406_to_408_a_positional_file_missing_a_directory_or_not_text(command, p
     """The audit checker reads a non-text log as a torn line: a problem it reports (exit 1), not a crash."""
     code = 1 if command in CHECKERS and not (command == "audit verify" and path != "binary.yaml") else 2
     if command == "audit show" and path == "binary.yaml":
-        got, out, err = run([*command.split(), path], capsys)  # shows what it can and counts the problem
+        got, out, err = run_cli([*command.split(), path], capsys)  # shows what it can and counts the problem
         assert got == 0 and "1 problems" in out and "Traceback" not in err
         return
     assert_refused([*command.split(), path], path, capsys, tmp_path, code)

@@ -47,7 +47,6 @@ import json
 import pytest
 import yaml
 
-from tba_fed.cli import main
 from tba_fed.config import load_config
 from tba_fed.federation.config import load_federated_config, load_site_config
 from tba_fed.federation.server import run_server
@@ -57,7 +56,7 @@ from tba_fed.privacy.policy import PrivacyRequest, SitePolicy
 from tba_fed.privacy.site_state import initialise
 
 from conftest import TINY
-from refusal import refused, unchanged
+from refusal import refused, run_cli
 
 MODEL = {"name": "vit_tiny_patch16_224", "kwargs": TINY}
 TINY_FLAGS = ["--model", "vit_tiny_patch16_224", *[f for k, v in TINY.items() for f in ("--model-arg", f"{k}={v}")]]
@@ -213,16 +212,6 @@ def test_16_ledger_that_cannot_be_written_refuses_the_release(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ CLI
 
-def _cli(argv, capsys, untouched=()) -> tuple[int, str]:
-    """Run the CLI; return its exit code (argparse's SystemExit included) and stderr."""
-    with unchanged(untouched):
-        try:
-            code = main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, capsys.readouterr().err
-
-
 def test_17_privacy_report_on_a_corrupt_ledger(tmp_path, capsys):
     ledger = tmp_path / "ledger.json"
     initialise(tmp_path / "state", "h", ledger)  # an initialised site whose ledger was corrupted since
@@ -231,14 +220,14 @@ def test_17_privacy_report_on_a_corrupt_ledger(tmp_path, capsys):
     site = _yaml(tmp_path / "site.yaml", {"name": "h", "data": {"source": "synthetic"}, "output": str(tmp_path / "out"),
                                           "privacy": {"epsilon": 1.0, "ledger": str(ledger)},
                                           "state": str(tmp_path / "state")})
-    code, err = _cli(["privacy", "report", str(site)], capsys, untouched=[tmp_path])
+    code, _, err = run_cli(["privacy", "report", str(site)], capsys, untouched=[tmp_path])
     assert code == 2
     assert err.startswith(f"tba-fed: error: privacy.ledger: {ledger} is unreadable (")
     assert err.rstrip().endswith("(restore the ledger from backup; never delete it to reset a budget)")
 
 
 def test_18_unknown_flag(tmp_path, capsys):
-    code, err = _cli(["compress", *TINY_FLAGS, "--plann", "1->2", "-o", str(tmp_path / "out")], capsys, [tmp_path])
+    code, _, err = run_cli(["compress", *TINY_FLAGS, "--plann", "1->2", "-o", str(tmp_path / "out")], capsys, [tmp_path])
     assert code == 2 and "error: unrecognized arguments: --plann 1->2" in err
 
 
@@ -248,30 +237,30 @@ def test_18_unknown_flag(tmp_path, capsys):
     ("img_size=[32", "img_size: cannot read the value '[32'"),
 ])
 def test_19_malformed_model_arg(tmp_path, capsys, value, message):
-    code, err = _cli(["compress", *TINY_FLAGS, "--model-arg", value, "--plan", "1->2", "-o", str(tmp_path / "out")],
+    code, _, err = run_cli(["compress", *TINY_FLAGS, "--model-arg", value, "--plan", "1->2", "-o", str(tmp_path / "out")],
                      capsys, [tmp_path])
     assert code == 2 and f"error: argument --model-arg: {message}" in err
 
 
 def test_20_model_arg_the_architecture_does_not_take(tmp_path, capsys):
-    code, err = _cli(["compress", *TINY_FLAGS, "--model-arg", "depthh=3", "--plan", "1->2", "-o", str(tmp_path / "out")],
+    code, _, err = run_cli(["compress", *TINY_FLAGS, "--model-arg", "depthh=3", "--plan", "1->2", "-o", str(tmp_path / "out")],
                      capsys, [tmp_path])
     assert code == 2 and err.startswith("tba-fed: error: model.kwargs: not accepted by vit_tiny_patch16_224: ")
     assert "depthh" in err
 
 
 def test_21_word_where_a_number_is_expected(tmp_path, capsys):
-    code, err = _cli(["analyze", *TINY_FLAGS, "--num-images", "many", "-o", str(tmp_path / "out")], capsys, [tmp_path])
+    code, _, err = run_cli(["analyze", *TINY_FLAGS, "--num-images", "many", "-o", str(tmp_path / "out")], capsys, [tmp_path])
     assert code == 2 and "error: argument --num-images: invalid int value: 'many'" in err
 
 
 def test_22_missing_config_file(tmp_path, capsys):
-    code, err = _cli(["compress", "--config", str(tmp_path / "missing.yaml")], capsys, [tmp_path])
+    code, _, err = run_cli(["compress", "--config", str(tmp_path / "missing.yaml")], capsys, [tmp_path])
     assert code == 2 and err == f"tba-fed: error: config: {tmp_path / 'missing.yaml'} does not exist\n"
 
 
 def test_23_directory_as_config_file(tmp_path, capsys):
-    code, err = _cli(["analyze", "--config", str(tmp_path)], capsys, [tmp_path])
+    code, _, err = run_cli(["analyze", "--config", str(tmp_path)], capsys, [tmp_path])
     assert code == 2 and err == f"tba-fed: error: config: {tmp_path} is a directory (give the YAML file inside it)\n"
 
 
@@ -280,7 +269,7 @@ def test_24_output_not_made_by_tba_fed_is_refused_before_data_is_read(tmp_path, 
     out.mkdir()
     _write(out / "thesis.tex", "years of work")
     # the data path does not exist either: the output is refused first, before any work
-    code, err = _cli(["compress", *TINY_FLAGS, "--data", str(tmp_path / "no-images"), "--plan", "1->2", "-o", str(out),
+    code, _, err = run_cli(["compress", *TINY_FLAGS, "--data", str(tmp_path / "no-images"), "--plan", "1->2", "-o", str(out),
                       "--overwrite"], capsys, [tmp_path])
     assert code == 2
     assert err == (f"tba-fed: error: output: {out} is not empty and holds no tba-fed-output.json, so it is not a "
@@ -289,18 +278,18 @@ def test_24_output_not_made_by_tba_fed_is_refused_before_data_is_read(tmp_path, 
 
 def test_25_output_is_an_existing_file(tmp_path, capsys):
     out = _write(tmp_path / "out", "a file")
-    code, err = _cli(["analyze", *TINY_FLAGS, "-o", str(out)], capsys, [tmp_path])
+    code, _, err = run_cli(["analyze", *TINY_FLAGS, "-o", str(out)], capsys, [tmp_path])
     assert code == 2
     assert err == f"tba-fed: error: output: {out} exists and is not a directory (choose another output path)\n"
 
 
 def test_26_holdout_fraction_of_one(tmp_path, capsys):
-    code, err = _cli(["compress", *TINY_FLAGS, "--holdout-fraction", "1.0", "--plan", "1->2", "-o", str(tmp_path / "o")],
+    code, _, err = run_cli(["compress", *TINY_FLAGS, "--holdout-fraction", "1.0", "--plan", "1->2", "-o", str(tmp_path / "o")],
                      capsys, [tmp_path])
     assert code == 2 and err == "tba-fed: error: data.holdout_fraction: Input should be less than 1\n"
 
 
 def test_27_simulate_with_a_missing_config_starts_nothing(tmp_path, capsys):
-    code, err = _cli(["simulate", str(tmp_path / "run.yaml")], capsys, [tmp_path])
+    code, _, err = run_cli(["simulate", str(tmp_path / "run.yaml")], capsys, [tmp_path])
     assert code == 2 and err == f"tba-fed: error: config: {tmp_path / 'run.yaml'} does not exist\n"
     assert json.dumps(sorted(p.name for p in tmp_path.iterdir())) == "[]"

@@ -144,7 +144,7 @@ from tba_fed.federation.config import load_federated_config, load_site_config
 from tba_fed.privacy.policy import PrivacyRequest
 
 from conftest import TINY, loader
-from refusal import refused, unchanged
+from refusal import refused, run_cli, unchanged
 
 MODEL = {"name": "vit_tiny_patch16_224", "kwargs": TINY}
 TINY_FLAGS = ["--model", "vit_tiny_patch16_224", *[f for k, v in TINY.items() for f in ("--model-arg", f"{k}={v}")]]
@@ -159,18 +159,6 @@ def _write(path: Path, text: str) -> Path:
 
 def _yaml(path: Path, data: dict) -> Path:
     return _write(path, yaml.safe_dump(data))
-
-
-def _cli(argv: list[str], capsys, untouched=()) -> tuple[int, str, str]:
-    """Run the CLI; its exit code (argparse's SystemExit too), stdout and stderr; `untouched` must not change."""
-    capsys.readouterr()
-    with unchanged(untouched):
-        try:
-            code = main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _one_line_error(code: int, err: str, field: str) -> str:
@@ -203,7 +191,7 @@ privacy:
   epsilon: 1000.0
   ledger: {tmp_path / 'ledger.json'}
 """)
-    code, out, err = _cli(["privacy", "report", str(site)], capsys, [tmp_path])
+    code, out, err = run_cli(["privacy", "report", str(site)], capsys, [tmp_path])
     assert _one_line_error(code, err, "config") == (f"tba-fed: error: config: {site} is not valid YAML at line 7, "
                                                      "column 3: found duplicate key 'epsilon'")
     assert "1000" not in out
@@ -220,7 +208,7 @@ def test_202_a_key_twice_inside_a_section_of_a_run_config(tmp_path):
 def test_203_a_top_level_key_twice_in_a_federated_run_starts_nothing(tmp_path, capsys):
     path = _write(tmp_path / "run.yaml", yaml.safe_dump({"model": MODEL, "plan": "1->2",
                                                          "output": str(tmp_path / "server")}) + "plan: 0->5\n")
-    code, _, err = _cli(["simulate", str(path)], capsys, [tmp_path])
+    code, _, err = run_cli(["simulate", str(path)], capsys, [tmp_path])
     assert "found duplicate key 'plan'" in _one_line_error(code, err, "config")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
 
@@ -251,7 +239,7 @@ def test_206_a_key_twice_in_a_manifest(tmp_path, compressed):
 
 
 def test_207_a_key_twice_inside_a_model_arg_value(tmp_path, capsys):
-    code, _, err = _cli(["compress", *TINY_FLAGS, "--model-arg", "img_size={a: 1, a: 2}", "--plan", "1->2",
+    code, _, err = run_cli(["compress", *TINY_FLAGS, "--model-arg", "img_size={a: 1, a: 2}", "--plan", "1->2",
                          "-o", str(tmp_path / "out")], capsys, [tmp_path])
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1].endswith("error: argument --model-arg: img_size: cannot read the value "
@@ -269,7 +257,7 @@ def test_a_key_merged_in_and_then_overridden_keeps_its_yaml_meaning(tmp_path):
 # --------------------------------------------------------------------------------- non-finite numbers
 
 def test_208_a_site_budget_of_infinity(tmp_path, capsys):
-    code, _, err = _cli(["privacy", "report", str(_site(tmp_path, {"epsilon": float("inf")}))], capsys, [tmp_path])
+    code, _, err = run_cli(["privacy", "report", str(_site(tmp_path, {"epsilon": float("inf")}))], capsys, [tmp_path])
     assert _one_line_error(code, err, "privacy.epsilon") == "tba-fed: error: privacy.epsilon: Input should be a finite number"
 
 
@@ -282,19 +270,19 @@ def test_209_a_site_max_clip_of_infinity(tmp_path):
 def test_210_a_run_epsilon_of_infinity_starts_nothing(tmp_path, capsys):
     path = _yaml(tmp_path / "run.yaml", {"model": MODEL, "plan": "1->2", "output": str(tmp_path / "server"),
                                          "privacy": {"epsilon": float("inf")}})
-    code, _, err = _cli(["simulate", str(path)], capsys, [tmp_path])
+    code, _, err = run_cli(["simulate", str(path)], capsys, [tmp_path])
     _one_line_error(code, err, "privacy.epsilon")
 
 
 def test_211_ridge_infinity_in_a_config_file(tmp_path, capsys):
     path = _yaml(tmp_path / "run.yaml", {"model": MODEL, "plan": "1->2", "ridge": float("inf"),
                                          "data": {"num_images": 16}, "output": str(tmp_path / "out")})
-    code, _, err = _cli(["compress", "--config", str(path)], capsys, [tmp_path])
+    code, _, err = run_cli(["compress", "--config", str(path)], capsys, [tmp_path])
     assert _one_line_error(code, err, "ridge") == "tba-fed: error: ridge: Input should be a finite number"
 
 
 def test_212_ridge_infinity_as_a_flag(tmp_path, capsys):
-    code, _, err = _cli(["compress", *TINY_FLAGS, "--num-images", "16", "--ridge", "inf", "--plan", "1->2",
+    code, _, err = run_cli(["compress", *TINY_FLAGS, "--num-images", "16", "--ridge", "inf", "--plan", "1->2",
                          "-o", str(tmp_path / "out")], capsys, [tmp_path])
     _one_line_error(code, err, "ridge")
 
@@ -333,7 +321,7 @@ def test_220_a_nan_model_kwarg(tmp_path):
 
 
 def test_221_preflight_with_infinite_expiry_days(tmp_path, capsys):
-    code, _, err = _cli(["preflight", str(_site(tmp_path, {})), "--expiry-days", "inf"], capsys, [tmp_path])
+    code, _, err = run_cli(["preflight", str(_site(tmp_path, {})), "--expiry-days", "inf"], capsys, [tmp_path])
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1].endswith("error: argument --expiry-days: 'inf' is not a positive finite number of days "
                                          "(see tba-fed preflight --help)")
@@ -622,7 +610,7 @@ def test_251_259_a_checkpoint_that_is_not_weights(tmp_path, weights, name, make,
 def test_260_compress_with_a_truncated_checkpoint(tmp_path, capsys, weights):
     path = tmp_path / "vit.safetensors"
     path.write_bytes(weights["safetensors"].read_bytes()[:5000])
-    code, _, err = _cli(["compress", *TINY_FLAGS, "--checkpoint", str(path), "--num-images", "16", "--plan", "1->2",
+    code, _, err = run_cli(["compress", *TINY_FLAGS, "--checkpoint", str(path), "--num-images", "16", "--plan", "1->2",
                          "-o", str(tmp_path / "out")], capsys, [tmp_path])
     assert f"{path} is not a readable safetensors file (" in _one_line_error(code, err, "model.checkpoint")
 
@@ -664,7 +652,7 @@ LEDGER_FIX = "(restore the ledger from backup; never delete it to reset a budget
 ])
 def test_261_271_privacy_report_on_a_ledger_that_is_not_one(tmp_path, capsys, text, reason):
     ledger = _write(tmp_path / "ledger.json", text)
-    code, out, err = _cli(["privacy", "report", str(_site(tmp_path, {}))], capsys, [tmp_path])
+    code, out, err = run_cli(["privacy", "report", str(_site(tmp_path, {}))], capsys, [tmp_path])
     line = _one_line_error(code, err, "privacy.ledger")
     assert line.startswith(f"tba-fed: error: privacy.ledger: {ledger} is unreadable (")
     assert reason in line and line.endswith(f"); refusing to release anything {LEDGER_FIX}")
@@ -673,7 +661,7 @@ def test_261_271_privacy_report_on_a_ledger_that_is_not_one(tmp_path, capsys, te
 
 def test_262_a_ledger_path_that_is_a_directory(tmp_path, capsys):
     (tmp_path / "ledger.json").mkdir()
-    code, _, err = _cli(["privacy", "report", str(_site(tmp_path, {}))], capsys, [tmp_path])
+    code, _, err = run_cli(["privacy", "report", str(_site(tmp_path, {}))], capsys, [tmp_path])
     assert _one_line_error(code, err, "privacy.ledger") == (
         f"tba-fed: error: privacy.ledger: {tmp_path / 'ledger.json'} is unreadable (Is a directory); refusing to "
         f"release anything {LEDGER_FIX}")
@@ -682,7 +670,7 @@ def test_262_a_ledger_path_that_is_a_directory(tmp_path, capsys):
 def test_272_preflight_of_a_site_whose_ledger_has_a_vanishing_sigma(tmp_path, capsys):
     _write(tmp_path / "ledger.json", _ledger_text(_entry(noise_multiplier=1e-300)))
     site = _site(tmp_path, {"min_images": 1}, model=MODEL)
-    code, out, err = _cli(["preflight", str(site)], capsys, [tmp_path])
+    code, out, err = run_cli(["preflight", str(site)], capsys, [tmp_path])
     assert code == 1 and "Traceback" not in err
     assert [line.split(" is unreadable (")[0] for line in out.splitlines() if line.startswith("PROBLEM")] == [
         f"PROBLEM privacy.ledger: {tmp_path / 'ledger.json'}"]
@@ -715,7 +703,7 @@ def test_273_a_line_nested_too_deep_is_a_problem_of_the_log(tmp_path, capsys):
     log = _log(tmp_path / "audit.jsonl", _site_event())
     with log.open("ab") as handle:
         handle.write(DEEP)
-    code, out, err = _cli(["audit", "verify", str(log)], capsys, [tmp_path])
+    code, out, err = run_cli(["audit", "verify", str(log)], capsys, [tmp_path])
     assert code == 1 and "Traceback" not in err
     assert out.splitlines() == [f"{log}:2: not a JSON entry (edited or corrupted)"]
 
@@ -725,7 +713,7 @@ def test_296_an_audit_entry_giving_a_key_twice_is_a_problem_of_the_log(tmp_path,
     a reader keeping the first value instead of the last would see another entry."""
     log = _log(tmp_path / "audit.jsonl", _site_event())
     log.write_text(log.read_text().replace('"status": "ok"', '"status": "ok", "status": "ok"', 1))
-    code, out, err = _cli(["audit", "verify", str(log)], capsys, [tmp_path])
+    code, out, err = run_cli(["audit", "verify", str(log)], capsys, [tmp_path])
     assert code == 1 and "Traceback" not in err
     assert out.splitlines() == [f"{log}:1: not a JSON entry (edited or corrupted)"]
 
@@ -757,7 +745,7 @@ def test_298_a_site_state_marker_giving_a_key_twice(tmp_path):
 
 def test_274_audit_show_counts_a_line_nested_too_deep(tmp_path, capsys):
     log = _write(tmp_path / "audit.jsonl", DEEP.decode())
-    code, out, err = _cli(["audit", "show", str(log)], capsys, [tmp_path])
+    code, out, err = run_cli(["audit", "show", str(log)], capsys, [tmp_path])
     assert code == 0 and "Traceback" not in err
     assert "- 0 entries; head `" + "0" * 64 + "`; 1 problems (run `tba-fed audit verify`)" in out
 
@@ -769,12 +757,12 @@ def test_274_audit_show_counts_a_line_nested_too_deep(tmp_path, capsys):
 ])
 def test_275_278_audit_show_of_entries_that_do_not_fit(tmp_path, capsys, event, message):
     log = _log(tmp_path / "audit.jsonl", _site_event(), event)
-    code, out, err = _cli(["audit", "show", str(log)], capsys, [tmp_path])
+    code, out, err = run_cli(["audit", "show", str(log)], capsys, [tmp_path])
     assert code == 0 and "Traceback" not in err
     assert "; 1 problems (run `tba-fed audit verify`)" in out
     rows = [line for line in out.splitlines() if line.startswith("| 1 | ")]
     assert len(rows) == 1 and rows[0].endswith("| | | | unreadable | | see `tba-fed audit verify` |")
-    code, out, _ = _cli(["audit", "verify", str(log)], capsys, [tmp_path])
+    code, out, _ = run_cli(["audit", "verify", str(log)], capsys, [tmp_path])
     assert code == 1 and out.splitlines() == [f"{log}:2 (seq 1): {message}"]
 
 
@@ -786,7 +774,7 @@ def test_275_278_audit_show_of_entries_that_do_not_fit(tmp_path, capsys, event, 
 ])
 def test_276_277_verify_against_entries_that_do_not_fit(tmp_path, capsys, site_events, server_events, bad, message):
     site, server = _log(tmp_path / "site.jsonl", *site_events), _log(tmp_path / "server.jsonl", *server_events)
-    code, out, err = _cli(["audit", "verify", str(site), "--against", str(server)], capsys, [tmp_path])
+    code, out, err = run_cli(["audit", "verify", str(site), "--against", str(server)], capsys, [tmp_path])
     assert code == 1 and "Traceback" not in err
     assert out.splitlines()[0] == f"{site if bad == 'site' else server}:1 (seq 0): {message}"
     assert "--against needs one site log and one server log" in out.splitlines()[1]
@@ -794,13 +782,13 @@ def test_276_277_verify_against_entries_that_do_not_fit(tmp_path, capsys, site_e
 
 def test_279_an_entry_whose_role_is_neither_site_nor_server(tmp_path, capsys):
     log = _log(tmp_path / "audit.jsonl", _site_event(), {"role": {"admin": True}})
-    code, out, err = _cli(["audit", "verify", str(log)], capsys, [tmp_path])
+    code, out, err = run_cli(["audit", "verify", str(log)], capsys, [tmp_path])
     assert code == 1 and "Traceback" not in err
     assert out.splitlines() == [f"{log}:2 (seq 1): role \"{{'admin': True}}\" is neither site nor server"]
 
 
 def test_280_an_audit_log_that_is_a_directory(tmp_path, capsys):
-    code, _, err = _cli(["audit", "show", str(tmp_path)], capsys, [tmp_path])
+    code, _, err = run_cli(["audit", "show", str(tmp_path)], capsys, [tmp_path])
     assert _one_line_error(code, err, "audit") == (f"tba-fed: error: audit: {tmp_path} is a directory (give the path "
                                                    "of an audit log (audit.jsonl))")
     with refused("audit", untouched=[tmp_path]):
@@ -819,7 +807,7 @@ def test_280_an_audit_log_that_is_a_directory(tmp_path, capsys):
     ("img_size=[32, true]", "model.kwargs.img_size", "[32, True] is not a positive integer or a pair of them"),
 ])
 def test_281_287_model_kwargs_refused_before_timm_builds_anything(tmp_path, capsys, arg, field, message):
-    code, _, err = _cli(["compress", *TINY_FLAGS, "--model-arg", arg, "--num-images", "16", "--plan", "1->2",
+    code, _, err = run_cli(["compress", *TINY_FLAGS, "--model-arg", arg, "--num-images", "16", "--plan", "1->2",
                          "-o", str(tmp_path / "out")], capsys, [tmp_path])
     assert _one_line_error(code, err, field).startswith(f"tba-fed: error: {field}: {message}")
 
@@ -837,7 +825,7 @@ BIG = 10**30
 ])
 def test_288_293_counts_no_machine_holds(tmp_path, capsys, settings, field):
     path = _yaml(tmp_path / "run.yaml", {"model": MODEL, "plan": "1->2", "output": str(tmp_path / "out"), **settings})
-    code, _, err = _cli(["compress", "--config", str(path)], capsys, [tmp_path])
+    code, _, err = run_cli(["compress", "--config", str(path)], capsys, [tmp_path])
     assert _one_line_error(code, err, field).startswith(f"tba-fed: error: {field}: Input should be less than")
 
 
@@ -845,7 +833,7 @@ def test_294_a_negative_data_seed_with_a_subset_of_a_real_source(tmp_path, capsy
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "scans.npz", train_images=rng.integers(0, 255, (30, 12, 12), dtype=np.uint8),
              train_labels=rng.integers(0, 3, (30, 1)))
-    code, _, err = _cli(["compress", *TINY_FLAGS, "--data", str(tmp_path / "scans.npz"), "--num-images", "10",
+    code, _, err = run_cli(["compress", *TINY_FLAGS, "--data", str(tmp_path / "scans.npz"), "--num-images", "10",
                          "--data-seed", "-5", "--plan", "1->2", "-o", str(tmp_path / "out")], capsys, [tmp_path])
     assert _one_line_error(code, err, "data.seed") == ("tba-fed: error: data.seed: Input should be greater than or "
                                                        "equal to 0")

@@ -92,7 +92,7 @@ from tba_fed.federation.site import install
 from tba_fed.fileio import file_sha256
 
 from conftest import TINY
-from refusal import refused, snapshot, unchanged
+from refusal import refused, run_cli, snapshot, unchanged
 
 MARKER = "tba-fed-output.json"  # what tba-fed writes in every output directory it owns
 MODEL = {"name": "vit_tiny_patch16_224", "kwargs": TINY}
@@ -108,20 +108,10 @@ EXPERIMENT = {"model": MODEL, "datasets": [{"name": "synth", "train": {"source":
 
 # ------------------------------------------------------------------------------------------------ helpers
 
-def _cli(argv: list[str], capsys, untouched=()) -> tuple[int, str]:
-    """Run the CLI; its exit code (argparse's SystemExit included) and stderr."""
-    with unchanged(untouched):
-        try:
-            code = main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, capsys.readouterr().err
-
-
 def _refused_cli(argv: list[str], capsys, field: str, untouched, *, alone: bool = True) -> str:
     """Exit code 2, no traceback, and the error as one line naming `field` (`alone`: the only line on stderr,
     i.e. refused before anything was logged about the model or the data). Returns that line."""
-    code, err = _cli(argv, capsys, untouched)
+    code, _, err = run_cli(argv, capsys, untouched)
     lines = err.splitlines()
     assert code == 2 and "Traceback" not in err, err
     assert [line for line in lines if line.startswith("tba-fed: error:")] == [lines[-1]], err
