@@ -7,6 +7,7 @@ import importlib.resources
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -20,7 +21,7 @@ import yaml
 
 from . import __version__
 from .checkpoint import save_compressed
-from .config import RunConfig, check_device, load_config, load_yaml, merge_overrides, yaml_error_text
+from .config import SHA256_HEX, RunConfig, check_device, load_config, load_yaml, merge_overrides, yaml_error_text
 from .data import build_dataset, calibration_split, make_loader
 from .errors import TBAInputError, TBARunError, one_line
 from .fileio import atomic_directory, cache_dir, check_output_dir
@@ -44,7 +45,7 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 def _sha256_hex(text: str) -> str:
     """An audit head as printed after a run: 64 lowercase hex digits (a typo is refused, not reported missing)."""
-    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+    if not re.fullmatch(SHA256_HEX, text):
         raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a head (64 hex digits, as printed after a run)")
     return text
 

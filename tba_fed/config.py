@@ -57,6 +57,9 @@ def check_device(device: str, field: str = "device") -> None:
 Device = Annotated[str, AfterValidator(resolve_device)]
 
 
+SHA256_HEX = "^[0-9a-f]{64}$"  # a sha256 as tba-fed writes it: 64 lowercase hex digits
+
+
 class _Section(BaseModel):
     """Unknown keys are errors, and so is inf or nan in any float field: no setting of tba-fed means
     "unbounded" by infinity (an unset optional cap is null)."""
@@ -84,7 +87,7 @@ class ModelConfig(_Section):
     name: str = Field(min_length=1)
     pretrained: bool = False
     checkpoint: Path | None = None
-    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$", description="sha256 of the checkpoint file")
+    sha256: str | None = Field(None, pattern=SHA256_HEX, description="sha256 of the checkpoint file")
     seed: Seed = 0
     kwargs: dict[str, Any] = Field(default_factory=dict)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import load_json
+from .config import SHA256_HEX, load_json
 from .errors import TBAInputError
 
 _logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def cache_dir() -> Path:
 
 MARKER = "tba-fed-output.json"
 KINDS = {"compressed": "a compressed model", "similarity": "a similarity analysis", "experiment": "an experiment"}
-_SHA256 = re.compile("^[0-9a-f]{64}$")
+_SHA256 = re.compile(SHA256_HEX)
 NEW_PATH = "choose an empty or new output path"
 
 
