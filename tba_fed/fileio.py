@@ -23,12 +23,14 @@ import stat
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import SHA256_HEX, load_json
 from .errors import TBAInputError
+
+if TYPE_CHECKING:  # a type in a signature: reading a file needs no torch until it loads tensors
+    import torch
 
 _logger = logging.getLogger(__name__)
 
