@@ -78,6 +78,36 @@ def test_a_site_offline_mid_round_is_asked_again_with_the_same_request_when_it_r
     assert again.metadata.message_type == "query.statistics"
 
 
+class RestartedBetweenPolls(AnsweringGrid):
+    """Node 12's SuperNode takes its first message, then stops and starts again before the server's next
+    pull: never reported offline, only its activation time changes. Its later messages it answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: dict[int, list[Message]] = {11: [], 12: [], 13: []}
+
+    def answer(self, messages):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.asked[node].append(msg)
+            if node == 12 and len(self.asked[12]) == 1:  # delivered to the life that was stopped
+                self.activated[12] = "2026-01-01T00:00:07+00:00"
+                continue
+            replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
+                                           content=msg.content))
+        return replies
+
+
+def test_a_site_restarted_between_two_pulls_is_asked_again_from_its_new_activation_time():
+    grid = RestartedBetweenPolls()
+    replies = _collect(grid, [11, 12, 13], timeout=2)
+    assert sorted(replies) == [11, 12, 13] and [len(replies[n]) for n in (11, 12, 13)] == [1, 1, 1]
+    assert [len(grid.asked[n]) for n in (11, 12, 13)] == [1, 2, 1]
+    first, again = grid.asked[12]
+    assert again.metadata.message_id != first.metadata.message_id and again.content is first.content
+
+
 def test_a_site_that_does_not_reconnect_in_time_keeps_the_superlinks_error_and_the_round_ends_on_time():
     grid = RestartingSites(offline={12}, down=10**6)
     start = time.monotonic()

@@ -8,10 +8,13 @@ What Flower does in each case, with source references: docs/deployment.md, "Rest
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +46,12 @@ def cluster(tmp_path_factory):
 def process_cluster(tmp_path_factory):
     """``--isolation process``: the ServerApps run under a flower-superexec started on its own."""
     yield from _stopped_cluster(Cluster(tmp_path_factory.mktemp("restarts-process"), isolation="process"))
+
+
+def _cmdline(pid: int) -> bytes:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    return b""
 
 
 def _wait_for_status(cluster: Cluster, run: int, timeout: float) -> tuple[str, str]:
@@ -101,8 +110,23 @@ def test_supernode_restarted_mid_round_rejoins_and_spends_its_budget_once(cluste
     while "statistics release granted" not in log.read_text()[len(before):]:  # recorded in its ledger, being computed
         assert run.poll() is None and time.monotonic() < deadline, "hospital-c never started its statistics release"
         time.sleep(0.1)
-    cluster.stop_node("hospital-c")  # SIGTERM: the SuperNode leaves the federation, its ClientApp is stopped
-    cluster.start_node("hospital-c")  # same key: same node id
+    # the ServerApp frozen while the SuperNode restarts, so it never pulls while the node is offline: the
+    # SuperLink's NODE_UNAVAILABLE reply is never made, and only the node's new activation says it restarted
+    nodes = cluster.online_nodes()
+    serverapps = [pid for pid, _ in descendants(cluster.superlink.pid) if b"flwr-serverapp" in _cmdline(pid)]
+    assert serverapps, "no ServerApp process under the SuperLink"
+    for pid in serverapps:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        cluster.stop_node("hospital-c")  # SIGTERM: the SuperNode leaves the federation, its ClientApp is stopped
+        cluster.start_node("hospital-c")  # same key: same node id
+        deadline = time.monotonic() + 60
+        while cluster.online_nodes() != nodes and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert cluster.online_nodes() == nodes, "hospital-c did not come back online within 60 s"
+    finally:
+        for pid in serverapps:
+            os.kill(pid, signal.SIGCONT)
     out = _communicate(run, [], timeout=300)
     folder = cluster.tmp / "supernode-restarted"
     assert run.returncode == 0 and (folder / "report.json").is_file(), out[-3000:]

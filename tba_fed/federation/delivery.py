@@ -10,11 +10,14 @@ reconnection"):
   `BoundedGrid` gives every call a deadline: a SuperLink back in time (same ``--database``) lets the round
   carry on; one that is not, or that has marked the run finished meanwhile, ends the run with a
   FederationError that says so.
-* A SuperNode that stops mid-round is reported by the SuperLink as an error reply (``NODE_UNAVAILABLE``)
-  to the message it held, and that message is never delivered again. `replies_as_they_arrive` asks such a
-  site again, once it is connected again (same key, same node id), until the round's deadline. A site's
-  privacy ledger makes the repeat idempotent: a release it produced is re-sent as stored, one granted but
-  never produced is produced once; nothing is noised or spent twice.
+* A message is delivered to a SuperNode once. One that stops mid-round is reported by the SuperLink as an
+  error reply (``NODE_UNAVAILABLE``) to the message it held, but only to a pull made while it is offline:
+  a SuperNode stopped and started again between two pulls is online again, its message delivered and
+  never answered. `replies_as_they_arrive` asks a site again once it is connected again (same key, same
+  node id), until the round's deadline, whether it saw the error or only the site's new activation time
+  (``NodeInfo.last_activated_at`` from ``Grid.get_nodes``, which changes only when a node comes online).
+  A site's privacy ledger makes the repeat idempotent: a release it produced is re-sent as stored, one
+  granted but never produced is produced once; nothing is noised or spent twice.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ class BoundedGrid:
 
     def get_node_ids(self) -> list[int]:
         return list(self._bounded("get_node_ids", self.patience, self._grid.get_node_ids))
+
+    def get_nodes(self) -> list[Any]:
+        return list(self._bounded("get_nodes", self.patience, self._grid.get_nodes))
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         return list(self._bounded("push_messages", self.patience, self._grid.push_messages, list(messages)))
@@ -109,13 +115,14 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *,
     site with 113 MB statistics replies, docs/benchmarks.md); here the caller judges and drops one before
     the next is pulled. `replies` holds more than one message if the SuperLink returned several to one
     request (the caller discards them all), none if the SuperLink did not accept the request. A node the
-    SuperLink reports unavailable is asked again, with a copy of its message, once it is connected again
-    before the deadline; if it is not, its replies are that error. A reply that reached the SuperLink
-    before the deadline is taken even if the caller's work on earlier ones ran past it. A node never
-    yielded did not answer within `timeout`.
+    SuperLink reports unavailable, or that came online again since it was asked, is asked again with a
+    copy of its message before the deadline; if it does not come back, its replies are that error. A
+    reply that reached the SuperLink before the deadline is taken even if the caller's work on earlier
+    ones ran past it. A node never yielded did not answer within `timeout`.
     """
     deadline = time.monotonic() + timeout
     asked = {message.metadata.dst_node_id: message for message in messages}
+    activated = _activations(grid)
     pending = _push(grid, list(messages))
     for node in set(asked) - set(pending.values()):
         _logger.warning("the SuperLink did not accept the message for node %s", node)
@@ -136,11 +143,17 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *,
             del replies  # the caller's copy is the only one left
         if expired:
             break
-        back = sorted(set(offline) & set(grid.get_node_ids())) if offline else []
+        online = _activations(grid)
+        restarted = {message_id: node for message_id, node in pending.items()
+                     if online.get(node, activated.get(node)) != activated.get(node)}
+        back = sorted(set(offline) & set(online) | set(restarted.values()))
         if back:
             _logger.info("node(s) %s connected again: asking again", ", ".join(map(str, back)))
             for node in back:
-                del offline[node]
+                offline.pop(node, None)
+                activated[node] = online[node]
+            for message_id in restarted:  # delivered to the SuperNode's previous life: never answered
+                del pending[message_id]
             pending.update(_push(grid, [_copy(asked[node]) for node in back]))
         if pending or offline:
             time.sleep(min(POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
@@ -153,6 +166,11 @@ def _push(grid: Any, messages: list[Message]) -> dict[str, int]:
     ids = list(grid.push_messages(messages))
     return {message_id: message.metadata.dst_node_id for message_id, message in zip(ids, messages, strict=False)
             if message_id}
+
+
+def _activations(grid: Any) -> dict[int, str]:
+    """Online node id -> when it last came online (the SuperLink changes it only when a node connects)."""
+    return {int(node.node_id): node.last_activated_at for node in grid.get_nodes()}
 
 
 def _unavailable(reply: Message) -> bool:
