@@ -15,10 +15,10 @@ import yaml
 from tba_fed import ModelConfig, TBAInputError, create_model
 from tba_fed.privacy.site_state import initialise
 from tba_fed.federation.config import load_federated_config, load_site_config
-from tba_fed.federation.flower_control import registered_nodes
-from tba_fed.federation.launch import superlink_command, supernode_command
-from tba_fed.federation.profile import development_run, verify_superlink
-from tba_fed.federation.simulate import executable, free_port, local_superlink, simulate
+from tba_fed.deploy.flower_control import registered_nodes
+from tba_fed.deploy.launch import superlink_command, supernode_command
+from tba_fed.deploy.profile import development_run, verify_superlink
+from tba_fed.deploy.simulate import executable, free_port, local_superlink, simulate
 from tba_fed.federation.site import install, resolve_site
 from tba_fed.plan import parse_plan
 from tba_fed.solver import LinearMap

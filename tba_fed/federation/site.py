@@ -37,9 +37,8 @@ from ..selection import Records, development_key, split_indices
 from ..solver import LinearMap
 from ..stats import SpanStats
 from .config import FederatedRunConfig, SiteConfig, load_federated_config, load_site_config
-from .profile import check_run_profile
 from .secure_aggregation import secure_round
-from .site_admission import admitted_model
+from .site_admission import admitted_model, check_run_profile
 from .site_privacy import Release, open_release
 from .wire import MODELS, Arrays, decode_priors, encode_probe, encode_similarity, encode_spans
 

@@ -34,7 +34,6 @@ from ..config import ModelConfig, _format_validation_error
 from ..errors import SiteRefusal, TBAInputError
 from ..models import OFFLINE_MODELS
 from .config import load_site_config
-from .profile import check_run_profile
 
 
 def requested_model(request: Mapping[str, Any]) -> ModelConfig:
@@ -88,3 +87,14 @@ def admitted_model(node_config: Mapping[str, Any], request: Mapping[str, Any]) -
                             "start the SuperNode with --node-config 'site-config=\"/path/site.yaml\"'")
     check_run_profile(f"site-{node_config['partition-id']}", "development", request)  # simulated sites
     return requested_model(request)
+
+
+def check_run_profile(site_name: str, site_profile: str, config: Mapping[str, Any]) -> None:
+    """A site serves only runs of its own profile: a production site never answers a development run
+    (whose server made no production checks), and a run that does not name its profile is refused. The
+    refusal quotes the request and the site's profile only, so it reaches the server as it is."""
+    requested = config.get("profile")
+    if requested != site_profile:
+        raise SiteRefusal("profile", f"{site_name} runs in the {site_profile} profile and refuses a run whose profile "
+                                     f"is {requested!r}",
+                          f"run it with profile: {site_profile} in the run YAML")

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import TBAInputError, TBARunError
 from ..privacy.site_state import open_state
 from .certificates import describe_os_error, key_bytes, load_auth_public_key, tls_context, tls_handshake
-from .config import FederatedRunConfig, SiteConfig
+from ..federation.config import FederatedRunConfig, SiteConfig
 from .flower_control import SuperLinkAPIError, register_node, registered_nodes
 from .profile import require_site, require_run
 from .simulate import executable, flower_env, stop_process

@@ -35,9 +35,9 @@ from ..errors import TBAInputError, TBARunError, one_line, strip_escapes
 from ..fileio import check_output_dir
 from ..models import create_model
 from ..partition import log_histograms
-from .config import FederatedRunConfig, fixed_plan, load_federated_config
+from ..federation.config import FederatedRunConfig, fixed_plan, load_federated_config
 from .profile import development_run
-from .site import simulated_indices, simulated_site
+from ..federation.site import simulated_indices, simulated_site
 
 _logger = logging.getLogger(__name__)
 FEDERATION = "tba-fed-sim"
