@@ -37,7 +37,8 @@ from tba_fed.cli import main
 from tba_fed.config import DataConfig
 from tba_fed.data import SyntheticImages, build_dataset, calibration_split, make_loader
 from tba_fed.federation.config import load_federated_config
-from tba_fed.federation.server import FederationError, run_server
+from tba_fed.errors import FederationError
+from tba_fed.federation.server import run_server
 from tba_fed.federation.site import Site, resolve_site, run_spec, statistics_reply
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy

@@ -3,7 +3,7 @@
 Replies are corrupted at random (hypothesis) from valid encodings of every kind of reply a site sends
 (exact span statistics, private span releases, similarity, probe); every mutation must be refused by the
 decoder with the exact wire key as the field, so it can never be summed. The server loop
-(`server.exchange`, `run_server` with the in-process grid of test_server_rounds.py) must reject replies
+(`rounds.exchange`, `run_server` with the in-process grid of test_server_rounds.py) must reject replies
 that do not answer the request they are taken for.
 
 | #  | malformed message                                                   | refused as (field / reason)              |
@@ -59,7 +59,8 @@ from tba_fed.calibrate import collect_span_stats
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import to_record
-from tba_fed.federation.server import RoundLog, exchange, run_server
+from tba_fed.federation.rounds import RoundLog, exchange
+from tba_fed.federation.server import run_server
 from tba_fed.federation.site import cached_model
 from tba_fed.federation.site_admission import admitted_model
 from tba_fed.federation.wire import (decode_heads, decode_maps, decode_priors, decode_private_spans, decode_probe,

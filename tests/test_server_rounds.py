@@ -20,7 +20,8 @@ from tba_fed.calibrate import collect_span_stats
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import from_record, to_record
-from tba_fed.federation.server import FederationError, run_server
+from tba_fed.errors import FederationError
+from tba_fed.federation.server import run_server
 from tba_fed.federation.config import FederationConfig
 from tba_fed.federation.site import (Site, accuracy_reply, cached_model, install, probe_reply, run_spec,
                                      similarity_reply, statistics_reply)

@@ -8,7 +8,7 @@ chained cause.
 
 End to end: real flwr Messages, serialised like on the wire, through the site's real ClientApp
 (clients/client_app.py) with a deployed site's YAML (development profile), the SuperNode's error reply,
-and the server's own round (`server.exchange`), whose site reasons are what the report prints."""
+and the server's own round (`rounds.exchange`), whose site reasons are what the report prints."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from PIL import Image
 from clients import client_app
 from tba_fed.audit import check_chain
 from tba_fed.errors import FederationError, TBAInputError
-from tba_fed.federation.server import RoundLog, exchange
+from tba_fed.federation.rounds import RoundLog, exchange
 from tba_fed.federation.site_audit import SECURE_ROUND, SiteError, audited_secure
 from tba_fed.federation.wire import encode_priors
 from tba_fed.plan import parse_plan

@@ -44,10 +44,10 @@ def secure_statistics_round(grid: Grid, nodes: list[int], config: FederatedRunCo
                             site_names=log.names)
     except Exception as err:  # recorded, then the run stops
         if audit is not None:
-            audit.secure_round(log, nodes, settings, None, str(err))
+            audit.secure_round(log.name, log.names, nodes, settings, None, str(err))
         raise
     if audit is not None:
-        audit.secure_round(log, nodes, settings, result)
+        audit.secure_round(log.name, log.names, nodes, settings, result)
     summed = decode_private_spans(result.arrays, plan.spans, dim)
     log.seconds = result.seconds
     log.sites["secure sum"] = {"node_id": -1, "status": "ok",

@@ -4,7 +4,7 @@ Built on Flower 1.41's SecAgg+ (``flwr.server.workflow.SecAggPlusWorkflow`` with
 ``flwr.client.mod.secaggplus_mod``), which exists only on Flower's legacy path: one fit round of
 ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` driven by a ``LegacyContext`` and a strategy.
 :func:`secure_sum` runs exactly that round on a given list of nodes and can be called from the same
-ServerApp that drives tba-fed's own Message rounds (``server.exchange``); the site side is one handler
+ServerApp that drives tba-fed's own Message rounds (``rounds.exchange``); the site side is one handler
 for the plain legacy ``"train"`` message type, registered with ``@app.train(mods=[secaggplus_mod])``
 (Flower 1.41's ClientApp decorators take per-handler mods, so tba-fed's ``query.*``/``train.install``
 handlers are untouched; secaggplus_mod also passes any message type other than ``"train"`` through).
@@ -67,6 +67,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
+from ..errors import FederationError
 from ..privacy.policy import SecureRound
 from .failures import error_reason
 
@@ -336,8 +337,6 @@ def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: 
     max(2, ceil(2/3 len(nodes))). The quantisation error is derived in the module docstring. `site_names`: the
     sites' names the server already knows, for its messages (else "node N").
     """
-    from .server import FederationError  # server.py pulls in the model stack; keep this module light
-
     default_shares, default_threshold = default_protocol(len(nodes))
     shares = default_shares if num_shares is None else num_shares
     threshold = default_threshold if reconstruction_threshold is None else reconstruction_threshold

@@ -33,6 +33,7 @@ from ..errors import SiteRefusal, TBAInputError
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import RELEASES, PrivacyRequest, spec_hash
 from .config import SITE_AUDIT_FILE, load_federated_config, load_site_config
+from .envelope import HEAD_KEY
 from .failures import failure_reply
 from .secure_aggregation import Compute, Scalar
 from .records import content_sha256, from_record, received_schema, to_record
@@ -42,7 +43,6 @@ from .wire import payload_sha256
 _logger = logging.getLogger(__name__)
 
 Handler = Callable[[Message, Context], Message]
-HEAD_KEY = "audit-head"  # the reply's meta field carrying the site's audit head
 SECURE_ROUND = "statistics (secure aggregation)"
 
 
