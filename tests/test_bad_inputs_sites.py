@@ -50,7 +50,7 @@ from tba_fed.errors import FederationError, TBAInputError
 from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import to_record
 from tba_fed.federation.rounds import RoundLog, exchange
-from tba_fed.federation.server import federation_markdown
+from tba_fed.federation.run_report import federation_markdown
 
 from clientapp_grid import ClientAppGrid
 from conftest import TINY

@@ -366,7 +366,7 @@ def test_a_release_recorded_but_never_produced_is_produced_once_without_a_second
 def test_the_report_gives_no_spread_for_a_span_whose_renoised_draws_were_all_unusable():
     """compare_priors returns an empty spread when every re-noised held-out draw has no ratio: that span's
     row carries no ±, the others keep theirs (it used to end the ServerApp with a KeyError)."""
-    from tba_fed.federation.private_rounds import privacy_markdown
+    from tba_fed.federation.run_report import privacy_markdown
 
     report = {"prior": "public",
               "prior_comparison": {"1->2": {"identity": 1.0, "federated": 0.5}, "3->5": {"identity": 1.0, "federated": 0.25}},

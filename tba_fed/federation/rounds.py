@@ -55,13 +55,14 @@ def _site_name(node_id: int, reply: Message | None, names: dict[int, str]) -> st
 
 
 def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Callable[[], RecordDict],
-             decode: Callable[[RecordDict], Any], log: RoundLog, *, timeout: float, min_sites: int,
+             accept: Callable[[RecordDict], Any], log: RoundLog, *, timeout: float, min_sites: int,
              images: Callable[[Any], int] | None = None, audit: ServerAudit | None = None) -> dict[str, Any]:
-    """Send one message per node, validate each reply with `decode` as it arrives, keep the valid ones.
+    """Send one message per node, judge each reply with `accept` as it arrives (it decodes and checks the reply,
+    raising if it is not valid), keep what it returns for the valid ones.
 
-    Replies are judged one at a time and dropped, so `decode` may fold a reply into a running total and
-    the server holds one site's reply at a time. `images` reads the image count a valid reply summarises,
-    for the report; `audit` records the round.
+    Replies are judged one at a time and dropped, so `accept` may add a reply to a running sum
+    (`releases.RunningSum`) and the server holds one site's reply at a time. `images` reads the image count a
+    valid reply summarises, for the report; `audit` records the round.
     """
     start = time.perf_counter()
     contents = {node: make_content() for node in nodes}
@@ -90,7 +91,7 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
                 if failure is not None:  # the site could not serve the request, and says why in one line
                     entry.update(status=failure[0], reason=failure[1])
                 else:
-                    accepted[name] = decode(reply.content)
+                    accepted[name] = accept(reply.content)
                     entry.update(status="ok", bytes_received=record_bytes(reply.content),
                                  received=received_schema(reply.content))
                     if images is not None:
@@ -127,3 +128,30 @@ def wait_for_nodes(grid: Grid, wanted: int, minimum: int, timeout: float) -> lis
         if time.monotonic() > deadline:
             raise FederationError(f"only {len(nodes)} sites connected within {timeout:.0f} s; min_sites is {minimum}")
         time.sleep(1.0)
+
+
+class Rounds:
+    """A run's rounds in order: the sites still taking part (those whose last reply was valid), the names they
+    gave (shared by every round) and each round's log, for the report."""
+
+    def __init__(self, grid: Grid, nodes: list[int], *, timeout: float, min_sites: int, audit: ServerAudit) -> None:
+        self.grid, self.nodes, self.timeout, self.min_sites, self.audit = grid, nodes, timeout, min_sites, audit
+        self.connected = len(nodes)
+        self.names: dict[int, str] = {}
+        self.logs: list[RoundLog] = []
+
+    def start(self, name: str) -> RoundLog:
+        self.logs.append(RoundLog(name, self.names))
+        return self.logs[-1]
+
+    def ask(self, name: str, message_type: str, make_content: Callable[[], RecordDict],
+            accept: Callable[[RecordDict], Any], images: Callable[[Any], int] | None = None) -> dict[str, Any]:
+        """One `exchange` with the sites still taking part; those whose replies were valid take part next."""
+        log = self.start(name)
+        accepted = exchange(self.grid, self.nodes, message_type, make_content, accept, log, timeout=self.timeout,
+                            min_sites=self.min_sites, images=images, audit=self.audit)
+        self.nodes = log.nodes
+        return accepted
+
+    def report(self) -> list[dict[str, Any]]:
+        return [{"name": r.name, "seconds": round(r.seconds, 3), "sites": r.sites} for r in self.logs]

@@ -203,6 +203,18 @@ def decode_heads(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int) -
     return {which: ProbeHead(groups[f"{which}/"]["weight"], groups[f"{which}/"]["bias"]) for which in MODELS}
 
 
+ACCURACY = ("original_correct", "compressed_correct", "total")
+
+
+def decode_accuracy(record: Mapping[str, Any]) -> dict[str, int]:
+    """A site's correct counts (a metric record): integers with 0 <= correct <= total."""
+    counts = {k: record[k] for k in ACCURACY}
+    if any(not isinstance(v, int) or v < 0 for v in counts.values()) or \
+            max(counts["original_correct"], counts["compressed_correct"]) > counts["total"]:
+        raise TBAInputError("accuracy", f"counts must be integers with 0 <= correct <= total, got {counts}")
+    return counts
+
+
 def check_psd(gram: torch.Tensor, field: str, tolerance: float | None) -> None:
     """A Gram matrix Σxxᵀ is positive semi-definite; a reply whose G is not was corrupted or forged.
 
