@@ -37,7 +37,8 @@ from ..models import create_model
 from ..partition import log_histograms
 from ..federation.config import FederatedRunConfig, fixed_plan, load_federated_config
 from .profile import development_run
-from ..federation.site import simulated_indices, simulated_site
+from ..federation.site import simulated_indices
+from ..federation.site_context import simulated_site
 
 _logger = logging.getLogger(__name__)
 FEDERATION = "tba-fed-sim"
