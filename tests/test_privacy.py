@@ -225,7 +225,7 @@ def test_ledger_survives_a_crash_mid_write(tmp_path):
     # A process dies between writing the new ledger and renaming it into place.
     script = textwrap.dedent(f"""
         import os
-        from tba_fed.privacy import ledger as mod
+        from tba_fed import fileio as mod  # the ledger's atomic write
         from tba_fed.privacy.ledger import LedgerEntry, PrivacyLedger, now
         mod.os.replace = lambda *a: os._exit(9)
         entry = LedgerEntry(run_id="run-2", release="statistics", spec_sha256="1" * 64, mechanism="gaussian",

@@ -43,7 +43,7 @@ from .config import FederatedRunConfig, PrivacyConfig
 from .records import from_record
 from .rounds import RoundLog, Rounds
 from .server_audit import ServerAudit
-from .secure_aggregation import default_protocol, secure_sum
+from .secure_aggregation import default_threshold, secure_sum
 from .wire import MODELS, decode_private_spans, decode_spans, encode_priors, private_span_shapes
 
 _logger = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def secure_statistics_round(grid: Grid, nodes: list[int], config: FederatedRunCo
     settings = {**dict(content.config_records["config"].items()), "max-images": fed.max_images_per_site}
     try:
         # the server must not be able to unmask a sum over fewer sites than the noise is split across
-        threshold = max(default_protocol(len(nodes))[1], request.noise_sites)
+        threshold = max(default_threshold(len(nodes)), request.noise_sites)
         result = secure_sum(grid, nodes, settings, ranges, private_span_shapes(plan.spans, dim),
                             timeout=fed.round_timeout, min_sites=fed.min_sites, reconstruction_threshold=threshold,
                             site_names=log.names)
