@@ -90,9 +90,6 @@ class Exact:
     def __init__(self, config: FederatedRunConfig) -> None:
         self.config = config
 
-    def request(self, **clip: Any) -> PrivacyRequest | None:
-        return None
-
     def similarity_request(self) -> PrivacyRequest | None:
         return None
 
