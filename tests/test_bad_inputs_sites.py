@@ -343,7 +343,7 @@ def test_306_an_unexpected_exception_is_one_line_naming_the_file_with_its_traceb
 def test_307_tracebacks_in_flowers_log_are_cut_to_the_exceptions_lines():
     """`tba-fed simulate` and `submit` relay Flower's log through this unless -v: a failed ServerApp's chained
     traceback and a Ray task's quoted one leave only the lines that say what was raised."""
-    from tba_fed.deploy.simulate import without_tracebacks
+    from tba_fed.deploy.processes import without_tracebacks
     from tba_fed.federation.site_audit import SiteError
 
     try:

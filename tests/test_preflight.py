@@ -32,7 +32,7 @@ from tba_fed.federation.config import load_federated_config
 from tba_fed.deploy.flower_control import registered_nodes
 from tba_fed.deploy.preflight import preflight
 from tba_fed.deploy.profile import verify_superlink
-from tba_fed.deploy.simulate import flower_env, free_port, stop_process
+from tba_fed.deploy.processes import flower_env, free_port, stop_process
 
 from conftest import TINY
 

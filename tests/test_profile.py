@@ -18,7 +18,8 @@ from tba_fed.federation.config import load_federated_config, load_site_config
 from tba_fed.deploy.flower_control import registered_nodes
 from tba_fed.deploy.launch import superlink_command, supernode_command
 from tba_fed.deploy.profile import development_run, verify_superlink
-from tba_fed.deploy.simulate import executable, free_port, local_superlink, simulate
+from tba_fed.deploy.processes import executable, free_port, local_superlink
+from tba_fed.deploy.simulate import simulate
 from tba_fed.federation.site import install, resolve_site
 from tba_fed.federation.site_context import SiteContext
 from tba_fed.plan import parse_plan

@@ -26,7 +26,7 @@ from flwr.common import bytes_to_ndarray
 from tba_fed.federation.secure_aggregation import (SecureSumRefused, quantisation_error_bound, scaled_for_secagg,
                                                    secure_sum)
 from tba_fed.errors import FederationError
-from tba_fed.deploy.simulate import flower_env, free_port, local_superlink
+from tba_fed.deploy.processes import flower_env, free_port, local_superlink
 
 from clientapp_grid import ClientAppGrid
 
