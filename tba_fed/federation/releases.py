@@ -142,7 +142,7 @@ class LocalDP(Exact):
     def __init__(self, config: FederatedRunConfig, model: nn.Module, public: Any, releases: tuple[str, ...]) -> None:
         super().__init__(config)
         assert config.privacy is not None
-        self.privacy, self.model, self.releases = config.privacy, model, releases
+        self.privacy, self.releases = config.privacy, releases
         # block and feature norms bound only the similarity and probe releases: a full forward pass, so only when asked
         self.norms = public_norms(model, public, config.token_mode) if {"similarity", "probe"} & set(releases) else None
         self.sigma = noise_multiplier(self.privacy.epsilon, self.privacy.delta, len(releases), self.privacy.accountant)
