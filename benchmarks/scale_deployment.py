@@ -56,8 +56,8 @@ from tba_fed.calibrate import collect_span_stats
 from tba_fed.data import build_dataset, calibration_split, make_loader
 from tba_fed.fileio import atomic_write_text
 from tba_fed.federation.config import load_site_config
-from tba_fed.federation.flower_connection import ensure_connection
-from tba_fed.federation.simulate import app_directory, flower_env, free_port, local_superlink, stop_process
+from tba_fed.deploy.flower_connection import ensure_connection
+from tba_fed.deploy.processes import app_directory, flower_env, free_port, local_superlink, stop_process
 from tba_fed.federation.site import site_key
 from tba_fed.federation.wire import SPLITS, decode_spans, encode_spans, payload_bytes
 from tba_fed.plan import Plan

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tba_fed.federation.simulate import stop_process
+from tba_fed.deploy.processes import stop_process
 
 from process_memory import ProcessMonitor, proc_table  # benchmarks/, next to this script
 

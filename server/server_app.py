@@ -9,7 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from tba_fed.federation import app_logging
 from tba_fed.federation.config import load_federated_config
-from tba_fed.federation.profile import verify_superlink
+from tba_fed.deploy.profile import verify_superlink
 from tba_fed.federation.server import run_server
 
 app = ServerApp()

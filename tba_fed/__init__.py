@@ -7,7 +7,7 @@ from .checkpoint import load_compressed, save_compressed  # noqa: E402
 from .compressed import BlockApproximation, build_compressed, parameter_report  # noqa: E402
 from .config import ModelConfig, RunConfig, load_config  # noqa: E402
 from .errors import TBAInputError  # noqa: E402
-from .federation.simulate import simulate  # noqa: E402
+from .deploy.simulate import simulate  # noqa: E402
 from .models import create_model  # noqa: E402
 from .pipeline import Compression, SpanFit, analyze, calibrate, choose_plan, solve_plan  # noqa: E402
 from .plan import Plan, Span, parse_plan, select_plan  # noqa: E402

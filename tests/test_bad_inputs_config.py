@@ -50,7 +50,7 @@ import yaml
 from tba_fed.config import load_config
 from tba_fed.federation.config import load_federated_config, load_site_config
 from tba_fed.federation.server import run_server
-from tba_fed.federation.simulate import simulate
+from tba_fed.deploy.simulate import simulate
 from tba_fed.federation.site_privacy import open_release
 from tba_fed.privacy.policy import PrivacyRequest, SitePolicy
 from tba_fed.privacy.site_state import initialise

@@ -37,8 +37,10 @@ from tba_fed.cli import main
 from tba_fed.config import DataConfig
 from tba_fed.data import SyntheticImages, build_dataset, calibration_split, make_loader
 from tba_fed.federation.config import load_federated_config
-from tba_fed.federation.server import FederationError, run_server
+from tba_fed.errors import FederationError
+from tba_fed.federation.server import run_server
 from tba_fed.federation.site import Site, resolve_site, run_spec, statistics_reply
+from tba_fed.federation.site_context import SiteContext
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy
 from tba_fed.privacy.site_state import initialise
@@ -94,7 +96,7 @@ def test_29_a_truncated_image_stops_a_site_before_it_sends_anything(tmp_path, mo
         "privacy": {"require_dp": False, "min_images": 1, "ledger": str(tmp_path / "ledger.json")},
         "state": str(tmp_path / "state")}))
     initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")  # tba-fed site init
-    site = resolve_site({"site-config": str(site_yaml)}, {}, model, {"profile": "production"})
+    site = resolve_site(SiteContext({"site-config": str(site_yaml)}, {}), model, {"profile": "production"})
     with refused("data.path", fix="remove or replace the file", untouched=[tmp_path]) as err:
         statistics_reply(model, site, parse_plan("1->2", 6), "all", run_spec("run-1", {}))
     assert str(err.value).startswith(f"data.path: {cut} cannot be read as an image (image file is truncated")

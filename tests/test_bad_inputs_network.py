@@ -3,7 +3,7 @@
 Replies are corrupted at random (hypothesis) from valid encodings of every kind of reply a site sends
 (exact span statistics, private span releases, similarity, probe); every mutation must be refused by the
 decoder with the exact wire key as the field, so it can never be summed. The server loop
-(`server.exchange`, `run_server` with the in-process grid of test_server_rounds.py) must reject replies
+(`rounds.exchange`, `run_server` with the in-process grid of test_server_rounds.py) must reject replies
 that do not answer the request they are taken for.
 
 | #  | malformed message                                                   | refused as (field / reason)              |
@@ -59,8 +59,10 @@ from tba_fed.calibrate import collect_span_stats
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import to_record
-from tba_fed.federation.server import RoundLog, exchange, run_server
+from tba_fed.federation.rounds import RoundLog, exchange
+from tba_fed.federation.server import run_server
 from tba_fed.federation.site import cached_model
+from tba_fed.federation.site_context import SiteContext
 from tba_fed.federation.site_admission import admitted_model
 from tba_fed.federation.wire import (decode_heads, decode_maps, decode_priors, decode_private_spans, decode_probe,
                                      decode_similarity, decode_spans, encode_heads, encode_maps, encode_priors,
@@ -514,10 +516,11 @@ def _site_yaml(tmp_path, model: dict):
 def test_62_a_request_for_another_model_than_the_site_declares_is_refused(tmp_path, declared, asked, difference):
     node = _site_yaml(tmp_path, declared)
     with refused("model", untouched=[tmp_path]) as err:
-        admitted_model(node, {"model": json.dumps({**declared, **asked}), "profile": "production"})
+        admitted_model(SiteContext(node, {}), {"model": json.dumps({**declared, **asked}), "profile": "production"})
     assert str(err.value).startswith("model: hospital-a serves only the model its site YAML declares, and this run asks "
                                      "for another: ") and difference in str(err.value)
-    assert admitted_model(node, {"model": json.dumps(declared), "profile": "production"}) == ModelConfig(**declared)
+    assert admitted_model(SiteContext(node, {}), {"model": json.dumps(declared), "profile": "production"}) \
+        == ModelConfig(**declared)
 
 
 @pytest.mark.parametrize("text,field,message", [
@@ -530,8 +533,8 @@ def test_62_a_request_for_another_model_than_the_site_declares_is_refused(tmp_pa
 def test_63_malformed_model_text_is_refused_by_the_site(tmp_path, text, field, message):
     node = _site_yaml(tmp_path, DECLARED)
     with refused(field, untouched=[tmp_path]) as err:
-        admitted_model(node, {"model": text, "profile": "production"})
+        admitted_model(SiteContext(node, {}), {"model": text, "profile": "production"})
     assert message in str(err.value)
     simulated = {"partition-id": 0}  # a simulated site (no model section) validates the text just the same
     with refused(field):
-        admitted_model(simulated, {"model": text, "profile": "development"})
+        admitted_model(SiteContext(simulated, {}), {"model": text, "profile": "development"})

@@ -87,7 +87,7 @@ from tba_fed.cli import main
 from tba_fed.experiment import load_experiment_config, run_experiment
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.server import run_server
-from tba_fed.federation.simulate import simulate
+from tba_fed.deploy.simulate import simulate
 from tba_fed.federation.site import install
 from tba_fed.fileio import file_sha256
 
@@ -362,7 +362,7 @@ def test_118_demo_refuses_foreign_files_before_writing_anything(tmp_path, capsys
 
 
 def test_119_demo_refuses_a_foreign_table_before_the_federated_run(tmp_path, capsys, monkeypatch):
-    import tba_fed.federation.simulate as simulation
+    import tba_fed.deploy.simulate as simulation
 
     def started(*args, **kwargs):
         raise AssertionError("the demo started its federated run")
@@ -543,7 +543,7 @@ def test_141_experiment_under_a_file(tmp_path, capsys):
 @pytest.fixture()
 def no_process(monkeypatch):
     """A simulation that gets as far as starting Flower fails the test at once."""
-    import tba_fed.federation.simulate as simulation
+    import tba_fed.deploy.simulate as simulation
 
     def started(*args, **kwargs):
         raise AssertionError("a Flower process was started")

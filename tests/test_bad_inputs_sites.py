@@ -49,7 +49,8 @@ from tba_fed.audit import check_chain
 from tba_fed.errors import FederationError, TBAInputError
 from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import to_record
-from tba_fed.federation.server import RoundLog, exchange, federation_markdown
+from tba_fed.federation.rounds import RoundLog, exchange
+from tba_fed.federation.run_report import federation_markdown
 
 from clientapp_grid import ClientAppGrid
 from conftest import TINY
@@ -342,7 +343,7 @@ def test_306_an_unexpected_exception_is_one_line_naming_the_file_with_its_traceb
 def test_307_tracebacks_in_flowers_log_are_cut_to_the_exceptions_lines():
     """`tba-fed simulate` and `submit` relay Flower's log through this unless -v: a failed ServerApp's chained
     traceback and a Ray task's quoted one leave only the lines that say what was raised."""
-    from tba_fed.federation.simulate import without_tracebacks
+    from tba_fed.deploy.processes import without_tracebacks
     from tba_fed.federation.site_audit import SiteError
 
     try:

@@ -7,9 +7,9 @@ import yaml
 from tba_fed import TBAInputError
 from tba_fed.config import load_config
 from tba_fed.federation.config import load_federated_config, load_site_config
-from tba_fed.federation.profile import site_errors, development_run, run_errors
+from tba_fed.deploy.profile import site_errors, development_run, run_errors
 from tba_fed.federation.site_admission import check_model
-from tba_fed.federation.simulate import absolute_paths, site_gpus
+from tba_fed.deploy.simulate import absolute_paths, site_gpus
 
 
 def test_device_auto_resolves_to_what_torch_sees(tmp_path):

@@ -24,9 +24,9 @@ import pytest
 import yaml
 
 from tba_fed.audit import check_chain
-from tba_fed.federation.certificates import key_bytes, load_auth_public_key
-from tba_fed.federation.flower_control import registered_nodes
-from tba_fed.federation.simulate import free_port, stop_process
+from tba_fed.deploy.certificates import key_bytes, load_auth_public_key
+from tba_fed.deploy.flower_control import registered_nodes
+from tba_fed.deploy.processes import free_port, stop_process
 from tba_fed.privacy.ledger import PrivacyLedger
 from tba_fed.privacy.site_state import initialise
 

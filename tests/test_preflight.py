@@ -27,12 +27,12 @@ from tba_fed import ModelConfig, TBAInputError, create_model
 from tba_fed.cli import run_preflight
 from tba_fed.fileio import file_sha256
 from tba_fed.privacy.site_state import initialise
-from tba_fed.federation.certificates import key_bytes, load_auth_public_key
+from tba_fed.deploy.certificates import key_bytes, load_auth_public_key
 from tba_fed.federation.config import load_federated_config
-from tba_fed.federation.flower_control import registered_nodes
-from tba_fed.federation.preflight import preflight
-from tba_fed.federation.profile import verify_superlink
-from tba_fed.federation.simulate import flower_env, free_port, stop_process
+from tba_fed.deploy.flower_control import registered_nodes
+from tba_fed.deploy.preflight import preflight
+from tba_fed.deploy.profile import verify_superlink
+from tba_fed.deploy.processes import flower_env, free_port, stop_process
 
 from conftest import TINY
 

@@ -225,7 +225,7 @@ def test_ledger_survives_a_crash_mid_write(tmp_path):
     # A process dies between writing the new ledger and renaming it into place.
     script = textwrap.dedent(f"""
         import os
-        from tba_fed.privacy import ledger as mod
+        from tba_fed import fileio as mod  # the ledger's atomic write
         from tba_fed.privacy.ledger import LedgerEntry, PrivacyLedger, now
         mod.os.replace = lambda *a: os._exit(9)
         entry = LedgerEntry(run_id="run-2", release="statistics", spec_sha256="1" * 64, mechanism="gaussian",
@@ -366,7 +366,7 @@ def test_a_release_recorded_but_never_produced_is_produced_once_without_a_second
 def test_the_report_gives_no_spread_for_a_span_whose_renoised_draws_were_all_unusable():
     """compare_priors returns an empty spread when every re-noised held-out draw has no ratio: that span's
     row carries no ±, the others keep theirs (it used to end the ServerApp with a KeyError)."""
-    from tba_fed.federation.private_rounds import privacy_markdown
+    from tba_fed.federation.run_report import privacy_markdown
 
     report = {"prior": "public",
               "prior_comparison": {"1->2": {"identity": 1.0, "federated": 0.5}, "3->5": {"identity": 1.0, "federated": 0.25}},

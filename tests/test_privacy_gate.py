@@ -19,9 +19,10 @@ from clients.client_app import app
 from tba_fed.cli import main
 from tba_fed.errors import FederationError
 from tba_fed.federation.config import load_federated_config
-from tba_fed.federation.preflight import preflight
-from tba_fed.federation.private_rounds import privacy_markdown, secure_statistics_round
-from tba_fed.federation.server import RoundLog
+from tba_fed.deploy.preflight import preflight
+from tba_fed.federation.releases import secure_statistics_round
+from tba_fed.federation.run_report import privacy_markdown
+from tba_fed.federation.rounds import RoundLog
 from tba_fed.federation.wire import encode_priors
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.accounting import epsilon_spent, noise_multiplier

@@ -15,11 +15,13 @@ import yaml
 from tba_fed import ModelConfig, TBAInputError, create_model
 from tba_fed.privacy.site_state import initialise
 from tba_fed.federation.config import load_federated_config, load_site_config
-from tba_fed.federation.flower_control import registered_nodes
-from tba_fed.federation.launch import superlink_command, supernode_command
-from tba_fed.federation.profile import development_run, verify_superlink
-from tba_fed.federation.simulate import executable, free_port, local_superlink, simulate
+from tba_fed.deploy.flower_control import registered_nodes
+from tba_fed.deploy.launch import superlink_command, supernode_command
+from tba_fed.deploy.profile import development_run, verify_superlink
+from tba_fed.deploy.processes import executable, free_port, local_superlink
+from tba_fed.deploy.simulate import simulate
 from tba_fed.federation.site import install, resolve_site
+from tba_fed.federation.site_context import SiteContext
 from tba_fed.plan import parse_plan
 from tba_fed.solver import LinearMap
 
@@ -152,10 +154,10 @@ def test_production_site_refuses_a_development_run_and_reports_its_profile(tmp_p
     initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")  # tba-fed site init
     for requested in ({"profile": "development"}, {}):
         with pytest.raises(TBAInputError) as err:
-            resolve_site(node, {}, model, requested)
+            resolve_site(SiteContext(node, {}), model, requested)
         assert str(err.value) == (f"profile: hospital-a runs in the production profile and refuses a run whose profile "
                                   f"is {requested.get('profile')!r} (run it with profile: production in the run YAML)")
-    site = resolve_site(node, {}, model, {"profile": "production"})
+    site = resolve_site(SiteContext(node, {}), model, {"profile": "production"})
     assert site.profile == "production" and len(site.calibration.dataset) + len(site.holdout.dataset) == 8
     maps = {span: LinearMap(torch.eye(48, dtype=torch.float64), None) for span in parse_plan("1->2", 6).spans}
     install(model, site, maps, {"model": MODEL, "plan": "1->2", "profile": "production"})
@@ -163,7 +165,8 @@ def test_production_site_refuses_a_development_run_and_reports_its_profile(tmp_p
     assert report["profile"] == "production" and report["site"] == {"name": "hospital-a", "profile": "production"}
     with pytest.raises(TBAInputError, match="^profile: site-0 runs in the development profile and refuses a run whose "
                                             "profile is 'production'"):  # simulated sites are development
-        resolve_site({"partition-id": 0, "num-partitions": 2}, {"config-path": "unused"}, model, {"profile": "production"})
+        resolve_site(SiteContext({"partition-id": 0, "num-partitions": 2}, {"config-path": "unused"}), model,
+                     {"profile": "production"})
 
 
 def test_production_server_refuses_a_superlink_without_node_auth(tmp_path):

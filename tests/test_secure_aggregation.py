@@ -25,8 +25,8 @@ from flwr.common import bytes_to_ndarray
 
 from tba_fed.federation.secure_aggregation import (SecureSumRefused, quantisation_error_bound, scaled_for_secagg,
                                                    secure_sum)
-from tba_fed.federation.server import FederationError
-from tba_fed.federation.simulate import flower_env, free_port, local_superlink
+from tba_fed.errors import FederationError
+from tba_fed.deploy.processes import flower_env, free_port, local_superlink
 
 from clientapp_grid import ClientAppGrid
 
@@ -80,7 +80,8 @@ SERVER_SOURCE = textwrap.dedent('''
 
     from sa_client import BOUNDS, SHAPES
     from tba_fed.federation.secure_aggregation import secure_sum
-    from tba_fed.federation.server import FederationError, wait_for_nodes
+    from tba_fed.errors import FederationError
+    from tba_fed.federation.rounds import wait_for_nodes
 
     app = ServerApp()
 

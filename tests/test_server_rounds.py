@@ -5,14 +5,13 @@ The real Flower runtime is exercised by test_simulation.py and test_deployment.p
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from tba_fed import ModelConfig, ViTAdapter, solve_plan
 from tba_fed.audit import check_chain
@@ -20,15 +19,13 @@ from tba_fed.calibrate import collect_span_stats
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import from_record, to_record
-from tba_fed.federation.server import FederationError, run_server
+from tba_fed.errors import FederationError
+from tba_fed.federation.server import run_server
 from tba_fed.federation.config import FederationConfig
-from tba_fed.federation.site import (Site, accuracy_reply, cached_model, install, probe_reply, run_spec,
-                                     similarity_reply, statistics_reply)
+from tba_fed.federation.site import Site, answer, cached_model, run_spec
 from tba_fed.privacy.accounting import noise_multiplier
 from tba_fed.privacy.ledger import PrivacyLedger
 from tba_fed.privacy.policy import SitePolicy
-from tba_fed.federation.wire import decode_heads, decode_maps, decode_priors
-from tba_fed.compressed import build_compressed
 from tba_fed.errors import TBAInputError
 from tba_fed.plan import parse_plan
 
@@ -90,39 +87,23 @@ class InProcessGrid(AnsweringGrid):
             if kind == "silent":
                 continue
             config = msg.content.config_records["config"]
-            model = cached_model(str(config["model"]))
             site = self.sites[node]
-            records = {"meta": ConfigRecord({"site": site.name, **echo(msg)})}
-            action = msg.metadata.message_type.split(".", 1)[1]
-            if kind == "crash" and action == "statistics":
+            statistics = msg.metadata.message_type.endswith(".statistics")
+            if kind == "crash" and statistics:
                 replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
                                                error=SimpleNamespace(code=0, reason="ClientApp raised: disk failure")))
                 continue
-            plan = parse_plan(str(config["plan"]), 6) if "plan" in config else None
-            run = run_spec("run-1", dict(config))
-            if action == "similarity":
-                records["similarity"] = to_record(similarity_reply(model, site, str(config["token-mode"]), run))
-            elif action == "statistics":
-                priors = decode_priors(str(config["prior-maps"]), plan.spans, 48) if config.get("prior-maps") else None
-                try:
-                    arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors)
-                except TBAInputError as err:  # what Flower does with a ClientApp exception: an error reply, no content
-                    replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
-                                                   error=SimpleNamespace(code=0, reason=f"ClientApp raised: {err}")))
-                    continue
-                records["statistics"] = to_record(_corrupt(kind)(arrays))
-            else:
-                maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, (), 48)
-                compressed = build_compressed(model, maps)
-                if action == "install":
-                    records["install"] = ConfigRecord({"checksum": install(model, site, maps,
-                                                                           json.loads(str(config["report"])))})
-                elif action == "probe":
-                    records["probe"] = to_record(probe_reply(model, compressed, site, 10, run))
-                else:
-                    heads = decode_heads(from_record(msg.content.array_records["heads"]), 48, 10)
-                    records["accuracy"] = MetricRecord(accuracy_reply(model, compressed, site, heads, run))
-            content = RecordDict(records)
+            try:  # the ClientApp's own routing, with this stand-in's sites
+                records = answer(msg, cached_model(str(config["model"])), site, run_spec("run-1", dict(config)))
+            except TBAInputError as err:  # what Flower does with a ClientApp exception: an error reply, no content
+                if not statistics:
+                    raise
+                replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: True,
+                                               error=SimpleNamespace(code=0, reason=f"ClientApp raised: {err}")))
+                continue
+            if statistics:
+                records["statistics"] = to_record(_corrupt(kind)(from_record(records["statistics"])))
+            content = RecordDict({"meta": ConfigRecord({"site": site.name, **echo(msg)}), **records})
             replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
                                            content=content))
         return replies

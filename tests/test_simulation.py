@@ -16,7 +16,7 @@ from tba_fed.calibrate import collect_clipped_span_sums, collect_span_stats
 from tba_fed.data import build_dataset, make_loader
 from tba_fed.federation.audit_check import cross_check
 from tba_fed.federation.config import load_federated_config
-from tba_fed.federation.simulate import simulate
+from tba_fed.deploy.simulate import simulate
 from tba_fed.federation.site import simulated_indices
 from tba_fed.federation.site_privacy import noise_source
 from tba_fed.models import create_model

@@ -8,7 +8,7 @@ chained cause.
 
 End to end: real flwr Messages, serialised like on the wire, through the site's real ClientApp
 (clients/client_app.py) with a deployed site's YAML (development profile), the SuperNode's error reply,
-and the server's own round (`server.exchange`), whose site reasons are what the report prints."""
+and the server's own round (`rounds.exchange`), whose site reasons are what the report prints."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from PIL import Image
 from clients import client_app
 from tba_fed.audit import check_chain
 from tba_fed.errors import FederationError, TBAInputError
-from tba_fed.federation.server import RoundLog, exchange
+from tba_fed.federation.rounds import RoundLog, exchange
+from tba_fed.federation import site as site_module
 from tba_fed.federation.site_audit import SECURE_ROUND, SiteError, audited_secure
 from tba_fed.federation.wire import encode_priors
 from tba_fed.plan import parse_plan
@@ -118,7 +119,7 @@ def test_any_other_error_in_a_handler_leaves_only_its_field_and_no_cause(tmp_pat
             raise OSError(f"/srv/scans/{PATIENT}: input/output error")
         except OSError as cause:
             raise raised() from cause
-    monkeypatch.setattr(client_app, "statistics_reply", fail)
+    monkeypatch.setattr(site_module, "statistics_reply", fail)  # what site.answer calls for the ClientApp
     grid = ClientAppGrid(client_app.app, node_configs=[_site(tmp_path)])
     kind = type(raised()).__name__
     assert _reason(grid, _statistics()) == WITHHELD.format(field=field, kind=kind)
@@ -157,7 +158,7 @@ def test_a_site_refusal_keeps_its_text(tmp_path, server_identity, kind, site, re
 
 def test_the_secure_statistics_round_withholds_the_same_way(tmp_path):
     """The SecAgg+ round's compute runs under the same boundary (`audited_secure`)."""
-    def compute(config, context):
+    def compute(config, context, site):
         raise TBAInputError("data.path", f"/srv/scans/{PATIENT} cannot be read as an image")
 
     context = Context(run_id=1, node_id=100, node_config=_site(tmp_path), state=RecordDict(), run_config={})

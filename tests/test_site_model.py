@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from tba_fed import ModelConfig, TBAInputError, create_model
 from tba_fed.audit import check_chain
 from tba_fed.federation import site as site_module
+from tba_fed.federation.site_context import SiteContext
 from tba_fed.federation.records import from_record
 from tba_fed.federation.site_admission import model_differences
 from tba_fed.federation.wire import encode_priors
@@ -150,7 +151,8 @@ def test_the_profile_is_checked_before_any_model_is_built(tmp_path, monkeypatch,
                         run_config={"config-path": str(tmp_path / "unused.yaml")})
     with pytest.raises(TBAInputError, match="^profile: site-0 runs in the development profile and refuses a run whose "
                                             "profile is 'production'"):
-        site_module.site_model(simulated.node_config, {"model": json.dumps(other), "profile": "production"})
+        site_module.site_model(SiteContext(simulated.node_config, simulated.run_config),
+                               {"model": json.dumps(other), "profile": "production"})
 
 
 def test_which_fields_change_the_computation(checkpoint):

@@ -16,9 +16,9 @@ import yaml
 from tba_fed import TBAInputError
 from tba_fed import fileio
 from tba_fed.cli import main
-from tba_fed.federation.flower_connection import ensure_connection
-from tba_fed.federation.simulate import executable, free_port
-from tba_fed.federation.submit import SubmitError, plan_submission, submit
+from tba_fed.deploy.flower_connection import ensure_connection
+from tba_fed.deploy.processes import executable, free_port
+from tba_fed.deploy.submit import SubmitError, plan_submission, submit
 
 from conftest import TINY
 

@@ -1,4 +1,10 @@
-"""Configuration of a federated run (server side) and of one site (its own YAML in deployment)."""
+"""Configuration of a federated run (server side) and of one site (its own YAML in deployment).
+
+The schema lives here, with the protocol, not in `deploy`: it is the contract the protocol reads (the
+server its plan, privacy, federation and evaluation sections, each site its policy and data), and the
+protocol must not import `deploy`. Its deployment sections (`SuperLinkConfig`, `ConnectionConfig`) are
+plain validated data; `deploy` gives them their meaning (profiles, processes, checks).
+"""
 
 from __future__ import annotations
 

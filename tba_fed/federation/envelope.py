@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from ..errors import TBAInputError
 
 ROUND, RUN = "round", "run-id"
+HEAD_KEY = "audit-head"  # the reply's meta field carrying the site's audit head (site_audit, server_audit)
 
 
 def stamp(msg: Message, round_name: str) -> None:

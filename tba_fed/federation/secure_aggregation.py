@@ -4,7 +4,7 @@ Built on Flower 1.41's SecAgg+ (``flwr.server.workflow.SecAggPlusWorkflow`` with
 ``flwr.client.mod.secaggplus_mod``), which exists only on Flower's legacy path: one fit round of
 ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` driven by a ``LegacyContext`` and a strategy.
 :func:`secure_sum` runs exactly that round on a given list of nodes and can be called from the same
-ServerApp that drives tba-fed's own Message rounds (``server.exchange``); the site side is one handler
+ServerApp that drives tba-fed's own Message rounds (``rounds.exchange``); the site side is one handler
 for the plain legacy ``"train"`` message type, registered with ``@app.train(mods=[secaggplus_mod])``
 (Flower 1.41's ClientApp decorators take per-handler mods, so tba-fed's ``query.*``/``train.install``
 handlers are untouched; secaggplus_mod also passes any message type other than ``"train"`` through).
@@ -67,6 +67,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
+from ..errors import FederationError
 from ..privacy.policy import SecureRound
 from .failures import error_reason
 
@@ -103,10 +104,10 @@ def quantisation_error_bound(bound: float, sites: int, quantization_range: int) 
     return float(sites * bound * (2.0 * CLIPPING_RANGE / quantization_range + 64 * np.finfo(np.float64).eps))
 
 
-def default_protocol(num_nodes: int) -> tuple[int, int]:
-    """(num_shares, reconstruction_threshold) for `num_nodes` sites: shares with everyone, any 2/3 of them
+def default_threshold(num_nodes: int) -> int:
+    """The reconstruction threshold for `num_nodes` sites, each sharing its keys with all: any 2/3 of them
     (at least 2) recover a dropped site's mask, so a third of the sites may drop out."""
-    return num_nodes, max(2, math.ceil(2 * num_nodes / 3))
+    return max(2, math.ceil(2 * num_nodes / 3))
 
 
 # ----------------------------------------------------------------------------------------------- site side
@@ -298,18 +299,14 @@ class _OneSecureRound(Strategy):
 
 
 def _check_request(nodes: list[int], config: Mapping[str, Any], bounds: Mapping[str, float],
-                   shapes: Mapping[str, tuple[int, ...]], min_sites: int, num_shares: int,
-                   threshold: int, quantization_range: int) -> None:
+                   shapes: Mapping[str, tuple[int, ...]], min_sites: int, threshold: int, quantization_range: int) -> None:
     if len(set(nodes)) != len(nodes) or len(nodes) < 2:
         raise ValueError(f"secure_sum needs at least 2 distinct nodes, got {nodes}")
     if not 2 <= min_sites <= len(nodes):
         raise ValueError(f"min_sites must be in [2, {len(nodes)}] (a sum over one site is that site's data), "
                          f"got {min_sites}")
-    if not 2 <= threshold <= num_shares <= len(nodes):
-        raise ValueError(f"need 2 <= reconstruction_threshold ({threshold}) <= num_shares ({num_shares}) "
-                         f"<= nodes ({len(nodes)})")
-    if num_shares < len(nodes) and threshold >= num_shares:
-        raise ValueError("Flower's SecAgg+ needs reconstruction_threshold < num_shares when num_shares < nodes")
+    if not 2 <= threshold <= len(nodes):
+        raise ValueError(f"need 2 <= reconstruction_threshold ({threshold}) <= nodes ({len(nodes)})")
     if not shapes or set(shapes) != set(bounds):
         raise ValueError(f"shapes {sorted(shapes)} and bounds {sorted(bounds)} must name the same arrays")
     for name, bound in bounds.items():
@@ -323,7 +320,7 @@ def _check_request(nodes: list[int], config: Mapping[str, Any], bounds: Mapping[
 
 
 def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: dict[str, float],
-               shapes: dict[str, tuple[int, ...]], *, timeout: float, min_sites: int, num_shares: int | None = None,
+               shapes: dict[str, tuple[int, ...]], *, timeout: float, min_sites: int,
                reconstruction_threshold: int | None = None, quantization_range: int = 2**22,
                site_names: Mapping[int, str] | None = None) -> SecureSum:
     """Run one SecAgg+ fit round on exactly `nodes` and return the sum of the sites' named arrays.
@@ -332,16 +329,12 @@ def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: 
     answers with arrays of `shapes` whose entries satisfy |entry| <= bounds[name]. Sites that fail or
     refuse drop out of the sum (SecAgg+ removes their masks); fewer than `min_sites` summed sites, a failed
     round or a malformed result raise ``FederationError`` naming each site's problem. `timeout` applies to
-    each of SecAgg+'s four stages. Defaults: num_shares = len(nodes), reconstruction_threshold =
-    max(2, ceil(2/3 len(nodes))). The quantisation error is derived in the module docstring. `site_names`: the
+    each of SecAgg+'s four stages. Every site shares its keys with every other; reconstruction_threshold
+    defaults to max(2, ceil(2/3 len(nodes))). The quantisation error is derived in the module docstring. `site_names`: the
     sites' names the server already knows, for its messages (else "node N").
     """
-    from .server import FederationError  # server.py pulls in the model stack; keep this module light
-
-    default_shares, default_threshold = default_protocol(len(nodes))
-    shares = default_shares if num_shares is None else num_shares
-    threshold = default_threshold if reconstruction_threshold is None else reconstruction_threshold
-    _check_request(nodes, config, bounds, shapes, min_sites, shares, threshold, quantization_range)
+    threshold = default_threshold(len(nodes)) if reconstruction_threshold is None else reconstruction_threshold
+    _check_request(nodes, config, bounds, shapes, min_sites, threshold, quantization_range)
     names = sorted(shapes)
     shapes = {name: tuple(int(n) for n in shapes[name]) for name in names}
     bounds = {name: float(bounds[name]) for name in names}
@@ -351,7 +344,7 @@ def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: 
     strategy = _OneSecureRound(list(nodes), fit_config, observed.problems)
     # num_shares as the float 1.0 means "all sampled sites" to Flower (its int form must exceed 2: 2 sites)
     workflow = DefaultWorkflow(fit_workflow=_SecAggPlus(
-        num_shares=1.0 if shares == len(nodes) else shares, reconstruction_threshold=threshold,
+        num_shares=1.0, reconstruction_threshold=threshold,
         max_weight=MAX_WEIGHT, clipping_range=CLIPPING_RANGE, quantization_range=quantization_range,
         modulus_range=MODULUS, timeout=timeout))
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),

@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from ..audit import AuditLog
+from .envelope import HEAD_KEY
 from .records import content_sha256, received_schema, to_record
-from .site_audit import HEAD_KEY
 
 if TYPE_CHECKING:
     from .secure_aggregation import SecureSum
-    from .server import RoundLog
 
 
 def reply_receipt(reply: Message) -> dict[str, Any]:
@@ -46,26 +45,27 @@ class ServerAudit:
     def _append(self, round_name: str, **fields: Any) -> None:
         self.log.append({"role": "server", "run_id": self.run_id, "round": round_name, **fields})
 
-    def round(self, log: RoundLog, message_type: str, contents: Mapping[int, RecordDict],
-              receipts: Mapping[int, Mapping[str, Any]]) -> None:
-        """A message round of `server.exchange`, after every reply was judged (before too few valid ones fail it);
-        `receipts`: `reply_receipt` of each node's reply, taken as it was judged."""
+    def round(self, name: str, outcomes: Mapping[str, Mapping[str, Any]], message_type: str,
+              contents: Mapping[int, RecordDict], receipts: Mapping[int, Mapping[str, Any]]) -> None:
+        """A message round of `rounds.exchange`, after every reply was judged (before too few valid ones fail it):
+        `outcomes` its `RoundLog.sites`; `receipts`: `reply_receipt` of each node's reply, taken as it was judged."""
         sites: dict[str, dict[str, Any]] = {}
-        for name, outcome in log.sites.items():
+        for site, outcome in outcomes.items():
             node = outcome["node_id"]
             record = {"node_id": node, "status": outcome["status"], "sent_sha256": content_sha256(contents[node])}
             if "reason" in outcome:
                 record["reason"] = outcome["reason"]
             record.update(receipts.get(node, {}))
-            sites[name] = record
+            sites[site] = record
         sent = received_schema(next(iter(contents.values()))) if contents else {}
-        self._append(log.name, message_type=message_type, sent=sent, sites=sites)
+        self._append(name, message_type=message_type, sent=sent, sites=sites)
 
-    def secure_round(self, log: RoundLog, nodes: list[int], config: Mapping[str, Any], result: SecureSum | None,
-                     error: str | None = None) -> None:
-        """The SecAgg+ statistics round: the config every node was sent, and the sum (or why there is none)."""
+    def secure_round(self, name: str, names: Mapping[int, str], nodes: list[int], config: Mapping[str, Any],
+                     result: SecureSum | None, error: str | None = None) -> None:
+        """The SecAgg+ statistics round: the config every node (`names`: the sites' names by node) was sent, and
+        the sum (or why there is none)."""
         sent = content_sha256(RecordDict({"config": ConfigRecord(dict(config))}))
-        sites: dict[str, dict[str, Any]] = {log.names.get(node, f"node-{node}"): {"node_id": node, "sent_sha256": sent}
+        sites: dict[str, dict[str, Any]] = {names.get(node, f"node-{node}"): {"node_id": node, "sent_sha256": sent}
                                             for node in nodes}
         if result is None:
             sites["secure sum"] = {"status": "failed", "reason": error}
@@ -73,7 +73,7 @@ class ServerAudit:
             summed = RecordDict({"statistics": to_record(result.arrays)})
             sites["secure sum"] = {"status": "ok", "sites_summed": result.sites, "received_sha256": content_sha256(summed),
                                    "received": received_schema(summed)}
-        self._append(log.name, message_type="train", sent={}, sites=sites)
+        self._append(name, message_type="train", sent={}, sites=sites)
 
     def result(self, maps_sha256: str, output: Path, report_json: str) -> None:
         self._append("result", maps_sha256=maps_sha256, output=str(output),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -26,7 +26,7 @@ from ..errors import TBAInputError
 from ..models import create_model
 from ..partition import partition
 from ..plan import Plan, Span, parse_plan
-from ..privacy.policy import PolicyRefusal, PrivacyRequest, SecureRound, SitePolicy, check_request
+from ..privacy.policy import RELEASES, PolicyRefusal, PrivacyRequest, SecureRound, SitePolicy, check_request
 from ..privacy.clipped import ClippedSpanSums
 from ..privacy.ranges import clamp, statistics_ranges
 from ..privacy.release import noisy_counts, noisy_probe, noisy_similarity, noisy_spans
@@ -36,12 +36,15 @@ from ..probe import ProbeHead, accuracy, collect_probe_stats
 from ..selection import Records, development_key, split_indices
 from ..solver import LinearMap
 from ..stats import SpanStats
-from .config import FederatedRunConfig, SiteConfig, load_federated_config, load_site_config
-from .profile import check_run_profile
+from .config import SiteConfig
+from .envelope import echo
+from .records import from_record, to_record
 from .secure_aggregation import secure_round
-from .site_admission import admitted_model
-from .site_privacy import Release, open_release
-from .wire import MODELS, Arrays, decode_priors, encode_probe, encode_similarity, encode_spans
+from .site_admission import admitted_model, check_run_profile
+from .site_context import SiteContext
+from .site_privacy import open_release
+from .wire import (MODELS, Arrays, decode_heads, decode_maps, decode_priors, encode_probe, encode_similarity,
+                   encode_spans)
 
 _logger = logging.getLogger(__name__)
 
@@ -75,10 +78,10 @@ def cached_model(model_json: str) -> nn.Module:
     return create_model(ModelConfig.model_validate_json(model_json))
 
 
-def site_model(node_config: Mapping[str, Any], request: Mapping[str, Any]) -> nn.Module:
+def site_model(site: SiteContext, request: Mapping[str, Any]) -> nn.Module:
     """The base model this site serves `request` with, built only once the site admits the request's profile
     and model (`site_admission`): a refused request loads no weights."""
-    return cached_model(admitted_model(node_config, request).model_dump_json())
+    return cached_model(admitted_model(site, request).model_dump_json())
 
 
 def simulated_indices(data: DataConfig, dataset: Records, targets: np.ndarray, num_sites: int, site: int, scheme: str,
@@ -114,51 +117,34 @@ def _holdout_loader(dataset: Dataset, indices: list[int], data: DataConfig) -> D
     return make_loader(Subset(dataset, indices), data) if data.holdout_fraction > 0 else None
 
 
-def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any], model: nn.Module,
-                 request: Mapping[str, Any], release: str | None = None, secure: SecureRound | None = None) -> Site:
-    """Deployment: the site's own YAML (``site-config``); simulation: its partition of the run's data.
+def resolve_site(site: SiteContext, model: nn.Module, request: Mapping[str, Any], release: str | None = None,
+                 secure: SecureRound | None = None) -> Site:
+    """The site's data: a deployed site's own images, a simulated site's partition of the run's data.
 
     The `request` (a message's config) must name the site's profile and, for a `release`, pass the site's
     privacy policy (`secure`: what its SecAgg+ state shows of the round), or no image is read at all.
     """
     privacy = PrivacyRequest.from_json(str(request["privacy"])) if request.get("privacy") else None
-    if "site-config" in node_config:
-        config = load_site_config(Path(str(node_config["site-config"])))
-        check_run_profile(config.name, config.profile, request)
-        if release is not None:
-            check_request(config.privacy, privacy, release, secure)
+    check_run_profile(site.name, site.profile, request)
+    if release is not None:
+        check_request(site.policy, privacy, release, secure)
+    config = site.config
+    if config is not None:
         key = site_key(config)
         dataset = build_dataset(config.data, model)
         calibration, holdout = calibration_split(dataset, config.data, key)
         return Site(config.name, make_loader(calibration, config.data),
                     _holdout_loader(dataset, holdout.indices, config.data), config.output, config.privacy,
                     config.device, config.profile)
-    if "partition-id" not in node_config:
-        raise TBAInputError("node-config", "neither site-config nor partition-id is set",
-                            "start the SuperNode with --node-config 'site-config=\"/path/site.yaml\"'")
-    check_run_profile(f"site-{node_config['partition-id']}", "development", request)
-    run = load_federated_config(Path(str(run_config["config-path"])))
-    site = int(node_config["partition-id"])
-    name, output, policy = simulated_site(run, site)
-    if release is not None:
-        check_request(policy, privacy, release, secure)
-    num_sites = int(node_config.get("num-partitions", run.federation.num_sites))
+    run = site.run
+    num_sites = int(site.node_config.get("num-partitions", run.federation.num_sites))
     dataset = build_dataset(run.data, model)
     p = run.federation.partition
     calibration, holdout = simulated_indices(run.data, dataset, np.asarray(dataset.targets), num_sites,  # type: ignore
-                                             site, p.scheme, alpha=p.alpha, shards_per_site=p.shards_per_site,
+                                             site.partition, p.scheme, alpha=p.alpha, shards_per_site=p.shards_per_site,
                                              seed=p.seed)
-    return Site(name, make_loader(Subset(dataset, calibration.tolist()), run.data),
-                _holdout_loader(dataset, holdout.tolist(), run.data), output, policy, run.device)
-
-
-def simulated_site(run: FederatedRunConfig, site: int) -> tuple[str, Path, SitePolicy]:
-    """A simulated site's name, output folder (beside the run's output) and policy (ledger in that folder)."""
-    output = run.output.with_name(run.output.name + "-sites") / f"site-{site}"
-    policy = run.federation.site_policy
-    if policy.ledger is None:
-        policy = policy.model_copy(update={"ledger": output / "privacy-ledger.json"})
-    return f"site-{site}", output, policy
+    return Site(site.name, make_loader(Subset(dataset, calibration.tolist()), run.data),
+                _holdout_loader(dataset, holdout.tolist(), run.data), site.output, site.policy, run.device)
 
 
 def run_spec(run_id: int | str, config: Mapping[str, Any], secure: SecureRound | None = None) -> RunSpec:
@@ -174,12 +160,6 @@ def run_spec(run_id: int | str, config: Mapping[str, Any], secure: SecureRound |
 
 def _images(loader: DataLoader | None) -> int:
     return 0 if loader is None else len(loader.dataset)  # type: ignore[arg-type]
-
-
-def _release(site: Site, run: RunSpec, release: str, parts, summaries: Mapping[str, int],
-             secure: SecureRound | None = None) -> contextlib.AbstractContextManager[Release]:
-    return open_release(site.policy, run.privacy, release, summaries, site_name=site.name, run_id=run.run_id,
-                        spec=run.spec, parts=parts, secure=secure)
 
 
 def _calibration(site: Site) -> dict[str, int]:
@@ -198,7 +178,8 @@ def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec
         raise TBAInputError("privacy.clip_blocks", f"{len(request.clip_blocks)} bounds for {adapter.num_blocks} blocks")
     tokens = adapter.tokens_per_image(token_mode)
     parts = similarity_parts(request.clip_blocks, tokens) if request is not None else None
-    with _release(site, run, "similarity", parts, _calibration(site)) as release:
+    with open_release(site.policy, run.privacy, "similarity", _calibration(site), site_name=site.name, run_id=run.run_id,
+                      spec=run.spec, parts=parts) as release:
         if release.stored is not None:
             return release.stored
         grant = release.grant
@@ -218,7 +199,8 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
     request = run.privacy
     summaries = {**_calibration(site), **_held_out(site)}
     if request is None:
-        with _release(site, run, "statistics", None, summaries, secure):
+        with open_release(site.policy, None, "statistics", summaries, site_name=site.name, run_id=run.run_id,
+                          spec=run.spec, parts=None, secure=secure):
             calibration = collect_span_stats(adapter, site.calibration, plan.spans, token_mode=token_mode,
                                              device=site.device)
             holdout = (collect_span_stats(adapter, site.holdout, plan.spans, token_mode=token_mode, device=site.device)
@@ -230,7 +212,8 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
     if priors is None or set(priors) != set(plan.spans):
         raise TBAInputError("prior", "a private statistics release needs the run's prior map for every span")
     parts = span_parts(plan.spans, bounds)
-    with _release(site, run, "statistics", parts, summaries, secure) as release:
+    with open_release(site.policy, request, "statistics", summaries, site_name=site.name, run_id=run.run_id,
+                      spec=run.spec, parts=parts, secure=secure) as release:
         if release.stored is not None:
             return release.stored
         per_split = {}
@@ -245,20 +228,20 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
         return release.keep(encode_spans(noisy_spans(per_split, parts, grant.site_sigma, grant.noise)))
 
 
-def secure_statistics(config: Mapping[str, Any], context: Any) -> tuple[Arrays, dict[str, float]]:
+def secure_statistics(config: Mapping[str, Any], context: Any, site_context: SiteContext) -> tuple[Arrays, dict[str, float]]:
     """The statistics release under secure aggregation: noisy sums (this site's share of the noise)
     and the fixed-point range of each array, for `secure_aggregation.secure_fit`. The run's prior
     maps travel in the config as text (Flower's legacy FitIns config holds scalars only). What the
     site's own SecAgg+ state shows of the round (participants, reconstruction threshold) bounds the
     noise split it accepts."""
     secure = secure_round(context)
-    model = site_model(context.node_config, config)
+    model = site_model(site_context, config)
     run = run_spec(context.run_id, config, secure)
     request = run.privacy
     if request is None:
         raise PolicyRefusal("privacy.aggregation", "a secure-aggregation round must carry a privacy request with "
                                                    "aggregation 'secure'")
-    site = resolve_site(context.node_config, context.run_config, model, config, "statistics", secure)
+    site = resolve_site(site_context, model, config, "statistics", secure)
     adapter = ViTAdapter(model)
     plan = parse_plan(str(config["plan"]), adapter.num_blocks)
     max_images = int(config["max-images"])
@@ -277,7 +260,8 @@ def probe_reply(model: nn.Module, compressed: nn.Module, site: Site, num_classes
     if request is not None and request.clip_features is None:
         raise TBAInputError("privacy.clip_features", "a private probe release needs a feature clipping bound")
     parts = probe_parts(MODELS, request.clip_features) if request is not None else None
-    with _release(site, run, "probe", parts, _calibration(site)) as release:
+    with open_release(site.policy, request, "probe", _calibration(site), site_name=site.name, run_id=run.run_id,
+                      spec=run.spec, parts=parts) as release:
         if release.stored is not None:
             return release.stored
         grant = release.grant
@@ -297,7 +281,8 @@ def accuracy_reply(model: nn.Module, compressed: nn.Module, site: Site, heads: M
         raise TBAInputError("data.holdout_fraction", f"{site.name} holds no images out to evaluate on",
                             "set data.holdout_fraction above 0")
     parts = accuracy_parts() if run.privacy is not None else None
-    with _release(site, run, "accuracy", parts, _held_out(site)) as release:
+    with open_release(site.policy, run.privacy, "accuracy", _held_out(site), site_name=site.name, run_id=run.run_id,
+                      spec=run.spec, parts=parts) as release:
         if release.stored is None:
             original, total = accuracy(model, heads["original"], site.holdout, device=site.device)
             compressed_correct, _ = accuracy(compressed, heads["compressed"], site.holdout, device=site.device)
@@ -321,3 +306,39 @@ def install(model: nn.Module, site: Site, maps: Mapping[Span, LinearMap], report
     digest = hashlib.sha256((folder / MAPS_FILE).read_bytes()).hexdigest()
     _logger.info("%s: installed %s in %s (maps sha256 %s)", site.name, report.get("plan"), folder, digest[:12])
     return digest
+
+
+def answer(msg: Message, model: nn.Module, site: Site, run: RunSpec) -> dict[str, Any]:
+    """The records of a site's reply to `msg`, by its action (the message type after the dot): the one routing
+    of requests to the replies above, for the ClientApp (`serve`) and for tests that stand in for its data."""
+    config = msg.content.config_records["config"]
+    action = msg.metadata.message_type.split(".", 1)[1]
+    if action == "similarity":
+        return {"similarity": to_record(similarity_reply(model, site, str(config["token-mode"]), run))}
+    plan = parse_plan(str(config["plan"]), len(model.blocks))
+    if action == "statistics":
+        priors = decode_priors(str(config["prior-maps"]), plan.spans, model.embed_dim) if config.get("prior-maps") else None
+        return {"statistics": to_record(statistics_reply(model, site, plan, str(config["token-mode"]), run, priors))}
+    identity = parse_plan(str(config["identity-spans"]), len(model.blocks)).spans if config["identity-spans"] else ()
+    maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, identity, model.embed_dim)
+    compressed = build_compressed(model, maps)
+    if action == "install":
+        return {"install": ConfigRecord({"checksum": install(model, site, maps, json.loads(str(config["report"])))})}
+    if action == "probe":
+        return {"probe": to_record(probe_reply(model, compressed, site, int(config["num-classes"]), run))}
+    if action == "accuracy":
+        heads = decode_heads(from_record(msg.content.array_records["heads"]), int(model.num_features),
+                             int(config["num-classes"]))
+        return {"accuracy": MetricRecord(accuracy_reply(model, compressed, site, heads, run))}
+    raise TBAInputError("message_type", f"{msg.metadata.message_type!r} is not a tba-fed request")
+
+
+def serve(msg: Message, context: Context, site_context: SiteContext) -> Message:
+    """A request the ClientApp routes here: its profile and model admitted before any weight is loaded, the
+    site's policy before any image is read (`resolve_site`), then `answer`."""
+    config = msg.content.config_records["config"]
+    action = msg.metadata.message_type.split(".", 1)[1]
+    model = site_model(site_context, config)
+    site = resolve_site(site_context, model, config, action if action in RELEASES else None)
+    records = answer(msg, model, site, run_spec(msg.metadata.run_id, dict(config)))
+    return Message(RecordDict({"meta": ConfigRecord({"site": site.name, **echo(msg)}), **records}), reply_to=msg)

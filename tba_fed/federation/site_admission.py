@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from ..config import ModelConfig, _format_validation_error
-from ..errors import SiteRefusal, TBAInputError
+from ..errors import SiteRefusal
 from ..models import OFFLINE_MODELS
-from .config import load_site_config
-from .profile import check_run_profile
+from .site_context import SiteContext
 
 
 def requested_model(request: Mapping[str, Any]) -> ModelConfig:
@@ -72,19 +70,24 @@ def check_model(site_name: str, declared: ModelConfig, requested: ModelConfig) -
                           "model, change model in its site YAML and run tba-fed preflight")
 
 
-def admitted_model(node_config: Mapping[str, Any], request: Mapping[str, Any]) -> ModelConfig:
+def admitted_model(site: SiteContext, request: Mapping[str, Any]) -> ModelConfig:
     """The model this site serves `request` with, once it has checked the request's profile and model; raises
     a TBAInputError naming ``profile`` or ``model`` otherwise. Loads no weights and reads no image."""
-    if "site-config" in node_config:
-        site = load_site_config(Path(str(node_config["site-config"])))
-        check_run_profile(site.name, site.profile, request)
-        requested = requested_model(request)
-        if site.model is None:
-            return requested
-        check_model(site.name, site.model, requested)
-        return site.model
-    if "partition-id" not in node_config:
-        raise TBAInputError("node-config", "neither site-config nor partition-id is set",
-                            "start the SuperNode with --node-config 'site-config=\"/path/site.yaml\"'")
-    check_run_profile(f"site-{node_config['partition-id']}", "development", request)  # simulated sites
-    return requested_model(request)
+    check_run_profile(site.name, site.profile, request)
+    requested = requested_model(request)
+    declared = site.config.model if site.config is not None else None  # simulated sites serve the run's model
+    if declared is None:
+        return requested
+    check_model(site.name, declared, requested)
+    return declared
+
+
+def check_run_profile(site_name: str, site_profile: str, config: Mapping[str, Any]) -> None:
+    """A site serves only runs of its own profile: a production site never answers a development run
+    (whose server made no production checks), and a run that does not name its profile is refused. The
+    refusal quotes the request and the site's profile only, so it reaches the server as it is."""
+    requested = config.get("profile")
+    if requested != site_profile:
+        raise SiteRefusal("profile", f"{site_name} runs in the {site_profile} profile and refuses a run whose profile "
+                                     f"is {requested!r}",
+                          f"run it with profile: {site_profile} in the run YAML")

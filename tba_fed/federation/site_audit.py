@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +32,19 @@ from ..audit import AuditLog
 from ..errors import SiteRefusal, TBAInputError
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.policy import RELEASES, PrivacyRequest, spec_hash
-from .config import SITE_AUDIT_FILE, load_federated_config, load_site_config
+from .envelope import HEAD_KEY
 from .failures import failure_reply
 from .secure_aggregation import Compute, Scalar
 from .records import content_sha256, from_record, received_schema, to_record
-from .site import run_spec, simulated_site
+from .site import run_spec
+from .site_context import SiteContext
 from .wire import payload_sha256
 
 _logger = logging.getLogger(__name__)
 
 Handler = Callable[[Message, Context], Message]
-HEAD_KEY = "audit-head"  # the reply's meta field carrying the site's audit head
+SiteHandler = Callable[[Message, Context, SiteContext], Message]  # a handler given the site resolved for the message
+SiteCompute = Callable[[dict[str, Scalar], Context, SiteContext], tuple[Mapping[str, np.ndarray], Mapping[str, float]]]
 SECURE_ROUND = "statistics (secure aggregation)"
 
 
@@ -54,28 +56,6 @@ class SiteError(TBAInputError):
         field = err.field if isinstance(err, TBAInputError) else "site"
         super().__init__(field, f"{site} could not serve this request ({type(err).__name__}); the reason is in the "
                                 "site's own log", "its operator reads it with tba-fed audit show")
-
-
-@dataclass(frozen=True)
-class SiteFiles:
-    """Where a site keeps its records, known without reading any data (a refusal is logged too)."""
-
-    name: str
-    audit: Path
-    ledger: Path | None
-
-
-def site_files(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteFiles:
-    """Deployment: from the site's YAML; simulation: the simulated site's folder beside the run's output."""
-    if "site-config" in node_config:
-        config = load_site_config(Path(str(node_config["site-config"])))
-        return SiteFiles(config.name, config.audit_log, config.privacy.ledger)
-    if "partition-id" not in node_config:
-        raise TBAInputError("node-config", "neither site-config nor partition-id is set: no audit log to record in",
-                            "start the SuperNode with --node-config 'site-config=\"/path/site.yaml\"'")
-    name, output, policy = simulated_site(load_federated_config(Path(str(run_config["config-path"]))),
-                                          int(node_config["partition-id"]))
-    return SiteFiles(name, output / SITE_AUDIT_FILE, policy.ledger)
 
 
 def spec_sha256(config: Mapping[str, Any], release: str) -> str:
@@ -104,20 +84,22 @@ def release_record(ledger: Path | None, run_id: str, release: str) -> dict[str, 
     return {"mechanism": "exact"}
 
 
-def _served(context: Context, round_name: str, request: Callable[[], dict[str, Any]], serve: Callable[[], Any],
-            sent: Callable[[Any], RecordDict]) -> tuple[Any, str]:
-    """Run `serve` under the audit log: refuse if the log does not verify, record the outcome either way.
-    A failure leaves the site as itself only if it is a `SiteRefusal`, else as a `SiteError`; neither with
-    a chained cause, which a simulation's traceback would show the server."""
-    site = "this site"
+def _served(context: Context, round_name: str, request: Callable[[], dict[str, Any]],
+            serve: Callable[[SiteContext], Any], sent: Callable[[Any], RecordDict]) -> tuple[Any, str]:
+    """Run `serve` under the audit log, with the site resolved once for the message: refuse if the log does not
+    verify, record the outcome either way. A failure leaves the site as itself only if it is a `SiteRefusal`,
+    else as a `SiteError`; neither with a chained cause, which a simulation's traceback would show the server.
+    What leaves carries the site's name (``site``, None if it could not be read) for its failure reply."""
+    site, name = "this site", None
     try:
-        files = site_files(context.node_config, context.run_config)
-        site = files.name
-        log = AuditLog(files.audit)
+        site_context = SiteContext(context.node_config, context.run_config)
+        audit = site_context.audit  # reads the site's YAML (a simulated site: the run's)
+        site = name = site_context.name
+        log = AuditLog(audit)
         log.verified()
-        event = {"role": "site", "site": files.name, **request()}
+        event = {"role": "site", "site": name, **request()}
         try:
-            result = serve()
+            result = serve(site_context)
         except Exception as err:
             log.append({**event, "status": "refused" if isinstance(err, TBAInputError) else "error",
                         "error": f"{type(err).__name__}: {err}"})
@@ -126,7 +108,7 @@ def _served(context: Context, round_name: str, request: Callable[[], dict[str, A
         outcome: dict[str, Any] = {"status": "ok", "sent_sha256": content_sha256(content),
                                    "sent": sent_schema(content)}
         if event["release"] in RELEASES:
-            outcome["grant"] = release_record(files.ledger, event["run_id"], event["release"])
+            outcome["grant"] = release_record(site_context.ledger, event["run_id"], event["release"])
         return result, log.append({**event, **outcome})
     except Exception as err:
         leaving = err if isinstance(err, SiteRefusal) else SiteError(site, err)
@@ -134,6 +116,7 @@ def _served(context: Context, round_name: str, request: Callable[[], dict[str, A
                         "refused" if isinstance(err, TBAInputError) else "could not serve", round_name,
                         context.run_id, f"{type(err).__name__}: {err}",
                         "gets this text" if leaving is err else f"gets only its field, {leaving.field}")
+        leaving.site = name
         raise leaving from None
 
 
@@ -148,21 +131,20 @@ def _request(run_id: Any, round_name: str, release: str, message_type: str, conf
             "spec_sha256": spec_sha256(config, release), "request_sha256": content_sha256(content), "received": received}
 
 
-def audited(release: str) -> Callable[[Handler], Handler]:
-    """Decorate a ClientApp handler so every request it serves or refuses is chained into the site's log,
-    and its reply carries the new head in ``meta``."""
-    def decorate(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        def serve(msg: Message, context: Context) -> Message:
-            def request() -> dict[str, Any]:
-                config = dict(msg.content.config_records.get("config", ConfigRecord()).items())  # none: logged as an error
-                return _request(msg.metadata.run_id, release, release, msg.metadata.message_type, config, msg.content)
+def audited(release: str, handler: SiteHandler) -> Handler:
+    """A ClientApp handler that serves `release` requests with `handler`, every request it serves or refuses
+    chained into the site's log, its reply carrying the new head in ``meta``."""
+    @functools.wraps(handler)
+    def serve(msg: Message, context: Context) -> Message:
+        def request() -> dict[str, Any]:
+            config = dict(msg.content.config_records.get("config", ConfigRecord()).items())  # none: logged as an error
+            return _request(msg.metadata.run_id, release, release, msg.metadata.message_type, config, msg.content)
 
-            reply, head = _served(context, release, request, lambda: handler(msg, context), lambda reply: reply.content)
-            reply.content.config_records["meta"][HEAD_KEY] = head
-            return reply
-        return serve
-    return decorate
+        reply, head = _served(context, release, request, lambda site: handler(msg, context, site),
+                              lambda reply: reply.content)
+        reply.content.config_records["meta"][HEAD_KEY] = head
+        return reply
+    return serve
 
 
 def failures_as_replies(msg: Message, context: Context, call_next: Handler) -> Message:
@@ -171,13 +153,10 @@ def failures_as_replies(msg: Message, context: Context, call_next: Handler) -> M
     try:
         return call_next(msg, context)
     except (SiteRefusal, SiteError) as err:
-        site = None
-        with contextlib.suppress(TBAInputError, OSError):  # the site YAML itself may be why it failed
-            site = site_files(context.node_config, context.run_config).name
-        return failure_reply(msg, err, site)
+        return failure_reply(msg, err, getattr(err, "site", None))
 
 
-def audited_secure(compute: Compute) -> Compute:
+def audited_secure(compute: SiteCompute) -> Compute:
     """The same record for the secure-aggregation statistics round: the request is the config the site
     received, what it sent is the payload before SecAgg+ masked it (no head travels back: FitRes metrics
     would reach the server unmasked, and the next round's reply anchors this entry anyway)."""
@@ -186,7 +165,7 @@ def audited_secure(compute: Compute) -> Compute:
         result, _ = _served(context, SECURE_ROUND,
                             lambda: _request(context.run_id, SECURE_ROUND, "statistics", "train", config,
                                              RecordDict({"config": ConfigRecord(config)})),
-                            lambda: compute(config, context),
+                            lambda site: compute(config, context, site),
                             lambda result: RecordDict({"statistics": to_record(result[0])}))
         return result
     return serve

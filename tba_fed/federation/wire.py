@@ -11,6 +11,8 @@ import base64
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,114 +42,147 @@ def unpack_symmetric(packed: np.ndarray, field: str) -> np.ndarray:
     return full + np.triu(full, 1).T
 
 
-SCALARS = ("sum_yy", "tokens", "images")
+@dataclass(frozen=True)
+class Field:
+    """One array of a statistics type: the accumulator's name for it and its shape in the type's sizes."""
+
+    name: str
+    shape: tuple[str, ...] = ()  # sizes by name ("dim", "blocks", "classes"); () is a scalar
+    symmetric: bool = False  # a Gram matrix: travels as its upper triangle, named ``<name>_triu``
+    count: bool = False  # tokens or images: a non-negative integer, an int in the accumulator
+
+    @property
+    def key(self) -> str:
+        return self.name + "_triu" if self.symmetric else self.name
+
+    def wire_shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        if self.symmetric:
+            n = sizes[self.shape[0]]
+            return (n * (n + 1) // 2,)
+        return tuple(sizes[s] for s in self.shape) or (1,)  # Flower's Array drops 0-d shapes
 
 
-def _vectors(arrays: Mapping[str, np.ndarray]) -> Arrays:
-    return {k: np.atleast_1d(v) for k, v in arrays.items()}
+@dataclass(frozen=True)
+class Schema:
+    """One statistics type as it travels, the single list of its fields: it encodes, gives the shapes a reply
+    must have (and a SecAgg+ sum is read back with), and checks and unpacks a reply, once.
+
+    A payload holds one group of the fields per prefix (``calibration/1-3/``, ``original/``; ``""`` for one)."""
+
+    kind: str  # what a refusal names: "statistics", "probe", ...
+    fields: tuple[Field, ...]
+
+    def shapes(self, prefixes: Iterable[str], **sizes: int) -> dict[str, tuple[int, ...]]:
+        return {prefix + f.key: f.wire_shape(sizes) for prefix in prefixes for f in self.fields}
+
+    def encode(self, groups: Mapping[str, Mapping[str, np.ndarray]]) -> Arrays:
+        """``{prefix: accumulator.to_arrays()}`` -> the flat payload."""
+        out: Arrays = {}
+        for prefix, arrays in groups.items():
+            for f in self.fields:
+                value = np.asarray(arrays[f.name])
+                out[prefix + f.key] = pack_symmetric(value) if f.symmetric else np.atleast_1d(value)
+        return out
+
+    def decode(self, arrays: Mapping[str, np.ndarray], prefixes: Iterable[str], **sizes: int) -> dict[str, dict[str, Any]]:
+        """Check every array as it travelled (keys, shapes, float64, finite, magnitude, counts), then give each
+        group's fields as the accumulator holds them: float64 tensors, full Gram matrices, int counts."""
+        prefixes = list(prefixes)
+        check_arrays(arrays, self.shapes(prefixes, **sizes), self.kind)
+        out = {}
+        for prefix in prefixes:
+            check_counts(arrays, [prefix + f.key for f in self.fields if f.count], self.kind)
+            group: dict[str, Any] = {}
+            for f in self.fields:
+                value = np.asarray(arrays[prefix + f.key])
+                if f.count:
+                    group[f.name] = int(value.item())
+                    continue
+                if f.symmetric:
+                    value = unpack_symmetric(value, prefix + f.key)
+                elif not f.shape:
+                    value = value.reshape(())
+                group[f.name] = torch.from_numpy(np.array(value, dtype=np.float64))
+            out[prefix] = group
+        return out
 
 
-def _scalars(arrays: Mapping[str, np.ndarray]) -> Arrays:
-    """Undo the 1-element encoding of the known scalar fields; other shapes are left to validation."""
-    out = dict(arrays)
-    for key in SCALARS:
-        if key in out and np.shape(out[key]) == (1,):
-            out[key] = np.asarray(out[key]).reshape(())
-    return out
+TOKENS, IMAGES = Field("tokens", count=True), Field("images", count=True)
+SIMILARITY = Schema("similarity", (Field("sq_dist", ("blocks", "blocks")), Field("cos_sum", ("blocks", "blocks")),
+                                   Field("angle_sum", ("blocks", "blocks")), Field("sq_norm", ("blocks",)), TOKENS, IMAGES))
+SPAN = Schema("statistics", (Field("gram", ("dim", "dim"), symmetric=True), Field("cross", ("dim", "dim")),
+                             Field("sum_x", ("dim",)), Field("sum_y", ("dim",)), Field("sum_yy"), TOKENS, IMAGES))
+PRIVATE_SPAN = Schema("statistics", (Field("gram", ("dim", "dim"), symmetric=True), Field("cross_residual", ("dim", "dim")),
+                                     Field("sum_x", ("dim",)), Field("sum_r", ("dim",)), Field("sum_rr"), Field("weight")))
+PROBE = Schema("probe", (Field("gram", ("dim", "dim"), symmetric=True), Field("cross", ("dim", "classes")),
+                         Field("sum_f", ("dim",)), Field("class_counts", ("classes",)), TOKENS, IMAGES))
+HEADS = Schema("heads", (Field("weight", ("classes", "dim")), Field("bias", ("classes",))))
+
+
+def _span_prefixes(spans: Iterable[Span]) -> list[str]:
+    return [f"{split}/{span.key}/" for split in SPLITS for span in spans]
 
 
 def encode_similarity(stats: SimilarityStats) -> Arrays:
-    return _vectors(stats.to_arrays())
-
-
-def similarity_shapes(num_blocks: int) -> dict[str, tuple[int, ...]]:
-    square = (num_blocks, num_blocks)
-    return {"sq_dist": square, "cos_sum": square, "angle_sum": square, "sq_norm": (num_blocks,), "tokens": (1,),
-            "images": (1,)}
+    return SIMILARITY.encode({"": stats.to_arrays()})
 
 
 def decode_similarity(arrays: Mapping[str, np.ndarray], num_blocks: int) -> SimilarityStats:
-    """Check every array as it travelled (keys, shapes for `num_blocks`, float64, finite, counts), then rebuild."""
-    check_arrays(arrays, similarity_shapes(num_blocks), "similarity")
-    check_counts(arrays, ("tokens", "images"), "similarity")
-    return SimilarityStats.from_arrays(_scalars(arrays))
+    return SimilarityStats(**SIMILARITY.decode(arrays, [""], blocks=num_blocks)[""])
 
 
 def encode_spans(per_split: Mapping[str, Mapping[Span, SpanStats | ClippedSpanSums]]) -> Arrays:
-    """``{split}/{s}-{e}/{name}``; the Gram matrix as ``gram_triu``. Exact sums (`SpanStats`) and
-    private releases (weighted residual-form `ClippedSpanSums`) travel alike."""
-    out: Arrays = {}
-    for split, stats in per_split.items():
-        for span, acc in stats.items():
-            for name, value in _vectors(acc.to_arrays()).items():
-                key = f"{split}/{span.key}/{name}"
-                if name == "gram":
-                    out[key + "_triu"] = pack_symmetric(value)
-                else:
-                    out[key] = value
-    return out
+    """``{split}/{s}-{e}/{name}``: exact sums (`SpanStats`) or a private release (weighted residual-form
+    `ClippedSpanSums`), each by its schema."""
+    groups = {f"{split}/{span.key}/": acc for split, stats in per_split.items() for span, acc in stats.items()}
+    schema = PRIVATE_SPAN if any(isinstance(acc, ClippedSpanSums) for acc in groups.values()) else SPAN
+    return schema.encode({prefix: acc.to_arrays() for prefix, acc in groups.items()})
 
 
-SPAN_FIELDS = ("gram_triu", "cross", "sum_x", "sum_y", "sum_yy", "tokens", "images")
-
-
-def span_shapes(spans: Iterable[Span], dim: int) -> dict[str, tuple[int, ...]]:
-    shapes = {"gram_triu": (dim * (dim + 1) // 2,), "cross": (dim, dim), "sum_x": (dim,), "sum_y": (dim,),
-              "sum_yy": (1,), "tokens": (1,), "images": (1,)}
-    return {f"{split}/{span.key}/{name}": shapes[name] for split in SPLITS for span in spans for name in SPAN_FIELDS}
+def private_span_shapes(spans: Iterable[Span], dim: int) -> dict[str, tuple[int, ...]]:
+    """What a private statistics release holds (the shapes a SecAgg+ sum of it is read back with)."""
+    return PRIVATE_SPAN.shapes(_span_prefixes(spans), dim=dim)
 
 
 def decode_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int, *,
                  psd_tolerance: float | None = 1e-9) -> dict[str, dict[Span, SpanStats]]:
-    """Rebuild and check every span's statistics: keys, shapes, dtypes, finiteness, counts, Gram PSD."""
+    """Exact span sums, checked by their schema and each Gram for positive semi-definiteness."""
     spans = list(spans)
-    check_arrays(arrays, span_shapes(spans, dim), "statistics")
+    groups = SPAN.decode(arrays, _span_prefixes(spans), dim=dim)
     out: dict[str, dict[Span, SpanStats]] = {split: {} for split in SPLITS}
     for split in SPLITS:
         for span in spans:
             prefix = f"{split}/{span.key}/"
-            check_counts(arrays, (prefix + "tokens", prefix + "images"), "statistics")
-            fields = {name: np.asarray(arrays[prefix + name]) for name in SPAN_FIELDS[1:]}
-            gram = unpack_symmetric(np.asarray(arrays[prefix + "gram_triu"]), prefix + "gram_triu")
-            acc = SpanStats.from_arrays(_scalars({"gram": gram, **fields}))
+            acc = SpanStats(**groups[prefix])
             check_psd(acc.gram, f"statistics.{prefix}gram_triu", psd_tolerance)
             out[split][span] = acc
     return out
+
+
+def decode_private_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int
+                         ) -> dict[str, dict[Span, ClippedSpanSums]]:
+    """A private release, checked by its schema (noise makes the Gram indefinite and the weight fractional, so
+    neither PSD nor integrality is checked here)."""
+    spans = list(spans)
+    groups = PRIVATE_SPAN.decode(arrays, _span_prefixes(spans), dim=dim)
+    return {split: {span: ClippedSpanSums(**groups[f"{split}/{span.key}/"]) for span in spans} for split in SPLITS}
 
 
 MODELS = ("original", "compressed")
 
 
 def encode_probe(per_model: Mapping[str, ProbeStats]) -> Arrays:
-    """``{model}/{name}``; the feature Gram as ``gram_triu``."""
-    out: Arrays = {}
-    for which, stats in per_model.items():
-        for name, value in _vectors(stats.to_arrays()).items():
-            out[f"{which}/{name}_triu" if name == "gram" else f"{which}/{name}"] = \
-                pack_symmetric(value) if name == "gram" else value
-    return out
-
-
-PROBE_FIELDS = ("gram_triu", "cross", "sum_f", "class_counts", "tokens", "images")
-
-
-def probe_shapes(dim: int, num_classes: int) -> dict[str, tuple[int, ...]]:
-    shapes = {"gram_triu": (dim * (dim + 1) // 2,), "cross": (dim, num_classes), "sum_f": (dim,),
-              "class_counts": (num_classes,), "tokens": (1,), "images": (1,)}
-    return {f"{which}/{name}": shapes[name] for which in MODELS for name in PROBE_FIELDS}
+    return PROBE.encode({f"{which}/": stats.to_arrays() for which, stats in per_model.items()})
 
 
 def decode_probe(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int, *,
                  psd_tolerance: float | None = 1e-9) -> dict[str, ProbeStats]:
-    """Rebuild and check both models' probe sums. ``psd_tolerance=None`` marks a private (noisy) release:
-    its Gram may be indefinite and its class counts fractional, so neither is checked."""
-    check_arrays(arrays, probe_shapes(dim, num_classes), "probe")
+    """Both models' probe sums, checked by their schema. ``psd_tolerance=None`` marks a private (noisy)
+    release: its Gram may be indefinite and its class counts fractional, so neither is checked."""
+    groups = PROBE.decode(arrays, [f"{which}/" for which in MODELS], dim=dim, classes=num_classes)
     out = {}
     for which in MODELS:
-        check_counts(arrays, (f"{which}/tokens", f"{which}/images"), "probe")
-        fields = {n: np.asarray(arrays[f"{which}/{n}"]) for n in PROBE_FIELDS[1:]}
-        gram = unpack_symmetric(np.asarray(arrays[f"{which}/gram_triu"]), f"{which}/gram_triu")
-        stats = ProbeStats.from_arrays(_scalars({"gram": gram, **fields}))
+        stats = ProbeStats(**groups[f"{which}/"])
         check_psd(stats.gram, f"probe.{which}/gram_triu", psd_tolerance)
         counts = stats.class_counts.numpy()
         if psd_tolerance is not None and (counts.min(initial=0) < 0 or not np.array_equal(counts, np.round(counts))
@@ -159,14 +194,25 @@ def decode_probe(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int, *
 
 
 def encode_heads(heads: Mapping[str, ProbeHead]) -> Arrays:
-    return {f"{which}/{name}": getattr(head, name).numpy() for which, head in heads.items() for name in ("weight", "bias")}
+    return HEADS.encode({f"{which}/": {"weight": head.weight.numpy(), "bias": head.bias.numpy()}
+                         for which, head in heads.items()})
 
 
 def decode_heads(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int) -> dict[str, ProbeHead]:
-    check_arrays(arrays, {f"{which}/{name}": shape for which in MODELS
-                          for name, shape in (("weight", (num_classes, dim)), ("bias", (num_classes,)))}, "heads")
-    return {which: ProbeHead(torch.from_numpy(np.array(arrays[f"{which}/weight"])),
-                             torch.from_numpy(np.array(arrays[f"{which}/bias"]))) for which in MODELS}
+    groups = HEADS.decode(arrays, [f"{which}/" for which in MODELS], dim=dim, classes=num_classes)
+    return {which: ProbeHead(groups[f"{which}/"]["weight"], groups[f"{which}/"]["bias"]) for which in MODELS}
+
+
+ACCURACY = ("original_correct", "compressed_correct", "total")
+
+
+def decode_accuracy(record: Mapping[str, Any]) -> dict[str, int]:
+    """A site's correct counts (a metric record): integers with 0 <= correct <= total."""
+    counts = {k: record[k] for k in ACCURACY}
+    if any(not isinstance(v, int) or v < 0 for v in counts.values()) or \
+            max(counts["original_correct"], counts["compressed_correct"]) > counts["total"]:
+        raise TBAInputError("accuracy", f"counts must be integers with 0 <= correct <= total, got {counts}")
+    return counts
 
 
 def check_psd(gram: torch.Tensor, field: str, tolerance: float | None) -> None:
@@ -202,33 +248,6 @@ def payload_sha256(arrays: Mapping[str, np.ndarray]) -> str:
             digest.update(len(part).to_bytes(8, "little"))
             digest.update(part)
     return digest.hexdigest()
-
-
-PRIVATE_SPAN_FIELDS = ("gram_triu", "cross_residual", "sum_x", "sum_r", "sum_rr", "weight")
-
-
-def private_span_shapes(spans: Iterable[Span], dim: int) -> dict[str, tuple[int, ...]]:
-    shapes = {"gram_triu": (dim * (dim + 1) // 2,), "cross_residual": (dim, dim), "sum_x": (dim,), "sum_r": (dim,),
-              "sum_rr": (1,), "weight": (1,)}
-    return {f"{split}/{span.key}/{name}": shape for split in SPLITS for span in spans for name, shape in shapes.items()}
-
-
-def decode_private_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int
-                         ) -> dict[str, dict[Span, ClippedSpanSums]]:
-    """Rebuild and check a private release: keys, shapes, float64, finiteness (noise makes the Gram
-    indefinite and the weight fractional, so neither PSD nor integrality is checked here)."""
-    spans = list(spans)
-    check_arrays(arrays, private_span_shapes(spans, dim), "statistics")
-    out: dict[str, dict[Span, ClippedSpanSums]] = {split: {} for split in SPLITS}
-    for split in SPLITS:
-        for span in spans:
-            p = f"{split}/{span.key}/"
-            t = {name: torch.from_numpy(np.array(arrays[p + name])) for name in PRIVATE_SPAN_FIELDS}
-            out[split][span] = ClippedSpanSums(
-                gram=torch.from_numpy(unpack_symmetric(np.asarray(arrays[p + "gram_triu"]), p + "gram_triu")),
-                cross_residual=t["cross_residual"], sum_x=t["sum_x"], sum_r=t["sum_r"],
-                sum_rr=t["sum_rr"].reshape(()), weight=t["weight"].reshape(()))
-    return out
 
 
 def encode_priors(maps: Mapping[Span, LinearMap]) -> str:

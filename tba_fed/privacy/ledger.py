@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, ClassVar, Final, Literal
@@ -30,6 +27,7 @@ from typing import Annotated, ClassVar, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config import load_json
+from ..fileio import atomic_write, file_lock
 from ..errors import SiteRefusal, TBAInputError
 from .accounting import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER, epsilon_spent, replace_one_epsilon
 
@@ -91,16 +89,8 @@ class PrivacyLedger:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(self.path.with_name(self.path.name + ".lock"), "w")  # noqa: SIM115 - closed below
-        except OSError as err:
-            raise unwritable(self.path, err) from None
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.path.with_name(self.path.name + ".lock"), lambda err: unwritable(self.path, err))
 
     def entries(self) -> list[LedgerEntry]:
         """Every recorded release, each entry validated; an unreadable or invalid ledger is refused."""
@@ -187,25 +177,8 @@ class PrivacyLedger:
 
     def _write(self, entries: list[LedgerEntry]) -> None:
         text = json.dumps({"format": FORMAT, "entries": [asdict(e) for e in entries]}, indent=2) + "\n"
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        except OSError as err:
-            raise unwritable(self.path, err) from None
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        atomic_write(self.path, lambda tmp: tmp.write_text(text), durable=True,
+                     unwritable=lambda err: unwritable(self.path, err))
 
 
 def unwritable(path: Path, err: OSError) -> TBAInputError:

@@ -10,17 +10,14 @@ A stored payload that is missing or altered is an error, never a reason to re-no
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import TBAInputError
+from ..fileio import atomic_write, file_lock
 from .ledger import unwritable
 
 Arrays = dict[str, np.ndarray]
@@ -34,35 +31,16 @@ class ReleaseStore:
         run = hashlib.sha256(run_id.encode()).hexdigest()[:16]  # run ids are Flower's integers, or any text
         return self.folder / f"run-{run}.{release}.npz"
 
-    @contextlib.contextmanager
-    def locked(self, run_id: str, release: str) -> Iterator[None]:
+    def locked(self, run_id: str, release: str) -> contextlib.AbstractContextManager[None]:
         """Serialise one release across processes: a duplicate waits, then finds the stored payload."""
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            lock = open(self.path(run_id, release).with_suffix(".lock"), "w")  # noqa: SIM115 - closed below
-        except OSError as err:
-            raise unwritable(self.folder, err) from None
-        with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+        return file_lock(self.path(run_id, release).with_suffix(".lock"), lambda err: unwritable(self.folder, err))
 
     def save(self, run_id: str, release: str, arrays: Arrays) -> str:
         """Store the payload (temporary file, fsync, rename); return the sha256 of the stored bytes."""
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         data = buffer.getvalue()
-        target = self.path(run_id, release)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.path(run_id, release), lambda tmp: tmp.write_bytes(data), durable=True)
         return hashlib.sha256(data).hexdigest()
 
     def load(self, run_id: str, release: str, sha256: str) -> Arrays:

@@ -20,11 +20,11 @@ import datetime as dt
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import load_json
+from ..fileio import atomic_write
 from ..errors import TBAInputError
 from ..selection import KEY_BYTES, check_key
 from .ledger import PrivacyLedger
@@ -47,21 +47,6 @@ class SiteState:
     ledger: Path
 
 
-def _write_private(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to a new file atomically (temporary file, fsync, rename) readable only as `mode` says."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def initialise(folder: Path, site: str, ledger: Path) -> SiteState:
     """Create the state directory: a fresh split key, the ledger (empty unless one exists) and the marker.
 
@@ -75,11 +60,13 @@ def initialise(folder: Path, site: str, ledger: Path) -> SiteState:
                             "ledger (the old ledger's budget is then no longer counted: a governance decision)")
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_private(folder / KEY_FILE, os.urandom(KEY_BYTES).hex().encode() + b"\n", 0o600)
+        key = os.urandom(KEY_BYTES).hex().encode() + b"\n"
+        atomic_write(folder / KEY_FILE, lambda tmp: tmp.write_bytes(key), mode=0o600, durable=True)
         adopted = PrivacyLedger(ledger).initialise()
         marker = {"format": FORMAT, "site": site, "ledger": str(ledger),
                   "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        _write_private(folder / MARKER, (json.dumps(marker, indent=2) + "\n").encode(), 0o644)
+        atomic_write(folder / MARKER, lambda tmp: tmp.write_text(json.dumps(marker, indent=2) + "\n"), mode=0o644,
+                     durable=True)
     except OSError as err:
         raise TBAInputError("state", f"{folder} cannot be written ({err.strerror or err})",
                             "set state to a directory this site's user can create and write") from None

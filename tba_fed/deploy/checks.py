@@ -20,7 +20,7 @@ import httpx
 from ..errors import TBAInputError
 from ..fileio import writable_location
 from . import certificates as certs
-from .config import SuperLinkConfig
+from ..federation.config import SuperLinkConfig
 from .flower_control import SuperLinkAPIError, accepts_unregistered_nodes, database_node_ids, registered_nodes
 
 Status = Literal["OK", "PROBLEM", "NOTE"]

@@ -18,10 +18,10 @@ from pathlib import Path
 from ..errors import TBAInputError, TBARunError
 from ..privacy.site_state import open_state
 from .certificates import describe_os_error, key_bytes, load_auth_public_key, tls_context, tls_handshake
-from .config import FederatedRunConfig, SiteConfig
+from ..federation.config import FederatedRunConfig, SiteConfig, TLSFiles
 from .flower_control import SuperLinkAPIError, register_node, registered_nodes
 from .profile import require_site, require_run
-from .simulate import executable, flower_env, stop_process
+from .processes import executable, flower_env, stop_process, superlink_args
 
 _logger = logging.getLogger(__name__)
 
@@ -32,20 +32,12 @@ class LaunchError(TBARunError):
 
 def superlink_command(config: FederatedRunConfig) -> list[str]:
     """flower-superlink's arguments for this run YAML (its profile's requirements checked first)."""
-    sl = require_run(config)
-    args = [executable("flower-superlink"), "--host", sl.host, "--port", str(sl.port),
-            "--disable-runtime-dependency-installation"]
-    if sl.certificates is None:
-        args.append("--insecure")  # development only: require_run refuses this in production
-    else:
-        args += ["--ssl-certfile", str(sl.certificates.certfile.resolve()),
-                 "--ssl-keyfile", str(sl.certificates.keyfile.resolve()),
-                 "--ssl-ca-certfile", str(sl.certificates.ca_certfile.resolve())]
-    if sl.node_auth:
-        args.append("--enable-supernode-auth")
-    if sl.database is not None:
-        args += ["--database", str(sl.database.resolve())]
-    return args
+    sl = require_run(config)  # development only can have no certificates (--insecure)
+    tls = None if sl.certificates is None else TLSFiles(certfile=sl.certificates.certfile.resolve(),
+                                                        keyfile=sl.certificates.keyfile.resolve(),
+                                                        ca_certfile=sl.certificates.ca_certfile.resolve())
+    return superlink_args(host=sl.host, port=sl.port, certificates=tls, node_auth=sl.node_auth,
+                          database=sl.database.resolve() if sl.database is not None else None)
 
 
 def supernode_command(site: SiteConfig, site_yaml: Path) -> list[str]:

@@ -9,12 +9,10 @@ settings exist only here. Nothing falls back from one profile to the other.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
 
-from ..errors import SiteRefusal, TBAInputError
+from ..errors import TBAInputError
 from .checks import live_superlink_checks, problems
-from .config import ConnectionConfig, FederatedRunConfig, SiteConfig, SuperLinkConfig
+from ..federation.config import ConnectionConfig, FederatedRunConfig, SiteConfig, SuperLinkConfig
 
 OR_DEVELOPMENT = "or set profile: development for a simulation or a local test"
 
@@ -118,14 +116,3 @@ def verify_superlink(config: FederatedRunConfig) -> list[str]:
         first = found[0]
         raise TBAInputError(first.field, f"production run refused: {first.message}", first.fix)
     return [check.line() for check in checks]
-
-
-def check_run_profile(site_name: str, site_profile: str, config: Mapping[str, Any]) -> None:
-    """A site serves only runs of its own profile: a production site never answers a development run
-    (whose server made no production checks), and a run that does not name its profile is refused. The
-    refusal quotes the request and the site's profile only, so it reaches the server as it is."""
-    requested = config.get("profile")
-    if requested != site_profile:
-        raise SiteRefusal("profile", f"{site_name} runs in the {site_profile} profile and refuses a run whose profile "
-                                     f"is {requested!r}",
-                          f"run it with profile: {site_profile} in the run YAML")

@@ -20,7 +20,7 @@ from ..privacy.ledger import PrivacyLedger
 from ..privacy.site_state import open_state
 from . import checks as c
 from .checks import Check, note, ok, problem
-from .config import FederatedRunConfig, SiteConfig
+from ..federation.config import FederatedRunConfig, SiteConfig
 from .profile import run_errors, site_errors
 
 _logger = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def data_check(site: SiteConfig, model) -> Check:
     """Build the site's dataset as a run would, select its images with the site's own key, read every selected
     one. Without a usable state (reported by the privacy check) every image is read instead."""
     from ..data import build_dataset, calibration_split
-    from .site import site_key
+    from ..federation.site import site_key
 
     try:
         dataset = build_dataset(site.data, model)

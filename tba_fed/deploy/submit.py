@@ -32,10 +32,10 @@ import tomli_w
 from ..errors import TBAInputError, TBARunError
 from ..fileio import check_output_dir
 from .certificates import load_certificate
-from .config import load_federated_config
+from ..federation.config import load_federated_config
 from .flower_connection import check_name, connection_entry, ensure_connection, flower_config_path, updated_config
 from .profile import require_run
-from .simulate import app_directory, executable, flower_env, stop_process, without_tracebacks
+from .processes import app_directory, executable, flower_env, stop_process, without_tracebacks
 
 _logger = logging.getLogger(__name__)
 

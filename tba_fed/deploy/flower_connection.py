@@ -25,7 +25,7 @@ import tomli_w
 
 from ..errors import TBAInputError
 from ..fileio import atomic_write_text
-from .config import SuperLinkConfig
+from ..federation.config import SuperLinkConfig
 
 _logger = logging.getLogger(__name__)
 
