@@ -33,12 +33,12 @@ from ..privacy.clipped import to_span_stats
 from ..privacy.policy import PrivacyRequest
 from ..privacy.postprocess import adassp_ridge, psd_projection
 from ..privacy.mechanism import NoiseSource
+from ..privacy.public_prior import public_norms, public_prior_maps, public_span_bounds
 from ..privacy.release import noisy_spans
 from ..privacy.sensitivity import probe_parts, span_parts
 from ..privacy.solve import compare_priors, private_inputs
 from ..probe import solve_probe
 from ..public_images import public_loader
-from ..public_prior import public_norms, public_prior_maps, public_span_bounds
 from ..report import compression_dict, compression_markdown, write_similarity
 from ..solver import LinearMap
 from ..stats import SpanStats
