@@ -34,6 +34,8 @@ from tba_fed.solver import solve_span
 
 from conftest import TINY
 
+pytestmark = pytest.mark.slow  # Flower's simulation engine (flower-superlink --simulation, Ray)
+
 
 def _config(tmp_path, num_sites: int, scheme: str) -> dict:
     return {
