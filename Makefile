@@ -1,13 +1,21 @@
 # The two commands a new user needs (see README): `make demo` and `make test`.
+# Developers: `make test-fast` (lint, then every test that starts no Flower process and loads no real model).
 VENV ?= .venv
 export TBA_FED_VENV := $(VENV)
 
-.PHONY: setup demo test
+.PHONY: setup demo lint test test-fast
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(VENV)/bin/tba-fed demo
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(VENV)/bin/python -m pytest -q
+
+test-fast: lint
+	$(VENV)/bin/python -m pytest -q -m "not slow"

@@ -37,13 +37,13 @@ from tba_fed.models import create_model
 from tba_fed.plan import Span, parse_plan
 from tba_fed.privacy.accounting import noise_multiplier
 from tba_fed.privacy.mechanism import NoiseSource
+from tba_fed.privacy.public_prior import public_prior_maps, public_span_bounds
 from tba_fed.privacy.release import noisy_spans
 from tba_fed.privacy.clipped import ClippedSpanSums, SpanBounds
 from tba_fed.privacy.sensitivity import span_parts
 from tba_fed.privacy.solve import private_inputs
 from tba_fed.probe import ProbeStats, solve_probe
 from tba_fed.public_images import public_loader
-from tba_fed.public_prior import public_prior_maps, public_span_bounds
 from tba_fed.solver import LinearMap, fit_quality, solve_span
 from tba_fed.stats import SpanStats
 

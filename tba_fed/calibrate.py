@@ -8,7 +8,7 @@ left out of its sums and counts (`stats.finite_images`); the site's log counts t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -16,9 +16,6 @@ from tqdm.auto import tqdm
 from .adapter import ViTAdapter
 from .errors import TBAInputError
 from .plan import Span
-from .privacy.clipped import ClippedSpanSums, SpanBounds
-from .privacy.sensitivity import clip_images
-from .solver import LinearMap
 from .stats import SimilarityStats, SpanStats, finite_images
 
 _logger = logging.getLogger(__name__)
@@ -46,14 +43,14 @@ def _end_of_pass(desc: str, left_out: int, kept: int) -> None:
 
 
 def collect_similarity(adapter: ViTAdapter, batches: Iterable, *, token_mode: str = "all",
-                       device: str | torch.device = "cpu", clip: Sequence[float] | None = None) -> SimilarityStats:
+                       device: str | torch.device = "cpu",
+                       transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> SimilarityStats:
     """One pass over all blocks: pairwise similarity sums of every block pair.
 
-    `clip[b]` bounds each image's token matrix at block b (Frobenius) before it is summed.
+    `transform(b, tokens)` may rewrite block b's tokens [images, tokens, dim] before they are summed: a private
+    release bounds each image's contribution that way (`privacy.passes`), so this pass knows nothing of privacy.
     """
     adapter.check_token_mode(token_mode)
-    if clip is not None and len(clip) != adapter.num_blocks:
-        raise TBAInputError("privacy.clip", f"{len(clip)} clipping bounds for {adapter.num_blocks} blocks")
     stats = SimilarityStats.zeros(adapter.num_blocks)
     left_out = 0
     adapter.model.to(device)
@@ -62,15 +59,15 @@ def collect_similarity(adapter: ViTAdapter, batches: Iterable, *, token_mode: st
             outputs, dropped = finite_images([adapter.image_tokens(x, token_mode) for x in
                                               adapter.iter_block_outputs(images, adapter.num_blocks - 1)])
             left_out += dropped
-            if clip is not None:
-                outputs = [clip_images(x, bound)[0] for x, bound in zip(outputs, clip)]
+            if transform is not None:
+                outputs = [transform(block, x) for block, x in enumerate(outputs)]
             stats.update([x.reshape(-1, x.shape[-1]) for x in outputs], images=outputs[0].shape[0])
     _end_of_pass("similarity", left_out, stats.images)
     return stats
 
 
-def _span_outputs(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], token_mode: str,
-                  device: str | torch.device) -> Iterator[dict[int, torch.Tensor]]:
+def span_outputs(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], token_mode: str,
+                 device: str | torch.device) -> Iterator[dict[int, torch.Tensor]]:
     """Per batch, the selected tokens per image [images, tokens, dim] of every block a span reads,
     without the images that have a non-finite value in any of them; the forward stops after the last
     of them. Callers hold the inference mode."""
@@ -94,20 +91,9 @@ def collect_span_stats(adapter: ViTAdapter, batches: Iterable, spans: Sequence[S
     """One pass up to the last needed block: G, C and sums for every span at once."""
     stats = {span: SpanStats.zeros(adapter.embed_dim) for span in spans}
     with torch.inference_mode():
-        for kept in _span_outputs(adapter, batches, spans, token_mode, device):
+        for kept in span_outputs(adapter, batches, spans, token_mode, device):
             for span, acc in stats.items():
                 x, y = kept[span.start], kept[span.end]
                 acc.update(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), images=x.shape[0])
     return stats
 
-
-def collect_clipped_span_sums(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str,
-                              bounds: Mapping[Span, SpanBounds], priors: Mapping[Span, LinearMap],
-                              device: str | torch.device = "cpu") -> dict[Span, ClippedSpanSums]:
-    """The same pass for a private release: weighted residual-form sums of every span (`privacy.clipped`)."""
-    sums = {span: ClippedSpanSums.zeros(adapter.embed_dim) for span in spans}
-    with torch.inference_mode():
-        for kept in _span_outputs(adapter, batches, spans, token_mode, device):
-            for span, acc in sums.items():
-                acc.update(kept[span.start].cpu(), kept[span.end].cpu(), priors[span], bounds[span])
-    return sums

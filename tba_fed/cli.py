@@ -1,4 +1,7 @@
-"""The ``tba-fed`` command: analyze block similarity, compress a model, run the demo."""
+"""The ``tba-fed`` command: analyze block similarity, compress a model, run the demo.
+
+Each command imports what it needs when it runs, so ``tba-fed --help`` loads neither torch nor Flower.
+"""
 
 from __future__ import annotations
 
@@ -15,25 +18,22 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
 from . import __version__
-from .checkpoint import save_compressed
-from .config import SHA256_HEX, RunConfig, check_device, load_config, load_yaml, merge_overrides, yaml_error_text
-from .data import build_dataset, calibration_split, make_loader
 from .errors import TBAInputError, TBARunError, one_line
-from .fileio import atomic_directory, cache_dir, check_output_dir
-from .models import create_model
-from .pipeline import analyze, calibrate, choose_plan
-from .report import similarity_markdown, write_similarity
-from .selection import development_key
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 _logger = logging.getLogger("tba_fed")
 
 
 def _key_value(text: str) -> tuple[str, Any]:
+    from .config import load_yaml, yaml_error_text
+
     key, equals, value = text.partition("=")
     if not equals or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -45,6 +45,8 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 def _sha256_hex(text: str) -> str:
     """An audit head as printed after a run: 64 lowercase hex digits (a typo is refused, not reported missing)."""
+    from .config import SHA256_HEX
+
     if not re.fullmatch(SHA256_HEX, text):
         raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a head (64 hex digits, as printed after a run)")
     return text
@@ -105,6 +107,8 @@ def _add_compress_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    from .config import RunConfig, load_config
+
     overrides = {k: v for k, v in vars(args).items() if "." in k or k in RunConfig.model_fields}
     if args.data in ("synthetic", "fashion_mnist"):
         overrides["data.source"] = args.data
@@ -117,6 +121,10 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _prepare(config: RunConfig):
+    from .data import build_dataset, calibration_split, make_loader
+    from .models import create_model
+    from .selection import development_key
+
     model = create_model(config.model)
     dataset = build_dataset(config.data, model)
     calibration, holdout = calibration_split(dataset, config.data, development_key(config.data.seed))
@@ -125,6 +133,11 @@ def _prepare(config: RunConfig):
 
 
 def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
+    from .config import check_device
+    from .fileio import atomic_directory, check_output_dir
+    from .pipeline import analyze
+    from .report import similarity_markdown, write_similarity
+
     check_device(config.device)  # before any work, not after it
     check_output_dir(config.output, kind="similarity", overwrite=config.overwrite)
     model, calibration, _ = _prepare(config)
@@ -136,6 +149,11 @@ def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
 
 
 def run_compress(config: RunConfig) -> Path:
+    from .checkpoint import save_compressed
+    from .config import check_device
+    from .fileio import check_output_dir
+    from .pipeline import analyze, calibrate, choose_plan
+
     if config.plan is None and config.budget is None:  # before any work, not after it
         raise TBAInputError("plan", "give a plan or a budget", 'e.g. --plan "1->2" or --budget-blocks 2')
     check_device(config.device)
@@ -160,8 +178,10 @@ def run_compress(config: RunConfig) -> Path:
 def run_demo(output: Path, tracebacks: bool) -> None:
     """Both halves of the mission on the embedded defaults: a federated run, then a short Table 1. Both output
     directories (in `output`, beside whatever else it holds) are checked before either half starts."""
+    from .config import load_yaml, merge_overrides
     from .experiment import ExperimentConfig, check_experiment, run_experiment
     from .deploy.simulate import simulate
+    from .fileio import check_output_dir
 
     resources = importlib.resources.files("tba_fed").joinpath("configs")
     federated = load_yaml(resources.joinpath("demo-federated.yaml").read_text())
@@ -453,6 +473,8 @@ def _error(err: Exception, code: int) -> int:
 def _crash_report(err: BaseException, argv: list[str]) -> Path | None:
     """Write an unanticipated error's traceback to a new file in the cache (else the temporary directory), so the
     user sees one line and can still send the whole; None if neither can be written."""
+    from .fileio import cache_dir
+
     text = (f"tba-fed {__version__}, {datetime.now(timezone.utc).isoformat()}\ncommand: {shlex.join(['tba-fed', *argv])}\n\n"
             + "".join(traceback.format_exception(err)))
     for folder in (cache_dir() / "crashes", Path(tempfile.gettempdir())):

@@ -9,7 +9,7 @@ head are labelled "closed-form ridge probe".)
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import TBAInputError
-from .privacy.sensitivity import clip_images
 from .stats import SpanStats, _Accumulator, _as_float64, finite_images, vector_length
 from .solver import solve_span
 
@@ -101,11 +100,13 @@ def solve_probe(stats: ProbeStats, *, ridge: float = 1e-6) -> ProbeHead:
 
 
 def collect_probe_stats(model: nn.Module, batches: Iterable, num_classes: int, *,
-                        device: str | torch.device = "cpu", clip: float | None = None) -> ProbeStats:
+                        device: str | torch.device = "cpu",
+                        transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ProbeStats:
     """Stream labelled batches through the frozen model and sum the probe statistics.
 
-    `clip` bounds each image's feature vector (L2) before it is summed, for private releases. Images
-    with a non-finite feature are left out (`stats.finite_images`) and counted in the log.
+    `transform(features)` may rewrite the features [images, dim] before they are summed: a private release
+    bounds each image's feature vector that way (`privacy.passes`). Images with a non-finite feature are
+    left out (`stats.finite_images`) and counted in the log.
     """
     stats: ProbeStats | None = None
     left_out = 0
@@ -116,8 +117,8 @@ def collect_probe_stats(model: nn.Module, batches: Iterable, num_classes: int, *
             (feats, labels), dropped = finite_images([features(model, images.to(device=device, dtype=dtype)),
                                                       torch.as_tensor(labels)])
             left_out += dropped
-            if clip is not None:
-                feats, _ = clip_images(feats, clip)
+            if transform is not None:
+                feats = transform(feats)
             if stats is None:
                 stats = ProbeStats.zeros(feats.shape[1], num_classes)
             stats.update(feats, labels)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -16,6 +19,32 @@ FAMILIES = {
     "dinov2_reg": ModelConfig(name="vit_small_patch14_reg4_dinov2",
                               kwargs={**TINY, "img_size": 28, "patch_size": 7, "init_values": 0.5}),
 }
+
+
+FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr", "flwr-simulation")
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_guard(request, monkeypatch):
+    """A test not marked slow (`make test-fast`) must neither start a Flower process nor load the real model: it
+    fails here, naming what it started."""
+    if request.node.get_closest_marker("slow"):
+        return
+    import tba_fed.dinov2_imgfocus as offline
+
+    popen = subprocess.Popen.__init__
+
+    def refuse_flower(self, args, *rest, **kwargs):
+        program = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else args).split()[0])
+        if program in FLOWER_PROCESSES:
+            pytest.fail(f"{request.node.nodeid} starts {program}: mark it @pytest.mark.slow")
+        popen(self, args, *rest, **kwargs)
+
+    def refuse_real_model(*args, **kwargs):
+        pytest.fail(f"{request.node.nodeid} loads the real DINOv2-S: mark it @pytest.mark.slow")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse_flower)
+    monkeypatch.setattr(offline, "load_dinov2_imgfocus", refuse_real_model)
 
 
 @pytest.fixture(scope="session")

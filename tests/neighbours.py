@@ -161,7 +161,7 @@ def reference_bounds(model: torch.nn.Module) -> Bounds:
     from torch.utils.data import DataLoader
 
     from tba_fed.data import ArrayImages, data_config
-    from tba_fed.public_prior import public_norms, public_span_bounds
+    from tba_fed.privacy.public_prior import public_norms, public_span_bounds
 
     reference = ordinary(64, seed=99)
     loader = DataLoader(ArrayImages(reference.pixels, reference.labels, data_config(model)), batch_size=16)

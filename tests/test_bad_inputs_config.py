@@ -36,8 +36,9 @@ Numbering runs across the three parts (part 2: test_bad_inputs_data.py, part 3: 
 | 27 | ``simulate`` with a config that does not exist               | config (no process started)            |
 
 Also covered elsewhere and not counted here: unknown top-level/section keys (test_config.py,
-test_cli.py), min_sites > num_sites and a site YAML without a ledger (test_config.py), plan spans out
-of range, overlapping or reversed, unknown model and non-ViT model through the CLI (test_cli.py).
+test_cli.py), min_sites > num_sites and a site YAML without a ledger (test_config.py), plan spans
+overlapping or reversed and a non-ViT model through the CLI (test_cli.py), plan spans out of range and an
+unknown model through the CLI (test_bad_inputs_cli.py).
 """
 
 from __future__ import annotations

@@ -32,9 +32,8 @@ that do not answer the request they are taken for.
 |    | checkpoint, sha256 other or dropped, seed of a random init          |                                          |
 | 63 | model text in a request: not JSON, unknown key, empty name, bad pin | model, model.NAME, model.sha256          |
 
-Also covered elsewhere: single examples of 42-48 for exact and private span replies
-(test_federation_wire.py), faulty sites excluded from a run (test_server_rounds.py), 62 through the
-ClientApp with its audit log, ledger and output (test_site_model.py).
+Also covered elsewhere: faulty sites excluded from a run (test_server_rounds.py), 62 through the ClientApp
+with its audit log, ledger and output (test_site_model.py).
 """
 
 from __future__ import annotations

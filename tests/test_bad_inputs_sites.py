@@ -115,6 +115,7 @@ def _failed_site(tmp_path: Path) -> str:
     return failed[0]
 
 
+@pytest.mark.slow  # tba-fed simulate: Flower's simulation engine
 def test_301_a_simulated_sites_unreadable_image_is_reported_by_site_name_in_one_line(tmp_path):
     """On c272bf5 the report named the site node-<Flower id> and its reason was a Ray traceback of the site's
     exception with colour codes and the image's full path."""
@@ -136,6 +137,7 @@ def test_301_a_simulated_sites_unreadable_image_is_reported_by_site_name_in_one_
     assert len(table) == 2 and all(line.count("|") == 8 for line in table)
 
 
+@pytest.mark.slow  # tba-fed simulate: Flower's simulation engine
 def test_302_a_round_short_of_min_sites_ends_with_one_line_naming_the_sites_and_reasons(tmp_path):
     """On c272bf5: "the federated run failed (flwr exit code 0): no new report in ...; see the log above", after
     Ray's and the ServerApp's tracebacks."""

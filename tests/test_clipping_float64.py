@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 
 from tba_fed import ViTAdapter
-from tba_fed.calibrate import collect_similarity
 from tba_fed.data import SyntheticImages
+from tba_fed.privacy.passes import collect_clipped_probe_stats, collect_clipped_similarity
 from tba_fed.privacy.sensitivity import clip_images
-from tba_fed.probe import collect_probe_stats
 
 TOLERANCE = 1 + 1e-12  # float64 rounding only
 
@@ -42,7 +41,7 @@ def test_one_image_contributes_within_the_similarity_bounds(tiny_vit):
     clip = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
     tokens = adapter.tokens_per_image("all")
     for image in _crafted(12):
-        alone = collect_similarity(adapter, [image], clip=clip)  # the pass over one image is its contribution
+        alone = collect_clipped_similarity(adapter, [image], clip)  # the pass over one image is its contribution
         assert alone.images == 1
         for b, c_b in enumerate(clip):
             assert float(alone.sq_norm[b]) <= c_b**2 * TOLERANCE, b
@@ -55,7 +54,7 @@ def test_one_image_contributes_within_the_similarity_bounds(tiny_vit):
 def test_one_image_contributes_within_the_probe_bound(tiny_vit):
     c = 0.5
     for image in _crafted(12):
-        alone = collect_probe_stats(tiny_vit, [(image, torch.tensor([2]))], 10, clip=c)
+        alone = collect_clipped_probe_stats(tiny_vit, [(image, torch.tensor([2]))], 10, c)
         assert float(alone.sum_f.norm()) <= c * TOLERANCE
         assert float(torch.linalg.norm(alone.gram)) <= c * c * TOLERANCE
         assert float(alone.cross.norm()) <= c * TOLERANCE

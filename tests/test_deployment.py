@@ -25,6 +25,8 @@ from tba_fed.privacy.ledger import PrivacyLedger
 from cluster import MODEL, SITES, Cluster, assert_maps_equal, run_id, wait_for_line
 from conftest import TINY
 
+pytestmark = pytest.mark.slow  # a real SuperLink and SuperNodes with TLS on loopback
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):

@@ -20,6 +20,8 @@ import onnxruntime  # noqa: E402,F401
 
 from tba_fed import dinov2_imgfocus as d  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the real DINOv2-S weights and onnxruntime
+
 
 @pytest.fixture(scope="module")
 def weights() -> Path:

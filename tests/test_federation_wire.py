@@ -43,22 +43,6 @@ def test_sites_sums_equal_centralised_solution(tiny_vit):
     assert fed[SPANS[0]].holdout is not None
 
 
-@pytest.mark.parametrize("corrupt,match", [
-    (lambda a: a.pop("calibration/0-2/cross"), "missing keys"),
-    (lambda a: a.__setitem__("extra", np.zeros(1)), "unexpected keys"),
-    (lambda a: a.__setitem__("calibration/0-2/cross", a["calibration/0-2/cross"].astype(np.float32)), "dtype"),
-    (lambda a: a.__setitem__("holdout/3-4/sum_x", np.full(48, np.inf)), "NaN or Inf"),
-    (lambda a: a.__setitem__("calibration/0-2/sum_x", np.zeros(47)), "shape"),
-    (lambda a: a.__setitem__("calibration/3-4/tokens", np.asarray([-3.0])), "non-negative integer"),
-    (lambda a: a.__setitem__("calibration/0-2/gram_triu", -a["calibration/0-2/gram_triu"]), "positive semi-definite"),
-])
-def test_bad_replies_are_rejected_with_the_field(tiny_vit, corrupt, match):
-    arrays = _site_arrays(tiny_vit, 1)
-    corrupt(arrays)
-    with pytest.raises(TBAInputError, match=match):
-        decode_spans(arrays, SPANS, 48)
-
-
 def _private_arrays(seed: int) -> dict:
     from tba_fed.privacy.clipped import ClippedSpanSums, SpanBounds
     from tba_fed.privacy.mechanism import NoiseSource
@@ -70,23 +54,14 @@ def _private_arrays(seed: int) -> dict:
     return encode_spans(noisy_spans(sums, span_parts(SPANS, dict.fromkeys(SPANS, bounds)), 2.0, NoiseSource(seed)))
 
 
-@pytest.mark.parametrize("corrupt,match", [
-    (lambda a: a.pop("calibration/0-2/cross_residual"), "missing"),
-    (lambda a: a.__setitem__("extra", np.zeros(1)), "unexpected"),
-    (lambda a: a.__setitem__("holdout/3-4/sum_r", a["holdout/3-4/sum_r"].astype(np.float32)), "holdout/3-4/sum_r: dtype"),
-    (lambda a: a.__setitem__("holdout/3-4/sum_x", np.full(48, np.nan)), "holdout/3-4/sum_x: contains NaN"),
-    (lambda a: a.__setitem__("calibration/0-2/weight", np.zeros(2)), "calibration/0-2/weight: shape"),
-])
-def test_bad_private_releases_are_rejected_with_the_field(corrupt, match):
+def test_a_private_release_decodes_as_released_an_indefinite_noisy_gram_included():
+    """Corrupted private releases are refused naming the key: test_bad_inputs_network.py (42-46, kind "private")."""
     from tba_fed.federation.wire import decode_private_spans
 
     arrays = _private_arrays(1)
     decoded = decode_private_spans(dict(arrays), SPANS, 48)  # a noisy, indefinite Gram is accepted as released
     assert torch.equal(decoded["calibration"][SPANS[0]].cross_residual,
                        torch.from_numpy(arrays["calibration/0-2/cross_residual"]))
-    corrupt(arrays)
-    with pytest.raises(TBAInputError, match=match):
-        decode_private_spans(arrays, SPANS, 48)
 
 
 def test_maps_round_trip_and_validation():

@@ -32,6 +32,8 @@ from tba_fed.privacy.site_state import initialise
 
 from cluster import BIN, MODEL, REPO, SITES, Cluster
 
+pytestmark = pytest.mark.slow  # a real SuperLink and SuperNodes on loopback
+
 ROGUE = ("mallory", "hospital-d")  # keys from another CA: mallory's never registered, hospital-d's registered
 
 

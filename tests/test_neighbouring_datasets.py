@@ -40,7 +40,9 @@ COUNT = 30  # images in D: each part (30% held out) is non-empty (the policy's m
 POSITIONS = {"first": 0, "middle": COUNT // 2, "last": COUNT}
 
 
-pytestmark = pytest.mark.usefixtures("server_identity")
+# The privacy audit is slow: every release kind through the real ClientApp for each neighbouring dataset
+# (52% of the time of the tests that start no Flower process, measured with --durations=0).
+pytestmark = [pytest.mark.usefixtures("server_identity"), pytest.mark.slow]
 
 
 def _releases(site: Path, bounds: nb.Bounds) -> dict[str, dict]:

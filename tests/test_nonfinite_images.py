@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from tba_fed import LinearMap, ViTAdapter
-from tba_fed.calibrate import collect_clipped_span_sums, collect_similarity, collect_span_stats
+from tba_fed.calibrate import collect_similarity, collect_span_stats
 from tba_fed.compressed import build_compressed
 from tba_fed.data import SyntheticImages
 from tba_fed.errors import TBAInputError
@@ -23,6 +23,7 @@ from tba_fed.federation.site import RunSpec, Site, accuracy_reply, probe_reply, 
 from tba_fed.plan import Span, parse_plan
 from tba_fed.privacy.clipped import SpanBounds
 from tba_fed.privacy.ledger import PrivacyLedger
+from tba_fed.privacy.passes import collect_clipped_span_sums
 from tba_fed.privacy.policy import RELEASES, PrivacyRequest, SitePolicy
 from tba_fed.probe import accuracy, collect_probe_stats, solve_probe
 

@@ -36,6 +36,8 @@ from tba_fed.deploy.processes import flower_env, free_port, stop_process
 
 from conftest import TINY
 
+pytestmark = pytest.mark.slow  # a real flower-superlink (module fixture)
+
 REPO = Path(__file__).resolve().parents[1]
 RENEW = "issue a new certificate (scripts/make-certificates.sh) and restart the SuperLink"
 REACH = "check the SuperLink runs (tba-fed superlink RUN.yaml), the address, the firewall and the CA"

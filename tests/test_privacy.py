@@ -17,7 +17,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from scipy import stats as scipy_stats
 
 from tba_fed import LinearMap, ViTAdapter, solve_span
-from tba_fed.calibrate import collect_clipped_span_sums, collect_span_stats
+from tba_fed.calibrate import collect_span_stats
 from tba_fed.data import SyntheticImages
 from tba_fed.federation.site import RunSpec, Site, statistics_reply
 from tba_fed.plan import Span, parse_plan
@@ -25,6 +25,7 @@ from tba_fed.privacy.accounting import RDP_ORDERS, epsilon_spent, noise_multipli
 from tba_fed.errors import TBAInputError
 from tba_fed.privacy.ledger import BudgetExceeded, LedgerEntry, PrivacyLedger, ledger_report, now
 from tba_fed.privacy.mechanism import NoiseSource
+from tba_fed.privacy.passes import collect_clipped_span_sums
 from tba_fed.privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy, check_request
 from tba_fed.privacy.postprocess import adassp_ridge, gram_noise_bound, psd_projection
 from tba_fed.privacy.clipped import ClippedSpanSums, SpanBounds, to_span_stats

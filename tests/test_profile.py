@@ -169,6 +169,7 @@ def test_production_site_refuses_a_development_run_and_reports_its_profile(tmp_p
                      {"profile": "production"})
 
 
+@pytest.mark.slow  # a real flower-superlink
 def test_production_server_refuses_a_superlink_without_node_auth(tmp_path):
     certs = tmp_path / "certs"
     subprocess.run(["bash", str(REPO / "scripts/make-certificates.sh"), str(certs), "127.0.0.1", "hospital-a"],

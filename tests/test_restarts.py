@@ -23,6 +23,8 @@ from tba_fed.privacy.ledger import PrivacyLedger
 
 from cluster import SITES, Cluster, alive, assert_maps_equal, descendants, run_id, wait_for_line, wait_gone
 
+pytestmark = pytest.mark.slow  # real SuperLink and SuperNode processes, restarted
+
 PLAN = "1->2, 3->5"
 ROUNDS = {"plan": PLAN, "federation": {"num_sites": 3, "min_sites": 3, "round_timeout": 120}}
 EXIT_SECONDS = 30  # Flower's parent-pid monitors poll every 0.2 s; exit handlers give up within seconds

@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # real SuperLink and SuperNode processes
+
 REPO = Path(__file__).resolve().parents[1]
 SPANS, DIM = 5, 64  # --quick: the fewest one-block spans whose reply is >= 0.5 MB at d=64
 

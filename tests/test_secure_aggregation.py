@@ -305,6 +305,7 @@ def test_bad_requests_fail_before_any_message(sites):
         secure_sum(grid, [1, 2, 3], {"secure-sum.shapes": "x"}, sites.BOUNDS, sites.SHAPES, timeout=1, min_sites=2)
 
 
+@pytest.mark.slow  # flower-superlink --simulation and flwr run
 def test_real_simulation(tmp_path, sites):
     """flower-superlink --simulation + flwr run: query round, secure sum, query round, refused secure sum."""
     app, home, out = tmp_path / "app", tmp_path / "home", tmp_path / "out"

@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 
 from tba_fed import ModelConfig, ViTAdapter, load_compressed, solve_plan
 from tba_fed.audit import check_chain
-from tba_fed.calibrate import collect_clipped_span_sums, collect_span_stats
+from tba_fed.calibrate import collect_span_stats
 from tba_fed.data import build_dataset, make_loader
 from tba_fed.federation.audit_check import cross_check
 from tba_fed.federation.config import load_federated_config
@@ -22,16 +22,19 @@ from tba_fed.federation.site_privacy import noise_source
 from tba_fed.models import create_model
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.ledger import PrivacyLedger
+from tba_fed.privacy.passes import collect_clipped_span_sums
 from tba_fed.privacy.policy import PrivacyRequest
+from tba_fed.privacy.public_prior import public_prior_maps
 from tba_fed.privacy.release import noisy_spans
 from tba_fed.privacy.sensitivity import span_parts
 from tba_fed.privacy.solve import private_inputs
 from tba_fed.probe import accuracy, collect_probe_stats, solve_probe
 from tba_fed.public_images import public_loader
-from tba_fed.public_prior import public_prior_maps
 from tba_fed.solver import solve_span
 
 from conftest import TINY
+
+pytestmark = pytest.mark.slow  # Flower's simulation engine (flower-superlink --simulation, Ray)
 
 
 def _config(tmp_path, num_sites: int, scheme: str) -> dict:

@@ -193,6 +193,7 @@ def test_development_without_tls_is_an_insecure_connection(tmp_path, certs, home
     assert sub.entry == {"address": "127.0.0.1:9092", "insecure": True}
 
 
+@pytest.mark.slow  # flwr run, a real Flower process
 def test_no_superlink_there_fails_with_exit_1_after_adding_the_connection(tmp_path, certs, home):
     sub = plan_submission(_run(tmp_path, certs, port=free_port()))
     out = io.StringIO()

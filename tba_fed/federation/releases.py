@@ -36,7 +36,7 @@ from ..privacy.sensitivity import probe_parts, span_parts
 from ..privacy.solve import private_inputs
 from ..probe import ProbeStats
 from ..public_images import public_loader
-from ..public_prior import public_norms, public_span_bounds
+from ..privacy.public_prior import public_norms, public_span_bounds
 from ..solver import LinearMap
 from ..stats import SpanStats
 from .config import FederatedRunConfig, PrivacyConfig

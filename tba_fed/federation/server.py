@@ -24,8 +24,8 @@ from ..errors import TBAInputError
 from ..fileio import check_output_dir
 from ..models import create_model
 from ..pipeline import Compression, choose_plan, solve_plan
+from ..privacy.public_prior import public_prior_maps
 from ..public_images import public_loader
-from ..public_prior import public_prior_maps
 from ..report import compression_dict
 from ..solver import LinearMap
 from .config import FederatedRunConfig, fixed_plan

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..adapter import ViTAdapter
-from ..calibrate import collect_clipped_span_sums, collect_similarity, collect_span_stats
+from ..calibrate import collect_similarity, collect_span_stats
 from ..checkpoint import MAPS_FILE, manifest, write_compressed
 from ..compressed import build_compressed
 from ..config import DataConfig, ModelConfig
@@ -28,6 +28,7 @@ from ..partition import partition
 from ..plan import Plan, Span, parse_plan
 from ..privacy.policy import RELEASES, PolicyRefusal, PrivacyRequest, SecureRound, SitePolicy, check_request
 from ..privacy.clipped import ClippedSpanSums
+from ..privacy.passes import collect_clipped_probe_stats, collect_clipped_similarity, collect_clipped_span_sums
 from ..privacy.ranges import clamp, statistics_ranges
 from ..privacy.release import noisy_counts, noisy_probe, noisy_similarity, noisy_spans
 from ..privacy.sensitivity import accuracy_parts, probe_parts, similarity_parts, span_parts
@@ -183,8 +184,9 @@ def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec
         if release.stored is not None:
             return release.stored
         grant = release.grant
-        stats = collect_similarity(adapter, site.calibration, token_mode=token_mode, device=site.device,
-                                   clip=None if grant is None else request.clip_blocks)
+        stats = (collect_similarity(adapter, site.calibration, token_mode=token_mode, device=site.device)
+                 if grant is None else collect_clipped_similarity(adapter, site.calibration, request.clip_blocks,
+                                                                  token_mode=token_mode, device=site.device))
         _logger.info("%s: similarity sums over %d images", site.name, stats.images)
         if grant is not None:
             stats = noisy_similarity(stats, parts, grant.site_sigma, grant.noise, tokens)
@@ -265,10 +267,10 @@ def probe_reply(model: nn.Module, compressed: nn.Module, site: Site, num_classes
         if release.stored is not None:
             return release.stored
         grant = release.grant
-        clip = None if grant is None else request.clip_features
-        stats = {"original": collect_probe_stats(model, site.calibration, num_classes, device=site.device, clip=clip),
-                 "compressed": collect_probe_stats(compressed, site.calibration, num_classes, device=site.device,
-                                                   clip=clip)}
+        stats = {name: (collect_probe_stats(m, site.calibration, num_classes, device=site.device) if grant is None else
+                        collect_clipped_probe_stats(m, site.calibration, num_classes, request.clip_features,
+                                                    device=site.device))
+                 for name, m in (("original", model), ("compressed", compressed))}
         if grant is not None:
             stats = noisy_probe(stats, parts, grant.site_sigma, grant.noise)
         return release.keep(encode_probe(stats))

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapter import ViTAdapter
-from .calibrate import collect_span_stats
-from .plan import Span
-from .privacy.clipped import STATISTICS, SpanBounds, image_norms, residual
-from .probe import features
-from .solver import LinearMap, solve_span
+from ..adapter import ViTAdapter
+from ..calibrate import collect_span_stats
+from ..plan import Span
+from ..probe import features
+from ..solver import LinearMap, solve_span
+from .clipped import STATISTICS, SpanBounds, image_norms, residual
 
 _logger = logging.getLogger(__name__)
 PRIOR_RIDGE = 1e-6  # public data: only numerical regularisation

@@ -1,0 +1,51 @@
+"""The engine's streaming passes for a private release: each image's contribution bounded before it is summed.
+
+The engine (`calibrate`, `probe`) knows nothing of privacy: its passes take a hook that rewrites a batch before
+it is summed, and this module supplies the clipping (`sensitivity.clip_images`) and the weighted residual-form
+span sums (`clipped`). The dependency runs one way, privacy/ → engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..adapter import ViTAdapter
+from ..calibrate import collect_similarity, span_outputs
+from ..errors import TBAInputError
+from ..plan import Span
+from ..probe import ProbeStats, collect_probe_stats
+from ..solver import LinearMap
+from ..stats import SimilarityStats
+from .clipped import ClippedSpanSums, SpanBounds
+from .sensitivity import clip_images
+
+
+def collect_clipped_similarity(adapter: ViTAdapter, batches: Iterable, clip: Sequence[float], *,
+                               token_mode: str = "all", device: str | torch.device = "cpu") -> SimilarityStats:
+    """Similarity sums with each image's token matrix at block b clipped to `clip[b]` (Frobenius)."""
+    if len(clip) != adapter.num_blocks:
+        raise TBAInputError("privacy.clip", f"{len(clip)} clipping bounds for {adapter.num_blocks} blocks")
+    return collect_similarity(adapter, batches, token_mode=token_mode, device=device,
+                              transform=lambda block, tokens: clip_images(tokens, clip[block])[0])
+
+
+def collect_clipped_probe_stats(model: nn.Module, batches: Iterable, num_classes: int, clip: float, *,
+                                device: str | torch.device = "cpu") -> ProbeStats:
+    """Probe sums with each image's feature vector clipped to `clip` (L2)."""
+    return collect_probe_stats(model, batches, num_classes, device=device,
+                               transform=lambda features: clip_images(features, clip)[0])
+
+
+def collect_clipped_span_sums(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str,
+                              bounds: Mapping[Span, SpanBounds], priors: Mapping[Span, LinearMap],
+                              device: str | torch.device = "cpu") -> dict[Span, ClippedSpanSums]:
+    """The span pass for a private release: weighted residual-form sums of every span (`clipped`)."""
+    sums = {span: ClippedSpanSums.zeros(adapter.embed_dim) for span in spans}
+    with torch.inference_mode():
+        for kept in span_outputs(adapter, batches, spans, token_mode, device):
+            for span, acc in sums.items():
+                acc.update(kept[span.start].cpu(), kept[span.end].cpu(), priors[span], bounds[span])
+    return sums
