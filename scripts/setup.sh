@@ -10,8 +10,14 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
   python=$(command -v python3.11 || command -v python3)
   [[ -x "$VENV/bin/python" ]] || "$python" -m venv "$VENV"
-  # torch/torchvision pairs that import together on the CPU (PyPI's torchvision does not import beside
-  # every torch build); pip on Python 3.11 takes the x86_64 pair from local disk where it lies there.
+  # torch/torchvision are pinned as pairs that import together on the CPU (PyPI's torchvision does not import
+  # beside every torch build; torchvision 0.29.1 requires torch>=2.14.0). Checked 2026-12-03, flwr 1.42.0:
+  # - x86_64: 2.14.1/0.29.1, the newest pair this machine's pip installs: both wheels lie on local disk for
+  #   Python 3.11 and pip is capped at them (/etc/xdg/pip/constraints.txt). PyPI now serves 2.15.0/0.29.2, which
+  #   pip here refuses under that cap and which would be another CUDA build downloaded (2.14.1 is one too:
+  #   4.4 GB of torch and nvidia libraries in the venv). The CPU-only torch 2.13.0 file on disk is not used:
+  #   this machine's notes say PyPI's torchvision does not import beside it ("torchvision::nms does not exist").
+  # - aarch64: 2.9.1/0.24.1, a CPU build from PyPI (not re-checked here: this machine is x86_64).
   case "$(uname -m)" in
     aarch64|arm64) torch_pins=(torch==2.9.1 torchvision==0.24.1) ;;
     *) torch_pins=(torch==2.14.1 torchvision==0.29.1) ;;
