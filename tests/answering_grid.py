@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.proto.node_pb2 import NodeInfo
+from tba_fed.federation.flower_internals import NodeInfo
 
 
 class AnsweringGrid:

@@ -11,14 +11,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.serde import message_from_proto, message_to_proto
 
 from answering_grid import AnsweringGrid
-
-
-def wire(msg: Message) -> Message:
-    """What the other side receives: the message serialised and parsed again (no shared objects)."""
-    return message_from_proto(message_to_proto(msg))
+from tba_fed.federation.flower_internals import wire_copy as wire  # the message as the other side receives it
 
 
 class ClientAppGrid(AnsweringGrid):

@@ -75,13 +75,13 @@ def stacked_rows(model: torch.nn.Module, batches: DataLoader, block: int, token_
 
 
 @pytest.fixture()
-def server_identity(monkeypatch):
+def server_identity():
     """Flower stamps outgoing messages with the ServerApp's run and task ids; outside a run there are
     none, so give the process the identity a ServerApp would have (internal API, test-only)."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from tba_fed.federation.flower_internals import serverapp_identity
 
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+    with serverapp_identity(run_id=1):
+        yield
 
 
 @pytest.fixture(scope="session")

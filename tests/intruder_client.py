@@ -13,30 +13,26 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
-from flwr.proto.fleet_pb2 import ActivateNodeRequest, PullMessagesRequest  # pylint: disable=E0611
-from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
-from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-from flwr.supernode.fleet_http_client import FleetHttpClient
-from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+from tba_fed.federation.flower_internals import (ActivateNodeRequest, FleetNode, PullMessagesRequest, fleet_client,
+                                                 public_key_to_bytes)
 
 
 def main(address: str, ca: str, own_private: str, presented_public: str, victim: int, stop: Path) -> int:
     private = load_ssh_private_key(Path(own_private).read_bytes(), None)
     public = load_ssh_public_key(Path(presented_public).read_bytes())
     key = public_key_to_bytes(public)  # type: ignore[arg-type]
-    calls: dict[str, Callable[[FleetHttpClient], object]] = {
+    calls: dict[str, Callable[[Any], object]] = {
         "ActivateNode": lambda c: c.ActivateNode(ActivateNodeRequest(public_key=key, heartbeat_interval=30.0)),
-        "PullMessages": lambda c: c.PullMessages(PullMessagesRequest(node=Node(node_id=victim))),
+        "PullMessages": lambda c: c.PullMessages(PullMessagesRequest(node=FleetNode(node_id=victim))),
     }
     seen: set[str] = set()
     accepted = 0
-    interceptors = [RuntimeVersionHttpInterceptor(component_name="SuperNode"),
-                    NodeAuthHttpInterceptor(private, public)]  # type: ignore[arg-type]
-    with FleetHttpClient.from_server_address(address, False, ca, interceptors) as client:
+    with fleet_client(address, Path(ca), private, public) as client:  # type: ignore[arg-type]
         while True:
             for name, call in calls.items():
                 try:

@@ -302,12 +302,12 @@ def test_spec_hash_is_the_ledgers_and_identifies_unparseable_requests():
 
 
 @pytest.fixture()
-def server_identity(monkeypatch):
+def server_identity():
     """Messages built outside a Flower run need the run and task ids a ServerApp would have (internal API)."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from tba_fed.federation.flower_internals import serverapp_identity
 
-    for name, value in (("_run_id", 77), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+    with serverapp_identity(run_id=77):
+        yield
 
 
 MODEL = json.dumps({"name": "vit_tiny_patch16_224", "kwargs": TINY})

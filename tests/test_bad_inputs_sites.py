@@ -40,7 +40,6 @@ import numpy as np
 import pytest
 import yaml
 from flwr.app import ConfigRecord, Error, Message, RecordDict
-from flwr.clientapp.client_app import ClientAppException
 from PIL import Image
 from ray.exceptions import RayTaskError
 
@@ -48,6 +47,7 @@ from clients import client_app
 from tba_fed.audit import check_chain
 from tba_fed.errors import FederationError, TBAInputError
 from tba_fed.federation.envelope import echo
+from tba_fed.federation.flower_internals import ClientAppException
 from tba_fed.federation.records import to_record
 from tba_fed.federation.rounds import RoundLog, exchange
 from tba_fed.federation.run_report import federation_markdown

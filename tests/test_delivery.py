@@ -12,12 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
-from flwr.common.constant import ErrorCode
-from flwr.supercore.run import RunNotRunningException
 
 from tba_fed.errors import FederationError
 from tba_fed.federation import delivery
 from tba_fed.federation.delivery import BoundedGrid, replies_as_they_arrive
+from tba_fed.federation.flower_internals import ErrorCode, RunNotRunningException
 
 from answering_grid import AnsweringGrid
 

@@ -22,6 +22,7 @@ import torch
 from clients.client_app import app
 from tba_fed.data import CIFAR10Images, SyntheticImages, build_dataset, calibration_split
 from tba_fed.federation.config import load_site_config
+from tba_fed.federation.flower_internals import serverapp_identity
 from tba_fed.federation.secure_aggregation import secure_sum
 from tba_fed.federation.site import site_key
 from tba_fed.federation.wire import private_span_shapes
@@ -129,19 +130,17 @@ def test_synthetic_data_too(tmp_path, audit_bounds, variant):
         _check(kind, before[kind], after[kind], audit_bounds)
 
 
-def test_with_the_sites_secret_key_the_same_holds(tmp_path, audit_bounds, monkeypatch):
+def test_with_the_sites_secret_key_the_same_holds(tmp_path, audit_bounds):
     """A deployed site keys its decisions with the secret from its state directory: D and D' are the same site
     (one state, one ledger), asked in two runs."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     base = nb.two_types(COUNT)
     initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")
     key = {"state": tmp_path / "state"}  # ledger: tmp_path / "ledger.json", shared
     before = _releases(_site(tmp_path / "D", "image_folder", base, **key), audit_bounds)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 2, raising=False)  # the second run of the same site
     neighbour, names = _neighbour(base, "middle", "calibration", "image_folder", site_key(load_site_config(
         tmp_path / "D" / "site.yaml")))
-    after = _releases(_site(tmp_path / "D2", "image_folder", neighbour, names, **key), audit_bounds)
+    with serverapp_identity(run_id=2):  # the second run of the same site
+        after = _releases(_site(tmp_path / "D2", "image_folder", neighbour, names, **key), audit_bounds)
     for kind in KINDS:
         _check(kind, before[kind], after[kind], audit_bounds)
 

@@ -92,10 +92,10 @@ def test_a_missing_or_repointed_ledger_stops_the_site_instead_of_resetting_its_b
         config["privacy"]["ledger"] = str(tmp_path / "fresh-ledger.json")
         path.write_text(yaml.safe_dump(config))
     capsys.readouterr()
-    from flwr.supercore.task_identity import TaskIdentity
+    from tba_fed.federation.flower_internals import serverapp_identity
 
-    TaskIdentity._run_id = 2  # a new run (the fixture restores it)
-    reply = grid.answer([_message("statistics", _request(audit_bounds, releases=("statistics",)))])[0]
+    with serverapp_identity(run_id=2):  # a new run
+        reply = grid.answer([_message("statistics", _request(audit_bounds, releases=("statistics",)))])[0]
     _refused(reply, "privacy.ledger")
     assert not (tmp_path / "fresh-ledger.json").exists() and not (tmp_path / "ledger.json").exists() or how == "re-pointed"
     assert main(["privacy", "report", str(path)]) == 2

@@ -143,15 +143,6 @@ def sites(tmp_path_factory):
     return module
 
 
-@pytest.fixture()
-def server_identity(monkeypatch):
-    """Messages built outside a run need the ServerApp's identity (internal API, test-only)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
-
-
 def _received_arrays(replies: list[Message]) -> list[np.ndarray]:
     """Every array in every reply: array records, and ndarrays serialised as bytes in config records (how
     SecAgg+ sends masked vectors); other bytes (public keys, ciphertexts) are not arrays."""

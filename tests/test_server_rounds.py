@@ -18,6 +18,7 @@ from tba_fed.audit import check_chain
 from tba_fed.calibrate import collect_span_stats
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.envelope import echo
+from tba_fed.federation.flower_internals import serverapp_identity
 from tba_fed.federation.records import from_record, to_record
 from tba_fed.errors import FederationError
 from tba_fed.federation.server import run_server
@@ -37,13 +38,11 @@ MODEL = ModelConfig(name="vit_tiny_patch16_224", kwargs=TINY)
 
 
 @pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
+def server_identity():
     """Flower stamps outgoing messages with the ServerApp's run and task ids; outside a run there are
     none, so give the process the identity a ServerApp would have (internal API, test-only)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+    with serverapp_identity(run_id=1):
+        yield
 
 
 def _corrupt(kind: str):

@@ -19,6 +19,7 @@ from tba_fed.cli import main
 from tba_fed.deploy.flower_connection import ensure_connection
 from tba_fed.deploy.processes import executable, free_port
 from tba_fed.deploy.submit import SubmitError, plan_submission, submit
+from tba_fed.federation.flower_internals import read_flower_connection
 
 from conftest import TINY
 
@@ -100,11 +101,9 @@ def test_connection_is_added_beside_every_other_entry_and_flower_reads_it(tmp_pa
     expected["superlink"]["hospitals"] = _entry(certs, 9200)
     assert tomli.loads((home / "config.toml").read_text()) == expected
     assert "#" not in (home / "config.toml").read_text()  # re-serialised as plain TOML
-    from flwr.cli.flower_config import read_superlink_connection  # the reader `flwr run hospitals` uses
-
-    conn = read_superlink_connection("hospitals")
+    conn = read_flower_connection("hospitals")  # with the reader `flwr run . hospitals` uses
     assert (conn.address, conn.root_certificates, conn.insecure) == ("127.0.0.1:9200", str(certs / "ca.crt"), False)
-    assert read_superlink_connection("lab").address == "lab.example.org:9093"
+    assert read_flower_connection("lab").address == "lab.example.org:9093"
 
 
 def test_a_missing_config_file_starts_from_flowers_default(tmp_path, certs, home):

@@ -17,9 +17,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
 
 from ..errors import TBAInputError
+from ..federation.flower_internals import public_key_to_bytes, uses_nist_ec_curve
 
 MAKE_CERTIFICATES = "scripts/make-certificates.sh"
 OPENSSH_PRIVATE = b"-----BEGIN OPENSSH PRIVATE KEY-----"

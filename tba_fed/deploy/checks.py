@@ -21,7 +21,8 @@ from ..errors import TBAInputError
 from ..fileio import writable_location
 from . import certificates as certs
 from ..federation.config import SuperLinkConfig
-from .flower_control import SuperLinkAPIError, accepts_unregistered_nodes, database_node_ids, registered_nodes
+from ..federation.flower_internals import database_node_ids
+from .flower_control import SuperLinkAPIError, accepts_unregistered_nodes, registered_nodes
 
 Status = Literal["OK", "PROBLEM", "NOTE"]
 RESTART = "start the SuperLink with tba-fed superlink RUN.yaml"

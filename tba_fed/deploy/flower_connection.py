@@ -1,6 +1,6 @@
 """The SuperLink as a named connection in Flower's own config file, derived from the run YAML.
 
-Flower 1.41 gives ``flwr run`` no way to name a SuperLink on the command line or in the environment:
+Flower (1.41, 1.42) gives ``flwr run`` no way to name a SuperLink on the command line or in the environment:
 its second argument is a connection *name*, looked up only in ``$FLWR_HOME/config.toml`` (default
 ``~/.flwr/config.toml``) as ``[superlink.NAME]`` (``flwr/cli/flower_config.py``,
 ``read_superlink_connection``); ``--federation`` names an account's federation and
@@ -26,18 +26,11 @@ import tomli_w
 from ..errors import TBAInputError
 from ..fileio import atomic_write_text
 from ..federation.config import SuperLinkConfig
+from ..federation.flower_internals import default_flower_config
 
 _logger = logging.getLogger(__name__)
 
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")  # a bare TOML key, which `flwr` accepts as a connection name
-
-
-def flower_config_path() -> Path:
-    """Flower's config.toml, found as ``flwr`` finds it (FLWR_HOME, else ~/.flwr)."""
-    from flwr.cli.constant import FLOWER_CONFIG_FILE
-    from flwr.supercore.utils import get_flwr_home
-
-    return get_flwr_home() / FLOWER_CONFIG_FILE
 
 
 def connection_entry(superlink: SuperLinkConfig) -> dict[str, Any]:
@@ -76,10 +69,8 @@ def _differences(existing: Any, entry: dict[str, Any]) -> list[str]:
 
 def _read(path: Path) -> dict[str, Any]:
     """The file's tables; Flower's default content if it does not exist yet (what `flwr` would create)."""
-    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
-
     try:
-        return tomli.loads(path.read_text()) if path.exists() else tomli.loads(DEFAULT_FLOWER_CONFIG_TOML)
+        return tomli.loads(path.read_text()) if path.exists() else tomli.loads(default_flower_config())
     except (OSError, UnicodeDecodeError) as err:
         raise TBAInputError("FLWR_HOME", f"cannot read {path} ({err})", "fix its permissions, or set FLWR_HOME to "
                                                                        "another directory") from None

@@ -33,7 +33,8 @@ from ..errors import TBAInputError, TBARunError
 from ..fileio import check_output_dir
 from .certificates import load_certificate
 from ..federation.config import load_federated_config
-from .flower_connection import check_name, connection_entry, ensure_connection, flower_config_path, updated_config
+from ..federation.flower_internals import flower_config_path
+from .flower_connection import check_name, connection_entry, ensure_connection, updated_config
 from .profile import require_run
 from .processes import app_directory, executable, flower_env, stop_process, without_tracebacks
 

@@ -30,10 +30,9 @@ from typing import Any
 
 import httpx
 from flwr.app import Message
-from flwr.common.constant import ErrorCode
-from flwr.supercore.run import RunNotRunningException
 
 from ..errors import FederationError
+from .flower_internals import ErrorCode, RunNotRunningException
 
 _logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import re
 from typing import Any
 
 from flwr.app import ConfigRecord, Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
 
 from ..errors import SiteRefusal, TBAInputError, one_line, strip_escapes
 from .envelope import echo
+from .flower_internals import ErrorCode
 
 FAILURE = "failure"
 STATUSES = ("refused", "error")

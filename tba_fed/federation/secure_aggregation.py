@@ -1,15 +1,15 @@
 """Secure aggregation: the server learns only the SUM over sites of named float64 arrays.
 
-Built on Flower 1.41's SecAgg+ (``flwr.server.workflow.SecAggPlusWorkflow`` with the client mod
+Built on Flower's SecAgg+ (``flwr.server.workflow.SecAggPlusWorkflow`` with the client mod
 ``flwr.client.mod.secaggplus_mod``), which exists only on Flower's legacy path: one fit round of
 ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` driven by a ``LegacyContext`` and a strategy.
 :func:`secure_sum` runs exactly that round on a given list of nodes and can be called from the same
 ServerApp that drives tba-fed's own Message rounds (``rounds.exchange``); the site side is one handler
 for the plain legacy ``"train"`` message type, registered with ``@app.train(mods=[secaggplus_mod])``
-(Flower 1.41's ClientApp decorators take per-handler mods, so tba-fed's ``query.*``/``train.install``
+(Flower's ClientApp decorators take per-handler mods, so tba-fed's ``query.*``/``train.install``
 handlers are untouched; secaggplus_mod also passes any message type other than ``"train"`` through).
 
-What SecAgg+ computes, read off flwr 1.41 (``secaggplus_mod._collect_masked_vectors`` and
+What SecAgg+ computes, read off flwr 1.41 and unchanged in 1.42 (``secaggplus_mod._collect_masked_vectors`` and
 ``SecAggPlusWorkflow.unmask_stage``): each site sends ``[q, quantize(x * q / Q)]`` masked, with
 ``q = round(num_examples / max_weight * Q)`` (Q = quantization_range); the server dequantises the masked
 sum and divides by ``sum(q) / Q``: a weighted average. Every site here reports ``num_examples = 1`` and
@@ -32,8 +32,8 @@ where the ``64 * eps`` term generously covers float64 rounding of scaling, quant
 
 Robustness: a site that fails or drops out at the masked-vector stage is left out of the sum (SecAgg+
 removes its pairwise masks); one lost at the unmask stage stays in it (the others' key shares suffice).
-Flower 1.41 cannot survive a dropout at the setup or share-keys stage
-(see ``_SecAggPlus``, which fixes that bookkeeping). ``timeout`` applies to each of the four stages.
+Flower's workflow cannot survive a dropout at the setup or share-keys stage
+(``flower_internals.SecAggPlusWorkflowFixed`` fixes that bookkeeping). ``timeout`` applies to each of the four stages.
 
 Privacy caveats (Flower's implementation, semi-honest server): masks come from ``numpy.random.RandomState``
 seeded with 32 bits folded from the shared secrets, and the FitRes metrics/num_examples travel in clear
@@ -54,22 +54,18 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
-from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
 from flwr.clientapp import ClientApp
 from flwr.common import (Code, EvaluateIns, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters,
                          parameters_to_ndarrays)
-from flwr.compat.common import recorddict_compat as compat
 from flwr.server import ClientManager, LegacyContext, ServerConfig
-from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
-from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 
 from ..errors import FederationError
 from ..privacy.policy import SecureRound
 from .failures import error_reason
+from .flower_internals import ClientProxy, SecAggPlusWorkflowFixed, fitins_from_content, fitres_content, secagg_round
 
 _logger = logging.getLogger(__name__)
 
@@ -163,25 +159,24 @@ def secure_round(context: Context) -> SecureRound:
     """What this site's own SecAgg+ state (kept by secaggplus_mod in the node's Context) shows of the round it is
     asked to contribute to: the sites whose public keys it received at set-up, and the reconstruction threshold,
     the fewest sites whose sum the server can unmask. Read at the masked-vector stage, before any image is."""
-    record = context.state.config_records.get(RECORD_KEY_STATE)
-    state = SecAggPlusState(**record) if record is not None else None
-    if state is None or not state.public_keys_dict or state.threshold < 1:
+    found = secagg_round(context)
+    if found is None:
         raise SecureSumRefused("no SecAgg+ set-up precedes this request: a secure sum is asked for outside a "
                                "SecAgg+ round")
-    return SecureRound(tuple(sorted(int(nid) for nid in state.public_keys_dict)), int(state.threshold))
+    return SecureRound(*found)
 
 
 def secure_fit(msg: Message, context: Context, compute: Compute) -> Message:
     """Answer SecAgg+'s collect-masked-vectors stage (the only stage secaggplus_mod passes on to the
     handler) with a legacy FitRes: the checked arrays divided by their bounds, in sorted key order,
     num_examples = 1 and no metrics (FitRes metrics would reach the server unmasked)."""
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    fitins = fitins_from_content(msg.content)
     config = {k: v for k, v in fitins.config.items() if not k.startswith(_RESERVED)}
     shapes, bounds = _spec(fitins.config)
     arrays, site_bounds = compute(config, context)
     scaled = scaled_for_secagg(arrays, site_bounds, shapes, bounds)
     fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(scaled), num_examples=1, metrics={})
-    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+    return Message(fitres_content(fitres), reply_to=msg)
 
 
 def register_secure_fit(app: ClientApp, compute: Compute) -> None:
@@ -231,30 +226,6 @@ class _ObservedGrid:
             if msg.metadata.dst_node_id not in answered:
                 self.problems.setdefault(msg.metadata.dst_node_id, f"no reply within {timeout} s")
         return replies
-
-
-class _SecAggPlus(SecAggPlusWorkflow):
-    """Flower 1.41's SecAggPlusWorkflow, with one bookkeeping fix: a site that drops out before its key shares
-    are distributed (setup or share-keys stage) stays in ``sampled_node_ids``, so the unmask stage calls it
-    dead and asks the others for its key share, which they never received (KeyError in
-    ``secaggplus_mod._unmask``: one silent site sinks the round). No site masks with such a site (masks are
-    built only with the sites whose shares arrived), so it is forgotten: removed from the sampled sites and
-    from every neighbourhood, and the threshold is rechecked on the sites that remain."""
-
-    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        return self._forget_dropped(super().setup_stage(grid, context, state), state)
-
-    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        return self._forget_dropped(super().share_keys_stage(grid, context, state), state)
-
-    def _forget_dropped(self, passed: bool, state: WorkflowState) -> bool:
-        if not state.nid_to_neighbours:  # the stage stopped before the protocol was set up
-            return passed
-        kept = set(state.active_node_ids)
-        state.sampled_node_ids = kept
-        state.nid_to_neighbours = {nid: neighbours & kept for nid, neighbours in state.nid_to_neighbours.items()
-                                   if nid in kept}
-        return len(kept) >= 2 and self._check_threshold(state)
 
 
 class _OneSecureRound(Strategy):
@@ -343,7 +314,7 @@ def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: 
     observed = _ObservedGrid(grid)
     strategy = _OneSecureRound(list(nodes), fit_config, observed.problems)
     # num_shares as the float 1.0 means "all sampled sites" to Flower (its int form must exceed 2: 2 sites)
-    workflow = DefaultWorkflow(fit_workflow=_SecAggPlus(
+    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflowFixed(
         num_shares=1.0, reconstruction_threshold=threshold,
         max_weight=MAX_WEIGHT, clipping_range=CLIPPING_RANGE, quantization_range=quantization_range,
         modulus_range=MODULUS, timeout=timeout))
