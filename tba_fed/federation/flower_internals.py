@@ -30,9 +30,9 @@ Why each is needed (Flower 1.42 offers no public way):
 - The SuperLink database (tests/test_preflight.py): nothing public names the file a running SuperLink keeps
   its state in; its ``node`` table is read, read-only (:func:`database_node_ids`).
 - Tests only: the identity a ServerApp process has (``TaskIdentity``, needed to build Messages outside a
-  run), the wire form of a Message, ``NodeInfo`` (what ``Grid.get_nodes`` returns), ``ClientAppException``, ``flwr``'s reader of its config file, and a Fleet
-  API client with a chosen key pair and the requests it sends (tests/intruder_client.py, a SuperNode that
-  lies about its key).
+  run), the wire form of a Message, ``NodeInfo`` (what ``Grid.get_nodes`` returns), ``ClientAppException``,
+  ``flwr``'s reader of its config file, and a Fleet API client with a chosen key pair and the requests it
+  sends (tests/intruder_client.py, a SuperNode that lies about its key).
 """
 
 from __future__ import annotations
