@@ -166,19 +166,6 @@ def secure_round(context: Context) -> SecureRound:
     return SecureRound(*found)
 
 
-def secure_fit(msg: Message, context: Context, compute: Compute) -> Message:
-    """Answer SecAgg+'s collect-masked-vectors stage (the only stage secaggplus_mod passes on to the
-    handler) with a legacy FitRes: the checked arrays divided by their bounds, in sorted key order,
-    num_examples = 1 and no metrics (FitRes metrics would reach the server unmasked)."""
-    fitins = fitins_from_content(msg.content)
-    config = {k: v for k, v in fitins.config.items() if not k.startswith(_RESERVED)}
-    shapes, bounds = _spec(fitins.config)
-    arrays, site_bounds = compute(config, context)
-    scaled = scaled_for_secagg(arrays, site_bounds, shapes, bounds)
-    fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(scaled), num_examples=1, metrics={})
-    return Message(fitres_content(fitres), reply_to=msg)
-
-
 def register_secure_fit(app: ClientApp, compute: Compute) -> None:
     """Register the secure-sum handler on `app` for the plain ``"train"`` message type, with secaggplus_mod
     as a per-handler mod (the app's other handlers see no SecAgg+): the mod answers the setup, key-sharing
@@ -189,14 +176,22 @@ def register_secure_fit(app: ClientApp, compute: Compute) -> None:
     server gets an error reply and no arrays.
     """
 
-    def handler(msg: Message, context: Context) -> Message:
+    def secure_fit(msg: Message, context: Context) -> Message:
+        """Answer with a legacy FitRes: the checked arrays divided by their bounds, in sorted key order,
+        num_examples = 1 and no metrics (FitRes metrics would reach the server unmasked)."""
+        fitins = fitins_from_content(msg.content)
         try:
-            return secure_fit(msg, context, compute)
+            shapes, bounds = _spec(fitins.config)
+            arrays, site_bounds = compute({k: v for k, v in fitins.config.items() if not k.startswith(_RESERVED)},
+                                          context)
+            scaled = scaled_for_secagg(arrays, site_bounds, shapes, bounds)
         except SecureSumRefused as err:
             _logger.error("secure sum refused: %s", err)
             raise
+        fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(scaled), num_examples=1, metrics={})
+        return Message(fitres_content(fitres), reply_to=msg)
 
-    app.train(mods=[secaggplus_mod])(handler)
+    app.train(mods=[secaggplus_mod])(secure_fit)
 
 
 # --------------------------------------------------------------------------------------------- server side
@@ -269,8 +264,19 @@ class _OneSecureRound(Strategy):
         return None
 
 
-def _check_request(nodes: list[int], config: Mapping[str, Any], bounds: Mapping[str, float],
-                   shapes: Mapping[str, tuple[int, ...]], min_sites: int, threshold: int, quantization_range: int) -> None:
+def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: dict[str, float],
+               shapes: dict[str, tuple[int, ...]], *, timeout: float, min_sites: int,
+               reconstruction_threshold: int | None = None, quantization_range: int = 2**22,
+               site_names: Mapping[int, str] | None = None) -> SecureSum:
+    """Run one SecAgg+ fit round on exactly `nodes` and return the sum of the sites' named arrays.
+
+    Every site gets `config` (in FitIns.config, plus the shapes and bounds under reserved keys) and
+    answers with arrays of `shapes` whose entries satisfy |entry| <= bounds[name]. Sites that fail or
+    refuse drop out of the sum (SecAgg+ removes their masks); fewer than `min_sites` summed sites, a failed
+    round or a malformed result raise ``FederationError`` naming each site's problem, by the name in
+    `site_names` the server already knows it by (else "node N").
+    """
+    threshold = default_threshold(len(nodes)) if reconstruction_threshold is None else reconstruction_threshold
     if len(set(nodes)) != len(nodes) or len(nodes) < 2:
         raise ValueError(f"secure_sum needs at least 2 distinct nodes, got {nodes}")
     if not 2 <= min_sites <= len(nodes):
@@ -288,24 +294,6 @@ def _check_request(nodes: list[int], config: Mapping[str, Any], bounds: Mapping[
     if not 2 <= quantization_range <= _INT32_MAX or len(nodes) * quantization_range >= MODULUS:
         raise ValueError(f"quantization_range {quantization_range}: need 2 <= it <= 2**31-1 and "
                          f"{len(nodes)} nodes * it < modulus 2**32 (the masked integer sum must not wrap)")
-
-
-def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: dict[str, float],
-               shapes: dict[str, tuple[int, ...]], *, timeout: float, min_sites: int,
-               reconstruction_threshold: int | None = None, quantization_range: int = 2**22,
-               site_names: Mapping[int, str] | None = None) -> SecureSum:
-    """Run one SecAgg+ fit round on exactly `nodes` and return the sum of the sites' named arrays.
-
-    Every site gets `config` (in FitIns.config, plus the shapes and bounds under reserved keys) and
-    answers with arrays of `shapes` whose entries satisfy |entry| <= bounds[name]. Sites that fail or
-    refuse drop out of the sum (SecAgg+ removes their masks); fewer than `min_sites` summed sites, a failed
-    round or a malformed result raise ``FederationError`` naming each site's problem. `timeout` applies to
-    each of SecAgg+'s four stages. Every site shares its keys with every other; reconstruction_threshold
-    defaults to max(2, ceil(2/3 len(nodes))). The quantisation error is derived in the module docstring. `site_names`: the
-    sites' names the server already knows, for its messages (else "node N").
-    """
-    threshold = default_threshold(len(nodes)) if reconstruction_threshold is None else reconstruction_threshold
-    _check_request(nodes, config, bounds, shapes, min_sites, threshold, quantization_range)
     names = sorted(shapes)
     shapes = {name: tuple(int(n) for n in shapes[name]) for name in names}
     bounds = {name: float(bounds[name]) for name in names}

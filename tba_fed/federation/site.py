@@ -43,7 +43,7 @@ from .records import from_record, to_record
 from .secure_aggregation import secure_round
 from .site_admission import admitted_model, check_run_profile
 from .site_context import SiteContext
-from .site_privacy import open_release
+from .site_privacy import RunSpec, open_release
 from .wire import (MODELS, Arrays, decode_heads, decode_maps, decode_priors, encode_probe, encode_similarity,
                    encode_spans)
 
@@ -61,16 +61,6 @@ class Site:
     policy: SitePolicy
     device: str = "cpu"
     profile: str = "development"  # simulated sites; a deployed site's YAML says (default production)
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What a release serves: the run's id, its privacy request (None: exact sums), and the rest of
-    the specification as text (hashed into the ledger)."""
-
-    run_id: str
-    privacy: PrivacyRequest | None
-    spec: tuple[str, ...] = ()
 
 
 @functools.lru_cache(maxsize=2)
@@ -179,8 +169,7 @@ def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec
         raise TBAInputError("privacy.clip_blocks", f"{len(request.clip_blocks)} bounds for {adapter.num_blocks} blocks")
     tokens = adapter.tokens_per_image(token_mode)
     parts = similarity_parts(request.clip_blocks, tokens) if request is not None else None
-    with open_release(site.policy, run.privacy, "similarity", _calibration(site), site_name=site.name, run_id=run.run_id,
-                      spec=run.spec, parts=parts) as release:
+    with open_release(site.policy, run, "similarity", _calibration(site), site_name=site.name, parts=parts) as release:
         if release.stored is not None:
             return release.stored
         grant = release.grant
@@ -199,34 +188,32 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
     `secure`: the SecAgg+ round this reply goes into (None: a plain reply, which carries the full noise)."""
     adapter = ViTAdapter(model)
     request = run.privacy
-    summaries = {**_calibration(site), **_held_out(site)}
-    if request is None:
-        with open_release(site.policy, None, "statistics", summaries, site_name=site.name, run_id=run.run_id,
-                          spec=run.spec, parts=None, secure=secure):
-            calibration = collect_span_stats(adapter, site.calibration, plan.spans, token_mode=token_mode,
-                                             device=site.device)
-            holdout = (collect_span_stats(adapter, site.holdout, plan.spans, token_mode=token_mode, device=site.device)
-                       if site.holdout is not None else {s: SpanStats.zeros(adapter.embed_dim) for s in plan.spans})
-        _logger.info("%s: span sums over %d calibration and %d held-out images", site.name,
-                     calibration[plan.spans[0]].images, holdout[plan.spans[0]].images)
-        return encode_spans({"calibration": calibration, "holdout": holdout})
-    bounds = request.span_bounds(plan.spans)
-    if priors is None or set(priors) != set(plan.spans):
+    bounds = request.span_bounds(plan.spans) if request is not None else None
+    if request is not None and (priors is None or set(priors) != set(plan.spans)):
         raise TBAInputError("prior", "a private statistics release needs the run's prior map for every span")
-    parts = span_parts(plan.spans, bounds)
-    with open_release(site.policy, request, "statistics", summaries, site_name=site.name, run_id=run.run_id,
-                      spec=run.spec, parts=parts, secure=secure) as release:
+    parts = span_parts(plan.spans, bounds) if bounds is not None else None
+    summaries = {**_calibration(site), **_held_out(site)}
+    with open_release(site.policy, run, "statistics", summaries, site_name=site.name, parts=parts, secure=secure) as release:
         if release.stored is not None:
             return release.stored
         per_split = {}
         for split, loader in (("calibration", site.calibration), ("holdout", site.holdout)):
-            per_split[split] = (collect_clipped_span_sums(adapter, loader, plan.spans, token_mode=token_mode,
-                                                          bounds=bounds, priors=priors, device=site.device)
-                                if loader is not None else {s: ClippedSpanSums.zeros(adapter.embed_dim) for s in plan.spans})
+            if loader is None:
+                per_split[split] = {s: (SpanStats if request is None else ClippedSpanSums).zeros(adapter.embed_dim)
+                                    for s in plan.spans}
+            elif request is None:
+                per_split[split] = collect_span_stats(adapter, loader, plan.spans, token_mode=token_mode, device=site.device)
+            else:
+                per_split[split] = collect_clipped_span_sums(adapter, loader, plan.spans, token_mode=token_mode,
+                                                             bounds=bounds, priors=priors, device=site.device)
         first = per_split["calibration"][plan.spans[0]]
+        grant = release.grant
+        if grant is None:
+            _logger.info("%s: span sums over %d calibration and %d held-out images", site.name, first.images,
+                         per_split["holdout"][plan.spans[0]].images)
+            return encode_spans(per_split)
         _logger.info("%s: private span sums over %d calibration images (%d down-weighted to their bounds)", site.name,
                      first.images, first.clipped)
-        grant = release.grant
         return release.keep(encode_spans(noisy_spans(per_split, parts, grant.site_sigma, grant.noise)))
 
 
@@ -262,8 +249,7 @@ def probe_reply(model: nn.Module, compressed: nn.Module, site: Site, num_classes
     if request is not None and request.clip_features is None:
         raise TBAInputError("privacy.clip_features", "a private probe release needs a feature clipping bound")
     parts = probe_parts(MODELS, request.clip_features) if request is not None else None
-    with open_release(site.policy, request, "probe", _calibration(site), site_name=site.name, run_id=run.run_id,
-                      spec=run.spec, parts=parts) as release:
+    with open_release(site.policy, run, "probe", _calibration(site), site_name=site.name, parts=parts) as release:
         if release.stored is not None:
             return release.stored
         grant = release.grant
@@ -283,8 +269,7 @@ def accuracy_reply(model: nn.Module, compressed: nn.Module, site: Site, heads: M
         raise TBAInputError("data.holdout_fraction", f"{site.name} holds no images out to evaluate on",
                             "set data.holdout_fraction above 0")
     parts = accuracy_parts() if run.privacy is not None else None
-    with open_release(site.policy, run.privacy, "accuracy", _held_out(site), site_name=site.name, run_id=run.run_id,
-                      spec=run.spec, parts=parts) as release:
+    with open_release(site.policy, run, "accuracy", _held_out(site), site_name=site.name, parts=parts) as release:
         if release.stored is None:
             original, total = accuracy(model, heads["original"], site.holdout, device=site.device)
             compressed_correct, _ = accuracy(compressed, heads["compressed"], site.holdout, device=site.device)
