@@ -35,15 +35,21 @@ class SiteRecord(BaseModel):
     site_head: str | None = None
 
 
-class ServerEntry(BaseModel):
+class _Entry(BaseModel):
+    """What every entry tba-fed writes holds; `role` picks the schema."""
+
     model_config = _AS_WRITTEN
 
-    role: Literal["server"]
+    role: str
     seq: int
     time: str
     hash: str
     run_id: str
     round: str
+
+
+class ServerEntry(_Entry):
+    role: Literal["server"]
     message_type: str | None = None  # the result entry has none
     sites: dict[str, SiteRecord] = Field(default_factory=dict)
     maps_sha256: str | None = None
@@ -60,16 +66,9 @@ class Grant(BaseModel):
     noise: str = ""
 
 
-class SiteEntry(BaseModel):
-    model_config = _AS_WRITTEN
-
+class SiteEntry(_Entry):
     role: Literal["site"]
-    seq: int
-    time: str
-    hash: str
     site: str
-    run_id: str
-    round: str
     message_type: str
     status: str
     request_sha256: str

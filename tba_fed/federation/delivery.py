@@ -134,7 +134,7 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *,
             if not replies:
                 continue
             del pending[message_id]
-            if len(replies) == 1 and _unavailable(replies[0]):
+            if len(replies) == 1 and replies[0].has_error() and replies[0].error.code == ErrorCode.NODE_UNAVAILABLE:
                 _logger.warning("node %s went offline during the round; it is asked again if it reconnects in time", node)
                 offline[node] = replies[0]
                 continue
@@ -170,10 +170,6 @@ def _push(grid: Any, messages: list[Message]) -> dict[str, int]:
 def _activations(grid: Any) -> dict[int, str]:
     """Online node id -> when it last came online (the SuperLink changes it only when a node connects)."""
     return {int(node.node_id): node.last_activated_at for node in grid.get_nodes()}
-
-
-def _unavailable(reply: Message) -> bool:
-    return reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
 
 
 def _copy(message: Message) -> Message:

@@ -76,7 +76,3 @@ class SiteContext:
     @property
     def audit(self) -> Path:
         return self.config.audit_log if self.config is not None else self.output / SITE_AUDIT_FILE
-
-    @property
-    def ledger(self) -> Path | None:
-        return self.policy.ledger
