@@ -1,13 +1,11 @@
 """Secure aggregation: the server learns only the SUM over sites of named float64 arrays.
 
 Built on Flower's SecAgg+ (``flwr.server.workflow.SecAggPlusWorkflow`` with the client mod
-``flwr.client.mod.secaggplus_mod``), which exists only on Flower's legacy path: one fit round of
-``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` driven by a ``LegacyContext`` and a strategy.
-:func:`secure_sum` runs exactly that round on a given list of nodes and can be called from the same
-ServerApp that drives tba-fed's own Message rounds (``rounds.exchange``); the site side is one handler
-for the plain legacy ``"train"`` message type, registered with ``@app.train(mods=[secaggplus_mod])``
-(Flower's ClientApp decorators take per-handler mods, so tba-fed's ``query.*``/``train.install``
-handlers are untouched; secaggplus_mod also passes any message type other than ``"train"`` through).
+``flwr.client.mod.secaggplus_mod``), which exists only on Flower's legacy path: :func:`secure_sum` runs one
+fit round of ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` on given nodes, from the same ServerApp
+that drives tba-fed's own Message rounds. The site side is one handler for the plain legacy ``"train"``
+message type with secaggplus_mod as a per-handler mod, so tba-fed's ``query.*``/``train.install`` handlers
+are untouched (secaggplus_mod also passes any message type other than ``"train"`` through).
 
 What SecAgg+ computes, read off flwr 1.41 and unchanged in 1.42 (``secaggplus_mod._collect_masked_vectors`` and
 ``SecAggPlusWorkflow.unmask_stage``): each site sends ``[q, quantize(x * q / Q)]`` masked, with
@@ -123,12 +121,9 @@ def _spec(config: Mapping[str, Any]) -> tuple[dict[str, tuple[int, ...]], dict[s
 
 def scaled_for_secagg(arrays: Mapping[str, np.ndarray], site_bounds: Mapping[str, float],
                       shapes: Mapping[str, tuple[int, ...]], bounds: Mapping[str, float]) -> list[np.ndarray]:
-    """Check a site's arrays and return them divided by the server's bounds, in sorted key order.
-
-    Refuses (``SecureSumRefused``) rather than clip: different names or shapes, non-finite values, a site
-    bound above the server's (the server would assume a range the site does not guarantee), or an entry
-    beyond the site's own bound or the server's.
-    """
+    """A site's arrays divided by the server's bounds, in sorted key order. Refuses (``SecureSumRefused``)
+    rather than clip: different names or shapes, non-finite values, a site bound above the server's (the server
+    would assume a range the site does not guarantee), or an entry beyond the site's own bound or the server's."""
     if set(arrays) != set(shapes):
         raise SecureSumRefused(f"arrays {sorted(arrays)} differ from the requested {sorted(shapes)}")
     if set(site_bounds) != set(shapes):
@@ -167,14 +162,11 @@ def secure_round(context: Context) -> SecureRound:
 
 
 def register_secure_fit(app: ClientApp, compute: Compute) -> None:
-    """Register the secure-sum handler on `app` for the plain ``"train"`` message type, with secaggplus_mod
-    as a per-handler mod (the app's other handlers see no SecAgg+): the mod answers the setup, key-sharing
-    and unmasking stages itself and calls the handler at the masked-vector stage.
-
-    `compute(config, context)` returns the site's arrays and the bounds it guarantees; `config` is the
-    flat dict given to :func:`secure_sum`. A refusal raises ``SecureSumRefused`` in the ClientApp, so the
-    server gets an error reply and no arrays.
-    """
+    """Register the secure-sum handler on `app` for the plain ``"train"`` message type, with secaggplus_mod as a
+    per-handler mod: the mod answers the setup, key-sharing and unmasking stages itself and calls the handler at
+    the masked-vector stage. `compute(config, context)` returns the site's arrays and the bounds it guarantees
+    (`config`: the flat dict given to :func:`secure_sum`); a refusal raises ``SecureSumRefused`` in the
+    ClientApp, so the server gets an error reply and no arrays."""
 
     def secure_fit(msg: Message, context: Context) -> Message:
         """Answer with a legacy FitRes: the checked arrays divided by their bounds, in sorted key order,
@@ -211,12 +203,10 @@ class _ObservedGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        answered = set()
+        answered = {reply.metadata.src_node_id for reply in replies}
         for reply in replies:
-            node = reply.metadata.src_node_id
-            answered.add(node)
             if reply.has_error():  # in simulation a Ray traceback quoting the site's message: one line of it
-                self.problems.setdefault(node, error_reason(reply.error))
+                self.problems.setdefault(reply.metadata.src_node_id, error_reason(reply.error))
         for msg in messages:
             if msg.metadata.dst_node_id not in answered:
                 self.problems.setdefault(msg.metadata.dst_node_id, f"no reply within {timeout} s")
