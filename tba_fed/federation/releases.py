@@ -6,7 +6,7 @@ strategy per mode.
 - `LocalDP`: each site clips and adds the full noise to residual-form sums around the run's priors; the
   server adds them as they arrive, projects each Gram onto the PSD cone and picks the AdaSSP ridge.
 - `Secure`: the same noisy sums, each site adding σ/√min_sites of the noise, summed by SecAgg+ so the
-  server never holds one site's .
+  server never holds one site's sums.
 
 Every release but the statistics one (similarity, probe, accuracy) carries the full noise at each site.
 """

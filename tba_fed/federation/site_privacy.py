@@ -27,7 +27,6 @@ _logger = logging.getLogger(__name__)
 class Grant:
     """Permission for one release: the site's noise multiplier (σ, or σ/√K when split) and its noise."""
 
-    sigma: float
     site_sigma: float
     noise: NoiseSource
 
@@ -90,7 +89,7 @@ def open_release(policy: SitePolicy, run: RunSpec, release: str, summaries: Mapp
                         images=sum(summaries.values()), epsilon_run=request.epsilon, delta=request.delta, time=now(),
                         site_noise_multiplier=site_sigma, accountant=request.accountant, releases=request.releases)
     ledger, store = PrivacyLedger(policy.ledger), ReleaseStore(policy.ledger)
-    grant = Grant(sigma, site_sigma, noise)
+    grant = Grant(site_sigma, noise)
     with store.locked(run_id, release):
         recorded = ledger.record(entry, budget=policy.epsilon, delta=policy.delta, accountant=policy.accountant)
         if recorded.payload_sha256 is not None:
