@@ -36,8 +36,6 @@ class SiteRecord(BaseModel):
 
 
 class _Entry(BaseModel):
-    """What every entry tba-fed writes holds; `role` picks the schema."""
-
     model_config = _AS_WRITTEN
 
     role: str

@@ -35,8 +35,6 @@ def reply_receipt(reply: Message) -> dict[str, Any]:
 
 
 class ServerAudit:
-    """Records one run's rounds in the server's audit log."""
-
     def __init__(self, path: Path, run_id: str) -> None:
         self.log = AuditLog(path)
         self.log.verified()  # fail before any site works, not after
