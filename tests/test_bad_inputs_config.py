@@ -52,7 +52,7 @@ from tba_fed.config import load_config
 from tba_fed.federation.config import load_federated_config, load_site_config
 from tba_fed.federation.server import run_server
 from tba_fed.deploy.simulate import simulate
-from tba_fed.federation.site_privacy import open_release
+from tba_fed.federation.site_privacy import RunSpec, open_release
 from tba_fed.privacy.policy import PrivacyRequest, SitePolicy
 from tba_fed.privacy.site_state import initialise
 
@@ -205,8 +205,7 @@ def test_16_ledger_that_cannot_be_written_refuses_the_release(tmp_path):
     request = PrivacyRequest(epsilon=1.0, delta=1e-5, releases=("statistics",))
     fix = "set privacy.ledger to a path in a directory this site's user can write"
     with refused("privacy.ledger", fix=fix, untouched=[tmp_path]) as err, \
-            open_release(policy, request, "statistics", {"calibration": 50}, site_name="h", run_id="7", spec=(),
-                         parts=()):
+            open_release(policy, RunSpec("7", request), "statistics", {"calibration": 50}, site_name="h", parts=()):
         pass
     assert f"{blocker / 'ledger.json.releases'} cannot be written (" in str(err.value)
 

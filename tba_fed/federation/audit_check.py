@@ -35,15 +35,19 @@ class SiteRecord(BaseModel):
     site_head: str | None = None
 
 
-class ServerEntry(BaseModel):
+class _Entry(BaseModel):
     model_config = _AS_WRITTEN
 
-    role: Literal["server"]
+    role: str
     seq: int
     time: str
     hash: str
     run_id: str
     round: str
+
+
+class ServerEntry(_Entry):
+    role: Literal["server"]
     message_type: str | None = None  # the result entry has none
     sites: dict[str, SiteRecord] = Field(default_factory=dict)
     maps_sha256: str | None = None
@@ -60,16 +64,9 @@ class Grant(BaseModel):
     noise: str = ""
 
 
-class SiteEntry(BaseModel):
-    model_config = _AS_WRITTEN
-
+class SiteEntry(_Entry):
     role: Literal["site"]
-    seq: int
-    time: str
-    hash: str
     site: str
-    run_id: str
-    round: str
     message_type: str
     status: str
     request_sha256: str
@@ -96,10 +93,8 @@ class Entries:
     @property
     def role(self) -> str | None:
         """site or server if every entry is readable and has that role, else None."""
-        roles = {type(typed) for _, _, typed in self.rows}
-        if self.problems or len(roles) != 1:
-            return None
-        return {SiteEntry: "site", ServerEntry: "server"}.get(roles.pop())
+        roles = {typed.role if typed is not None else None for _, _, typed in self.rows}
+        return roles.pop() if not self.problems and len(roles) == 1 else None
 
 
 _SCHEMAS: dict[str, type[Typed]] = {"site": SiteEntry, "server": ServerEntry}
@@ -182,7 +177,7 @@ def cross_check(one: AuditCheck, other: AuditCheck) -> tuple[list[Problem], str]
     return problems, f"{heads} site heads and {requests} site requests matched against {server_path}"
 
 
-def _cells(raw: dict[str, Any], entry: Typed | None) -> str:
+def _cells(entry: Typed | None) -> str:
     """run | round | who | status | mechanism | what"""
     if isinstance(entry, SiteEntry):
         grant = entry.grant or Grant()
@@ -205,10 +200,8 @@ def audit_table(check: AuditCheck) -> str:
     lines = [f"# Audit log {check.path}", "", f"- {len(check.entries)} entries; head `{check.head}`"
              + (f"; {problems} problems (run `tba-fed audit verify`)" if problems else ""), "",
              "| seq | time | run | round | who | status | mechanism | what |", "|---|---|---|---|---|---|---|---|"]
-    shown = {line: (raw, typed) for line, raw, typed in entries.rows}
+    shown = {line: typed for line, _, typed in entries.rows}
     for line, raw in zip(check.lines, check.entries, strict=True):
-        if line in shown:
-            lines.append(f"| {raw['seq']} | {str(raw['time'])[:40]} | {_cells(*shown[line])} |")
-        else:
-            lines.append(f"| {raw['seq']} | {str(raw['time'])[:40]} | | | | unreadable | | see `tba-fed audit verify` |")
+        cells = _cells(shown[line]) if line in shown else "| | | unreadable | | see `tba-fed audit verify`"
+        lines.append(f"| {raw['seq']} | {str(raw['time'])[:40]} | {cells} |")
     return "\n".join(lines) + "\n"

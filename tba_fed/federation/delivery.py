@@ -1,23 +1,20 @@
 """A round's messages out to the sites and their replies back one at a time: bounded in time, across restarts.
 
-Two things Flower 1.41 leaves to the app (measured on loopback: docs/deployment.md, "Restarts and
-reconnection"):
+Two things Flower 1.41 leaves to the app (measured on loopback: docs/deployment.md, "Restarts and reconnection"):
 
 * Its HttpGrid retries a refused connection to the SuperLink without limit (``make_simple_http_retry_invoker``
   in ``flwr/supercore/retry/http_retry.py``: ``max_tries=None, max_time=None``), so while the SuperLink is
-  down every Grid call blocks. Under the SuperLink's default ``--isolation subprocess`` the ServerApp dies
-  with the SuperLink anyway (``--parent-pid`` monitors), but under ``--isolation process`` it outlives it.
-  `BoundedGrid` gives every call a deadline: a SuperLink back in time (same ``--database``) lets the round
-  carry on; one that is not, or that has marked the run finished meanwhile, ends the run with a
-  FederationError that says so.
-* A message is delivered to a SuperNode once. One that stops mid-round is reported by the SuperLink as an
-  error reply (``NODE_UNAVAILABLE``) to the message it held, but only to a pull made while it is offline:
-  a SuperNode stopped and started again between two pulls is online again, its message delivered and
-  never answered. `replies_as_they_arrive` asks a site again once it is connected again (same key, same
-  node id), until the round's deadline, whether it saw the error or only the site's new activation time
-  (``NodeInfo.last_activated_at`` from ``Grid.get_nodes``, which changes only when a node comes online).
-  A site's privacy ledger makes the repeat idempotent: a release it produced is re-sent as stored, one
-  granted but never produced is produced once; nothing is noised or spent twice.
+  down every Grid call blocks; under ``--isolation process`` the ServerApp outlives the SuperLink (under the
+  default ``subprocess`` it dies with it, ``--parent-pid`` monitors). `BoundedGrid` gives every call a
+  deadline: a SuperLink back in time (same ``--database``) lets the round carry on; one that is not, or that
+  has marked the run finished meanwhile, ends the run with a FederationError that says so.
+* A message is delivered to a SuperNode once. One that stops mid-round gets a ``NODE_UNAVAILABLE`` error reply,
+  but only to a pull made while it is offline: one stopped and started again between two pulls has its message
+  delivered and never answered. `replies_as_they_arrive` asks a site again once it is connected again (same
+  key, same node id), until the round's deadline, whether it saw the error or only the site's new
+  ``NodeInfo.last_activated_at`` (from ``Grid.get_nodes``; it changes only when a node comes online). A site's
+  privacy ledger makes the repeat idempotent: a release it produced is re-sent as stored, one granted but never
+  produced is produced once; nothing is noised or spent twice.
 """
 
 from __future__ import annotations
@@ -41,11 +38,8 @@ WAKE_SECONDS = 0.5  # longest uninterrupted wait of the main thread
 
 
 class BoundedGrid:
-    """A Grid whose calls to the SuperLink return within a deadline or raise FederationError.
-
-    `patience`: how long one call may wait for an unreachable SuperLink (``send_and_receive`` gets its
-    own timeout on top). Calls that do not reach the SuperLink (``run``, ``set_run``, ...) pass through.
-    """
+    """A Grid whose calls to the SuperLink return within a deadline or raise FederationError. `patience`: how
+    long one call may wait for an unreachable SuperLink (``send_and_receive`` gets its own timeout on top)."""
 
     def __init__(self, grid: Any, patience: float) -> None:
         self._grid = grid
@@ -109,15 +103,14 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *,
                            timeout: float) -> Iterator[tuple[int, list[Message]]]:
     """Push one message per node, then yield ``(node, replies)`` as each node's reply reaches the SuperLink.
 
-    Each reply is pulled on its own (``pull_messages`` of its message id): Flower's ``send_and_receive``
-    returns only when the last reply is in, so the server held every site's reply at once (+126 MiB per
-    site with 113 MB statistics replies, docs/benchmarks.md); here the caller judges and drops one before
-    the next is pulled. `replies` holds more than one message if the SuperLink returned several to one
-    request (the caller discards them all), none if the SuperLink did not accept the request. A node the
-    SuperLink reports unavailable, or that came online again since it was asked, is asked again with a
-    copy of its message before the deadline; if it does not come back, its replies are that error. A
-    reply that reached the SuperLink before the deadline is taken even if the caller's work on earlier
-    ones ran past it. A node never yielded did not answer within `timeout`.
+    Each reply is pulled on its own: Flower's ``send_and_receive`` returns only when the last reply is in, so
+    the server held every site's reply at once (+126 MiB per site with 113 MB statistics replies,
+    docs/benchmarks.md); here the caller judges and drops one before the next is pulled. `replies` holds
+    several messages if the SuperLink returned several to one request, none if it did not accept the request.
+    A node reported unavailable, or online again since it was asked, is asked again with a copy of its message
+    before the deadline (if it does not come back, its replies are that error). A reply that reached the
+    SuperLink before the deadline is taken even if the caller's work on earlier ones ran past it. A node never
+    yielded did not answer within `timeout`.
     """
     deadline = time.monotonic() + timeout
     asked = {message.metadata.dst_node_id: message for message in messages}
@@ -134,7 +127,7 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *,
             if not replies:
                 continue
             del pending[message_id]
-            if len(replies) == 1 and _unavailable(replies[0]):
+            if len(replies) == 1 and replies[0].has_error() and replies[0].error.code == ErrorCode.NODE_UNAVAILABLE:
                 _logger.warning("node %s went offline during the round; it is asked again if it reconnects in time", node)
                 offline[node] = replies[0]
                 continue
@@ -161,7 +154,6 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *,
 
 
 def _push(grid: Any, messages: list[Message]) -> dict[str, int]:
-    """Message id -> node for the messages the SuperLink accepted."""
     ids = list(grid.push_messages(messages))
     return {message_id: message.metadata.dst_node_id for message_id, message in zip(ids, messages, strict=False)
             if message_id}
@@ -170,10 +162,6 @@ def _push(grid: Any, messages: list[Message]) -> dict[str, int]:
 def _activations(grid: Any) -> dict[int, str]:
     """Online node id -> when it last came online (the SuperLink changes it only when a node connects)."""
     return {int(node.node_id): node.last_activated_at for node in grid.get_nodes()}
-
-
-def _unavailable(reply: Message) -> bool:
-    return reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE
 
 
 def _copy(message: Message) -> Message:

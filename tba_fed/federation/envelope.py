@@ -18,7 +18,6 @@ HEAD_KEY = "audit-head"  # the reply's meta field carrying the site's audit head
 
 
 def stamp(msg: Message, round_name: str) -> None:
-    """Put the round's name and the run's id in the request's ``config`` record (which the site echoes)."""
     config = msg.content.config_records.setdefault("config", ConfigRecord())
     config[ROUND] = round_name
     config[RUN] = int(msg.metadata.run_id)

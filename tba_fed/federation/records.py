@@ -25,15 +25,15 @@ def received_schema(content: RecordDict) -> dict[str, list[int]]:
             for key, value in from_record(record).items()}
 
 
-def content_sha256(content: RecordDict, skip: tuple[str, ...] = ("meta",)) -> str:
+def content_sha256(content: RecordDict) -> str:
     """sha256 of a message's content as both ends see it: each array record's payload hash, each config and
-    metric record's values. `skip` leaves out records that are not the payload (a reply's ``meta``, which
-    carries the site's audit head, itself a hash of an entry holding this hash)."""
+    metric record's values, but not a reply's ``meta`` (it carries the site's audit head, itself a hash of an
+    entry holding this hash)."""
     def plain(value):
         return value.hex() if isinstance(value, bytes) else [plain(v) for v in value] if isinstance(value, list) else value
 
     parts = {"arrays": {name: payload_sha256(from_record(record)) for name, record in content.array_records.items()},
              "configs": {name: {k: plain(v) for k, v in record.items()}
-                         for name, record in content.config_records.items() if name not in skip},
+                         for name, record in content.config_records.items() if name != "meta"},
              "metrics": {name: dict(record.items()) for name, record in content.metric_records.items()}}
     return hashlib.sha256(canonical(parts)).hexdigest()

@@ -6,7 +6,7 @@ strategy per mode.
 - `LocalDP`: each site clips and adds the full noise to residual-form sums around the run's priors; the
   server adds them as they arrive, projects each Gram onto the PSD cone and picks the AdaSSP ridge.
 - `Secure`: the same noisy sums, each site adding σ/√min_sites of the noise, summed by SecAgg+ so the
-  server never holds one site's .
+  server never holds one site's sums.
 
 Every release but the statistics one (similarity, probe, accuracy) carries the full noise at each site.
 """
@@ -29,7 +29,7 @@ from ..privacy.accounting import noise_multiplier, replace_one_epsilon
 from ..privacy.clipped import to_span_stats
 from ..privacy.mechanism import NoiseSource, describe_noise
 from ..privacy.policy import PrivacyRequest
-from ..privacy.postprocess import RidgeChoice, adassp_ridge, psd_projection
+from ..privacy.postprocess import adassp_ridge, psd_projection
 from ..privacy.ranges import statistics_ranges
 from ..privacy.release import noisy_spans
 from ..privacy.sensitivity import probe_parts, span_parts
@@ -39,7 +39,7 @@ from ..public_images import public_loader
 from ..privacy.public_prior import public_norms, public_span_bounds
 from ..solver import LinearMap
 from ..stats import SpanStats
-from .config import FederatedRunConfig, PrivacyConfig
+from .config import FederatedRunConfig
 from .records import from_record
 from .rounds import RoundLog, Rounds
 from .server_audit import ServerAudit
@@ -180,18 +180,29 @@ class LocalDP(Exact):
     def solver_inputs(self, released: PerSplit, sites: int, priors: Mapping[Span, LinearMap], tokens: int,
                       spans: Iterable[Span]) -> SolverInputs:
         """Held-out sums as released, made ordinary sums; calibration sums cleaned (PSD projection, AdaSSP ridge)."""
-        spans = list(spans)
-        assert self.statistics is not None
+        spans, privacy, request, sigma = list(spans), self.privacy, self.statistics, self.sigma
+        assert request is not None
         ordinary = {split: {s: to_span_stats(sums, priors[s], tokens) for s, sums in per_span.items()}
                     for split, per_span in released.items()}
         self.parts = span_parts(spans, self.bounds)
-        self.spread = math.sqrt(sites / self.statistics.noise_sites)  # total noise over σ per release
+        self.spread = math.sqrt(sites / request.noise_sites)  # total noise over σ per release
         by_name = {p.name: p for p in self.parts}
-        gram_std = {s: by_name[f"{s}:gram"].std(self.sigma) * self.spread for s in spans}
+        gram_std = {s: by_name[f"{s}:gram"].std(sigma) * self.spread for s in spans}
         calibration, ridges = private_inputs(released["calibration"], priors, gram_std, tokens, bias=self.config.bias)
+        summary = {
+            "epsilon": privacy.epsilon, "delta": privacy.delta, "accountant": privacy.accountant,
+            "adjacency": "add/remove one image",
+            "epsilon_replace_one": replace_one_epsilon([(sigma, len(request.releases))], privacy.delta, privacy.accountant),
+            "releases": list(request.releases), "noise_multiplier": sigma,
+            "aggregation": "secure aggregation (SecAgg+), noise split over sites" if self.secure else "local noise at each site",
+            "noise_sites": request.noise_sites, "sites_summed": sites,
+            "noise": describe_noise(privacy.seed),
+            "clip_spans": {k: list(v) for k, v in request.clip_spans.items()},
+            "spans": {str(s): {"gram_noise_std": gram_std[s], "ridge_lambda": r.ridge_lambda, "noise_bound": r.noise_bound,
+                               "min_eigenvalue_estimate": r.min_eigenvalue_estimate} for s, r in ridges.items()},
+        }
         return SolverInputs(calibration, ordinary["holdout"], ordinary["calibration"][spans[0]].images,
-                            {s: r.ridge_lambda for s, r in ridges.items()},
-                            privacy_summary(self.privacy, self.statistics, self.sigma, sites, ridges, gram_std))
+                            {s: r.ridge_lambda for s, r in ridges.items()}, summary)
 
     def holdout_draws(self, released: PerSplit, priors: Mapping[Span, LinearMap], tokens: int) -> dict[Span, list]:
         draws: dict[Span, list[SpanStats]] = {s: [] for s in released["holdout"]}
@@ -264,23 +275,6 @@ def secure_statistics_round(grid: Grid, nodes: list[int], config: FederatedRunCo
     log.nodes = list(nodes)
     _logger.info("statistics: secure sum of %d sites in %.1f s", result.sites, result.seconds)
     return summed, result.sites
-
-
-def privacy_summary(privacy: PrivacyConfig, request: PrivacyRequest, sigma: float, sites: int,
-                    ridges: Mapping[Span, RidgeChoice], gram_std: Mapping[Span, float]) -> dict[str, Any]:
-    secure = privacy.aggregation == "secure"
-    return {
-        "epsilon": privacy.epsilon, "delta": privacy.delta, "accountant": privacy.accountant,
-        "adjacency": "add/remove one image",
-        "epsilon_replace_one": replace_one_epsilon([(sigma, len(request.releases))], privacy.delta, privacy.accountant),
-        "releases": list(request.releases), "noise_multiplier": sigma,
-        "aggregation": "secure aggregation (SecAgg+), noise split over sites" if secure else "local noise at each site",
-        "noise_sites": request.noise_sites, "sites_summed": sites,
-        "noise": describe_noise(privacy.seed),
-        "clip_spans": {k: list(v) for k, v in request.clip_spans.items()},
-        "spans": {str(s): {"gram_noise_std": gram_std[s], "ridge_lambda": r.ridge_lambda, "noise_bound": r.noise_bound,
-                           "min_eigenvalue_estimate": r.min_eigenvalue_estimate} for s, r in ridges.items()},
-    }
 
 
 def release_for(config: FederatedRunConfig, model: nn.Module, public: Any) -> Exact:

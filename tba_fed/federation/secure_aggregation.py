@@ -1,13 +1,11 @@
 """Secure aggregation: the server learns only the SUM over sites of named float64 arrays.
 
 Built on Flower's SecAgg+ (``flwr.server.workflow.SecAggPlusWorkflow`` with the client mod
-``flwr.client.mod.secaggplus_mod``), which exists only on Flower's legacy path: one fit round of
-``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` driven by a ``LegacyContext`` and a strategy.
-:func:`secure_sum` runs exactly that round on a given list of nodes and can be called from the same
-ServerApp that drives tba-fed's own Message rounds (``rounds.exchange``); the site side is one handler
-for the plain legacy ``"train"`` message type, registered with ``@app.train(mods=[secaggplus_mod])``
-(Flower's ClientApp decorators take per-handler mods, so tba-fed's ``query.*``/``train.install``
-handlers are untouched; secaggplus_mod also passes any message type other than ``"train"`` through).
+``flwr.client.mod.secaggplus_mod``), which exists only on Flower's legacy path: :func:`secure_sum` runs one
+fit round of ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` on given nodes, from the same ServerApp
+that drives tba-fed's own Message rounds. The site side is one handler for the plain legacy ``"train"``
+message type with secaggplus_mod as a per-handler mod, so tba-fed's ``query.*``/``train.install`` handlers
+are untouched (secaggplus_mod also passes any message type other than ``"train"`` through).
 
 What SecAgg+ computes, read off flwr 1.41 and unchanged in 1.42 (``secaggplus_mod._collect_masked_vectors`` and
 ``SecAggPlusWorkflow.unmask_stage``): each site sends ``[q, quantize(x * q / Q)]`` masked, with
@@ -123,12 +121,9 @@ def _spec(config: Mapping[str, Any]) -> tuple[dict[str, tuple[int, ...]], dict[s
 
 def scaled_for_secagg(arrays: Mapping[str, np.ndarray], site_bounds: Mapping[str, float],
                       shapes: Mapping[str, tuple[int, ...]], bounds: Mapping[str, float]) -> list[np.ndarray]:
-    """Check a site's arrays and return them divided by the server's bounds, in sorted key order.
-
-    Refuses (``SecureSumRefused``) rather than clip: different names or shapes, non-finite values, a site
-    bound above the server's (the server would assume a range the site does not guarantee), or an entry
-    beyond the site's own bound or the server's.
-    """
+    """A site's arrays divided by the server's bounds, in sorted key order. Refuses (``SecureSumRefused``)
+    rather than clip: different names or shapes, non-finite values, a site bound above the server's (the server
+    would assume a range the site does not guarantee), or an entry beyond the site's own bound or the server's."""
     if set(arrays) != set(shapes):
         raise SecureSumRefused(f"arrays {sorted(arrays)} differ from the requested {sorted(shapes)}")
     if set(site_bounds) != set(shapes):
@@ -166,37 +161,29 @@ def secure_round(context: Context) -> SecureRound:
     return SecureRound(*found)
 
 
-def secure_fit(msg: Message, context: Context, compute: Compute) -> Message:
-    """Answer SecAgg+'s collect-masked-vectors stage (the only stage secaggplus_mod passes on to the
-    handler) with a legacy FitRes: the checked arrays divided by their bounds, in sorted key order,
-    num_examples = 1 and no metrics (FitRes metrics would reach the server unmasked)."""
-    fitins = fitins_from_content(msg.content)
-    config = {k: v for k, v in fitins.config.items() if not k.startswith(_RESERVED)}
-    shapes, bounds = _spec(fitins.config)
-    arrays, site_bounds = compute(config, context)
-    scaled = scaled_for_secagg(arrays, site_bounds, shapes, bounds)
-    fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(scaled), num_examples=1, metrics={})
-    return Message(fitres_content(fitres), reply_to=msg)
-
-
 def register_secure_fit(app: ClientApp, compute: Compute) -> None:
-    """Register the secure-sum handler on `app` for the plain ``"train"`` message type, with secaggplus_mod
-    as a per-handler mod (the app's other handlers see no SecAgg+): the mod answers the setup, key-sharing
-    and unmasking stages itself and calls the handler at the masked-vector stage.
+    """Register the secure-sum handler on `app` for the plain ``"train"`` message type, with secaggplus_mod as a
+    per-handler mod: the mod answers the setup, key-sharing and unmasking stages itself and calls the handler at
+    the masked-vector stage. `compute(config, context)` returns the site's arrays and the bounds it guarantees
+    (`config`: the flat dict given to :func:`secure_sum`); a refusal raises ``SecureSumRefused`` in the
+    ClientApp, so the server gets an error reply and no arrays."""
 
-    `compute(config, context)` returns the site's arrays and the bounds it guarantees; `config` is the
-    flat dict given to :func:`secure_sum`. A refusal raises ``SecureSumRefused`` in the ClientApp, so the
-    server gets an error reply and no arrays.
-    """
-
-    def handler(msg: Message, context: Context) -> Message:
+    def secure_fit(msg: Message, context: Context) -> Message:
+        """Answer with a legacy FitRes: the checked arrays divided by their bounds, in sorted key order,
+        num_examples = 1 and no metrics (FitRes metrics would reach the server unmasked)."""
+        fitins = fitins_from_content(msg.content)
         try:
-            return secure_fit(msg, context, compute)
+            shapes, bounds = _spec(fitins.config)
+            arrays, site_bounds = compute({k: v for k, v in fitins.config.items() if not k.startswith(_RESERVED)},
+                                          context)
+            scaled = scaled_for_secagg(arrays, site_bounds, shapes, bounds)
         except SecureSumRefused as err:
             _logger.error("secure sum refused: %s", err)
             raise
+        fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(scaled), num_examples=1, metrics={})
+        return Message(fitres_content(fitres), reply_to=msg)
 
-    app.train(mods=[secaggplus_mod])(handler)
+    app.train(mods=[secaggplus_mod])(secure_fit)
 
 
 # --------------------------------------------------------------------------------------------- server side
@@ -216,12 +203,10 @@ class _ObservedGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        answered = set()
+        answered = {reply.metadata.src_node_id for reply in replies}
         for reply in replies:
-            node = reply.metadata.src_node_id
-            answered.add(node)
             if reply.has_error():  # in simulation a Ray traceback quoting the site's message: one line of it
-                self.problems.setdefault(node, error_reason(reply.error))
+                self.problems.setdefault(reply.metadata.src_node_id, error_reason(reply.error))
         for msg in messages:
             if msg.metadata.dst_node_id not in answered:
                 self.problems.setdefault(msg.metadata.dst_node_id, f"no reply within {timeout} s")
@@ -269,8 +254,19 @@ class _OneSecureRound(Strategy):
         return None
 
 
-def _check_request(nodes: list[int], config: Mapping[str, Any], bounds: Mapping[str, float],
-                   shapes: Mapping[str, tuple[int, ...]], min_sites: int, threshold: int, quantization_range: int) -> None:
+def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: dict[str, float],
+               shapes: dict[str, tuple[int, ...]], *, timeout: float, min_sites: int,
+               reconstruction_threshold: int | None = None, quantization_range: int = 2**22,
+               site_names: Mapping[int, str] | None = None) -> SecureSum:
+    """Run one SecAgg+ fit round on exactly `nodes` and return the sum of the sites' named arrays.
+
+    Every site gets `config` (in FitIns.config, plus the shapes and bounds under reserved keys) and
+    answers with arrays of `shapes` whose entries satisfy |entry| <= bounds[name]. Sites that fail or
+    refuse drop out of the sum (SecAgg+ removes their masks); fewer than `min_sites` summed sites, a failed
+    round or a malformed result raise ``FederationError`` naming each site's problem, by the name in
+    `site_names` the server already knows it by (else "node N").
+    """
+    threshold = default_threshold(len(nodes)) if reconstruction_threshold is None else reconstruction_threshold
     if len(set(nodes)) != len(nodes) or len(nodes) < 2:
         raise ValueError(f"secure_sum needs at least 2 distinct nodes, got {nodes}")
     if not 2 <= min_sites <= len(nodes):
@@ -288,24 +284,6 @@ def _check_request(nodes: list[int], config: Mapping[str, Any], bounds: Mapping[
     if not 2 <= quantization_range <= _INT32_MAX or len(nodes) * quantization_range >= MODULUS:
         raise ValueError(f"quantization_range {quantization_range}: need 2 <= it <= 2**31-1 and "
                          f"{len(nodes)} nodes * it < modulus 2**32 (the masked integer sum must not wrap)")
-
-
-def secure_sum(grid: Grid, nodes: list[int], config: dict[str, Scalar], bounds: dict[str, float],
-               shapes: dict[str, tuple[int, ...]], *, timeout: float, min_sites: int,
-               reconstruction_threshold: int | None = None, quantization_range: int = 2**22,
-               site_names: Mapping[int, str] | None = None) -> SecureSum:
-    """Run one SecAgg+ fit round on exactly `nodes` and return the sum of the sites' named arrays.
-
-    Every site gets `config` (in FitIns.config, plus the shapes and bounds under reserved keys) and
-    answers with arrays of `shapes` whose entries satisfy |entry| <= bounds[name]. Sites that fail or
-    refuse drop out of the sum (SecAgg+ removes their masks); fewer than `min_sites` summed sites, a failed
-    round or a malformed result raise ``FederationError`` naming each site's problem. `timeout` applies to
-    each of SecAgg+'s four stages. Every site shares its keys with every other; reconstruction_threshold
-    defaults to max(2, ceil(2/3 len(nodes))). The quantisation error is derived in the module docstring. `site_names`: the
-    sites' names the server already knows, for its messages (else "node N").
-    """
-    threshold = default_threshold(len(nodes)) if reconstruction_threshold is None else reconstruction_threshold
-    _check_request(nodes, config, bounds, shapes, min_sites, threshold, quantization_range)
     names = sorted(shapes)
     shapes = {name: tuple(int(n) for n in shapes[name]) for name in names}
     bounds = {name: float(bounds[name]) for name in names}

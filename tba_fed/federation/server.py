@@ -108,8 +108,7 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
                                    bias=config.bias, ridge=config.ridge, private=release.private)
 
     expected = maps_checksum(maps)
-    base = {"model": model_json, "profile": config.profile, "plan": str(plan)}
-    identity_spans = ", ".join(str(s) for s in identity)
+    base = {"model": model_json, "profile": config.profile, "plan": str(plan), "identity-spans": ", ".join(map(str, identity))}
 
     def accept_install(reply: RecordDict) -> str:
         digest = str(reply.config_records["install"]["checksum"])
@@ -118,12 +117,11 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
                                                     f"the server sent {expected[:12]}…")
         return digest
 
-    install = {**base, "report": json.dumps(report), "identity-spans": identity_spans}
+    install = {**base, "report": json.dumps(report)}
     rounds.ask("install", f"{MessageType.TRAIN}.install",
                lambda: RecordDict({"maps": to_record(encode_maps(maps)), "config": ConfigRecord(install)}), accept_install)
     if config.evaluation.enabled:
-        report["evaluation"] = evaluate(rounds, config, release, {**base, "identity-spans": identity_spans}, maps,
-                                        int(model.num_features))
+        report["evaluation"] = evaluate(rounds, config, release, base, maps, int(model.num_features))
     report["federation"] = {"sites_connected": rounds.connected, "maps_sha256": expected, "rounds": rounds.report()}
     report_json = write_run(config.output, config.overwrite, maps, report, config.profile, superlink_checks, similarity)
     audit.result(expected, config.output, report_json)

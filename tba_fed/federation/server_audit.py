@@ -35,8 +35,6 @@ def reply_receipt(reply: Message) -> dict[str, Any]:
 
 
 class ServerAudit:
-    """Records one run's rounds in the server's audit log."""
-
     def __init__(self, path: Path, run_id: str) -> None:
         self.log = AuditLog(path)
         self.log.verified()  # fail before any site works, not after
@@ -49,14 +47,9 @@ class ServerAudit:
               contents: Mapping[int, RecordDict], receipts: Mapping[int, Mapping[str, Any]]) -> None:
         """A message round of `rounds.exchange`, after every reply was judged (before too few valid ones fail it):
         `outcomes` its `RoundLog.sites`; `receipts`: `reply_receipt` of each node's reply, taken as it was judged."""
-        sites: dict[str, dict[str, Any]] = {}
-        for site, outcome in outcomes.items():
-            node = outcome["node_id"]
-            record = {"node_id": node, "status": outcome["status"], "sent_sha256": content_sha256(contents[node])}
-            if "reason" in outcome:
-                record["reason"] = outcome["reason"]
-            record.update(receipts.get(node, {}))
-            sites[site] = record
+        sites = {site: {"node_id": o["node_id"], "status": o["status"], "sent_sha256": content_sha256(contents[o["node_id"]]),
+                        **({"reason": o["reason"]} if "reason" in o else {}), **receipts.get(o["node_id"], {})}
+                 for site, o in outcomes.items()}
         sent = received_schema(next(iter(contents.values()))) if contents else {}
         self._append(name, message_type=message_type, sent=sent, sites=sites)
 

@@ -43,7 +43,7 @@ from .records import from_record, to_record
 from .secure_aggregation import secure_round
 from .site_admission import admitted_model, check_run_profile
 from .site_context import SiteContext
-from .site_privacy import open_release
+from .site_privacy import RunSpec, open_release
 from .wire import (MODELS, Arrays, decode_heads, decode_maps, decode_priors, encode_probe, encode_similarity,
                    encode_spans)
 
@@ -62,15 +62,11 @@ class Site:
     device: str = "cpu"
     profile: str = "development"  # simulated sites; a deployed site's YAML says (default production)
 
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What a release serves: the run's id, its privacy request (None: exact sums), and the rest of
-    the specification as text (hashed into the ledger)."""
-
-    run_id: str
-    privacy: PrivacyRequest | None
-    spec: tuple[str, ...] = ()
+    def images(self, *parts: str) -> dict[str, int]:
+        """The size of each part named ("calibration", "held-out"); the held-out part is left out if the
+        configuration holds no images out."""
+        loaders = {"calibration": self.calibration, "held-out": self.holdout}
+        return {part: len(loaders[part].dataset) for part in parts if loaders[part] is not None}  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=2)
@@ -159,19 +155,6 @@ def run_spec(run_id: int | str, config: Mapping[str, Any], secure: SecureRound |
     return RunSpec(str(run_id), PrivacyRequest.from_json(privacy) if privacy else None, spec)
 
 
-def _images(loader: DataLoader | None) -> int:
-    return 0 if loader is None else len(loader.dataset)  # type: ignore[arg-type]
-
-
-def _calibration(site: Site) -> dict[str, int]:
-    return {"calibration": _images(site.calibration)}
-
-
-def _held_out(site: Site) -> dict[str, int]:
-    """The held-out part's size, if the site's configuration holds images out at all."""
-    return {} if site.holdout is None else {"held-out": _images(site.holdout)}
-
-
 def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec) -> Arrays:
     adapter = ViTAdapter(model)
     request = run.privacy
@@ -179,8 +162,7 @@ def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec
         raise TBAInputError("privacy.clip_blocks", f"{len(request.clip_blocks)} bounds for {adapter.num_blocks} blocks")
     tokens = adapter.tokens_per_image(token_mode)
     parts = similarity_parts(request.clip_blocks, tokens) if request is not None else None
-    with open_release(site.policy, run.privacy, "similarity", _calibration(site), site_name=site.name, run_id=run.run_id,
-                      spec=run.spec, parts=parts) as release:
+    with open_release(site.policy, run, "similarity", site.images("calibration"), site_name=site.name, parts=parts) as release:
         if release.stored is not None:
             return release.stored
         grant = release.grant
@@ -199,34 +181,32 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
     `secure`: the SecAgg+ round this reply goes into (None: a plain reply, which carries the full noise)."""
     adapter = ViTAdapter(model)
     request = run.privacy
-    summaries = {**_calibration(site), **_held_out(site)}
-    if request is None:
-        with open_release(site.policy, None, "statistics", summaries, site_name=site.name, run_id=run.run_id,
-                          spec=run.spec, parts=None, secure=secure):
-            calibration = collect_span_stats(adapter, site.calibration, plan.spans, token_mode=token_mode,
-                                             device=site.device)
-            holdout = (collect_span_stats(adapter, site.holdout, plan.spans, token_mode=token_mode, device=site.device)
-                       if site.holdout is not None else {s: SpanStats.zeros(adapter.embed_dim) for s in plan.spans})
-        _logger.info("%s: span sums over %d calibration and %d held-out images", site.name,
-                     calibration[plan.spans[0]].images, holdout[plan.spans[0]].images)
-        return encode_spans({"calibration": calibration, "holdout": holdout})
-    bounds = request.span_bounds(plan.spans)
-    if priors is None or set(priors) != set(plan.spans):
+    bounds = request.span_bounds(plan.spans) if request is not None else None
+    if request is not None and (priors is None or set(priors) != set(plan.spans)):
         raise TBAInputError("prior", "a private statistics release needs the run's prior map for every span")
-    parts = span_parts(plan.spans, bounds)
-    with open_release(site.policy, request, "statistics", summaries, site_name=site.name, run_id=run.run_id,
-                      spec=run.spec, parts=parts, secure=secure) as release:
+    parts = span_parts(plan.spans, bounds) if bounds is not None else None
+    summaries = site.images("calibration", "held-out")
+    with open_release(site.policy, run, "statistics", summaries, site_name=site.name, parts=parts, secure=secure) as release:
         if release.stored is not None:
             return release.stored
         per_split = {}
         for split, loader in (("calibration", site.calibration), ("holdout", site.holdout)):
-            per_split[split] = (collect_clipped_span_sums(adapter, loader, plan.spans, token_mode=token_mode,
-                                                          bounds=bounds, priors=priors, device=site.device)
-                                if loader is not None else {s: ClippedSpanSums.zeros(adapter.embed_dim) for s in plan.spans})
+            if loader is None:
+                per_split[split] = {s: (SpanStats if request is None else ClippedSpanSums).zeros(adapter.embed_dim)
+                                    for s in plan.spans}
+            elif request is None:
+                per_split[split] = collect_span_stats(adapter, loader, plan.spans, token_mode=token_mode, device=site.device)
+            else:
+                per_split[split] = collect_clipped_span_sums(adapter, loader, plan.spans, token_mode=token_mode,
+                                                             bounds=bounds, priors=priors, device=site.device)
         first = per_split["calibration"][plan.spans[0]]
+        grant = release.grant
+        if grant is None:
+            _logger.info("%s: span sums over %d calibration and %d held-out images", site.name, first.images,
+                         per_split["holdout"][plan.spans[0]].images)
+            return encode_spans(per_split)
         _logger.info("%s: private span sums over %d calibration images (%d down-weighted to their bounds)", site.name,
                      first.images, first.clipped)
-        grant = release.grant
         return release.keep(encode_spans(noisy_spans(per_split, parts, grant.site_sigma, grant.noise)))
 
 
@@ -247,7 +227,7 @@ def secure_statistics(config: Mapping[str, Any], context: Any, site_context: Sit
     adapter = ViTAdapter(model)
     plan = parse_plan(str(config["plan"]), adapter.num_blocks)
     max_images = int(config["max-images"])
-    if _images(site.calibration) + _images(site.holdout) > max_images:
+    if sum(site.images("calibration", "held-out").values()) > max_images:
         raise PolicyRefusal("federation.max_images_per_site", f"{site.name} holds more images than the fixed-point "
                                                               f"range allows ({max_images})", "raise max_images_per_site")
     priors = decode_priors(str(config.get("prior-maps", "")), plan.spans, adapter.embed_dim)
@@ -262,8 +242,7 @@ def probe_reply(model: nn.Module, compressed: nn.Module, site: Site, num_classes
     if request is not None and request.clip_features is None:
         raise TBAInputError("privacy.clip_features", "a private probe release needs a feature clipping bound")
     parts = probe_parts(MODELS, request.clip_features) if request is not None else None
-    with open_release(site.policy, request, "probe", _calibration(site), site_name=site.name, run_id=run.run_id,
-                      spec=run.spec, parts=parts) as release:
+    with open_release(site.policy, run, "probe", site.images("calibration"), site_name=site.name, parts=parts) as release:
         if release.stored is not None:
             return release.stored
         grant = release.grant
@@ -283,8 +262,7 @@ def accuracy_reply(model: nn.Module, compressed: nn.Module, site: Site, heads: M
         raise TBAInputError("data.holdout_fraction", f"{site.name} holds no images out to evaluate on",
                             "set data.holdout_fraction above 0")
     parts = accuracy_parts() if run.privacy is not None else None
-    with open_release(site.policy, run.privacy, "accuracy", _held_out(site), site_name=site.name, run_id=run.run_id,
-                      spec=run.spec, parts=parts) as release:
+    with open_release(site.policy, run, "accuracy", site.images("held-out"), site_name=site.name, parts=parts) as release:
         if release.stored is None:
             original, total = accuracy(model, heads["original"], site.holdout, device=site.device)
             compressed_correct, _ = accuracy(compressed, heads["compressed"], site.holdout, device=site.device)

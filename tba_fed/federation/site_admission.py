@@ -35,14 +35,6 @@ from ..models import OFFLINE_MODELS
 from .site_context import SiteContext
 
 
-def requested_model(request: Mapping[str, Any]) -> ModelConfig:
-    """The model a request names (its config's ``model``, JSON), validated like a YAML model section."""
-    try:
-        return ModelConfig.model_validate_json(str(request.get("model", "")))
-    except ValidationError as err:
-        raise _format_validation_error(err, "model") from None
-
-
 def _text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
@@ -74,7 +66,10 @@ def admitted_model(site: SiteContext, request: Mapping[str, Any]) -> ModelConfig
     """The model this site serves `request` with, once it has checked the request's profile and model; raises
     a TBAInputError naming ``profile`` or ``model`` otherwise. Loads no weights and reads no image."""
     check_run_profile(site.name, site.profile, request)
-    requested = requested_model(request)
+    try:  # the request's config names its model as JSON, validated like a YAML model section
+        requested = ModelConfig.model_validate_json(str(request.get("model", "")))
+    except ValidationError as err:
+        raise _format_validation_error(err, "model") from None
     declared = site.config.model if site.config is not None else None  # simulated sites serve the run's model
     if declared is None:
         return requested

@@ -108,7 +108,7 @@ def _served(context: Context, round_name: str, request: Callable[[], dict[str, A
         outcome: dict[str, Any] = {"status": "ok", "sent_sha256": content_sha256(content),
                                    "sent": sent_schema(content)}
         if event["release"] in RELEASES:
-            outcome["grant"] = release_record(site_context.ledger, event["run_id"], event["release"])
+            outcome["grant"] = release_record(site_context.policy.ledger, event["run_id"], event["release"])
         return result, log.append({**event, **outcome})
     except Exception as err:
         leaving = err if isinstance(err, SiteRefusal) else SiteError(site, err)

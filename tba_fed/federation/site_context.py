@@ -28,7 +28,7 @@ def simulated_site(run: FederatedRunConfig, site: int) -> tuple[str, Path, SiteP
 
 
 class SiteContext:
-    """The site a message is served by: its name, profile, policy, output, audit log and ledger."""
+    """The site a message is served by: its name, profile, policy, output and audit log."""
 
     def __init__(self, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> None:
         if "site-config" not in node_config and "partition-id" not in node_config:
@@ -38,7 +38,6 @@ class SiteContext:
 
     @cached_property
     def config(self) -> SiteConfig | None:
-        """A deployed site's YAML; None for a simulated site."""
         if "site-config" not in self.node_config:
             return None
         return load_site_config(Path(str(self.node_config["site-config"])))
@@ -58,7 +57,6 @@ class SiteContext:
 
     @property
     def profile(self) -> str:
-        """Simulated sites are development sites."""
         return self.config.profile if self.config is not None else "development"
 
     @cached_property
@@ -76,7 +74,3 @@ class SiteContext:
     @property
     def audit(self) -> Path:
         return self.config.audit_log if self.config is not None else self.output / SITE_AUDIT_FILE
-
-    @property
-    def ledger(self) -> Path | None:
-        return self.policy.ledger

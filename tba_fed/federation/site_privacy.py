@@ -27,7 +27,6 @@ _logger = logging.getLogger(__name__)
 class Grant:
     """Permission for one release: the site's noise multiplier (σ, or σ/√K when split) and its noise."""
 
-    sigma: float
     site_sigma: float
     noise: NoiseSource
 
@@ -37,6 +36,16 @@ def noise_source(request: PrivacyRequest, site_name: str, release: str) -> Noise
         return NoiseSource.secure()
     digest = hashlib.sha256(f"{request.seed}/{site_name}/{release}".encode()).digest()
     return NoiseSource.seeded(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a release serves: the run's id, its privacy request (None: exact sums), and the rest of
+    the specification as text (hashed into the ledger)."""
+
+    run_id: str
+    privacy: PrivacyRequest | None
+    spec: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,9 +64,8 @@ class Release:
 
 
 @contextlib.contextmanager
-def open_release(policy: SitePolicy, request: PrivacyRequest | None, release: str, summaries: Mapping[str, int], *,
-                 site_name: str, run_id: str, spec: Sequence[str], parts: Sequence[Part] | None,
-                 secure: SecureRound | None = None) -> Iterator[Release]:
+def open_release(policy: SitePolicy, run: RunSpec, release: str, summaries: Mapping[str, int], *, site_name: str,
+                 parts: Sequence[Part] | None, secure: SecureRound | None = None) -> Iterator[Release]:
     """Check, account and record one release, idempotently per (run id, release).
 
     `summaries` are the image counts of each sum the release makes (e.g. calibration and held-out),
@@ -65,6 +73,7 @@ def open_release(policy: SitePolicy, request: PrivacyRequest | None, release: st
     (None: a plain reply, which must carry the full noise). Exact statistics (the policy allows no DP)
     are recomputed on every ask: the same sums each time.
     """
+    request, run_id = run.privacy, run.run_id
     check_request(policy, request, release, secure)
     check_images(policy, summaries)
     if request is None:
@@ -72,7 +81,7 @@ def open_release(policy: SitePolicy, request: PrivacyRequest | None, release: st
         return
     sigma, site_sigma = request.noise_multiplier(), request.site_noise_multiplier()
     noise = noise_source(request, site_name, release)
-    entry = LedgerEntry(run_id=run_id, release=release, spec_sha256=spec_hash(request.to_json(), release, *spec),
+    entry = LedgerEntry(run_id=run_id, release=release, spec_sha256=spec_hash(request.to_json(), release, *run.spec),
                         mechanism="gaussian", noise_multiplier=sigma,
                         noise_std={p.name: p.std(site_sigma) for p in parts or ()}, noise=noise.mode,
                         aggregation=f"{request.aggregation} (noise split over {request.noise_sites} sites)"
@@ -80,7 +89,7 @@ def open_release(policy: SitePolicy, request: PrivacyRequest | None, release: st
                         images=sum(summaries.values()), epsilon_run=request.epsilon, delta=request.delta, time=now(),
                         site_noise_multiplier=site_sigma, accountant=request.accountant, releases=request.releases)
     ledger, store = PrivacyLedger(policy.ledger), ReleaseStore(policy.ledger)
-    grant = Grant(sigma, site_sigma, noise)
+    grant = Grant(site_sigma, noise)
     with store.locked(run_id, release):
         recorded = ledger.record(entry, budget=policy.epsilon, delta=policy.delta, accountant=policy.accountant)
         if recorded.payload_sha256 is not None:

@@ -76,7 +76,6 @@ class Schema:
         return {prefix + f.key: f.wire_shape(sizes) for prefix in prefixes for f in self.fields}
 
     def encode(self, groups: Mapping[str, Mapping[str, np.ndarray]]) -> Arrays:
-        """``{prefix: accumulator.to_arrays()}`` -> the flat payload."""
         out: Arrays = {}
         for prefix, arrays in groups.items():
             for f in self.fields:
@@ -149,14 +148,9 @@ def decode_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: i
     """Exact span sums, checked by their schema and each Gram for positive semi-definiteness."""
     spans = list(spans)
     groups = SPAN.decode(arrays, _span_prefixes(spans), dim=dim)
-    out: dict[str, dict[Span, SpanStats]] = {split: {} for split in SPLITS}
-    for split in SPLITS:
-        for span in spans:
-            prefix = f"{split}/{span.key}/"
-            acc = SpanStats(**groups[prefix])
-            check_psd(acc.gram, f"statistics.{prefix}gram_triu", psd_tolerance)
-            out[split][span] = acc
-    return out
+    for prefix, group in groups.items():
+        check_psd(group["gram"], f"statistics.{prefix}gram_triu", psd_tolerance)
+    return {split: {span: SpanStats(**groups[f"{split}/{span.key}/"]) for span in spans} for split in SPLITS}
 
 
 def decode_private_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int
@@ -180,17 +174,15 @@ def decode_probe(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int, *
     """Both models' probe sums, checked by their schema. ``psd_tolerance=None`` marks a private (noisy)
     release: its Gram may be indefinite and its class counts fractional, so neither is checked."""
     groups = PROBE.decode(arrays, [f"{which}/" for which in MODELS], dim=dim, classes=num_classes)
-    out = {}
     for which in MODELS:
-        stats = ProbeStats(**groups[f"{which}/"])
-        check_psd(stats.gram, f"probe.{which}/gram_triu", psd_tolerance)
-        counts = stats.class_counts.numpy()
+        group = groups[f"{which}/"]
+        check_psd(group["gram"], f"probe.{which}/gram_triu", psd_tolerance)
+        counts, images = group["class_counts"].numpy(), group["images"]
         if psd_tolerance is not None and (counts.min(initial=0) < 0 or not np.array_equal(counts, np.round(counts))
-                                          or counts.sum() != stats.images):
+                                          or counts.sum() != images):
             raise TBAInputError(f"probe.{which}/class_counts", f"{counts.tolist()} are not non-negative integers "
-                                                               f"summing to the {stats.images} images")
-        out[which] = stats
-    return out
+                                                               f"summing to the {images} images")
+    return {which: ProbeStats(**groups[f"{which}/"]) for which in MODELS}
 
 
 def encode_heads(heads: Mapping[str, ProbeHead]) -> Arrays:
@@ -200,7 +192,7 @@ def encode_heads(heads: Mapping[str, ProbeHead]) -> Arrays:
 
 def decode_heads(arrays: Mapping[str, np.ndarray], dim: int, num_classes: int) -> dict[str, ProbeHead]:
     groups = HEADS.decode(arrays, [f"{which}/" for which in MODELS], dim=dim, classes=num_classes)
-    return {which: ProbeHead(groups[f"{which}/"]["weight"], groups[f"{which}/"]["bias"]) for which in MODELS}
+    return {which: ProbeHead(**groups[f"{which}/"]) for which in MODELS}
 
 
 ACCURACY = ("original_correct", "compressed_correct", "total")
