@@ -19,21 +19,20 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import TBAInputError
-from ..federation.flower_internals import public_key_to_bytes, uses_nist_ec_curve
+from ..federation.flower_internals import uses_nist_ec_curve
 
 MAKE_CERTIFICATES = "scripts/make-certificates.sh"
 OPENSSH_PRIVATE = b"-----BEGIN OPENSSH PRIVATE KEY-----"
 
 
 def load_certificate(path: Path, field: str) -> x509.Certificate:
+    fix = f"give the PEM file {MAKE_CERTIFICATES} wrote"
     try:
         return x509.load_pem_x509_certificate(Path(path).read_bytes())
     except OSError as err:
-        raise TBAInputError(field, f"cannot read {path} ({err.strerror})", f"give the PEM file {MAKE_CERTIFICATES} wrote") \
-            from None
+        raise TBAInputError(field, f"cannot read {path} ({err.strerror})", fix) from None
     except ValueError as err:
-        raise TBAInputError(field, f"{path} is not a PEM certificate ({err})", f"give the PEM file {MAKE_CERTIFICATES} wrote") \
-            from None
+        raise TBAInputError(field, f"{path} is not a PEM certificate ({err})", fix) from None
 
 
 def days_left(cert: x509.Certificate, now: dt.datetime | None = None) -> float:
@@ -131,16 +130,6 @@ def load_auth_public_key(path: Path, field: str) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def key_bytes(key: ec.EllipticCurvePublicKey) -> bytes:
-    """The public key as the SuperLink stores it (what `flwr supernode register` sends)."""
-    return public_key_to_bytes(key)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def tls_context(ca_certfile: Path, field: str) -> ssl.SSLContext:
     """A client context that trusts only `ca_certfile` and checks host names."""
     try:
@@ -153,8 +142,9 @@ def tls_context(ca_certfile: Path, field: str) -> ssl.SSLContext:
 def tls_handshake(address: str, context: ssl.SSLContext, timeout: float = 10.0) -> str:
     """Connect to host:port and complete a TLS handshake that verifies the server's certificate with
     `context` (tls_context) and its host name; return the TLS version. Raises OSError (ssl.SSLError included)."""
-    host, port = split_address(address)
-    with socket.create_connection((host, port), timeout=timeout) as sock, \
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")  # an IPv6 address in brackets
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock, \
             context.wrap_socket(sock, server_hostname=host) as tls:
         return str(tls.version())
 

@@ -21,7 +21,7 @@ from ..errors import TBAInputError
 from ..fileio import writable_location
 from . import certificates as certs
 from ..federation.config import SuperLinkConfig
-from ..federation.flower_internals import database_node_ids
+from ..federation.flower_internals import database_node_ids, public_key_to_bytes
 from .flower_control import SuperLinkAPIError, accepts_unregistered_nodes, registered_nodes
 
 Status = Literal["OK", "PROBLEM", "NOTE"]
@@ -121,7 +121,7 @@ def auth_key_check(field: str, path: Path) -> Check:
         public = certs.load_auth_public_key(pub := Path(f"{path}.pub"), field)
     except TBAInputError as err:
         return from_error(err)
-    if certs.key_bytes(public) != certs.key_bytes(key.public_key()):
+    if public_key_to_bytes(public) != public_key_to_bytes(key.public_key()):
         return problem(field, f"{pub} does not match {path}",
                        "put the .pub generated with this key beside it; the SuperLink must register that one")
     return ok(field, f"{path}: EC {key.curve.name} key in OpenSSH format, {pub.name} matches")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from ..errors import TBAInputError, TBARunError
 from ..privacy.site_state import open_state
-from .certificates import describe_os_error, key_bytes, load_auth_public_key, tls_context, tls_handshake
+from .certificates import describe_os_error, load_auth_public_key, tls_context, tls_handshake
 from ..federation.config import FederatedRunConfig, SiteConfig, TLSFiles
+from ..federation.flower_internals import public_key_to_bytes
 from .flower_control import SuperLinkAPIError, register_node, registered_nodes
 from .profile import require_site, require_run
 from .processes import executable, flower_env, stop_process, superlink_args
@@ -86,8 +87,8 @@ def register_sites(config: FederatedRunConfig) -> dict[str, int]:
     registered = {}
     for name, path in sl.sites.items():
         key = load_auth_public_key(path, f"superlink.sites.{name}")
-        if key_bytes(key) in known:
-            registered[name] = known[key_bytes(key)]
+        if public_key_to_bytes(key) in known:
+            registered[name] = known[public_key_to_bytes(key)]
             continue
         registered[name] = register_node(sl.fleet_address, ca, key, name)
         _logger.info("registered %s (%s) as node %d", name, path, registered[name])

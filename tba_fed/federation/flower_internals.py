@@ -173,12 +173,12 @@ def control_list_nodes(address: str, ca_certfile: Path) -> list[Any]:
         return list(client.ListNodes(ListNodesRequest()).nodes_info)
 
 
-def control_register_node(address: str, ca_certfile: Path, public_key: bytes, name: str) -> int:
+def control_register_node(address: str, ca_certfile: Path, public_key: ec.EllipticCurvePublicKey, name: str) -> int:
     """The Control API's ``RegisterNode`` (``flwr supernode register KEY.pub --name NAME``); the new node id."""
     from flwr.proto.control_pb2 import RegisterNodeRequest
 
     with _control(address, ca_certfile) as client:
-        return int(client.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name)).node_id)
+        return int(client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(public_key), name=name)).node_id)
 
 
 def fleet_client(address: str, ca_certfile: Path, private_key: ec.EllipticCurvePrivateKey,
