@@ -10,7 +10,6 @@ model's weights. Each check is one `Check`; the CLI prints them and fails if any
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from ..config import ModelConfig, read_yaml, validate
@@ -23,13 +22,7 @@ from .checks import Check, note, ok, problem
 from ..federation.config import FederatedRunConfig, SiteConfig
 from .profile import run_errors, site_errors
 
-_logger = logging.getLogger(__name__)
 DEFAULT_EXPIRY_DAYS = 30.0
-
-
-def detect_kind(raw: dict) -> str:
-    """A site YAML names the site; a run YAML has no ``name``."""
-    return "site" if "name" in raw else "server"
 
 
 def preflight(path: Path, kind: str | None = None, expiry_days: float = DEFAULT_EXPIRY_DAYS) -> list[Check]:
@@ -37,7 +30,7 @@ def preflight(path: Path, kind: str | None = None, expiry_days: float = DEFAULT_
         raw = read_yaml(Path(path))
     except TBAInputError as err:
         return [c.from_error(err)]
-    kind = kind or detect_kind(raw)
+    kind = kind or ("site" if "name" in raw else "server")  # a site YAML names the site; a run YAML has no name
     return site_preflight(path, raw, expiry_days) if kind == "site" else server_preflight(path, raw, expiry_days)
 
 
@@ -53,8 +46,7 @@ def site_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
     except TBAInputError as err:
         return [c.from_error(err)]
     results = [ok("config", f"{path} is a valid site YAML ({site.name})"), _profile(site.profile, "profile" in raw)]
-    missing = site_errors(site)
-    results += [c.from_error(err, "PROBLEM" if site.profile == "production" else "NOTE") for err in missing]
+    results += [c.from_error(err, "PROBLEM" if site.profile == "production" else "NOTE") for err in site_errors(site)]
     conn = site.connection
     if conn is not None:
         ca = conn.root_certificates
@@ -81,9 +73,12 @@ def site_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
         weights = weights_check(site.model, site.profile)
         results.append(weights)
         if not weights.problem:
-            model, error = _build(site.model)
-            if error is not None:
-                results.append(error)
+            from ..models import create_model
+
+            try:
+                model = create_model(site.model)
+            except TBAInputError as err:
+                results.append(c.from_error(err))
     results.append(data_check(site, model) if model is not None
                    else note("data", "not read: no usable model to preprocess the images with"))
     results += privacy_checks(site)
@@ -179,15 +174,6 @@ def weights_check(model: ModelConfig, profile: str) -> Check:
         return note("model.pretrained", f"timm hub weights of {model.name} are not pinned by a checksum",
                     "save them as a local checkpoint and set model.checkpoint and model.sha256")
     return note("model", f"{model.name} is a random initialisation (seed {model.seed}): no weights to check")
-
-
-def _build(model: ModelConfig):
-    from ..models import create_model
-
-    try:
-        return create_model(model), None
-    except TBAInputError as err:
-        return None, c.from_error(err)
 
 
 def data_check(site: SiteConfig, model) -> Check:
