@@ -28,10 +28,14 @@ DEFAULT_EXPIRY_DAYS = 30.0
 def preflight(path: Path, kind: str | None = None, expiry_days: float = DEFAULT_EXPIRY_DAYS) -> list[Check]:
     try:
         raw = read_yaml(Path(path))
+        kind = kind or ("site" if "name" in raw else "server")  # a site YAML names the site; a run YAML has no name
+        config = validate(SiteConfig if kind == "site" else FederatedRunConfig, raw)
     except TBAInputError as err:
         return [c.from_error(err)]
-    kind = kind or ("site" if "name" in raw else "server")  # a site YAML names the site; a run YAML has no name
-    return site_preflight(path, raw, expiry_days) if kind == "site" else server_preflight(path, raw, expiry_days)
+    profile = _profile(config.profile, "profile" in raw)
+    if isinstance(config, SiteConfig):
+        return [ok("config", f"{path} is a valid site YAML ({config.name})"), profile, *site_preflight(config, expiry_days)]
+    return [ok("config", f"{path} is a valid run YAML"), profile, *server_preflight(config, expiry_days)]
 
 
 def _profile(profile: str, explicit: bool) -> Check:
@@ -40,13 +44,8 @@ def _profile(profile: str, explicit: bool) -> Check:
     return note("profile", "development: insecure settings are allowed; never use it with real patient data")
 
 
-def site_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
-    try:
-        site = validate(SiteConfig, raw)
-    except TBAInputError as err:
-        return [c.from_error(err)]
-    results = [ok("config", f"{path} is a valid site YAML ({site.name})"), _profile(site.profile, "profile" in raw)]
-    results += [c.from_error(err, "PROBLEM" if site.profile == "production" else "NOTE") for err in site_errors(site)]
+def site_preflight(site: SiteConfig, expiry_days: float) -> list[Check]:
+    results = [c.from_error(err, "PROBLEM" if site.profile == "production" else "NOTE") for err in site_errors(site)]
     conn = site.connection
     if conn is not None:
         ca = conn.root_certificates
@@ -86,13 +85,8 @@ def site_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
     return results
 
 
-def server_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
-    try:
-        config = validate(FederatedRunConfig, raw)
-    except TBAInputError as err:
-        return [c.from_error(err)]
-    results = [ok("config", f"{path} is a valid run YAML"), _profile(config.profile, "profile" in raw)]
-    results += [c.from_error(err) for err in run_errors(config)]
+def server_preflight(config: FederatedRunConfig, expiry_days: float) -> list[Check]:
+    results = [c.from_error(err) for err in run_errors(config)]
     sl = config.superlink
     if sl is not None:
         tls = sl.certificates
