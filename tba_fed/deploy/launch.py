@@ -8,7 +8,6 @@ runs in the foreground; SIGINT/SIGTERM are forwarded to it and its exit code is 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import subprocess
@@ -112,9 +111,6 @@ def run_foreground(args: list[str], *, ready=None) -> int:
     finally:
         for sig, handler in forwarded.items():
             signal.signal(sig, handler)
-        with contextlib.suppress(OSError):
-            if process.poll() is None:
-                stop_process(process)
 
 
 def run_superlink(config: FederatedRunConfig) -> int:
