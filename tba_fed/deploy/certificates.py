@@ -73,7 +73,6 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 def covers_host(cert: x509.Certificate, host: str) -> bool:
-    """True if the certificate's subjectAltName lists `host` (a DNS name, or an IP address)."""
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -91,11 +90,7 @@ def key_matches_certificate(keyfile: Path, cert: x509.Certificate, field: str) -
         raise TBAInputError(field, f"cannot read {keyfile} ({err.strerror})") from None
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise TBAInputError(field, f"{keyfile} is not an unencrypted PEM private key ({err})") from None
-    return _public_der(key.public_key()) == _public_der(cert.public_key())
-
-
-def _public_der(key) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key() == cert.public_key()
 
 
 def load_auth_private_key(path: Path, field: str) -> ec.EllipticCurvePrivateKey:
@@ -150,7 +145,6 @@ def tls_handshake(address: str, context: ssl.SSLContext, timeout: float = 10.0) 
 
 
 def describe_os_error(err: OSError) -> str:
-    """A short reason for a failed connection or handshake."""
     if isinstance(err, ssl.SSLCertVerificationError):
         return f"certificate not accepted: {err.verify_message}"
     if isinstance(err, ssl.SSLError):
