@@ -110,7 +110,6 @@ def local_superlink(home: Path, port: int, *, simulation: bool = False, certific
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
-    """Terminate a process we started, killing it if it does not exit in time."""
     process.terminate()
     try:
         process.wait(timeout=timeout)
