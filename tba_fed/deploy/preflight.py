@@ -217,21 +217,18 @@ def privacy_checks(site: SiteConfig) -> list[Check]:
     """The policy can release something, and the ledger is whole and can be written (seeded noise: site_errors)."""
     policy = site.privacy
     assert policy.ledger is not None
-    results = []
     try:
         if site.state is not None:
             open_state(site.state, site.name, policy.ledger)
         spent = PrivacyLedger(policy.ledger).spent(policy.delta, policy.accountant)
     except TBAInputError as err:
-        results.append(c.from_error(err))
+        budget = c.from_error(err)
     else:
-        if spent >= policy.epsilon:
-            results.append(problem("privacy.epsilon", f"the budget is spent (ε {spent:.4f} of {policy.epsilon:g}): "
-                                                      "every private release will be refused",
-                                   "raising the budget is a governance decision, not a fix to make lightly"))
-        else:
-            results.append(ok("privacy", f"releases {', '.join(policy.releases)}; ε {spent:.4f} spent of "
-                                         f"{policy.epsilon:g} at δ={policy.delta:g} ({policy.accountant.upper()}, "
-                                         f"add/remove-one-image); min_images {policy.min_images}"))
-    results.append(c.writable_directory("privacy.ledger", policy.ledger.parent))
-    return results
+        budget = (problem("privacy.epsilon", f"the budget is spent (ε {spent:.4f} of {policy.epsilon:g}): every private "
+                                             "release will be refused",
+                          "raising the budget is a governance decision, not a fix to make lightly")
+                  if spent >= policy.epsilon else
+                  ok("privacy", f"releases {', '.join(policy.releases)}; ε {spent:.4f} spent of {policy.epsilon:g} at "
+                                f"δ={policy.delta:g} ({policy.accountant.upper()}, add/remove-one-image); min_images "
+                                f"{policy.min_images}"))
+    return [budget, c.writable_directory("privacy.ledger", policy.ledger.parent)]
