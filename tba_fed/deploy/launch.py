@@ -33,9 +33,7 @@ class LaunchError(TBARunError):
 def superlink_command(config: FederatedRunConfig) -> list[str]:
     """flower-superlink's arguments for this run YAML (its profile's requirements checked first)."""
     sl = require_run(config)  # development only can have no certificates (--insecure)
-    tls = None if sl.certificates is None else TLSFiles(certfile=sl.certificates.certfile.resolve(),
-                                                        keyfile=sl.certificates.keyfile.resolve(),
-                                                        ca_certfile=sl.certificates.ca_certfile.resolve())
+    tls = None if sl.certificates is None else TLSFiles(**{name: path.resolve() for name, path in sl.certificates})
     return superlink_args(host=sl.host, port=sl.port, certificates=tls, node_auth=sl.node_auth,
                           database=sl.database.resolve() if sl.database is not None else None)
 
@@ -56,7 +54,6 @@ def supernode_command(site: SiteConfig, site_yaml: Path) -> list[str]:
 
 
 def wait_for_tls(process: subprocess.Popen, address: str, ca_certfile: Path, timeout: float = 120.0) -> None:
-    """Until the SuperLink completes a verified TLS handshake (or exits, or the timeout passes)."""
     deadline = time.monotonic() + timeout
     context = tls_context(ca_certfile, "superlink.certificates.ca_certfile")
     while True:
