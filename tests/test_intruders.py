@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from tba_fed.audit import check_chain
-from tba_fed.deploy.certificates import key_bytes, load_auth_public_key
+from tba_fed.deploy.certificates import load_auth_public_key
+from tba_fed.federation.flower_internals import public_key_to_bytes
 from tba_fed.deploy.flower_control import registered_nodes
 from tba_fed.deploy.processes import free_port, stop_process
 from tba_fed.privacy.ledger import PrivacyLedger
@@ -75,7 +76,7 @@ def _supernode(cluster: Cluster, name: str, ca: Path, key: Path) -> subprocess.P
 
 def _node_of(cluster: Cluster, public_key: Path) -> int:
     """The node id the SuperLink registered for `public_key`."""
-    wanted = key_bytes(load_auth_public_key(public_key, "key"))
+    wanted = public_key_to_bytes(load_auth_public_key(public_key, "key"))
     [node] = [n.node_id for n in registered_nodes(f"127.0.0.1:{cluster.port}", cluster.certs / "ca.crt")
               if n.public_key == wanted]
     return node

@@ -27,7 +27,8 @@ from tba_fed import ModelConfig, TBAInputError, create_model
 from tba_fed.cli import run_preflight
 from tba_fed.fileio import file_sha256
 from tba_fed.privacy.site_state import initialise
-from tba_fed.deploy.certificates import key_bytes, load_auth_public_key
+from tba_fed.deploy.certificates import load_auth_public_key
+from tba_fed.federation.flower_internals import public_key_to_bytes
 from tba_fed.federation.config import load_federated_config
 from tba_fed.deploy.flower_control import registered_nodes
 from tba_fed.deploy.preflight import preflight
@@ -95,7 +96,7 @@ def setup(tmp_path_factory):
 
 def _wait_registered(process, address, certs, log, timeout=120.0):
     """Until `tba-fed superlink` has registered hospital-a's key (it does so once TLS is up)."""
-    key = key_bytes(load_auth_public_key(certs / "hospital-a.key.pub", "key"))
+    key = public_key_to_bytes(load_auth_public_key(certs / "hospital-a.key.pub", "key"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -19,21 +19,20 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import TBAInputError
-from ..federation.flower_internals import public_key_to_bytes, uses_nist_ec_curve
+from ..federation.flower_internals import uses_nist_ec_curve
 
 MAKE_CERTIFICATES = "scripts/make-certificates.sh"
 OPENSSH_PRIVATE = b"-----BEGIN OPENSSH PRIVATE KEY-----"
 
 
 def load_certificate(path: Path, field: str) -> x509.Certificate:
+    fix = f"give the PEM file {MAKE_CERTIFICATES} wrote"
     try:
         return x509.load_pem_x509_certificate(Path(path).read_bytes())
     except OSError as err:
-        raise TBAInputError(field, f"cannot read {path} ({err.strerror})", f"give the PEM file {MAKE_CERTIFICATES} wrote") \
-            from None
+        raise TBAInputError(field, f"cannot read {path} ({err.strerror})", fix) from None
     except ValueError as err:
-        raise TBAInputError(field, f"{path} is not a PEM certificate ({err})", f"give the PEM file {MAKE_CERTIFICATES} wrote") \
-            from None
+        raise TBAInputError(field, f"{path} is not a PEM certificate ({err})", fix) from None
 
 
 def days_left(cert: x509.Certificate, now: dt.datetime | None = None) -> float:
@@ -74,7 +73,6 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 def covers_host(cert: x509.Certificate, host: str) -> bool:
-    """True if the certificate's subjectAltName lists `host` (a DNS name, or an IP address)."""
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -92,11 +90,7 @@ def key_matches_certificate(keyfile: Path, cert: x509.Certificate, field: str) -
         raise TBAInputError(field, f"cannot read {keyfile} ({err.strerror})") from None
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise TBAInputError(field, f"{keyfile} is not an unencrypted PEM private key ({err})") from None
-    return _public_der(key.public_key()) == _public_der(cert.public_key())
-
-
-def _public_der(key) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key() == cert.public_key()
 
 
 def load_auth_private_key(path: Path, field: str) -> ec.EllipticCurvePrivateKey:
@@ -131,16 +125,6 @@ def load_auth_public_key(path: Path, field: str) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def key_bytes(key: ec.EllipticCurvePublicKey) -> bytes:
-    """The public key as the SuperLink stores it (what `flwr supernode register` sends)."""
-    return public_key_to_bytes(key)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def tls_context(ca_certfile: Path, field: str) -> ssl.SSLContext:
     """A client context that trusts only `ca_certfile` and checks host names."""
     try:
@@ -153,14 +137,14 @@ def tls_context(ca_certfile: Path, field: str) -> ssl.SSLContext:
 def tls_handshake(address: str, context: ssl.SSLContext, timeout: float = 10.0) -> str:
     """Connect to host:port and complete a TLS handshake that verifies the server's certificate with
     `context` (tls_context) and its host name; return the TLS version. Raises OSError (ssl.SSLError included)."""
-    host, port = split_address(address)
-    with socket.create_connection((host, port), timeout=timeout) as sock, \
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")  # an IPv6 address in brackets
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock, \
             context.wrap_socket(sock, server_hostname=host) as tls:
         return str(tls.version())
 
 
 def describe_os_error(err: OSError) -> str:
-    """A short reason for a failed connection or handshake."""
     if isinstance(err, ssl.SSLCertVerificationError):
         return f"certificate not accepted: {err.verify_message}"
     if isinstance(err, ssl.SSLError):

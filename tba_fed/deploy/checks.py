@@ -21,7 +21,7 @@ from ..errors import TBAInputError
 from ..fileio import writable_location
 from . import certificates as certs
 from ..federation.config import SuperLinkConfig
-from ..federation.flower_internals import database_node_ids
+from ..federation.flower_internals import database_node_ids, public_key_to_bytes
 from .flower_control import SuperLinkAPIError, accepts_unregistered_nodes, registered_nodes
 
 Status = Literal["OK", "PROBLEM", "NOTE"]
@@ -58,10 +58,7 @@ def problem(field: str, message: str, fix: str | None = None) -> Check:
 
 
 def from_error(err: TBAInputError, status: Status = "PROBLEM") -> Check:
-    message = str(err)[len(err.field) + 2:]
-    if err.fix:
-        message = message[: -len(err.fix) - 3]
-    return Check(err.field, status, message, err.fix)
+    return Check(err.field, status, err.message, err.fix)
 
 
 def problems(checks: Iterable[Check]) -> list[Check]:
@@ -121,7 +118,7 @@ def auth_key_check(field: str, path: Path) -> Check:
         public = certs.load_auth_public_key(pub := Path(f"{path}.pub"), field)
     except TBAInputError as err:
         return from_error(err)
-    if certs.key_bytes(public) != certs.key_bytes(key.public_key()):
+    if public_key_to_bytes(public) != public_key_to_bytes(key.public_key()):
         return problem(field, f"{pub} does not match {path}",
                        "put the .pub generated with this key beside it; the SuperLink must register that one")
     return ok(field, f"{path}: EC {key.curve.name} key in OpenSSH format, {pub.name} matches")
@@ -162,7 +159,7 @@ def registration_checks(address: str, ca_certfile: Path, keys: Mapping[str, tupl
     listed = set()
     for name, (field, path) in keys.items():
         try:
-            key = certs.key_bytes(certs.load_auth_public_key(path, field))
+            key = public_key_to_bytes(certs.load_auth_public_key(path, field))
         except TBAInputError as err:
             found.append(from_error(err))
             continue
@@ -186,26 +183,23 @@ def registration_checks(address: str, ca_certfile: Path, keys: Mapping[str, tupl
 def live_superlink_checks(superlink: SuperLinkConfig) -> list[Check]:
     """What the running SuperLink actually does: TLS with the configured CA, SuperNode authentication,
     and its state in the configured database file."""
-    ca = superlink.certificates.ca_certfile if superlink.certificates else None
-    if ca is None:
+    if superlink.certificates is None:
         return [problem("superlink.certificates", "no CA certificate to verify the SuperLink's TLS against",
                         "set superlink.certificates")]
+    ca = superlink.certificates.ca_certfile
     address = superlink.fleet_address
     tls = reachable("superlink.certificates", address, ca)
     if tls.problem:
         return [tls]
-    found = [tls]
     try:
         open_registration = accepts_unregistered_nodes(address, ca)
     except (SuperLinkAPIError, httpx.HTTPError, OSError) as err:
-        return [*found, problem("superlink.node_auth", f"cannot ask {address} whether it authenticates SuperNodes "
-                                                       f"({err})", RESTART)]
-    found.append(problem("superlink.node_auth", f"the SuperLink at {address} lets unregistered SuperNodes register "
+        return [tls, problem("superlink.node_auth", f"cannot ask {address} whether it authenticates SuperNodes ({err})",
+                             RESTART)]
+    node_auth = (problem("superlink.node_auth", f"the SuperLink at {address} lets unregistered SuperNodes register "
                                                 "(started without --enable-supernode-auth)", RESTART)
-                 if open_registration else
-                 ok("superlink.node_auth", f"{address} refuses unregistered SuperNodes"))
-    found.append(database_check(superlink, address, ca))
-    return found
+                 if open_registration else ok("superlink.node_auth", f"{address} refuses unregistered SuperNodes"))
+    return [tls, node_auth, database_check(superlink, address, ca)]
 
 
 def database_check(superlink: SuperLinkConfig, address: str, ca_certfile: Path) -> Check:

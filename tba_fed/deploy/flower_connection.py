@@ -98,7 +98,6 @@ def updated_config(path: Path, name: str, entry: dict[str, Any]) -> dict[str, An
 
 
 def ensure_connection(path: Path, name: str, entry: dict[str, Any]) -> bool:
-    """Add the connection to Flower's config file, atomically, unless it is there already; True if written."""
     config = updated_config(path, name, entry)
     if config is None:
         return False

@@ -14,7 +14,6 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import TBARunError
-from .certificates import key_bytes
 from ..federation.flower_internals import accepts_self_registration, control_list_nodes, control_register_node
 
 _logger = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ def registered_nodes(address: str, ca_certfile: Path) -> list[Node]:
 def register_node(address: str, ca_certfile: Path, public_key: ec.EllipticCurvePublicKey, name: str) -> int:
     """Register a site's public key (``flwr supernode register KEY.pub``); returns its node id."""
     try:
-        return control_register_node(address, ca_certfile, key_bytes(public_key), name)
+        return control_register_node(address, ca_certfile, public_key, name)
     except httpx.HTTPStatusError as err:
         raise _error(err) from None
 

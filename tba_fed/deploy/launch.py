@@ -8,7 +8,6 @@ runs in the foreground; SIGINT/SIGTERM are forwarded to it and its exit code is 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import subprocess
@@ -17,8 +16,9 @@ from pathlib import Path
 
 from ..errors import TBAInputError, TBARunError
 from ..privacy.site_state import open_state
-from .certificates import describe_os_error, key_bytes, load_auth_public_key, tls_context, tls_handshake
+from .certificates import describe_os_error, load_auth_public_key, tls_context, tls_handshake
 from ..federation.config import FederatedRunConfig, SiteConfig, TLSFiles
+from ..federation.flower_internals import public_key_to_bytes
 from .flower_control import SuperLinkAPIError, register_node, registered_nodes
 from .profile import require_site, require_run
 from .processes import executable, flower_env, stop_process, superlink_args
@@ -33,9 +33,7 @@ class LaunchError(TBARunError):
 def superlink_command(config: FederatedRunConfig) -> list[str]:
     """flower-superlink's arguments for this run YAML (its profile's requirements checked first)."""
     sl = require_run(config)  # development only can have no certificates (--insecure)
-    tls = None if sl.certificates is None else TLSFiles(certfile=sl.certificates.certfile.resolve(),
-                                                        keyfile=sl.certificates.keyfile.resolve(),
-                                                        ca_certfile=sl.certificates.ca_certfile.resolve())
+    tls = None if sl.certificates is None else TLSFiles(**{name: path.resolve() for name, path in sl.certificates})
     return superlink_args(host=sl.host, port=sl.port, certificates=tls, node_auth=sl.node_auth,
                           database=sl.database.resolve() if sl.database is not None else None)
 
@@ -56,7 +54,6 @@ def supernode_command(site: SiteConfig, site_yaml: Path) -> list[str]:
 
 
 def wait_for_tls(process: subprocess.Popen, address: str, ca_certfile: Path, timeout: float = 120.0) -> None:
-    """Until the SuperLink completes a verified TLS handshake (or exits, or the timeout passes)."""
     deadline = time.monotonic() + timeout
     context = tls_context(ca_certfile, "superlink.certificates.ca_certfile")
     while True:
@@ -86,8 +83,8 @@ def register_sites(config: FederatedRunConfig) -> dict[str, int]:
     registered = {}
     for name, path in sl.sites.items():
         key = load_auth_public_key(path, f"superlink.sites.{name}")
-        if key_bytes(key) in known:
-            registered[name] = known[key_bytes(key)]
+        if public_key_to_bytes(key) in known:
+            registered[name] = known[public_key_to_bytes(key)]
             continue
         registered[name] = register_node(sl.fleet_address, ca, key, name)
         _logger.info("registered %s (%s) as node %d", name, path, registered[name])
@@ -111,9 +108,6 @@ def run_foreground(args: list[str], *, ready=None) -> int:
     finally:
         for sig, handler in forwarded.items():
             signal.signal(sig, handler)
-        with contextlib.suppress(OSError):
-            if process.poll() is None:
-                stop_process(process)
 
 
 def run_superlink(config: FederatedRunConfig) -> int:

@@ -10,7 +10,6 @@ model's weights. Each check is one `Check`; the CLI prints them and fails if any
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from ..config import ModelConfig, read_yaml, validate
@@ -23,22 +22,20 @@ from .checks import Check, note, ok, problem
 from ..federation.config import FederatedRunConfig, SiteConfig
 from .profile import run_errors, site_errors
 
-_logger = logging.getLogger(__name__)
 DEFAULT_EXPIRY_DAYS = 30.0
-
-
-def detect_kind(raw: dict) -> str:
-    """A site YAML names the site; a run YAML has no ``name``."""
-    return "site" if "name" in raw else "server"
 
 
 def preflight(path: Path, kind: str | None = None, expiry_days: float = DEFAULT_EXPIRY_DAYS) -> list[Check]:
     try:
         raw = read_yaml(Path(path))
+        kind = kind or ("site" if "name" in raw else "server")  # a site YAML names the site; a run YAML has no name
+        config = validate(SiteConfig if kind == "site" else FederatedRunConfig, raw)
     except TBAInputError as err:
         return [c.from_error(err)]
-    kind = kind or detect_kind(raw)
-    return site_preflight(path, raw, expiry_days) if kind == "site" else server_preflight(path, raw, expiry_days)
+    profile = _profile(config.profile, "profile" in raw)
+    if isinstance(config, SiteConfig):
+        return [ok("config", f"{path} is a valid site YAML ({config.name})"), profile, *site_preflight(config, expiry_days)]
+    return [ok("config", f"{path} is a valid run YAML"), profile, *server_preflight(config, expiry_days)]
 
 
 def _profile(profile: str, explicit: bool) -> Check:
@@ -47,14 +44,8 @@ def _profile(profile: str, explicit: bool) -> Check:
     return note("profile", "development: insecure settings are allowed; never use it with real patient data")
 
 
-def site_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
-    try:
-        site = validate(SiteConfig, raw)
-    except TBAInputError as err:
-        return [c.from_error(err)]
-    results = [ok("config", f"{path} is a valid site YAML ({site.name})"), _profile(site.profile, "profile" in raw)]
-    missing = site_errors(site)
-    results += [c.from_error(err, "PROBLEM" if site.profile == "production" else "NOTE") for err in missing]
+def site_preflight(site: SiteConfig, expiry_days: float) -> list[Check]:
+    results = [c.from_error(err, "PROBLEM" if site.profile == "production" else "NOTE") for err in site_errors(site)]
     conn = site.connection
     if conn is not None:
         ca = conn.root_certificates
@@ -81,9 +72,12 @@ def site_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
         weights = weights_check(site.model, site.profile)
         results.append(weights)
         if not weights.problem:
-            model, error = _build(site.model)
-            if error is not None:
-                results.append(error)
+            from ..models import create_model
+
+            try:
+                model = create_model(site.model)
+            except TBAInputError as err:
+                results.append(c.from_error(err))
     results.append(data_check(site, model) if model is not None
                    else note("data", "not read: no usable model to preprocess the images with"))
     results += privacy_checks(site)
@@ -91,13 +85,8 @@ def site_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
     return results
 
 
-def server_preflight(path: Path, raw: dict, expiry_days: float) -> list[Check]:
-    try:
-        config = validate(FederatedRunConfig, raw)
-    except TBAInputError as err:
-        return [c.from_error(err)]
-    results = [ok("config", f"{path} is a valid run YAML"), _profile(config.profile, "profile" in raw)]
-    results += [c.from_error(err) for err in run_errors(config)]
+def server_preflight(config: FederatedRunConfig, expiry_days: float) -> list[Check]:
+    results = [c.from_error(err) for err in run_errors(config)]
     sl = config.superlink
     if sl is not None:
         tls = sl.certificates
@@ -181,15 +170,6 @@ def weights_check(model: ModelConfig, profile: str) -> Check:
     return note("model", f"{model.name} is a random initialisation (seed {model.seed}): no weights to check")
 
 
-def _build(model: ModelConfig):
-    from ..models import create_model
-
-    try:
-        return create_model(model), None
-    except TBAInputError as err:
-        return None, c.from_error(err)
-
-
 def data_check(site: SiteConfig, model) -> Check:
     """Build the site's dataset as a run would, select its images with the site's own key, read every selected
     one. Without a usable state (reported by the privacy check) every image is read instead."""
@@ -237,21 +217,18 @@ def privacy_checks(site: SiteConfig) -> list[Check]:
     """The policy can release something, and the ledger is whole and can be written (seeded noise: site_errors)."""
     policy = site.privacy
     assert policy.ledger is not None
-    results = []
     try:
         if site.state is not None:
             open_state(site.state, site.name, policy.ledger)
         spent = PrivacyLedger(policy.ledger).spent(policy.delta, policy.accountant)
     except TBAInputError as err:
-        results.append(c.from_error(err))
+        budget = c.from_error(err)
     else:
-        if spent >= policy.epsilon:
-            results.append(problem("privacy.epsilon", f"the budget is spent (ε {spent:.4f} of {policy.epsilon:g}): "
-                                                      "every private release will be refused",
-                                   "raising the budget is a governance decision, not a fix to make lightly"))
-        else:
-            results.append(ok("privacy", f"releases {', '.join(policy.releases)}; ε {spent:.4f} spent of "
-                                         f"{policy.epsilon:g} at δ={policy.delta:g} ({policy.accountant.upper()}, "
-                                         f"add/remove-one-image); min_images {policy.min_images}"))
-    results.append(c.writable_directory("privacy.ledger", policy.ledger.parent))
-    return results
+        budget = (problem("privacy.epsilon", f"the budget is spent (ε {spent:.4f} of {policy.epsilon:g}): every private "
+                                             "release will be refused",
+                          "raising the budget is a governance decision, not a fix to make lightly")
+                  if spent >= policy.epsilon else
+                  ok("privacy", f"releases {', '.join(policy.releases)}; ε {spent:.4f} spent of {policy.epsilon:g} at "
+                                f"δ={policy.delta:g} ({policy.accountant.upper()}, add/remove-one-image); min_images "
+                                f"{policy.min_images}"))
+    return [budget, c.writable_directory("privacy.ledger", policy.ledger.parent)]

@@ -81,8 +81,7 @@ def superlink_args(*, port: int, certificates: TLSFiles | None, node_auth: bool,
 
 @contextlib.contextmanager
 def local_superlink(home: Path, port: int, *, simulation: bool = False, certificates: Path | None = None,
-                    node_auth: bool = False, isolation: str = "subprocess",
-                    timeout: float = 60.0) -> Iterator[subprocess.Popen]:
+                    node_auth: bool = False, isolation: str = "subprocess") -> Iterator[subprocess.Popen]:
     """A SuperLink on 127.0.0.1:port for the duration of the block, stopped by the pid we started.
 
     ``certificates``: a folder from scripts/make-certificates.sh (TLS); ``node_auth``: only registered
@@ -96,7 +95,7 @@ def local_superlink(home: Path, port: int, *, simulation: bool = False, certific
     log = open(home / "superlink.log", "w")  # noqa: SIM115 - closed in finally
     process = subprocess.Popen(args, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + 60.0
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
                 break
@@ -111,7 +110,6 @@ def local_superlink(home: Path, port: int, *, simulation: bool = False, certific
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
-    """Terminate a process we started, killing it if it does not exit in time."""
     process.terminate()
     try:
         process.wait(timeout=timeout)

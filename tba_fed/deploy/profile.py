@@ -9,7 +9,6 @@ settings exist only here. Nothing falls back from one profile to the other.
 
 from __future__ import annotations
 
-
 from ..errors import TBAInputError
 from .checks import live_superlink_checks, problems
 from ..federation.config import ConnectionConfig, FederatedRunConfig, SiteConfig, SuperLinkConfig

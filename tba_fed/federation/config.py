@@ -9,12 +9,11 @@ plain validated data; `deploy` gives them their meaning (profiles, processes, ch
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..config import (MAX_IMAGES, DataConfig, Device, ModelConfig, RunConfig, Seed, _Section, merge_overrides,
-                      read_yaml, validate)
+from ..config import MAX_IMAGES, DataConfig, Device, ModelConfig, RunConfig, Seed, _Section, read_yaml, validate
 from ..errors import TBAInputError
 from ..plan import Plan, Span, parse_plan
 from ..privacy.accounting import MAX_RUN_EPSILON
@@ -204,8 +203,8 @@ class SiteConfig(_Section):
         return self
 
 
-def load_federated_config(path: Path, overrides: dict[str, Any] | None = None) -> FederatedRunConfig:
-    return validate(FederatedRunConfig, merge_overrides(read_yaml(path), overrides or {}))
+def load_federated_config(path: Path) -> FederatedRunConfig:
+    return validate(FederatedRunConfig, read_yaml(path))
 
 
 def load_site_config(path: Path) -> SiteConfig:

@@ -70,11 +70,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 FLOWER_CHECKED = "1.42.0"
 
-__all__ = ["FLOWER_CHECKED", "ActivateNodeRequest", "ClientAppException", "ClientProxy", "ErrorCode", "FleetNode",
-           "NodeInfo", "PullMessagesRequest", "RunNotRunningException", "SecAggPlusWorkflowFixed", "accepts_self_registration",
-           "control_list_nodes", "control_register_node", "database_node_ids", "default_flower_config",
-           "fitins_from_content", "fitres_content", "fleet_client", "flower_config_path", "public_key_to_bytes",
-           "read_flower_connection", "secagg_round", "serverapp_identity", "uses_nist_ec_curve", "wire_copy"]
+__all__ = ["ActivateNodeRequest", "ClientAppException", "ClientProxy", "ErrorCode", "FleetNode", "NodeInfo",  # re-exported
+           "PullMessagesRequest", "RunNotRunningException", "public_key_to_bytes", "uses_nist_ec_curve"]
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -149,19 +146,14 @@ def default_flower_config() -> str:
 # ---------------------------------------------------------------------------------------- the SuperLink's APIs
 
 
-@contextlib.contextmanager
-def _control(address: str, ca_certfile: Path) -> Iterator[Any]:
-    """Flower's Control API client, built as ``flwr`` builds it for a TLS connection."""
+def _control(address: str, ca_certfile: Path) -> Any:
+    """Flower's Control API client (``with`` closes it), built as ``flwr`` builds it for a TLS connection."""
     from flwr.cli.typing import SuperLinkConnection
     from flwr.cli.utils import init_http_client_from_connection
 
     with contextlib.redirect_stdout(io.StringIO()):  # Flower's CLI helper prints "Using SuperLink: ..."
-        client = init_http_client_from_connection(
+        return init_http_client_from_connection(
             SuperLinkConnection(name="tba-fed", address=address, root_certificates=str(ca_certfile), insecure=False))
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def control_list_nodes(address: str, ca_certfile: Path) -> list[Any]:
@@ -173,12 +165,12 @@ def control_list_nodes(address: str, ca_certfile: Path) -> list[Any]:
         return list(client.ListNodes(ListNodesRequest()).nodes_info)
 
 
-def control_register_node(address: str, ca_certfile: Path, public_key: bytes, name: str) -> int:
+def control_register_node(address: str, ca_certfile: Path, public_key: ec.EllipticCurvePublicKey, name: str) -> int:
     """The Control API's ``RegisterNode`` (``flwr supernode register KEY.pub --name NAME``); the new node id."""
     from flwr.proto.control_pb2 import RegisterNodeRequest
 
     with _control(address, ca_certfile) as client:
-        return int(client.RegisterNode(RegisterNodeRequest(public_key=public_key, name=name)).node_id)
+        return int(client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(public_key), name=name)).node_id)
 
 
 def fleet_client(address: str, ca_certfile: Path, private_key: ec.EllipticCurvePrivateKey,
