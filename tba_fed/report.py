@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ def similarity_heatmap(stats: SimilarityStats, path: Path, metric: str = "mse") 
 
 def write_similarity(folder: Path, stats: SimilarityStats, metric: str = "mse") -> None:
     """similarity.json (all metrics), similarity.md (table) and similarity.png (heatmap) in `folder`."""
-    write_json(folder / "similarity.json", similarity_dict(stats))
+    (folder / "similarity.json").write_text(json.dumps(similarity_dict(stats), indent=2) + "\n")
     (folder / "similarity.md").write_text(similarity_markdown(stats, metric))
     similarity_heatmap(stats, folder / "similarity.png", metric)
 
@@ -65,7 +66,7 @@ def compression_dict(result: Compression) -> dict:
         "ridge": result.ridge,
         "calibration_images": result.calibration_images,
         "holdout_images": result.holdout_images,
-        "parameters": result.parameters.as_dict(),
+        "parameters": asdict(result.parameters),
         "spans": [fit.summary() for fit in result.fits.values()],
     }
 
@@ -95,7 +96,3 @@ def compression_markdown(report: dict) -> str:
     lines += ["", "Relative error = Σ‖x_e − T(x_s)‖² / Σ‖x_e‖²; the identity column is the error of simply "
                   "dropping the blocks. A map is worth keeping only where its held-out error is below the identity's."]
     return "\n".join(lines) + "\n"
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
