@@ -33,7 +33,7 @@ from typing import Any
 
 from .config import load_json
 from .errors import TBAInputError
-from .fileio import file_lock
+from .fileio import file_lock, fsync_path
 from .privacy.ledger import now
 
 _logger = logging.getLogger(__name__)
@@ -271,10 +271,6 @@ class AuditLog:
             digest.update(line)
             self._known = _Verified(known.size + len(line), digest.digest(), known.entries + 1, head)
             if created:
-                directory = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(directory)
-                finally:
-                    os.close(directory)
+                fsync_path(self.path.parent)
         _logger.debug("audit %s: entry %d (%s)", self.path, known.entries, head[:12])
         return head

@@ -245,18 +245,19 @@ def atomic_write(path: Path, write: Callable[[Path], object], *, mode: int | Non
             os.chmod(tmp, mode)
         write(Path(tmp))
         if durable:
-            _fsync(tmp, os.O_RDONLY)
+            fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     if durable:
-        _fsync(path.parent, os.O_RDONLY)
+        fsync_path(path.parent)
 
 
-def _fsync(path: str | Path, flags: int) -> None:
-    fd = os.open(path, flags)
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a folder by its path (a folder's, so a rename or a new entry in it survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
