@@ -45,13 +45,10 @@ class SyntheticImages(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
-    def _generator(self, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-
     def _draw(self, index: int) -> tuple[int, torch.Tensor]:
         if not 0 <= index < self.num_images:
             raise IndexError(index)
-        gen = self._generator(index)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         label = int(torch.randint(self.num_classes, (1,), generator=gen))
         return label, torch.randn(1, 3, 8, 8, generator=gen)
 
@@ -62,8 +59,7 @@ class SyntheticImages(Dataset):
 
     @property
     def targets(self) -> np.ndarray:
-        return np.array([int(torch.randint(self.num_classes, (1,), generator=self._generator(i)))
-                         for i in range(self.num_images)])
+        return np.array([self._draw(i)[0] for i in range(self.num_images)])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         label, coarse = self._draw(index)
@@ -83,10 +79,6 @@ def data_config(model: nn.Module) -> dict:
     if size is not None:
         config["input_size"] = (3, int(size[0]), int(size[1]))
     return config
-
-
-def _input_size(model: nn.Module) -> int:
-    return int(data_config(model)["input_size"][-1])
 
 
 class ArrayImages(Dataset):
@@ -303,7 +295,8 @@ def build_dataset(config: DataConfig, model: nn.Module) -> Dataset:
     if config.source == "synthetic":
         if config.num_images is None:
             raise TBAInputError("data.num_images", "synthetic data needs the number of images to generate", "e.g. 500")
-        return SyntheticImages(config.num_images, _input_size(model), num_classes=config.num_classes, seed=config.seed)
+        size = int(data_config(model)["input_size"][-1])
+        return SyntheticImages(config.num_images, size, num_classes=config.num_classes, seed=config.seed)
     if config.source == "fashion_mnist":
         return fashion_mnist(config, data_config(model))
     if config.source == "medmnist":
