@@ -122,8 +122,7 @@ def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
                 state[dst + f"{b}.{kind}"] = t(src + f"{a}.{kind}")
         state[dst + "ls1.gamma"] = t(src + "layer_scale1.lambda1")
         state[dst + "ls2.gamma"] = t(src + "layer_scale2.lambda1")
-    leftover = [k for k in named if k.startswith("backbone.") and "mask_token" not in k]
-    if leftover:
+    if leftover := [k for k in named if k.startswith("backbone.") and "mask_token" not in k]:
         raise RuntimeError(f"unmapped ONNX backbone tensors: {leftover[:5]}")
     native = timm.create_model(ARCH, pretrained=False, img_size=NATIVE_GRID * PATCH, num_classes=0)
     native.load_state_dict(state, strict=True)  # shapes and key set must match exactly

@@ -125,8 +125,7 @@ def owned_files(path: Path, kind: str) -> dict[str, str | None]:
     if not entries:
         return {}
     files = _read_marker(path, kind)
-    foreign = [name for name in entries if name != MARKER and name not in files and not _leftover(name, files)]
-    if foreign:
+    if foreign := [name for name in entries if name != MARKER and name not in files and not _leftover(name, files)]:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise TBAInputError("output", f"{path} holds {shown}, which tba-fed did not write there; refusing to touch it",
                             "move them out, or choose another output path")
