@@ -106,10 +106,8 @@ class _Accumulator:
         return self if other == 0 else self.__add__(other)
 
     def to_arrays(self) -> Arrays:
-        out = {name: getattr(self, name).detach().cpu().numpy().copy() for name in self._tensor_fields()}
-        out["tokens"] = np.asarray(float(self.tokens))
-        out["images"] = np.asarray(float(self.images))
-        return out
+        tensors = {name: getattr(self, name).detach().cpu().numpy().copy() for name in self._tensor_fields()}
+        return tensors | {name: np.asarray(float(getattr(self, name))) for name in _COUNTS}
 
     @classmethod
     def _from_checked(cls, arrays: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]) -> Any:
