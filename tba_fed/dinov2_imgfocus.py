@@ -182,13 +182,11 @@ def recorded_weights(cache: Path | None = None) -> tuple[Path, str | None]:
 
 
 def _is_ready(weights: Path, record: Path) -> bool:
-    if not (weights.is_file() and record.is_file()):
-        return False
     try:
-        info = json.loads(record.read_text())
+        info = json.loads(record.read_text())  # a missing record is an OSError
     except (OSError, ValueError):
         return False
-    return (info.get("max_abs_diff", float("inf")) <= info.get("tolerance", TOLERANCE) <= TOLERANCE
+    return (weights.is_file() and info.get("max_abs_diff", float("inf")) <= info.get("tolerance", TOLERANCE) <= TOLERANCE
             and info.get("weights_bytes") == weights.stat().st_size)
 
 
