@@ -121,11 +121,16 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, overrides)
 
 
-def _prepare(config: RunConfig):
+def _prepare(config: RunConfig, kind: str):
+    """Check the device and the output directory before any work, then build the model and the data loaders."""
+    from .config import check_device
     from .data import build_dataset, calibration_split, make_loader
+    from .fileio import check_output_dir
     from .models import create_model
     from .selection import development_key
 
+    check_device(config.device)
+    check_output_dir(config.output, kind=kind, overwrite=config.overwrite)
     model = create_model(config.model)
     dataset = build_dataset(config.data, model)
     calibration, holdout = calibration_split(dataset, config.data, development_key(config.data.seed))
@@ -134,14 +139,11 @@ def _prepare(config: RunConfig):
 
 
 def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
-    from .config import check_device
-    from .fileio import atomic_directory, check_output_dir
+    from .fileio import atomic_directory
     from .pipeline import analyze
     from .report import similarity_markdown, write_similarity
 
-    check_device(config.device)  # before any work, not after it
-    check_output_dir(config.output, kind="similarity", overwrite=config.overwrite)
-    model, calibration, _ = _prepare(config)
+    model, calibration, _ = _prepare(config, "similarity")
     similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
     with atomic_directory(config.output, kind="similarity", overwrite=config.overwrite) as tmp:
         write_similarity(tmp, similarity, metric)
@@ -151,15 +153,11 @@ def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
 
 def run_compress(config: RunConfig) -> Path:
     from .checkpoint import save_compressed
-    from .config import check_device
-    from .fileio import check_output_dir
     from .pipeline import analyze, calibrate, choose_plan
 
     if config.plan is None and config.budget is None:  # before any work, not after it
         raise TBAInputError("plan", "give a plan or a budget", 'e.g. --plan "1->2" or --budget-blocks 2')
-    check_device(config.device)
-    check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)
-    model, calibration, holdout = _prepare(config)
+    model, calibration, holdout = _prepare(config, "compressed")
     similarity = None
     if config.plan is not None:
         plan = config.plan
@@ -179,7 +177,7 @@ def run_compress(config: RunConfig) -> Path:
 def run_demo(output: Path, tracebacks: bool) -> None:
     """Both halves of the mission on the embedded defaults: a federated run, then a short Table 1. Both output
     directories (in `output`, beside whatever else it holds) are checked before either half starts."""
-    from .config import load_yaml, merge_overrides
+    from .config import load_yaml
     from .experiment import ExperimentConfig, check_experiment, run_experiment
     from .deploy.simulate import simulate
     from .fileio import check_output_dir
@@ -187,9 +185,8 @@ def run_demo(output: Path, tracebacks: bool) -> None:
     resources = importlib.resources.files("tba_fed").joinpath("configs")
     federated = load_yaml(resources.joinpath("demo-federated.yaml").read_text())
     federated["output"] = str(output / "federated")
-    table = ExperimentConfig.model_validate(
-        merge_overrides(load_yaml(resources.joinpath("demo-table1.yaml").read_text()),
-                        {"output": str(output / "table1")}))
+    table = ExperimentConfig.model_validate({**load_yaml(resources.joinpath("demo-table1.yaml").read_text()),
+                                             "output": str(output / "table1")})
     check_output_dir(output / "federated", kind="compressed", overwrite=federated["overwrite"])
     check_experiment(table)
     with tempfile.TemporaryDirectory(prefix="tba-fed-demo-") as tmp:  # simulate hands Flower its own copy
