@@ -30,9 +30,8 @@ class BlockApproximation(nn.Module):
 
     @classmethod
     def from_map(cls, span: Span, linear_map: LinearMap, dtype: torch.dtype = torch.float32) -> BlockApproximation:
-        dim = linear_map.weight.shape[0]
-        module = cls(span, dim, bias=linear_map.bias is not None, identity=linear_map.kind == "identity",
-                     dtype=dtype)
+        module = cls(span, linear_map.weight.shape[0], bias=linear_map.bias is not None,
+                     identity=linear_map.kind == "identity", dtype=dtype)
         if module.linear is not None:
             with torch.no_grad():
                 module.linear.weight.copy_(linear_map.weight.to(dtype))

@@ -33,10 +33,7 @@ class TBAInputError(ValueError):
         self.field = field
         self.message = message
         self.fix = fix
-        text = f"{field}: {message}"
-        if fix:
-            text += f" ({fix})"
-        super().__init__(text)
+        super().__init__(f"{field}: {message}" + (f" ({fix})" if fix else ""))
 
 
 class TBARunError(RuntimeError):
