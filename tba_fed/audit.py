@@ -125,10 +125,8 @@ class _Verified:
 def _check_bytes(path: Path, data: bytes, *, head: str | None = None, after: _Verified | None = None) -> AuditCheck:
     """`check_chain` of `data`, the bytes of the log at `path`, or with `after` the bytes that follow that
     verified prefix: then its first entry must continue the prefix's chain, and lines and sizes count on."""
-    check = AuditCheck(path)
     complete = data.rfind(b"\n") + 1  # everything after the last newline is an interrupted append
-    if complete < len(data):
-        check.torn = True
+    check = AuditCheck(path, torn=complete < len(data))
     lines, size, expected_seq, expected_prev = (0, 0, 0, GENESIS) if after is None else (
         after.entries, after.size, after.entries, after.head)
     for number, raw in enumerate(data[:complete].splitlines(), start=lines + 1):
