@@ -126,13 +126,8 @@ def _read_idx(path: Path, magic: int, field: str) -> np.ndarray:
                             "reinstall dataset-fashion-mnist or point data.path at intact files") from None
     if found != magic:
         raise TBAInputError(field, f"{path} is not an IDX file of the expected kind (magic {found:#x}, expected {magic:#x})")
-    if magic == 2051:
-        rows, cols = struct.unpack(">II", raw[8:16])
-        data = np.frombuffer(raw, dtype=np.uint8, offset=16)
-        shape: tuple[int, ...] = (count, rows, cols)
-    else:
-        data = np.frombuffer(raw, dtype=np.uint8, offset=8)
-        shape = (count,)
+    shape = (count, *struct.unpack(">II", raw[8:16])) if magic == 2051 else (count,)  # images: rows, columns follow
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * len(shape))  # after the 32-bit header fields
     if data.size != int(np.prod(shape)):
         raise TBAInputError(field, f"{path} is truncated: {data.size} values for shape {shape}")
     return data.reshape(shape)
@@ -230,7 +225,7 @@ class ImageFiles(ImageFolder):
                                 "make the folder readable or remove it")
 
         for name, label in sorted(class_to_idx.items()):
-            found = 0
+            before = len(samples)
             for root, folders, files in os.walk(os.path.join(directory, name), onerror=unreadable):
                 folders.sort()
                 for link in [f for f in folders if os.path.islink(os.path.join(root, f))]:
@@ -246,8 +241,7 @@ class ImageFiles(ImageFolder):
                             continue
                         seen.add((stat.st_dev, stat.st_ino))
                         samples.append((path, label))
-                        found += 1
-            if not found:
+            if len(samples) == before:
                 raise TBAInputError("data.path", f"Found no valid file for the classes {name}. Supported extensions "
                                                  f"are: {', '.join(IMG_EXTENSIONS)}{self._skipped_text()}",
                                     "put images in one sub-folder per class")
