@@ -94,19 +94,6 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                         "anything else)")
 
 
-def _add_compress_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("plan")
-    g.add_argument("--plan", dest="plan", metavar="SPANS", help='spans to replace, e.g. "1->2, 4->5" (0-based)')
-    g.add_argument("--budget-blocks", dest="budget.blocks", type=int, metavar="N", help="choose spans removing N blocks")
-    g.add_argument("--budget-params", dest="budget.params", type=int, metavar="N",
-                   help="choose spans removing at least N parameters")
-    g.add_argument("--metric", dest="budget.metric", choices=["mse", "cosine", "angular"], help="cost used to choose spans")
-    g.add_argument("--identity-spans", dest="identity_spans", metavar="SPANS",
-                   help="spans whose blocks are simply dropped instead of fitted")
-    g.add_argument("--bias", dest="bias", action=argparse.BooleanOptionalAction, default=None, help="affine map (default on)")
-    g.add_argument("--ridge", dest="ridge", type=float, metavar="R", help="ridge relative to tr(G)/d (default 0)")
-
-
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     from .config import RunConfig, load_config
 
@@ -346,7 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metric shown in the table and heatmap (all three are in the JSON)")
     p = sub.add_parser("compress", help="fit the linear maps of a plan or budget and save the compressed model")
     _add_run_flags(p)
-    _add_compress_flags(p)
+    g = p.add_argument_group("plan")
+    g.add_argument("--plan", dest="plan", metavar="SPANS", help='spans to replace, e.g. "1->2, 4->5" (0-based)')
+    g.add_argument("--budget-blocks", dest="budget.blocks", type=int, metavar="N", help="choose spans removing N blocks")
+    g.add_argument("--budget-params", dest="budget.params", type=int, metavar="N",
+                   help="choose spans removing at least N parameters")
+    g.add_argument("--metric", dest="budget.metric", choices=["mse", "cosine", "angular"], help="cost used to choose spans")
+    g.add_argument("--identity-spans", dest="identity_spans", metavar="SPANS",
+                   help="spans whose blocks are simply dropped instead of fitted")
+    g.add_argument("--bias", dest="bias", action=argparse.BooleanOptionalAction, default=None, help="affine map (default on)")
+    g.add_argument("--ridge", dest="ridge", type=float, metavar="R", help="ridge relative to tr(G)/d (default 0)")
     p = sub.add_parser("experiment", help="the paper's Table-1 protocol: approximations x seeds x datasets")
     p.add_argument("config", type=Path, help="experiment YAML (see configs/table1-*.yaml)")
     p.add_argument("--output", "-o", type=Path, help="output directory: new, empty, or an earlier run's (its "
