@@ -87,12 +87,10 @@ def compression_markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     removed = {row["span"]: row["removed"] for row in params["spans"]}
-    for span in report["spans"]:
-        lines.append(
-            f"| {span['span']} | {span['kind']} | {removed[span['span']]:,} | {_fmt(span['condition_number'])} "
-            f"| {_fmt(span['calibration_relative_error'])} | {_fmt(span['calibration_r2'])} "
-            f"| {_fmt(span['holdout_relative_error'])} | {_fmt(span['identity_holdout_relative_error'])} |"
-        )
+    lines += [f"| {span['span']} | {span['kind']} | {removed[span['span']]:,} | {_fmt(span['condition_number'])} "
+              f"| {_fmt(span['calibration_relative_error'])} | {_fmt(span['calibration_r2'])} "
+              f"| {_fmt(span['holdout_relative_error'])} | {_fmt(span['identity_holdout_relative_error'])} |"
+              for span in report["spans"]]
     lines += ["", "Relative error = Σ‖x_e − T(x_s)‖² / Σ‖x_e‖²; the identity column is the error of simply "
                   "dropping the blocks. A map is worth keeping only where its held-out error is below the identity's."]
     return "\n".join(lines) + "\n"
