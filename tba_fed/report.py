@@ -12,14 +12,6 @@ from .pipeline import Compression
 from .stats import SIMILARITY_METRICS, SimilarityStats
 
 
-def similarity_dict(stats: SimilarityStats) -> dict:
-    return {
-        "images": stats.images,
-        "tokens": stats.tokens,
-        "metrics": {name: np.where(np.isnan(m := stats.metric(name)), None, m).tolist() for name in SIMILARITY_METRICS},
-    }
-
-
 def similarity_markdown(stats: SimilarityStats, metric: str = "mse") -> str:
     """Upper-triangular table: row s, column e holds the cost of the span s->e."""
     values = stats.metric(metric)
@@ -52,7 +44,9 @@ def similarity_heatmap(stats: SimilarityStats, path: Path, metric: str = "mse") 
 
 def write_similarity(folder: Path, stats: SimilarityStats, metric: str = "mse") -> None:
     """similarity.json (all metrics), similarity.md (table) and similarity.png (heatmap) in `folder`."""
-    (folder / "similarity.json").write_text(json.dumps(similarity_dict(stats), indent=2) + "\n")
+    metrics = {name: np.where(np.isnan(m := stats.metric(name)), None, m).tolist() for name in SIMILARITY_METRICS}
+    (folder / "similarity.json").write_text(json.dumps({"images": stats.images, "tokens": stats.tokens, "metrics": metrics},
+                                                       indent=2) + "\n")
     (folder / "similarity.md").write_text(similarity_markdown(stats, metric))
     similarity_heatmap(stats, folder / "similarity.png", metric)
 
