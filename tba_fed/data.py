@@ -196,18 +196,13 @@ class ImageFiles(ImageFolder):
     skipped: list[str]
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        self.skipped = []
-        classes = []
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as err:
             raise TBAInputError("data.path", f"{directory} cannot be read ({err.strerror or err})",
                                 "make the folder readable") from None
-        for entry in entries:
-            if entry.is_symlink():
-                self.skipped.append(entry.path)
-            elif entry.is_dir(follow_symlinks=False):
-                classes.append(entry.name)
+        self.skipped = [entry.path for entry in entries if entry.is_symlink()]
+        classes = [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]  # a link is no folder here
         if not classes:
             raise TBAInputError("data.path", f"Couldn't find any class folder in {directory}{self._skipped_text()}",
                                 "put images in one sub-folder per class")
