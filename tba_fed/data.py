@@ -223,8 +223,7 @@ class ImageFiles(ImageFolder):
             before = len(samples)
             for root, folders, files in os.walk(os.path.join(directory, name), onerror=unreadable):
                 folders.sort()
-                for link in [f for f in folders if os.path.islink(os.path.join(root, f))]:
-                    self.skipped.append(os.path.join(root, link))  # os.walk does not descend into it
+                self.skipped += [os.path.join(root, f) for f in folders if os.path.islink(os.path.join(root, f))]  # not walked
                 for file in sorted(files):
                     path = os.path.join(root, file)
                     if os.path.islink(path):

@@ -223,8 +223,7 @@ def run_experiment(config: ExperimentConfig) -> Path:
     check_device(config.device)
     files = open_output_dir(config.output, KIND, appended=[ROWS])
     model = create_model(config.model)
-    adapter = ViTAdapter(model)
-    plans = [parse_plan(text, adapter.num_blocks, field="approximations") for text in config.approximations]
+    plans = [parse_plan(text, len(model.blocks), field="approximations") for text in config.approximations]
     variants = [Variant(None, "original")] + [Variant(p, "linear") for p in plans]
     if config.identity_baseline:
         variants += [Variant(p, "identity") for p in plans]
