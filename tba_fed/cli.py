@@ -103,8 +103,7 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     elif args.data is not None:
         source = "medmnist" if args.data.endswith(".npz") else "image_folder"
         overrides.update({"data.source": source, "data.path": args.data})
-    for key, value in args.model_args or []:
-        overrides[f"model.kwargs.{key}"] = value
+    overrides |= {f"model.kwargs.{key}": value for key, value in args.model_args or []}
     return load_config(args.config, overrides)
 
 
@@ -125,7 +124,7 @@ def _prepare(config: RunConfig, kind: str):
     return model, make_loader(calibration, config.data), make_loader(holdout, config.data) if len(holdout) else None
 
 
-def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
+def run_analyze(config: RunConfig, metric: str = "mse") -> None:
     from .fileio import atomic_directory
     from .pipeline import analyze
     from .report import similarity_markdown, write_similarity
@@ -135,20 +134,17 @@ def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
     with atomic_directory(config.output, kind="similarity", overwrite=config.overwrite) as tmp:
         write_similarity(tmp, similarity, metric)
     print(similarity_markdown(similarity, metric))
-    return config.output
 
 
-def run_compress(config: RunConfig) -> Path:
+def run_compress(config: RunConfig) -> None:
     from .checkpoint import save_compressed
     from .pipeline import analyze, calibrate, choose_plan
 
     if config.plan is None and config.budget is None:  # before any work, not after it
         raise TBAInputError("plan", "give a plan or a budget", 'e.g. --plan "1->2" or --budget-blocks 2')
     model, calibration, holdout = _prepare(config, "compressed")
-    similarity = None
-    if config.plan is not None:
-        plan = config.plan
-    else:
+    plan, similarity = config.plan, None
+    if plan is None:
         similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
         plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
                            metric=config.budget.metric, bias=config.bias)
@@ -158,7 +154,6 @@ def run_compress(config: RunConfig) -> Path:
     save_compressed(result, config.output, overwrite=config.overwrite, similarity=similarity)
     print((config.output / "report.md").read_text())
     print(f"compressed model written to {config.output}/ (maps.safetensors, manifest.yaml, report.md)")
-    return config.output
 
 
 def run_demo(output: Path, tracebacks: bool) -> None:
@@ -404,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
                         force=True)  # opacus configures the root logger when imported
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the SuperLink otherwise
-    commands: dict[str, Callable[[], object]] = {
+    commands: dict[str, Callable[[], int | None]] = {
         "prepare": lambda: run_prepare(args.force),
         "demo": lambda: run_demo(args.output, args.verbose),
         "experiment": lambda: run_experiment_command(args.config, args.output),
@@ -421,9 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     start = time.perf_counter()
     try:
-        result = commands[args.command]()
-        if isinstance(result, int):  # the commands that decide their exit code; the others succeed or raise
-            return result
+        code = commands[args.command]()
+        if code is not None:  # the commands that decide their exit code; the others succeed or raise
+            return code
     except TBAInputError as err:
         return _error(err, 2)
     except (TBARunError, OSError) as err:  # a run that could not finish, a file system or network that failed it
