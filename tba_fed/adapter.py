@@ -65,7 +65,6 @@ class ViTAdapter:
             yield x
 
     def run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Apply blocks[start:stop] to a token tensor."""
         for block in self.model.blocks[start:stop]:
             x = block(x)
         return x

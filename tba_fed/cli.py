@@ -210,7 +210,6 @@ def run_simulate(config: Path, tracebacks: bool) -> None:
 
 
 def run_preflight(config: Path, kind: str | None, expiry_days: float) -> int:
-    """Print one line per check; exit 1 if any is a problem."""
     from .deploy.preflight import preflight
 
     results = preflight(config, kind, expiry_days)

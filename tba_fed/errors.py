@@ -10,7 +10,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def strip_escapes(text: str) -> str:
-    """`text` without terminal escape sequences (colour codes)."""
     return _ESCAPES.sub("", text)
 
 

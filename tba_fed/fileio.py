@@ -57,8 +57,7 @@ def writable_location(path: Path, field: str) -> Path:
     """The nearest existing directory at or above `path`, once a file was created and removed in it: files can
     be written at `path`. A probe, not the permission bits (they lie to root). Refused, naming `field`, under a
     file or where this user cannot write."""
-    target = Path(path)
-    existing = target
+    existing = target = Path(path)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     try:
@@ -264,7 +263,6 @@ def fsync_path(path: str | Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """`atomic_write` of a text file, creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(text))
