@@ -219,8 +219,7 @@ class AuditLog:
     def verified(self) -> AuditCheck:
         """The whole log checked (empty if it does not exist yet); raises `AuditLogInvalid` if it does not verify."""
         with locked(self.path):
-            check, _, _ = self._check_whole()
-            return check
+            return self._check_whole()[0]
 
     def _check_whole(self) -> tuple[AuditCheck, _Verified, hashlib._Hash]:
         """Under the lock: read and check every entry; return the check, what it verified and a sha256 of it."""
