@@ -81,7 +81,14 @@ def data_config(model: nn.Module) -> dict:
     return config
 
 
-class ArrayImages(Dataset):
+class _PixelRecords:
+    data: np.ndarray  # the uint8 pixels of every image
+
+    def record(self, index: int) -> bytes:
+        return np.ascontiguousarray(self.data[index]).tobytes()
+
+
+class ArrayImages(_PixelRecords, Dataset):
     """uint8 images held as one array ([N, H, W] or [N, H, W, 3]), preprocessed on access.
 
     Grayscale becomes 3 channels; images are resized to the model's input size with its
@@ -89,7 +96,7 @@ class ArrayImages(Dataset):
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, data_cfg: dict) -> None:
-        self.images = images
+        self.data = images
         self.targets = labels.astype(np.int64)
         self.size = tuple(data_cfg["input_size"][1:])
         self.mode = "bicubic" if data_cfg.get("interpolation") == "bicubic" else "bilinear"
@@ -99,11 +106,8 @@ class ArrayImages(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def record(self, index: int) -> bytes:
-        return np.ascontiguousarray(self.images[index]).tobytes()
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(np.array(self.images[index])).float() / 255.0
+        image = torch.from_numpy(np.array(self.data[index])).float() / 255.0
         image = image.expand(3, *image.shape) if image.ndim == 2 else image.permute(2, 0, 1)
         image = nn.functional.interpolate(image[None], size=self.size, mode=self.mode, align_corners=False,
                                           antialias=True)[0].clamp(0.0, 1.0)
@@ -168,18 +172,11 @@ def medmnist(config: DataConfig, data_cfg: dict) -> ArrayImages:
     return ArrayImages(images, labels, data_cfg)
 
 
-class _CIFARRecords:
-    data: np.ndarray
-
-    def record(self, index: int) -> bytes:
-        return np.ascontiguousarray(self.data[index]).tobytes()
-
-
-class CIFAR10Images(_CIFARRecords, CIFAR10):
+class CIFAR10Images(_PixelRecords, CIFAR10):
     """torchvision's CIFAR-10, each image readable as its uint8 pixels."""
 
 
-class CIFAR100Images(_CIFARRecords, CIFAR100):
+class CIFAR100Images(_PixelRecords, CIFAR100):
     """torchvision's CIFAR-100, each image readable as its uint8 pixels."""
 
 
