@@ -10,7 +10,6 @@ their ``forward``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -18,7 +17,6 @@ from torch import nn
 
 from .errors import TBAInputError
 
-TokenMode = Literal["all", "cls", "patch"]
 TOKEN_MODES: tuple[str, ...] = ("all", "cls", "patch")
 
 
@@ -49,10 +47,6 @@ class ViTAdapter:
         """Class, distillation and register tokens that precede the patch tokens."""
         return int(self.model.num_prefix_tokens)
 
-    @property
-    def has_class_token(self) -> bool:
-        return self.model.cls_token is not None
-
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """The input of block 0, exactly as timm's ``forward_features`` computes it."""
         m = self.model
@@ -71,7 +65,6 @@ class ViTAdapter:
             yield x
 
     def run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Apply blocks[start:stop] to a token tensor."""
         for block in self.model.blocks[start:stop]:
             x = block(x)
         return x
@@ -97,18 +90,13 @@ class ViTAdapter:
         the patch tokens only (no class, distillation or register tokens).
         """
         self.check_token_mode(mode)
-        if mode == "all":
-            rows = x
-        elif mode == "cls":
-            rows = x[:, :1]
-        else:
-            rows = x[:, self.num_prefix_tokens :]
+        rows = {"all": x, "cls": x[:, :1], "patch": x[:, self.num_prefix_tokens :]}[mode]
         return rows.reshape(-1, x.shape[-1])
 
     def check_token_mode(self, mode: str) -> None:
         if mode not in TOKEN_MODES:
             raise TBAInputError("token_mode", f"unknown token mode {mode!r}", f"use one of {', '.join(TOKEN_MODES)}")
-        if mode == "cls" and not self.has_class_token:
+        if mode == "cls" and self.model.cls_token is None:
             raise TBAInputError("token_mode", "cls needs a model with a class token", "use all or patch")
 
     def block_parameter_count(self, index: int) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 
 from .config import load_json
 from .errors import TBAInputError
-from .fileio import file_lock
+from .fileio import file_lock, fsync_path
 from .privacy.ledger import now
 
 _logger = logging.getLogger(__name__)
@@ -125,10 +125,8 @@ class _Verified:
 def _check_bytes(path: Path, data: bytes, *, head: str | None = None, after: _Verified | None = None) -> AuditCheck:
     """`check_chain` of `data`, the bytes of the log at `path`, or with `after` the bytes that follow that
     verified prefix: then its first entry must continue the prefix's chain, and lines and sizes count on."""
-    check = AuditCheck(path)
     complete = data.rfind(b"\n") + 1  # everything after the last newline is an interrupted append
-    if complete < len(data):
-        check.torn = True
+    check = AuditCheck(path, torn=complete < len(data))
     lines, size, expected_seq, expected_prev = (0, 0, 0, GENESIS) if after is None else (
         after.entries, after.size, after.entries, after.head)
     for number, raw in enumerate(data[:complete].splitlines(), start=lines + 1):
@@ -221,8 +219,7 @@ class AuditLog:
     def verified(self) -> AuditCheck:
         """The whole log checked (empty if it does not exist yet); raises `AuditLogInvalid` if it does not verify."""
         with locked(self.path):
-            check, _, _ = self._check_whole()
-            return check
+            return self._check_whole()[0]
 
     def _check_whole(self) -> tuple[AuditCheck, _Verified, hashlib._Hash]:
         """Under the lock: read and check every entry; return the check, what it verified and a sha256 of it."""
@@ -271,10 +268,6 @@ class AuditLog:
             digest.update(line)
             self._known = _Verified(known.size + len(line), digest.digest(), known.entries + 1, head)
             if created:
-                directory = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(directory)
-                finally:
-                    os.close(directory)
+                fsync_path(self.path.parent)
         _logger.debug("audit %s: entry %d (%s)", self.path, known.entries, head[:12])
         return head

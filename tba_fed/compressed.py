@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,9 +30,8 @@ class BlockApproximation(nn.Module):
 
     @classmethod
     def from_map(cls, span: Span, linear_map: LinearMap, dtype: torch.dtype = torch.float32) -> BlockApproximation:
-        dim = linear_map.weight.shape[0]
-        module = cls(span, dim, bias=linear_map.bias is not None, identity=linear_map.kind == "identity",
-                     dtype=dtype)
+        module = cls(span, linear_map.weight.shape[0], bias=linear_map.bias is not None,
+                     identity=linear_map.kind == "identity", dtype=dtype)
         if module.linear is not None:
             with torch.no_grad():
                 module.linear.weight.copy_(linear_map.weight.to(dtype))
@@ -90,13 +89,6 @@ class ParameterReport:
     paper_removed: int
     spans: tuple[SpanParameters, ...]
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
 
 def parameter_report(model: nn.Module, plan: Plan, *, bias: bool, identity: frozenset[Span] = frozenset()) -> ParameterReport:
     """Exact parameter counts, plus the paper's Table-1 convention for comparison.
@@ -112,6 +104,6 @@ def parameter_report(model: nn.Module, plan: Plan, *, bias: bool, identity: froz
         map_params = 0 if span in identity else d * d + (d if bias else 0)
         paper = sum(adapter.block_parameter_count(i) - (d * d + d) for i in span.removed)
         rows.append(SpanParameters(str(span), len(span.removed), block_params, map_params, block_params - map_params, paper))
-    original = count_parameters(model)
+    original = sum(p.numel() for p in model.parameters())
     removed = sum(r.removed for r in rows)
     return ParameterReport(original, original - removed, removed, sum(r.paper_removed for r in rows), tuple(rows))

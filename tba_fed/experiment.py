@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -222,8 +223,7 @@ def run_experiment(config: ExperimentConfig) -> Path:
     check_device(config.device)
     files = open_output_dir(config.output, KIND, appended=[ROWS])
     model = create_model(config.model)
-    adapter = ViTAdapter(model)
-    plans = [parse_plan(text, adapter.num_blocks, field="approximations") for text in config.approximations]
+    plans = [parse_plan(text, len(model.blocks), field="approximations") for text in config.approximations]
     variants = [Variant(None, "original")] + [Variant(p, "linear") for p in plans]
     if config.identity_baseline:
         variants += [Variant(p, "identity") for p in plans]
@@ -272,8 +272,7 @@ class Row(BaseModel):
     calibration_relative_error: float | None = Field(None, allow_inf_nan=False)
 
 
-def _cell(row: dict) -> tuple:
-    return row["dataset"], row["seed"], row["approximation"], row["kind"]
+_cell = operator.itemgetter("dataset", "seed", "approximation", "kind")  # a row's place in the table
 
 
 def read_rows(path: Path, keys: Mapping[str, str]) -> list[dict]:
@@ -340,13 +339,14 @@ def table_markdown(rows: list[dict], config: ExperimentConfig) -> str:
     summary = summarise(rows)
     datasets = [d.name for d in config.datasets]
     cell = {(s["dataset"], s["approximation"], s["kind"]): s for s in summary}
-    original = next((s for s in summary if s["approximation"] == "original"), None)
+    keys = {(s["approximation"], s["kind"]) for s in summary if s["approximation"] != "original"}
+    first = {key: next(cell[(d, *key)] for d in datasets if (d, *key) in cell) for key in keys}  # its parameter counts
     head = "| Approx. | Map | Params. (paper conv.) | Params. (exact) | " + " | ".join(datasets) + " |"
     lines = [head, "|---" * (4 + len(datasets)) + "|"]
+
     def rank(key: tuple[str, str]) -> tuple:
-        first = next(cell[(d, *key)] for d in datasets if (d, *key) in cell)
         position = config.approximations.index(key[0]) if key[0] in config.approximations else len(config.approximations)
-        return -first["paper_params_removed"], position, key[1] != "linear"
+        return -first[key]["paper_params_removed"], position, key[1] != "linear"
 
     def fmt(s: dict | None, change: bool = True) -> str:
         if s is None:
@@ -354,12 +354,11 @@ def table_markdown(rows: list[dict], config: ExperimentConfig) -> str:
         text = f"{s['accuracy_mean']:.2f} ± {s['accuracy_std']:.2f}"
         return text + (f" ({s['relative_change']:+.2f}%)" if change else "")
 
-    for approx, kind in sorted({(s["approximation"], s["kind"]) for s in summary if s["approximation"] != "original"},
-                               key=rank):
-        first = next(cell[(d, approx, kind)] for d in datasets if (d, approx, kind) in cell)
-        lines.append(f"| {approx} | {kind} | -{first['paper_params_removed'] / 1e6:.2f}M | -{first['params_removed']:,} | "
+    for approx, kind in sorted(keys, key=rank):
+        params = first[(approx, kind)]
+        lines.append(f"| {approx} | {kind} | -{params['paper_params_removed'] / 1e6:.2f}M | -{params['params_removed']:,} | "
                      + " | ".join(fmt(cell.get((d, approx, kind))) for d in datasets) + " |")
-    if original is not None:
+    if any(s["approximation"] == "original" for s in summary):
         params = next(r["params"] for r in rows if r["approximation"] == "original")
         lines.append(f"| original | | {params / 1e6:.2f}M | {params:,} | "
                      + " | ".join(fmt(cell.get((d, "original", "original")), change=False) for d in datasets) + " |")

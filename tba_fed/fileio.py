@@ -57,8 +57,7 @@ def writable_location(path: Path, field: str) -> Path:
     """The nearest existing directory at or above `path`, once a file was created and removed in it: files can
     be written at `path`. A probe, not the permission bits (they lie to root). Refused, naming `field`, under a
     file or where this user cannot write."""
-    target = Path(path)
-    existing = target
+    existing = target = Path(path)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     try:
@@ -125,8 +124,7 @@ def owned_files(path: Path, kind: str) -> dict[str, str | None]:
     if not entries:
         return {}
     files = _read_marker(path, kind)
-    foreign = [name for name in entries if name != MARKER and name not in files and not _leftover(name, files)]
-    if foreign:
+    if foreign := [name for name in entries if name != MARKER and name not in files and not _leftover(name, files)]:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise TBAInputError("output", f"{path} holds {shown}, which tba-fed did not write there; refusing to touch it",
                             "move them out, or choose another output path")
@@ -245,18 +243,19 @@ def atomic_write(path: Path, write: Callable[[Path], object], *, mode: int | Non
             os.chmod(tmp, mode)
         write(Path(tmp))
         if durable:
-            _fsync(tmp, os.O_RDONLY)
+            fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     if durable:
-        _fsync(path.parent, os.O_RDONLY)
+        fsync_path(path.parent)
 
 
-def _fsync(path: str | Path, flags: int) -> None:
-    fd = os.open(path, flags)
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a folder by its path (a folder's, so a rename or a new entry in it survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -264,7 +263,6 @@ def _fsync(path: str | Path, flags: int) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """`atomic_write` of a text file, creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -29,7 +29,6 @@ def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
         return read_safetensors(path, "model.checkpoint", CHECKPOINT_FIX)
     if path.suffix not in (".pth", ".pt", ".bin"):
         raise TBAInputError("model.checkpoint", f"unsupported file type {path.suffix!r}", "use .safetensors or .pth")
-    check_input_file(path, "model.checkpoint", CHECKPOINT_FIX)
     try:  # weights_only: a pickle of anything but tensors and plain containers is refused, never run
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
@@ -64,8 +63,7 @@ def check_checkpoint_sha256(config: ModelConfig) -> None:
     path would make sites and server compress different models."""
     if config.sha256 is None or config.checkpoint is None:
         return
-    actual = file_sha256(config.checkpoint)
-    if actual != config.sha256:
+    if (actual := file_sha256(config.checkpoint)) != config.sha256:
         raise TBAInputError("model.sha256", f"{config.checkpoint} has sha256 {actual}, the config records {config.sha256}",
                             "restore the checkpoint the run was set up with, or record the new file's sha256")
 

@@ -72,7 +72,6 @@ def class_histograms(targets: np.ndarray, parts: list[np.ndarray], num_classes: 
 
 
 def log_histograms(targets: np.ndarray, parts: list[np.ndarray], num_classes: int) -> str:
-    """A per-site class histogram table, logged and returned."""
     hist = class_histograms(targets, parts, num_classes)
     header = "site | " + " ".join(f"{c:>5}" for c in range(num_classes)) + " | total"
     rows = [f"{i:>4} | " + " ".join(f"{v:>5}" for v in row) + f" | {row.sum():>5}" for i, row in enumerate(hist)]

@@ -74,15 +74,12 @@ def solve_plan(
     fits = {}
     for span, stats in sorted(calibration.items()):
         skip = LinearMap.identity(stats.dim)
-        if span in identity:
-            linear_map, diagnostics = skip, None
-        else:
-            linear_map, diagnostics = solve_span(stats, bias=bias, ridge=ridge,
-                                                 ridge_lambda=(ridge_lambdas or {}).get(span),
-                                                 prior=(priors or {}).get(span), shrink_bias=shrink_bias)
+        linear_map, diagnostics = (skip, None) if span in identity else solve_span(
+            stats, bias=bias, ridge=ridge, ridge_lambda=(ridge_lambdas or {}).get(span), prior=(priors or {}).get(span),
+            shrink_bias=shrink_bias)
         held = holdout.get(span) if holdout is not None else None
         has_held = held is not None and held.tokens > 0
-        fits[span] = SpanFit(
+        fit = fits[span] = SpanFit(
             span=span,
             map=linear_map,
             diagnostics=diagnostics,
@@ -91,7 +88,6 @@ def solve_plan(
             holdout=fit_quality(held, linear_map) if has_held else None,
             identity_holdout=fit_quality(held, skip) if has_held else None,
         )
-        fit = fits[span]
         if fit.holdout is not None and fit.identity_holdout is not None and linear_map.kind == "linear" \
                 and fit.holdout.relative_error >= fit.identity_holdout.relative_error:
             _logger.warning("span %s: the fitted map (held-out error %.4g) is no better than dropping the blocks "
@@ -153,8 +149,7 @@ def calibrate(
         plan = parse_plan(plan, adapter.num_blocks)
     if isinstance(identity, str):
         identity = parse_plan(identity, adapter.num_blocks, field="identity_spans").spans if identity.strip() else ()
-    unknown = [str(s) for s in identity if s not in plan.spans]
-    if unknown:
+    if unknown := [str(s) for s in identity if s not in plan.spans]:
         raise TBAInputError("identity_spans", f"{', '.join(unknown)} not in the plan {plan}")
     calib = collect_span_stats(adapter, calibration, plan.spans, token_mode=token_mode, device=device)
     held = collect_span_stats(adapter, holdout, plan.spans, token_mode=token_mode, device=device) \

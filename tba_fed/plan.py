@@ -49,10 +49,6 @@ class Plan:
     def removed_blocks(self) -> list[int]:
         return [i for span in self.spans for i in span.removed]
 
-    @property
-    def last_block_needed(self) -> int:
-        return max(span.end for span in self.spans)
-
 
 def validate_plan(spans: Iterable[Span], num_blocks: int, field: str = "plan") -> Plan:
     ordered = tuple(sorted(spans))
@@ -112,8 +108,7 @@ def select_plan(
     max_removed = n - 1
     # best[i][k][m]: cheapest spans inside blocks 0..i (block i kept or a span's end) removing k blocks
     # with m maps; spans end where they end, so the "shares a block" rule is the strict gap below.
-    inf = math.inf
-    best = np.full((n, max_removed + 1, n), inf)
+    best = np.full((n, max_removed + 1, n), math.inf)
     back: dict[tuple[int, int, int], tuple[int, int, int, Span | None]] = {}
     best[0, 0, 0] = 0.0
     for i in range(1, n):
@@ -130,7 +125,7 @@ def select_plan(
                     width = i - s
                     if width > k or not np.isfinite(cost[s, i]):
                         continue
-                    prev = best[s - 1, k - width, m - 1] if s >= 1 else (0.0 if (k == width and m == 1) else inf)
+                    prev = best[s - 1, k - width, m - 1] if s >= 1 else (0.0 if (k == width and m == 1) else math.inf)
                     value = prev + float(cost[s, i])
                     if value < best[i, k, m]:
                         best[i, k, m] = value
@@ -139,11 +134,8 @@ def select_plan(
     if blocks is not None:
         candidates = [(best[last, blocks, m], blocks, m) for m in range(n)]
     else:
-        candidates = []
-        for k in range(1, max_removed + 1):
-            for m in range(1, n):
-                if k * block_params - m * map_params >= params:
-                    candidates.append((best[last, k, m], k, m))
+        candidates = [(best[last, k, m], k, m) for k in range(1, max_removed + 1) for m in range(1, n)
+                      if k * block_params - m * map_params >= params]
     finite = [c for c in candidates if np.isfinite(c[0])]
     if not finite:
         raise TBAInputError("budget", "no plan meets this budget", "lower the budget or allow longer spans")

@@ -9,7 +9,7 @@ head are labelled "closed-form ridge probe".)
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +67,7 @@ class ProbeStats(_Accumulator):
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> ProbeStats:
         dim, k = vector_length(arrays, "sum_f", cls.__name__), vector_length(arrays, "class_counts", cls.__name__)
-        shapes = {"gram": (dim, dim), "cross": (dim, k), "sum_f": (dim,), "class_counts": (k,), "tokens": (), "images": ()}
-        return cls._from_checked(arrays, shapes)
+        return cls._from_checked(arrays, {"gram": (dim, dim), "cross": (dim, k), "sum_f": (dim,), "class_counts": (k,)})
 
 
 @dataclass(frozen=True)
@@ -99,6 +98,21 @@ def solve_probe(stats: ProbeStats, *, ridge: float = 1e-6) -> ProbeHead:
     return ProbeHead(linear_map.weight, linear_map.bias)
 
 
+def _finite_features(model: nn.Module, batches: Iterable, device: str | torch.device,
+                     desc: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per labelled batch, features and labels of the images with finite features; callers hold the inference mode."""
+    left_out = 0
+    dtype = next(model.parameters()).dtype
+    model.to(device).eval()
+    for images, labels in tqdm(batches, desc=desc, unit="batch", leave=False, disable=None):
+        (feats, labels), dropped = finite_images([features(model, images.to(device=device, dtype=dtype)),
+                                                  torch.as_tensor(labels)])
+        left_out += dropped
+        yield feats, labels
+    if left_out:
+        _logger.warning("%s: left out %d image(s) with non-finite activations", desc, left_out)
+
+
 def collect_probe_stats(model: nn.Module, batches: Iterable, num_classes: int, *,
                         device: str | torch.device = "cpu",
                         transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> ProbeStats:
@@ -109,21 +123,13 @@ def collect_probe_stats(model: nn.Module, batches: Iterable, num_classes: int, *
     left out (`stats.finite_images`) and counted in the log.
     """
     stats: ProbeStats | None = None
-    left_out = 0
-    dtype = next(model.parameters()).dtype
-    model.to(device).eval()
     with torch.inference_mode():
-        for images, labels in tqdm(batches, desc="probe", unit="batch", leave=False, disable=None):
-            (feats, labels), dropped = finite_images([features(model, images.to(device=device, dtype=dtype)),
-                                                      torch.as_tensor(labels)])
-            left_out += dropped
+        for feats, labels in _finite_features(model, batches, device, "probe"):
             if transform is not None:
                 feats = transform(feats)
             if stats is None:
                 stats = ProbeStats.zeros(feats.shape[1], num_classes)
             stats.update(feats, labels)
-    if left_out:
-        _logger.warning("probe: left out %d image(s) with non-finite activations", left_out)
     if stats is None or stats.images == 0:
         raise TBAInputError("data", "no labelled images for the probe", "check the probe's data split")
     return stats
@@ -134,17 +140,9 @@ def accuracy(model: nn.Module, head: ProbeHead, batches: Iterable, *, device: st
 
     Images with a non-finite feature are left out of both counts (`stats.finite_images`) and counted in the log.
     """
-    correct = total = left_out = 0
-    dtype = next(model.parameters()).dtype
-    model.to(device).eval()
+    correct = total = 0
     with torch.inference_mode():
-        for images, labels in tqdm(batches, desc="accuracy", unit="batch", leave=False, disable=None):
-            (feats, labels), dropped = finite_images([features(model, images.to(device=device, dtype=dtype)),
-                                                      torch.as_tensor(labels)])
-            left_out += dropped
-            predicted = head.predict(feats.cpu())
-            correct += int((predicted == labels.cpu()).sum())
+        for feats, labels in _finite_features(model, batches, device, "accuracy"):
+            correct += int((head.predict(feats.cpu()) == labels.cpu()).sum())
             total += len(labels)
-    if left_out:
-        _logger.warning("accuracy: left out %d image(s) with non-finite activations", left_out)
     return correct, total

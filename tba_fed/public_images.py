@@ -171,7 +171,6 @@ class PublicPhotos(ArrayImages):
         data_cfg = {"input_size": (3, img_size, img_size), "interpolation": interpolation,
                     "mean": tuple(mean), "std": tuple(std)}
         super().__init__(self.crops, np.zeros(num_images, dtype=np.int64), data_cfg)  # type: ignore[arg-type]
-        self.seed = seed
 
     @classmethod
     def from_model(cls, model: nn.Module, num_images: int = 336, *, img_size: int | None = None,

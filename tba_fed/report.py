@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from .pipeline import Compression
 from .stats import SIMILARITY_METRICS, SimilarityStats
-
-
-def similarity_dict(stats: SimilarityStats) -> dict:
-    return {
-        "images": stats.images,
-        "tokens": stats.tokens,
-        "metrics": {name: np.where(np.isnan(m := stats.metric(name)), None, m).tolist() for name in SIMILARITY_METRICS},
-    }
 
 
 def similarity_markdown(stats: SimilarityStats, metric: str = "mse") -> str:
@@ -51,7 +44,9 @@ def similarity_heatmap(stats: SimilarityStats, path: Path, metric: str = "mse") 
 
 def write_similarity(folder: Path, stats: SimilarityStats, metric: str = "mse") -> None:
     """similarity.json (all metrics), similarity.md (table) and similarity.png (heatmap) in `folder`."""
-    write_json(folder / "similarity.json", similarity_dict(stats))
+    metrics = {name: np.where(np.isnan(m := stats.metric(name)), None, m).tolist() for name in SIMILARITY_METRICS}
+    (folder / "similarity.json").write_text(json.dumps({"images": stats.images, "tokens": stats.tokens, "metrics": metrics},
+                                                       indent=2) + "\n")
     (folder / "similarity.md").write_text(similarity_markdown(stats, metric))
     similarity_heatmap(stats, folder / "similarity.png", metric)
 
@@ -65,7 +60,7 @@ def compression_dict(result: Compression) -> dict:
         "ridge": result.ridge,
         "calibration_images": result.calibration_images,
         "holdout_images": result.holdout_images,
-        "parameters": result.parameters.as_dict(),
+        "parameters": asdict(result.parameters),
         "spans": [fit.summary() for fit in result.fits.values()],
     }
 
@@ -86,16 +81,10 @@ def compression_markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     removed = {row["span"]: row["removed"] for row in params["spans"]}
-    for span in report["spans"]:
-        lines.append(
-            f"| {span['span']} | {span['kind']} | {removed[span['span']]:,} | {_fmt(span['condition_number'])} "
-            f"| {_fmt(span['calibration_relative_error'])} | {_fmt(span['calibration_r2'])} "
-            f"| {_fmt(span['holdout_relative_error'])} | {_fmt(span['identity_holdout_relative_error'])} |"
-        )
+    lines += [f"| {span['span']} | {span['kind']} | {removed[span['span']]:,} | {_fmt(span['condition_number'])} "
+              f"| {_fmt(span['calibration_relative_error'])} | {_fmt(span['calibration_r2'])} "
+              f"| {_fmt(span['holdout_relative_error'])} | {_fmt(span['identity_holdout_relative_error'])} |"
+              for span in report["spans"]]
     lines += ["", "Relative error = Σ‖x_e − T(x_s)‖² / Σ‖x_e‖²; the identity column is the error of simply "
                   "dropping the blocks. A map is worth keeping only where its held-out error is below the identity's."]
     return "\n".join(lines) + "\n"
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -73,15 +73,12 @@ def split_indices(dataset: Records, indices: Iterable[int], key: bytes, *, sampl
     if not hasattr(dataset, "record"):
         raise TBAInputError("data.source", f"{type(dataset).__name__} cannot read its images as bytes, so no "
                                            "per-image decision can be made", "use one of tba-fed's data sources")
-    calibration: list[int] = []
-    holdout: list[int] = []
     indices = list(indices)
+    fates: dict[Decision, list[int]] = {"calibration": [], "holdout": [], None: []}
     for index in tqdm(indices, desc="selecting", unit="image", leave=False, disable=None):
         fate = decide(dataset.record(int(index)), key, sample_rate=sample_rate, holdout_fraction=holdout_fraction)
-        if fate == "calibration":
-            calibration.append(int(index))
-        elif fate == "holdout":
-            holdout.append(int(index))
+        fates[fate].append(int(index))
+    calibration, holdout = fates["calibration"], fates["holdout"]
     _logger.info("selected %d calibration and %d held-out images of %d (sample rate %g, held-out fraction %g)",
                  len(calibration), len(holdout), len(indices), sample_rate, holdout_fraction)
     return np.asarray(calibration, dtype=np.int64), np.asarray(holdout, dtype=np.int64)

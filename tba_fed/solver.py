@@ -116,16 +116,14 @@ def solve_span(stats: SpanStats, *, bias: bool = False, ridge: float = 0.0, ridg
     reg.diagonal()[:shrunk] += lam
     eigvals = torch.linalg.eigvalsh(reg)
     condition = float(eigvals[-1] / eigvals[0]) if eigvals[0] > 0 else float("inf")
-    tolerance = reg.shape[0] * torch.finfo(torch.float64).eps * float(eigvals[-1])
+    rtol = reg.shape[0] * torch.finfo(torch.float64).eps  # eigenvalues at or below rtol·λ_max count as zero
     chol, info = torch.linalg.cholesky_ex(reg)
-    if float(eigvals[0]) > tolerance and int(info) == 0:
-        solution = torch.cholesky_solve(cross, chol)
-        method = "cholesky"
+    if float(eigvals[0]) > rtol * float(eigvals[-1]) and int(info) == 0:
+        solution, method = torch.cholesky_solve(cross, chol), "cholesky"
     else:
         _logger.warning("Gram matrix is singular (condition %.3g): using the pseudo-inverse; "
                         "set a small ridge (e.g. 1e-6) to avoid this", condition)
-        solution = torch.linalg.pinv(reg, hermitian=True, rtol=reg.shape[0] * torch.finfo(torch.float64).eps) @ cross
-        method = "pinv"
+        solution, method = torch.linalg.pinv(reg, hermitian=True, rtol=rtol) @ cross, "pinv"
     weight = solution[:d].T.contiguous()
     bias_vec = solution[d].contiguous() if bias else None
     return LinearMap(weight, bias_vec), SolveDiagnostics(condition, lam, method)

@@ -22,6 +22,7 @@ Arrays = dict[str, np.ndarray]
 SIMILARITY_METRICS: tuple[str, ...] = ("mse", "cosine", "angular")
 # Larger entries are refused: the product of two of them (Gram times map, sums of squares) must stay finite in float64.
 MAX_MAGNITUDE = 1e150
+_COUNTS: dict[str, tuple[int, ...]] = {"tokens": (), "images": ()}  # every accumulator's two counts, scalars
 
 
 def check_arrays(arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], kind: str) -> None:
@@ -88,11 +89,10 @@ class _Accumulator:
     images: int
 
     def _tensor_fields(self) -> list[str]:
-        return [f.name for f in fields(self) if f.name not in ("tokens", "images")]
+        return [f.name for f in fields(self) if f.name not in _COUNTS]
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes = {name: tuple(getattr(self, name).shape) for name in self._tensor_fields()}
-        return shapes | {"tokens": (), "images": ()}
+        return {name: tuple(getattr(self, name).shape) for name in self._tensor_fields()} | _COUNTS
 
     def __add__(self, other: Any) -> Any:
         if not isinstance(other, type(self)):
@@ -106,16 +106,15 @@ class _Accumulator:
         return self if other == 0 else self.__add__(other)
 
     def to_arrays(self) -> Arrays:
-        out = {name: getattr(self, name).detach().cpu().numpy().copy() for name in self._tensor_fields()}
-        out["tokens"] = np.asarray(float(self.tokens))
-        out["images"] = np.asarray(float(self.images))
-        return out
+        tensors = {name: getattr(self, name).detach().cpu().numpy().copy() for name in self._tensor_fields()}
+        return tensors | {name: np.asarray(float(getattr(self, name))) for name in _COUNTS}
 
     @classmethod
-    def _from_checked(cls, arrays: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> Any:
-        check_arrays(arrays, shapes, cls.__name__)
-        check_counts(arrays, ("tokens", "images"), cls.__name__)
-        tensors = {k: torch.from_numpy(np.array(arrays[k], dtype=np.float64)) for k in shapes if k not in ("tokens", "images")}
+    def _from_checked(cls, arrays: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]]) -> Any:
+        """`tensor_shapes`: the subclass's tensor fields; the two counts are checked here."""
+        check_arrays(arrays, {**tensor_shapes, **_COUNTS}, cls.__name__)
+        check_counts(arrays, tuple(_COUNTS), cls.__name__)
+        tensors = {k: torch.from_numpy(np.array(arrays[k], dtype=np.float64)) for k in tensor_shapes}
         return cls(tokens=int(arrays["tokens"]), images=int(arrays["images"]), **tensors)
 
 
@@ -178,9 +177,8 @@ class SimilarityStats(_Accumulator):
     def from_arrays(cls, arrays: Mapping[str, Any]) -> SimilarityStats:
         num_blocks = vector_length(arrays, "sq_norm", cls.__name__)
         square = (num_blocks, num_blocks)
-        shapes = {"sq_dist": square, "cos_sum": square, "angle_sum": square, "sq_norm": (num_blocks,),
-                  "tokens": (), "images": ()}
-        return cls._from_checked(arrays, shapes)
+        return cls._from_checked(arrays, {"sq_dist": square, "cos_sum": square, "angle_sum": square,
+                                          "sq_norm": (num_blocks,)})
 
 
 @dataclass
@@ -224,6 +222,5 @@ class SpanStats(_Accumulator):
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any]) -> SpanStats:
         dim = vector_length(arrays, "sum_x", cls.__name__)
-        shapes = {"gram": (dim, dim), "cross": (dim, dim), "sum_x": (dim,), "sum_y": (dim,), "sum_yy": (),
-                  "tokens": (), "images": ()}
-        return cls._from_checked(arrays, shapes)
+        return cls._from_checked(arrays, {"gram": (dim, dim), "cross": (dim, dim), "sum_x": (dim,), "sum_y": (dim,),
+                                          "sum_yy": ()})

@@ -63,16 +63,14 @@ def noise_multiplier(epsilon: float, delta: float, releases: int, accountant: st
 
 def epsilon_spent(history: Iterable[tuple[float, int]], delta: float, accountant: str = "rdp") -> float:
     """ε at `delta` of a sequence of (noise multiplier, releases) entries, composed by the accountant."""
-    history = [(float(sigma), int(steps)) for sigma, steps in history]
-    if not history:
-        return 0.0
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    acc.history = [(sigma, 1.0, steps) for sigma, steps in history]
+    acc.history = [(float(sigma), 1.0, int(steps)) for sigma, steps in history]
+    if not acc.history:
+        return 0.0
+    kwargs = {"alphas": list(RDP_ORDERS)} if accountant == "rdp" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if accountant == "rdp":
-            return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
-        return float(acc.get_epsilon(delta=delta))
+        return float(acc.get_epsilon(delta=delta, **kwargs))
 
 
 def replace_one_epsilon(history: Iterable[tuple[float, int]], delta: float, accountant: str = "rdp") -> float:

@@ -108,9 +108,7 @@ class ClippedSpanSums:
 
     def __radd__(self, other: int) -> ClippedSpanSums:
         """``sum()`` of sites' releases starts from 0."""
-        if other != 0:
-            return NotImplemented
-        return self
+        return self if other == 0 else NotImplemented
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name).numpy() for name in (*STATISTICS, "weight")}

@@ -141,8 +141,7 @@ class ProjectionTest:
         """Entries with std 0, or in arrays without a std, are not released and are ignored."""
         if set(c0) != set(c1):
             raise ValueError(f"the centres hold different arrays: {sorted(set(c0) ^ set(c1))}")
-        unknown = (set(stds) | set(symmetric)) - set(c0)
-        if unknown:
+        if unknown := (set(stds) | set(symmetric)) - set(c0):
             raise ValueError(f"stds or symmetric name arrays the centres do not hold: {sorted(unknown)}")
         centre, weights, mu_squared = {}, {}, 0.0
         for name, std in stds.items():

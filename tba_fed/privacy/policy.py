@@ -157,41 +157,34 @@ def check_request(policy: SitePolicy, request: PrivacyRequest | None, release: s
         _refuse("privacy.epsilon", f"ε {request.epsilon:g} exceeds the site's total budget {policy.epsilon:g}")
     if request.seed is not None and not policy.allow_seeded_noise:
         _refuse("privacy.seed", "seeded noise is not private; this site draws noise from its CSPRNG only")
+    m = request.noise_sites
     if secure is None:
-        _check_plain(policy, request)
+        if request.aggregation != "local" or m != 1:
+            _refuse("privacy.aggregation", f"a plain reply reaches the server on its own and carries the full noise; "
+                                           f"this request asks for a share of noise split over {m} sites (aggregation "
+                                           f"{request.aggregation!r})", "only a SecAgg+ round may split noise")
+        if policy.secure_aggregation == "required":
+            _refuse("privacy.aggregation", "this site releases statistics only through secure aggregation")
     else:
-        _check_secure(policy, request, secure)
+        if request.aggregation != "secure":
+            _refuse("privacy.aggregation", "a secure-aggregation round must carry a privacy request with aggregation "
+                                           "'secure'")
+        if policy.secure_aggregation == "refused":
+            _refuse("privacy.aggregation", "this site does not take part in secure aggregation")
+        if m > 1 and m < policy.min_noise_sites:
+            _refuse("privacy.noise_sites", f"noise split over {m} sites, the site's minimum is {policy.min_noise_sites}")
+        if m > policy.max_noise_sites:
+            _refuse("privacy.noise_sites", f"noise split over {m} sites, the site's maximum is {policy.max_noise_sites}")
+        if m > len(secure.participants):
+            _refuse("privacy.noise_sites", f"noise split over {m} sites, but only {len(secure.participants)} sites "
+                                           "take part in this secure sum")
+        if m > secure.threshold:
+            _refuse("privacy.noise_sites", f"noise split over {m} sites, but SecAgg+ can unmask a sum over as few as "
+                                           f"{secure.threshold} (its reconstruction threshold)",
+                    "run secure aggregation with a reconstruction threshold of at least noise_sites")
     bounds = request.clip_bounds()
     if policy.max_clip is not None and bounds and max(bounds) > policy.max_clip:
         _refuse("privacy.clip", f"clipping bound {max(bounds):g} exceeds the site's maximum {policy.max_clip:g}")
-
-
-def _check_plain(policy: SitePolicy, request: PrivacyRequest) -> None:
-    if request.aggregation != "local" or request.noise_sites != 1:
-        _refuse("privacy.aggregation", f"a plain reply reaches the server on its own and carries the full noise; this "
-                                       f"request asks for a share of noise split over {request.noise_sites} sites "
-                                       f"(aggregation {request.aggregation!r})", "only a SecAgg+ round may split noise")
-    if policy.secure_aggregation == "required":
-        _refuse("privacy.aggregation", "this site releases statistics only through secure aggregation")
-
-
-def _check_secure(policy: SitePolicy, request: PrivacyRequest, secure: SecureRound) -> None:
-    if request.aggregation != "secure":
-        _refuse("privacy.aggregation", "a secure-aggregation round must carry a privacy request with aggregation 'secure'")
-    if policy.secure_aggregation == "refused":
-        _refuse("privacy.aggregation", "this site does not take part in secure aggregation")
-    m = request.noise_sites
-    if m > 1 and m < policy.min_noise_sites:
-        _refuse("privacy.noise_sites", f"noise split over {m} sites, the site's minimum is {policy.min_noise_sites}")
-    if m > policy.max_noise_sites:
-        _refuse("privacy.noise_sites", f"noise split over {m} sites, the site's maximum is {policy.max_noise_sites}")
-    if m > len(secure.participants):
-        _refuse("privacy.noise_sites", f"noise split over {m} sites, but only {len(secure.participants)} sites take "
-                                       "part in this secure sum")
-    if m > secure.threshold:
-        _refuse("privacy.noise_sites", f"noise split over {m} sites, but SecAgg+ can unmask a sum over as few as "
-                                       f"{secure.threshold} (its reconstruction threshold)",
-                "run secure aggregation with a reconstruction threshold of at least noise_sites")
 
 
 def check_images(policy: SitePolicy, summaries: Mapping[str, int]) -> None:

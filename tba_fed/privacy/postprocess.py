@@ -48,9 +48,7 @@ def adassp_ridge(noisy_gram: torch.Tensor, gram_noise_std: float) -> RidgeChoice
 
 def centered_gram(stats: SpanStats) -> torch.Tensor:
     """G − Σx Σxᵀ / n: the Gram the weight sees once an unpenalised bias absorbs the means."""
-    if stats.tokens <= 0:
-        return stats.gram
-    return stats.gram - torch.outer(stats.sum_x, stats.sum_x) / stats.tokens
+    return stats.gram if stats.tokens <= 0 else stats.gram - torch.outer(stats.sum_x, stats.sum_x) / stats.tokens
 
 
 def clean_stats(stats: SpanStats, *, bias: bool) -> SpanStats:

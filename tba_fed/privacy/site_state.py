@@ -16,7 +16,6 @@ back both up, and keep the audit log (which the server's log anchors).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from ..config import load_json
 from ..fileio import atomic_write
 from ..errors import TBAInputError
 from ..selection import KEY_BYTES, check_key
-from .ledger import PrivacyLedger
+from .ledger import PrivacyLedger, now
 
 _logger = logging.getLogger(__name__)
 
@@ -63,8 +62,7 @@ def initialise(folder: Path, site: str, ledger: Path) -> SiteState:
         key = os.urandom(KEY_BYTES).hex().encode() + b"\n"
         atomic_write(folder / KEY_FILE, lambda tmp: tmp.write_bytes(key), mode=0o600, durable=True)
         adopted = PrivacyLedger(ledger).initialise()
-        marker = {"format": FORMAT, "site": site, "ledger": str(ledger),
-                  "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        marker = {"format": FORMAT, "site": site, "ledger": str(ledger), "created": now()}
         atomic_write(folder / MARKER, lambda tmp: tmp.write_text(json.dumps(marker, indent=2) + "\n"), mode=0o644,
                      durable=True)
     except OSError as err:

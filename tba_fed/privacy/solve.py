@@ -43,14 +43,13 @@ def compare_priors(calibration: SpanStats, holdout: SpanStats, *, bias: bool, ri
     """Held-out error of each candidate relative to the identity skip's (1.0 = as good as dropping),
     and its standard deviation over `holdout_draws` (the held-out sums re-noised as they were
     released: how much the release's own noise moves each estimate; empty for exact sums)."""
+    def shrunk_toward(prior: LinearMap) -> LinearMap:
+        return solve_span(calibration, bias=bias, ridge=ridge, ridge_lambda=ridge_lambda, prior=prior, shrink_bias=shrink_bias)[0]
+
     identity = LinearMap.identity(calibration.dim)
-    candidates = {"identity": identity,
-                  "federated": solve_span(calibration, bias=bias, ridge=ridge, ridge_lambda=ridge_lambda, prior=identity,
-                                            shrink_bias=shrink_bias)[0]}
+    candidates = {"identity": identity, "federated": shrunk_toward(identity)}
     if public is not None:
-        candidates["public prior"] = public
-        candidates["federated + public prior"] = solve_span(calibration, bias=bias, ridge=ridge, ridge_lambda=ridge_lambda,
-                                                          prior=public, shrink_bias=shrink_bias)[0]
+        candidates |= {"public prior": public, "federated + public prior": shrunk_toward(public)}
 
     def errors(held: SpanStats, reference: float) -> dict[str, float]:
         return {name: fit_quality(held, m).sse / reference for name, m in candidates.items()}
