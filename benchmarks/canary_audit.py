@@ -7,7 +7,7 @@ checkerboard, far outside the clipping bounds) that the site's per-image decisio
 calibration part. The exact sums of D and D' come from the site's real ClientApp (the seeded noise of
 both releases cancels); each is then released `--trials` times by the site's own noise step with fresh
 CSPRNG noise (in secure mode: three sites' shares of σ/√3 each, summed, as SecAgg+ sums them), and
-the optimal test guesses which dataset each release came from (`tba_fed.privacy.empirical`).
+the optimal test guesses which dataset each release came from (`tests/empirical.py`).
 
 Columns: the claimed ε of that one release (its run declares the four releases at the run's ε), the
 lower bounds at 95% confidence from Clopper-Pearson (any mechanism) and from the measured separation
@@ -41,7 +41,7 @@ from clients.client_app import app  # noqa: E402
 from tba_fed import ModelConfig, create_model  # noqa: E402
 from tba_fed.fileio import atomic_write_text  # noqa: E402
 from tba_fed.privacy.accounting import epsilon_spent, noise_multiplier  # noqa: E402
-from tba_fed.privacy.empirical import audit_release  # noqa: E402
+from empirical import audit_release  # noqa: E402
 from tba_fed.selection import decide, development_key  # noqa: E402
 
 TINY = {"img_size": 32, "patch_size": 8, "depth": 6, "embed_dim": 48, "num_heads": 3, "num_classes": 5}

@@ -20,7 +20,7 @@ import math
 import pytest
 
 from tba_fed.privacy.accounting import epsilon_spent, noise_multiplier
-from tba_fed.privacy.empirical import audit_release
+from empirical import audit_release
 
 import neighbours as nb
 from test_neighbouring_datasets import COUNT, _neighbour, _releases, _site

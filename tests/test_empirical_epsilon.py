@@ -20,7 +20,7 @@ from scipy.stats import binom, binomtest, nct, norm
 from tba_fed.plan import Span
 from tba_fed.privacy.accounting import epsilon_spent, noise_multiplier
 from tba_fed.privacy.clipped import STATISTICS, ClippedSpanSums, SpanBounds, image_norms
-from tba_fed.privacy.empirical import (THRESHOLD_OFFSETS, ProjectionTest, audit_release, clopper_pearson,
+from empirical import (THRESHOLD_OFFSETS, ProjectionTest, audit_release, clopper_pearson,
                                        delta_from_mu, epsilon_lower_bound, eps_from_mu,
                                        mu_confidence_interval)
 from tba_fed.privacy.mechanism import NoiseSource
