@@ -26,11 +26,10 @@ from clients.client_app import app
 from tba_fed.errors import FederationError
 from tba_fed.federation.secure_aggregation import secure_sum
 from tba_fed.federation.records import to_record
-from tba_fed.federation.wire import encode_heads, encode_maps, encode_priors, private_span_shapes
+from tba_fed.federation.wire import encode_heads, encode_maps, encode_priors, private_span_shapes, secure_ranges
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.ledger import PrivacyLedger
 from tba_fed.privacy.policy import RELEASES, PrivacyRequest
-from tba_fed.privacy.ranges import statistics_ranges
 from tba_fed.privacy.site_state import initialise
 
 import neighbours as nb
@@ -107,7 +106,7 @@ def _secure(grid: ClientAppGrid, nodes: list[int], bounds: nb.Bounds, *, noise_s
     request = _request(bounds, aggregation="secure", noise_sites=noise_sites)
     settings = {"model": json.dumps(MODEL), "token-mode": "all", "profile": "production", "plan": nb.PLAN,
                 "privacy": request.to_json(), "prior-maps": encode_priors(nb.identity_maps(48)), "max-images": 64}
-    return secure_sum(grid, nodes, settings, statistics_ranges(request, SPANS, 64), private_span_shapes(SPANS, 48),
+    return secure_sum(grid, nodes, settings, secure_ranges(request, SPANS, 64), private_span_shapes(SPANS, 48),
                       timeout=10, min_sites=2, reconstruction_threshold=threshold)
 
 

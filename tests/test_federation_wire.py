@@ -78,3 +78,22 @@ def test_maps_round_trip_and_validation():
     arrays["span.0-2.weight"] = arrays["span.0-2.weight"][:3]
     with pytest.raises(TBAInputError, match="span.0-2.weight"):
         decode_maps(arrays, maps, [Span(3, 4)], 4)
+
+
+def test_a_private_release_has_one_list_of_statistics_from_its_sums_to_its_sensitivities_and_secure_ranges():
+    """The wire schema of a private release, the sums a site clips, the per-statistic sensitivities and the
+    SecAgg+ ranges name the same statistics: a statistic added to one and not the others fails here."""
+    import dataclasses
+
+    from tba_fed.federation.wire import PRIVATE_SPAN, private_span_shapes, secure_ranges
+    from tba_fed.privacy.clipped import STATISTICS, ClippedSpanSums
+    from tba_fed.privacy.policy import PrivacyRequest
+    from tba_fed.privacy.sensitivity import SPAN_SHARES
+
+    sums = {f.name for f in dataclasses.fields(ClippedSpanSums) if f.name not in ("images", "clipped")}
+    assert {f.name for f in PRIVATE_SPAN.fields} == sums == set(SPAN_SHARES) | {"weight"} == set(STATISTICS) | {"weight"}
+    spans = [Span(1, 3), Span(4, 5)]
+    request = PrivacyRequest(epsilon=1.0, delta=1e-5, releases=("statistics",), aggregation="secure", noise_sites=3,
+                             clip_spans={str(s): (1.0, 2.0, 3.0, 4.0, 5.0) for s in spans})
+    ranges = secure_ranges(request, spans, 64)
+    assert set(ranges) == set(private_span_shapes(spans, 8)) and all(r > 0 for r in ranges.values())

@@ -25,9 +25,8 @@ from tba_fed.federation.config import load_site_config
 from tba_fed.federation.flower_internals import serverapp_identity
 from tba_fed.federation.secure_aggregation import secure_sum
 from tba_fed.federation.site import site_key
-from tba_fed.federation.wire import private_span_shapes
+from tba_fed.federation.wire import private_span_shapes, secure_ranges
 from tba_fed.plan import parse_plan
-from tba_fed.privacy.ranges import statistics_ranges
 from tba_fed.privacy.site_state import initialise
 from tba_fed.selection import decide, development_key, split_indices
 
@@ -153,7 +152,7 @@ def test_the_secure_release_moves_the_secure_sum_by_at_most_its_sensitivity(tmp_
     settings = nb.secure_settings(MODEL, audit_bounds, 48, sites=3, max_images=64)
     spans = parse_plan(nb.PLAN, 6).spans
     request = nb.request(audit_bounds, aggregation="secure", noise_sites=3)
-    ranges = statistics_ranges(request, spans, 64)
+    ranges = secure_ranges(request, spans, 64)
 
     def secure(site: Path):
         grid = ClientAppGrid(app, node_configs=[{"site-config": str(p)} for p in (site, *others)])

@@ -275,13 +275,14 @@ def test_prior_solve_is_the_closed_form_and_shrinks_toward_the_prior():
 
 def test_secure_aggregation_ranges_hold_every_noisy_release_and_keep_quantisation_below_the_noise():
     from tba_fed.federation.secure_aggregation import quantisation_error_bound
-    from tba_fed.federation.wire import encode_spans, private_span_shapes
+    from tba_fed.federation.wire import PRIVATE_SPAN, encode_spans, private_span_shapes
     from tba_fed.privacy.ranges import span_ranges
 
     sums = {split: {SPAN: _clipped(48, 24, k, BOUNDS)} for k, split in enumerate(("calibration", "holdout"))}
     parts = span_parts([SPAN], {SPAN: BOUNDS})
     sigma = noise_multiplier(1.0, 1e-5, 1) / math.sqrt(3)
-    ranges = span_ranges([SPAN], {SPAN: BOUNDS}, 24, parts, sigma)
+    ranges = PRIVATE_SPAN.keyed({f"{split}/{SPAN.key}/": span_ranges([SPAN], {SPAN: BOUNDS}, 24, parts, sigma)[SPAN]
+                                 for split in ("calibration", "holdout")})
     arrays = encode_spans(noisy_spans(sums, parts, sigma, NoiseSource.seeded(1)))
     shapes = private_span_shapes([SPAN], 48)
     assert set(arrays) == set(ranges) == set(shapes)

@@ -30,7 +30,6 @@ from ..privacy.clipped import to_span_stats
 from ..privacy.mechanism import NoiseSource, describe_noise
 from ..privacy.policy import PrivacyRequest
 from ..privacy.postprocess import adassp_ridge, psd_projection
-from ..privacy.ranges import statistics_ranges
 from ..privacy.release import noisy_spans
 from ..privacy.sensitivity import probe_parts, span_parts
 from ..privacy.solve import private_inputs
@@ -44,7 +43,7 @@ from .records import from_record
 from .rounds import RoundLog, Rounds
 from .server_audit import ServerAudit
 from .secure_aggregation import default_threshold, secure_sum
-from .wire import MODELS, decode_private_spans, decode_spans, encode_priors, private_span_shapes
+from .wire import MODELS, decode_private_spans, decode_spans, encode_priors, private_span_shapes, secure_ranges
 
 _logger = logging.getLogger(__name__)
 
@@ -252,7 +251,7 @@ def secure_statistics_round(grid: Grid, nodes: list[int], config: FederatedRunCo
     """SecAgg+ sum of the sites' noisy span sums (each site adds σ/√noise_sites of the noise); returns the sum
     and how many sites it holds."""
     fed = config.federation
-    ranges = statistics_ranges(request, plan.spans, fed.max_images_per_site)
+    ranges = secure_ranges(request, plan.spans, fed.max_images_per_site)
     settings = {**dict(content.config_records["config"].items()), "max-images": fed.max_images_per_site}
     try:
         # the server must not be able to unmask a sum over fewer sites than the noise is split across

@@ -29,7 +29,7 @@ from ..plan import Plan, Span, parse_plan
 from ..privacy.policy import RELEASES, PolicyRefusal, PrivacyRequest, SecureRound, SitePolicy, check_request
 from ..privacy.clipped import ClippedSpanSums
 from ..privacy.passes import collect_clipped_probe_stats, collect_clipped_similarity, collect_clipped_span_sums
-from ..privacy.ranges import clamp, statistics_ranges
+from ..privacy.ranges import clamp
 from ..privacy.release import noisy_counts, noisy_probe, noisy_similarity, noisy_spans
 from ..privacy.sensitivity import accuracy_parts, probe_parts, similarity_parts, span_parts
 from ..privacy.site_state import open_state
@@ -45,7 +45,7 @@ from .site_admission import admitted_model, check_run_profile
 from .site_context import SiteContext
 from .site_privacy import RunSpec, open_release
 from .wire import (MODELS, Arrays, decode_heads, decode_maps, decode_priors, encode_probe, encode_similarity,
-                   encode_spans)
+                   encode_spans, secure_ranges)
 
 _logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def secure_statistics(config: Mapping[str, Any], context: Any, site_context: Sit
                                                               f"range allows ({max_images})", "raise max_images_per_site")
     priors = decode_priors(str(config.get("prior-maps", "")), plan.spans, adapter.embed_dim)
     arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors, secure)
-    ranges = statistics_ranges(request, plan.spans, max_images)
+    ranges = secure_ranges(request, plan.spans, max_images)
     return clamp(arrays, ranges), ranges
 
 

@@ -21,6 +21,8 @@ from ..checkpoint import decode_maps, map_tensors
 from ..errors import TBAInputError
 from ..plan import Span
 from ..privacy.clipped import ClippedSpanSums
+from ..privacy.policy import PrivacyRequest
+from ..privacy.ranges import statistics_ranges
 from ..probe import ProbeHead, ProbeStats
 from ..solver import LinearMap
 from ..stats import SimilarityStats, SpanStats, check_arrays, check_counts
@@ -74,6 +76,10 @@ class Schema:
 
     def shapes(self, prefixes: Iterable[str], **sizes: int) -> dict[str, tuple[int, ...]]:
         return {prefix + f.key: f.wire_shape(sizes) for prefix in prefixes for f in self.fields}
+
+    def keyed(self, groups: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+        """``{prefix: {field name: value}}`` (e.g. a SecAgg+ range per statistic) -> one value per wire key."""
+        return {prefix + f.key: values[f.name] for prefix, values in groups.items() for f in self.fields}
 
     def encode(self, groups: Mapping[str, Mapping[str, np.ndarray]]) -> Arrays:
         out: Arrays = {}
@@ -141,6 +147,12 @@ def encode_spans(per_split: Mapping[str, Mapping[Span, SpanStats | ClippedSpanSu
 def private_span_shapes(spans: Iterable[Span], dim: int) -> dict[str, tuple[int, ...]]:
     """What a private statistics release holds (the shapes a SecAgg+ sum of it is read back with)."""
     return PRIVATE_SPAN.shapes(_span_prefixes(spans), dim=dim)
+
+
+def secure_ranges(request: PrivacyRequest, spans: Iterable[Span], max_images: int) -> dict[str, float]:
+    """The SecAgg+ range of every array of a private statistics release (`privacy.ranges`, per statistic)."""
+    ranges = statistics_ranges(request, list(spans), max_images)
+    return PRIVATE_SPAN.keyed({f"{split}/{span.key}/": ranges[span] for split in SPLITS for span in ranges})
 
 
 def decode_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int, *,

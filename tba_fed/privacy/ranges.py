@@ -18,30 +18,25 @@ import numpy as np
 from ..plan import Span
 from .clipped import SpanBounds
 from .policy import PrivacyRequest
-from .sensitivity import Part, span_parts
+from .sensitivity import SPAN_SHARES, Part, span_parts
 
 NOISE_MARGIN = 8.0
-SPLITS = ("calibration", "holdout")
 
 
 def span_ranges(spans: Sequence[Span], bounds: Mapping[Span, SpanBounds], max_images: int, parts: Sequence[Part],
-                site_sigma: float) -> dict[str, float]:
-    """Range of every array `wire.encode_private_spans` produces, for one site's noisy release."""
+                site_sigma: float) -> dict[Span, dict[str, float]]:
+    """Range of each statistic of each span's noisy sums (the same in both splits), for one site's release;
+    the statistics are those `span_parts` gives a sensitivity, so the two cannot drift apart."""
     std = {p.name: p.std(site_sigma) for p in parts}
-    out: dict[str, float] = {}
+    out: dict[Span, dict[str, float]] = {}
     for span in spans:
-        b = bounds[span]
-        k = str(span)
-        limits = {"gram_triu": (b.gram, std[f"{k}:gram"]), "cross_residual": (b.cross_residual, std[f"{k}:cross_residual"]),
-                  "sum_x": (b.sum_x, std[f"{k}:sum_x"]), "sum_r": (b.sum_r, std[f"{k}:sum_r"]),
-                  "sum_rr": (b.sum_rr, std[f"{k}:sum_rr"]), "weight": (1.0, std["weight"])}
-        for split in SPLITS:
-            for name, (bound, noise) in limits.items():
-                out[f"{split}/{span.key}/{name}"] = max_images * bound + NOISE_MARGIN * noise
+        limits = {name: (getattr(bounds[span], name), std[f"{span}:{name}"]) for name in SPAN_SHARES}
+        limits["weight"] = (1.0, std["weight"])  # the weighted image count: each weight at most 1
+        out[span] = {name: max_images * bound + NOISE_MARGIN * noise for name, (bound, noise) in limits.items()}
     return out
 
 
-def statistics_ranges(request: PrivacyRequest, spans: Sequence[Span], max_images: int) -> dict[str, float]:
+def statistics_ranges(request: PrivacyRequest, spans: Sequence[Span], max_images: int) -> dict[Span, dict[str, float]]:
     """The ranges of a secure statistics release: what the server expects and each site enforces."""
     bounds = request.span_bounds(spans)
     return span_ranges(spans, bounds, max_images, span_parts(spans, bounds), request.site_noise_multiplier())
