@@ -50,8 +50,8 @@ def export(compressed_dir: str | Path, out_dir: str | Path, format: str, *, over
     if format not in FORMATS:
         raise TBAInputError("format", f"unknown format {str(format)[:40]!r}", f"use one of {', '.join(FORMATS)}")
     source, out = Path(compressed_dir), Path(out_dir)
-    _check_input(source)
     check_output_dir(out, kind=KIND, overwrite=overwrite)
+    _check_input(source)
     writer = _WRITERS[format]
     if format == "onnx":
         _require_onnx()
@@ -265,7 +265,7 @@ def _base_source(config: ModelConfig) -> str:
         return f"checkpoint {config.checkpoint}"
     if config.pretrained:
         return "timm hub weights"
-    return "offline (converted at set-up)" if config.name in OFFLINE_MODELS else f"random init, seed {config.seed}"
+    return "offline, converted at set-up" if config.name in OFFLINE_MODELS else f"random init, seed {config.seed}"
 
 
 def _checkpoint_sha256(config: ModelConfig) -> str | None:
@@ -371,7 +371,6 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"(tolerance {check['tolerance']:g})",
         f"- made from `{card['source']['directory']}` (maps sha256 `{card['source']['maps_sha256']}`"
         f"{', a federated run' if card['source']['federated'] else ''}) by tba-fed {card['tba_fed_version']}",
-        f"- input: {shape} images normalised with mean {card['input']['mean']} and std {card['input']['std']}",
         f"- input: {shape} images normalised with mean {card['input']['mean']} and std {card['input']['std']}",
         "", "Files:", "", *(f"- `{name}` sha256 `{digest}`" for name, digest in card["files"].items()),
         "", "Loading (no tba-fed needed):", "", "```python", LOADING[card["format"]], "```",

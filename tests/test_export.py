@@ -166,6 +166,7 @@ def test_the_model_card_holds_the_base_weights_plan_parameters_and_flops(dirs, e
     assert card["accuracy"] is None and card["privacy"] is None
     assert list(card["files"]) == ["model.onnx"]
     markdown = (exported["onnx"] / CARD_MD).read_text()
+    assert markdown.count("\n- input: ") == 1 and markdown.count("\n- plan: ") == 1
     for fact in (weights_sha256(base), PLAN, f"{count_parameters(base):,} -> {count_parameters(compressed):,}",
                  f"{card['flops']['original']:,} -> {card['flops']['compressed']:,}", "not private", "onnxruntime"):
         assert fact in markdown, fact
