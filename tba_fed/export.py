@@ -61,7 +61,7 @@ def export(compressed_dir: str | Path, out_dir: str | Path, format: str, *, over
         parameter.requires_grad_(False)
     stock = stock_timm_model(opened) if format == "timm" else None  # refused here, before anything is written
     with atomic_directory(out, kind=KIND, overwrite=overwrite) as tmp:
-        check = writer(model, stock, opened, tmp)
+        check = writer(model, stock, tmp)
         weights = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.name != "config.json"}
         card = model_card(opened, source, format, check, weights)
         if format == "timm":
@@ -197,7 +197,7 @@ def stock_timm_model(opened: OpenedCompressed) -> StockModel:
     return StockModel(name, kwargs, stock.eval())
 
 
-def _write_timm(model: nn.Module, stock: StockModel | None, opened: OpenedCompressed, folder: Path) -> Check:
+def _write_timm(model: nn.Module, stock: StockModel | None, folder: Path) -> Check:
     """model.safetensors (a stock state dict) and config.json in timm's own layout: ``create_model(name, **model_args)``
     then ``load_state_dict``, or ``timm.create_model("local-dir:DIR", pretrained=True)``."""
     from safetensors.torch import save_file
@@ -217,7 +217,7 @@ def _write_timm(model: nn.Module, stock: StockModel | None, opened: OpenedCompre
 # ---- onnx and pt2 --------------------------------------------------------------------------------------------
 
 
-def _write_onnx(model: nn.Module, stock: StockModel | None, opened: OpenedCompressed, folder: Path) -> Check:
+def _write_onnx(model: nn.Module, stock: StockModel | None, folder: Path) -> Check:
     """model.onnx (opset 18, dynamic batch axis ``batch``), then run by onnxruntime on batches of 1 and 3."""
     import onnxruntime
 
@@ -232,7 +232,7 @@ def _write_onnx(model: nn.Module, stock: StockModel | None, opened: OpenedCompre
                     f"onnxruntime {onnxruntime.__version__}", ONNX_TOLERANCE)
 
 
-def _write_pt2(model: nn.Module, stock: StockModel | None, opened: OpenedCompressed, folder: Path) -> Check:
+def _write_pt2(model: nn.Module, stock: StockModel | None, folder: Path) -> Check:
     """model.pt2 (torch.export, dynamic batch axis), reloaded with torch.export.load before it is accepted."""
     path = folder / "model.pt2"
     with torch.no_grad():
@@ -243,7 +243,7 @@ def _write_pt2(model: nn.Module, stock: StockModel | None, opened: OpenedCompres
                     TORCH_TOLERANCE)
 
 
-_WRITERS: dict[str, Callable[[nn.Module, StockModel | None, OpenedCompressed, Path], Check]] = {
+_WRITERS: dict[str, Callable[[nn.Module, StockModel | None, Path], Check]] = {  # stock: the timm format's model
     "timm": _write_timm, "onnx": _write_onnx, "pt2": _write_pt2}
 
 
@@ -319,7 +319,7 @@ def model_card(opened: OpenedCompressed, source: Path, format: str, check: Check
         "accuracy": _accuracy(record),
         "privacy": _privacy(record),
         "check": check.as_dict(),
-        "files": {name: digest for name, digest in files.items()},
+        "files": dict(files),
     }
 
 
