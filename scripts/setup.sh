@@ -27,7 +27,7 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
       2> >(grep -v "is neither a file nor a directory" >&2)
   }
   pip_install "${torch_pins[@]}"
-  pip_install "${torch_pins[@]}" -e '.[assets,test]'
+  pip_install "${torch_pins[@]}" -e '.[assets,export,test]'
   echo "$want" > "$STAMP"
 fi
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -140,6 +141,21 @@ def read_manifest(path: Path) -> Manifest:
 
 def load_compressed(path: str | Path) -> nn.Module:
     """Rebuild a compressed model saved by ``save_compressed`` (base weights from their source)."""
+    return open_compressed(path).model
+
+
+@dataclass(frozen=True)
+class OpenedCompressed:
+    """A compressed-model directory read back: its manifest, the rebuilt base model and the compressed copy
+    (an export describes both)."""
+
+    manifest: Manifest
+    base: nn.Module
+    model: nn.Module
+
+
+def open_compressed(path: str | Path) -> OpenedCompressed:
+    """`load_compressed`, keeping the manifest and the untouched base model."""
     path = Path(path)
     manifest = read_manifest(path)
     model = create_model(manifest.model)
@@ -151,4 +167,4 @@ def load_compressed(path: str | Path) -> nn.Module:
                                                        f"{plan}", COMPRESSED_FIX)
     tensors = read_safetensors(path / MAPS_FILE, MAPS_FILE, COMPRESSED_FIX)
     maps = decode_maps({k: v.numpy() for k, v in tensors.items()}, plan.spans, identity, model.embed_dim, MAPS_FILE)
-    return build_compressed(model, maps)
+    return OpenedCompressed(manifest, model, build_compressed(model, maps))

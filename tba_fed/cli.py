@@ -308,6 +308,17 @@ def run_audit(command: str, log: Path, against: Path | None = None, head: str | 
     return 0
 
 
+def run_export(compressed: Path, output: Path, format: str, overwrite: bool) -> None:
+    """``tba-fed export``: the compressed model in a form that runs without tba-fed, with its model card."""
+    from .export import CARD_MD, export
+
+    for noisy in ("onnx_ir", "onnxscript"):  # one line per graph pass otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    folder = export(compressed, output, format, overwrite=overwrite)
+    print((folder / CARD_MD).read_text())
+    print(f"{format} export written to {folder}/ ({CARD_MD}, model_card.json)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line naming the flag and where the flags are listed, not a usage block."""
 
@@ -385,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "the log must still contain that entry")
     p = audit.add_parser("show", help="print the log as a table: runs, rounds, statuses, what was released")
     p.add_argument("log", type=Path, help="the audit log")
+    p = sub.add_parser("export", help="write a compressed model as stock timm weights, ONNX or a torch.export program "
+                                      "(runs without tba-fed), with a model card")
+    p.add_argument("compressed", type=Path, metavar="DIR", help="a compressed model (tba-fed compress, a federated run)")
+    p.add_argument("--format", required=True, choices=["timm", "onnx", "pt2"],
+                   help="timm: stock timm weights (only plans whose spans all drop their blocks); onnx; pt2")
+    p.add_argument("--output", "-o", type=Path, required=True, metavar="OUT", help="new output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace tba-fed's own earlier export there")
     p = sub.add_parser("prepare", help="fetch, convert and verify the offline DINOv2-S weights into $TBA_FED_CACHE")
     p.add_argument("--force", action="store_true", help="redo the conversion and the onnxruntime check")
     p = sub.add_parser("demo", help="federated run of 3 simulated sites + a short Table 1 on the real offline model")
@@ -406,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "privacy": lambda: run_privacy_report(args.site_config),
         "site": lambda: run_site_init(args.site_config),
         "audit": lambda: run_audit(args.audit_command, args.log, getattr(args, "against", None), getattr(args, "head", None)),
+        "export": lambda: run_export(args.compressed, args.output, args.format, args.overwrite),
         "preflight": lambda: run_preflight(args.config, args.kind, args.expiry_days),
         "superlink": lambda: run_superlink(args.config, args.print_only),
         "supernode": lambda: run_supernode(args.config, args.print_only),

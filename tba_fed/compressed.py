@@ -39,8 +39,14 @@ class BlockApproximation(nn.Module):
                     module.linear.bias.copy_(linear_map.bias.to(dtype))
         return module
 
-    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
-        return x if self.linear is None else self.linear(x)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """timm's VisionTransformer passes ``attn_mask`` and ``is_causal`` to its blocks when either is set; a map
+        mixes no tokens, so both are accepted and ignored. Named arguments, not ``**kwargs``: TorchScript and
+        torch.export take only a fixed signature."""
+        if self.linear is None:
+            return x
+        return self.linear(x)
 
     def extra_repr(self) -> str:
         return f"span={self.span}, kind={'identity' if self.linear is None else 'linear'}"

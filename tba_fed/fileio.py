@@ -44,7 +44,8 @@ def cache_dir() -> Path:
 
 
 MARKER = "tba-fed-output.json"
-KINDS = {"compressed": "a compressed model", "similarity": "a similarity analysis", "experiment": "an experiment"}
+KINDS = {"compressed": "a compressed model", "similarity": "a similarity analysis", "experiment": "an experiment",
+         "export": "an exported model"}
 _SHA256 = re.compile(SHA256_HEX)
 NEW_PATH = "choose an empty or new output path"
 

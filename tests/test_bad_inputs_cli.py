@@ -51,7 +51,10 @@ POSITIONALS = {
     "analyze": [], "compress": [], "experiment": ["config"], "simulate": ["config"], "preflight": ["config"],
     "superlink": ["config"], "supernode": ["config"], "submit": ["config"], "privacy report": ["site_config"],
     "site init": ["site_config"], "audit verify": ["log"], "audit show": ["log"], "prepare": [], "demo": [],
+    "export": ["compressed"],
 }
+# Flags argparse requires, given with every call that is otherwise valid (export's positional is a directory).
+REQUIRED_FLAGS = {"export": ["--format", "pt2", "--output", "out"]}
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) ")
 CHECKERS = {"preflight", "audit verify"}  # report problems with exit 1 by contract
 TINY = ["--model", "vit_tiny_patch16_224", "--model-arg", "depth=2", "--model-arg", "img_size=32",
@@ -104,7 +107,7 @@ def test_401_the_campaign_knows_every_command():
 
 
 def _valid_positionals(command: str) -> list[str]:
-    return ["run.yaml" for _ in POSITIONALS[command]]
+    return ["run.yaml" for _ in POSITIONALS[command]] + REQUIRED_FLAGS.get(command, [])
 
 
 @pytest.mark.parametrize("command", sorted(POSITIONALS))
@@ -154,10 +157,11 @@ def test_406_to_408_a_positional_file_missing_a_directory_or_not_text(command, p
         got, out, err = run_cli([*command.split(), path], capsys)  # shows what it can and counts the problem
         assert got == 0 and "1 problems" in out and "Traceback" not in err
         return
-    assert_refused([*command.split(), path], path, capsys, tmp_path, code)
+    assert_refused([*command.split(), path, *REQUIRED_FLAGS.get(command, [])], path, capsys, tmp_path, code)
 
 
-@pytest.mark.parametrize("command", sorted(c for c, p in POSITIONALS.items() if p and not c.startswith("audit")))
+@pytest.mark.parametrize("command", sorted(c for c, p in POSITIONALS.items()
+                                            if p and not c.startswith("audit") and c != "export"))
 def test_409_an_empty_yaml_file(command, capsys, tmp_path):
     assert_refused([*command.split(), "empty.yaml"], "empty.yaml is empty", capsys, tmp_path,
                    1 if command in CHECKERS else 2)
@@ -169,7 +173,7 @@ def _commands_with(flag: str) -> list[str]:
 
 @pytest.mark.parametrize("command", _commands_with("--output"))
 def test_410_output_naming_an_existing_file(command, capsys, tmp_path):
-    extra = {"compress": [*TINY, "--plan", "0->1"], "analyze": TINY}.get(command, [])
+    extra = {"compress": [*TINY, "--plan", "0->1"], "analyze": TINY, "export": ["folder", "--format", "pt2"]}.get(command, [])
     if command == "experiment":
         (tmp_path / "experiment.yaml").write_text(
             "model: {name: vit_tiny_patch16_224, kwargs: {depth: 2, img_size: 32, patch_size: 16}}\n"
