@@ -96,6 +96,10 @@ class ParameterReport:
     spans: tuple[SpanParameters, ...]
 
 
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def parameter_report(model: nn.Module, plan: Plan, *, bias: bool, identity: frozenset[Span] = frozenset()) -> ParameterReport:
     """Exact parameter counts, plus the paper's Table-1 convention for comparison.
 
@@ -110,6 +114,6 @@ def parameter_report(model: nn.Module, plan: Plan, *, bias: bool, identity: froz
         map_params = 0 if span in identity else d * d + (d if bias else 0)
         paper = sum(adapter.block_parameter_count(i) - (d * d + d) for i in span.removed)
         rows.append(SpanParameters(str(span), len(span.removed), block_params, map_params, block_params - map_params, paper))
-    original = sum(p.numel() for p in model.parameters())
+    original = count_parameters(model)
     removed = sum(r.removed for r in rows)
     return ParameterReport(original, original - removed, removed, sum(r.paper_removed for r in rows), tuple(rows))

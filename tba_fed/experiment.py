@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .adapter import ViTAdapter
 from .calibrate import collect_span_stats
-from .compressed import parameter_report
+from .compressed import count_parameters, parameter_report
 from .config import (MAX_BATCH, MAX_IMAGES, DataConfig, Device, ModelConfig, Seed, _Section, check_device, load_json,
                      read_yaml, validate)
 from .data import build_dataset
@@ -187,7 +187,7 @@ def run_seed(config: ExperimentConfig, model: nn.Module, spec: DatasetSpec, seed
                                                                  else fits[s].identity_calibration.relative_error
                                                                  for s in variant.plan.spans]))}
         else:
-            row |= {"params_removed": 0, "paper_params_removed": 0, "params": sum(p.numel() for p in model.parameters())}
+            row |= {"params_removed": 0, "paper_params_removed": 0, "params": count_parameters(model)}
         rows.append(row)
     return rows
 
