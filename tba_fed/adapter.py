@@ -9,15 +9,22 @@ their ``forward``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, LayerScale, VisionTransformer
 from torch import nn
 
 from .errors import TBAInputError
 
+if TYPE_CHECKING:
+    from .plan import Span
+
 TOKEN_MODES: tuple[str, ...] = ("all", "cls", "patch")
+# What a span's map is fitted on (its (input, target) pair): `linear` maps x_s to x_e and replaces blocks s+1..e;
+# `folded` maps block s's MLP branch m_s to x_e − h_s and is folded into block s's fc2 (zero added parameters).
+MAP_KINDS: tuple[str, ...] = ("linear", "folded")
 
 
 class ViTAdapter:
@@ -64,6 +71,56 @@ class ViTAdapter:
             x = block(x)
             yield x
 
+    def block_halves(self, index: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `index` run in two halves, (h, m), with block(x) == h + m exactly as timm's ``Block.forward``:
+        h = x + drop_path1(ls1(attn(norm1(x)))), m = drop_path2(ls2(mlp(norm2(h)))). A folded map is fitted on m."""
+        block = self.foldable_block(index)
+        h = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+        return h, block.drop_path2(block.ls2(block.mlp(block.norm2(h))))
+
+    def foldable_block(self, index: int) -> Block:
+        """Block `index`, if a map can be folded into it: a pre-norm timm ``Block`` whose MLP ends in a Linear fc2
+        and whose second LayerScale is timm's or absent (other block types compute their branches differently)."""
+        block = self.model.blocks[index]
+        fix = "use map: linear for this model"
+        if type(block) is not Block:
+            raise TBAInputError("map", f"block {index} is a {type(block).__name__}, not timm's pre-norm Block", fix)
+        if not isinstance(getattr(block.mlp, "fc2", None), nn.Linear):
+            raise TBAInputError("map", f"block {index}'s MLP has no Linear fc2 to fold a map into", fix)
+        if not isinstance(block.ls2, (LayerScale, nn.Identity)):
+            raise TBAInputError("map", f"block {index}'s ls2 is a {type(block.ls2).__name__}", fix)
+        return block
+
+    def span_pairs(self, images: torch.Tensor, spans: Sequence[Span], kind: str,
+                   token_mode: str) -> dict[Span, tuple[torch.Tensor, torch.Tensor]]:
+        """Each span's (input, target) pair, the selected tokens per image [images, tokens, dim]:
+        ``linear`` (x_s, x_e), ``folded`` (m_s, x_e − h_s). The one place both kinds are defined: every pass that
+        sums span statistics (exact, clipped, public bounds and priors) gets its pairs here. The forward stops
+        after the last block a span reads."""
+        check_map_kind(kind)
+        self.check_token_mode(token_mode)
+        starts, ends = {s.start for s in spans}, {s.end for s in spans}
+        halves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        x = self.embed(images)
+        for index in range(max(ends) + 1):
+            if kind == "folded" and index in starts:
+                halves[index] = self.block_halves(index, x)
+                x = halves[index][0] + halves[index][1]
+            else:
+                x = self.model.blocks[index](x)
+            if index in starts | ends:
+                outputs[index] = x
+        pairs = {}
+        for span in spans:
+            if kind == "linear":
+                x_in, y = outputs[span.start], outputs[span.end]
+            else:
+                h, m = halves[span.start]
+                x_in, y = m, outputs[span.end] - h
+            pairs[span] = (self.image_tokens(x_in, token_mode), self.image_tokens(y, token_mode))
+        return pairs
+
     def run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         for block in self.model.blocks[start:stop]:
             x = block(x)
@@ -101,3 +158,8 @@ class ViTAdapter:
 
     def block_parameter_count(self, index: int) -> int:
         return sum(p.numel() for p in self.model.blocks[index].parameters())
+
+
+def check_map_kind(kind: str) -> None:
+    if kind not in MAP_KINDS:
+        raise TBAInputError("map", f"unknown map kind {kind!r}", f"use one of {', '.join(MAP_KINDS)}")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import ViTAdapter
+from .adapter import ViTAdapter, check_map_kind
 from .errors import TBAInputError
 from .plan import Span
 from .stats import SimilarityStats, SpanStats, finite_images
@@ -66,34 +66,33 @@ def collect_similarity(adapter: ViTAdapter, batches: Iterable, *, token_mode: st
     return stats
 
 
-def span_outputs(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], token_mode: str,
-                 device: str | torch.device) -> Iterator[dict[int, torch.Tensor]]:
-    """Per batch, the selected tokens per image [images, tokens, dim] of every block a span reads,
-    without the images that have a non-finite value in any of them; the forward stops after the last
-    of them. Callers hold the inference mode."""
+def span_pairs(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], token_mode: str,
+               device: str | torch.device, map_kind: str = "linear") -> Iterator[dict[Span, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per batch, every span's (input, target) pair of selected tokens per image [images, tokens, dim]
+    (`ViTAdapter.span_pairs`: x_s, x_e for a linear map; m_s, x_e − h_s for a folded one), without the
+    images that have a non-finite value in any of them; the forward stops after the last block a span
+    reads. Callers hold the inference mode."""
     if not spans:
         raise TBAInputError("plan", "no spans to calibrate")
     adapter.check_token_mode(token_mode)
-    needed = {i for span in spans for i in (span.start, span.end)}
+    check_map_kind(map_kind)
     adapter.model.to(device)
     kept = left_out = 0
     for images in _images(batches, adapter, torch.device(device), "statistics"):
-        outputs = {index: adapter.image_tokens(x, token_mode)
-                   for index, x in enumerate(adapter.iter_block_outputs(images, max(needed))) if index in needed}
-        finite, dropped = finite_images(list(outputs.values()))
+        pairs = adapter.span_pairs(images, spans, map_kind, token_mode)
+        finite, dropped = finite_images([t for pair in pairs.values() for t in pair])
         kept, left_out = kept + len(finite[0]), left_out + dropped
-        yield dict(zip(outputs, finite))
+        yield {span: (finite[2 * i], finite[2 * i + 1]) for i, span in enumerate(pairs)}
     _end_of_pass("statistics", left_out, kept)
 
 
 def collect_span_stats(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str = "all",
-                       device: str | torch.device = "cpu") -> dict[Span, SpanStats]:
-    """One pass up to the last needed block: G, C and sums for every span at once."""
+                       device: str | torch.device = "cpu", map_kind: str = "linear") -> dict[Span, SpanStats]:
+    """One pass up to the last needed block: G, C and sums of every span's (input, target) pair at once."""
     stats = {span: SpanStats.zeros(adapter.embed_dim) for span in spans}
     with torch.inference_mode():
-        for kept in span_outputs(adapter, batches, spans, token_mode, device):
+        for pairs in span_pairs(adapter, batches, spans, token_mode, device, map_kind):
             for span, acc in stats.items():
-                x, y = kept[span.start], kept[span.end]
+                x, y = pairs[span]
                 acc.update(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), images=x.shape[0])
     return stats
-

@@ -23,6 +23,7 @@ from safetensors.torch import save
 from torch import nn
 
 from . import __version__
+from .adapter import check_map_kind
 from .compressed import build_compressed
 from .config import ModelConfig, _format_validation_error, read_yaml
 from .errors import TBAInputError
@@ -39,10 +40,11 @@ MANIFEST_FILE = "manifest.yaml"
 
 
 def map_tensors(maps: Mapping[Span, LinearMap]) -> dict[str, torch.Tensor]:
-    """The saved (and transmitted) form of the maps: ``span.{s}-{e}.weight`` / ``.bias``, float64."""
+    """The saved (and transmitted) form of the maps: ``span.{s}-{e}.weight`` / ``.bias``, float64 (a folded
+    map as fitted, T and c: it is folded when the model is built; the manifest names the kind)."""
     tensors: dict[str, torch.Tensor] = {}
     for span, linear_map in sorted(maps.items()):
-        if linear_map.kind == "linear":
+        if linear_map.kind != "identity":
             tensors[f"span.{span.key}.weight"] = linear_map.weight.to(torch.float64).contiguous()
             if linear_map.bias is not None:
                 tensors[f"span.{span.key}.bias"] = linear_map.bias.to(torch.float64).contiguous()
@@ -85,15 +87,18 @@ def save_compressed(result: Compression, path: str | Path, *, overwrite: bool = 
 
 
 def manifest(report: dict, maps: Mapping[Span, LinearMap]) -> dict:
-    """What load_compressed needs (model source, plan, identity spans) plus the run's diagnostics."""
+    """What load_compressed needs (model source, plan, map kind, identity spans) plus the run's diagnostics."""
+    kinds = {m.kind for m in maps.values()} - {"identity"}
     return {"format": "tba-fed/compressed", "tba_fed_version": __version__, **report,
+            "map": "folded" if "folded" in kinds else "linear",
             "identity_spans": [str(s) for s, m in sorted(maps.items()) if m.kind == "identity"]}
 
 
 def decode_maps(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], identity: Iterable[Span],
-                dim: int, kind: str = "maps") -> dict[Span, LinearMap]:
-    """The maps of the plan's fitted spans (all with a bias or none), checked like any payload: exactly the
-    expected keys, shapes [dim, dim] and [dim], float64, finite; errors name ``KIND.span.S-E.weight``."""
+                dim: int, kind: str = "maps", map_kind: str = "linear") -> dict[Span, LinearMap]:
+    """The maps of the plan's fitted spans (all with a bias or none, all of `map_kind`), checked like any payload:
+    exactly the expected keys, shapes [dim, dim] and [dim], float64, finite; errors name ``KIND.span.S-E.weight``."""
+    check_map_kind(map_kind)
     spans, identity = list(spans), set(identity)
     fitted = [span for span in spans if span not in identity]
     biased = any(key.endswith(".bias") for key in arrays)
@@ -104,7 +109,7 @@ def decode_maps(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], identit
     def fitted_map(span: Span) -> LinearMap:
         bias = arrays.get(f"span.{span.key}.bias")
         return LinearMap(torch.from_numpy(np.array(arrays[f"span.{span.key}.weight"])),
-                         None if bias is None else torch.from_numpy(np.array(bias)))
+                         None if bias is None else torch.from_numpy(np.array(bias)), map_kind)  # type: ignore[arg-type]
 
     return {span: LinearMap.identity(dim) if span in identity else fitted_map(span) for span in spans}
 
@@ -118,6 +123,7 @@ class Manifest(BaseModel):
     format: Literal["tba-fed/compressed"]
     model: ModelConfig
     plan: str
+    map: Literal["linear", "folded"] = "linear"  # manifests written before folded maps existed are linear
     identity_spans: list[str] = []
 
 
@@ -166,5 +172,6 @@ def open_compressed(path: str | Path) -> OpenedCompressed:
         raise TBAInputError("manifest.identity_spans", f"{path / MANIFEST_FILE}: {', '.join(unknown)} not in the plan "
                                                        f"{plan}", COMPRESSED_FIX)
     tensors = read_safetensors(path / MAPS_FILE, MAPS_FILE, COMPRESSED_FIX)
-    maps = decode_maps({k: v.numpy() for k, v in tensors.items()}, plan.spans, identity, model.embed_dim, MAPS_FILE)
+    maps = decode_maps({k: v.numpy() for k, v in tensors.items()}, plan.spans, identity, model.embed_dim, MAPS_FILE,
+                       manifest.map)
     return OpenedCompressed(manifest, model, build_compressed(model, maps))

@@ -147,10 +147,11 @@ def run_compress(config: RunConfig) -> None:
     if plan is None:
         similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
         plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
-                           metric=config.budget.metric, bias=config.bias)
+                           metric=config.budget.metric, bias=config.bias, map_kind=config.map)
         _logger.info("chosen plan for the budget: %s", plan)
     result = calibrate(model, plan, calibration, holdout, token_mode=config.token_mode, bias=config.bias,
-                       ridge=config.ridge, identity=config.identity_spans or "", device=config.device, source=config.model)
+                       ridge=config.ridge, identity=config.identity_spans or "", device=config.device, source=config.model,
+                       map_kind=config.map)
     save_compressed(result, config.output, overwrite=config.overwrite, similarity=similarity)
     print((config.output / "report.md").read_text())
     print(f"compressed model written to {config.output}/ (maps.safetensors, manifest.yaml, report.md)")
@@ -346,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metric", dest="budget.metric", choices=["mse", "cosine", "angular"], help="cost used to choose spans")
     g.add_argument("--identity-spans", dest="identity_spans", metavar="SPANS",
                    help="spans whose blocks are simply dropped instead of fitted")
+    g.add_argument("--map", dest="map", choices=["linear", "folded"],
+                   help="linear: an added map per span (default); folded: folded into block s's MLP, zero added "
+                        "parameters, a stock timm model")
     g.add_argument("--bias", dest="bias", action=argparse.BooleanOptionalAction, default=None, help="affine map (default on)")
     g.add_argument("--ridge", dest="ridge", type=float, metavar="R", help="ridge relative to tr(G)/d (default 0)")
     p = sub.add_parser("experiment", help="the paper's Table-1 protocol: approximations x seeds x datasets")

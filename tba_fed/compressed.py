@@ -1,7 +1,8 @@
 """The compressed model: a timm ViT whose blocks s+1..e are replaced by one linear map.
 
 Only ``model.blocks`` is rewritten, so timm's own ``forward``, ``forward_features`` and
-``forward_head`` keep working unchanged.
+``forward_head`` keep working unchanged. A folded map adds no module at all: it is folded into block
+s's fc2 and LayerScale, and a plan of folded spans leaves a stock timm ViT of depth L − k.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from timm.models.vision_transformer import LayerScale
 from torch import nn
 
 from .adapter import ViTAdapter
@@ -52,8 +54,39 @@ class BlockApproximation(nn.Module):
         return f"span={self.span}, kind={'identity' if self.linear is None else 'linear'}"
 
 
+def fold_map(adapter: ViTAdapter, span: Span, linear_map: LinearMap) -> None:
+    """Fold a map fitted on block s's MLP branch into that block, in place: with z = fc2's output and
+    m = γ⊙z = z Γ, the span's output h + m T + c = h + z (Γ T) + c, so fc2.weight ← (Γ T)ᵀ W2,
+    fc2.bias ← b2 Γ T + c and γ ← 1 (T = weightᵀ, c = bias; Γ = I without LayerScale). Computed in
+    float64 and cast once, so the block keeps timm's shapes and the model stays a stock ViT."""
+    block = adapter.foldable_block(span.start)
+    fc2 = block.mlp.fc2
+    gamma = block.ls2.gamma.detach().to(torch.float64) if isinstance(block.ls2, LayerScale) else None
+    w2 = fc2.weight.detach().to(torch.float64)  # [dim, hidden]
+    b2 = fc2.bias.detach().to(torch.float64) if fc2.bias is not None else None
+    gamma_t = linear_map.weight.T if gamma is None else gamma[:, None] * linear_map.weight.T  # Γ T, [dim, dim]
+    weight = gamma_t.T @ w2
+    bias = b2 @ gamma_t if b2 is not None else None
+    if linear_map.bias is not None:
+        bias = linear_map.bias if bias is None else bias + linear_map.bias
+    if bias is not None and fc2.bias is None:
+        raise TBAInputError(f"maps.span.{span.key}", f"block {span.start}'s fc2 has no bias to fold the map's into",
+                            "fit the map without a bias (bias: false)")
+    dtype = fc2.weight.dtype
+    if not all(torch.isfinite(t.to(dtype)).all() for t in (weight, bias) if t is not None):
+        peak = max(float(t.abs().max()) for t in (weight, bias) if t is not None)
+        raise TBAInputError(f"maps.span.{span.key}", f"folded entries of up to {peak:.3g} overflow the model's {dtype}")
+    with torch.no_grad():
+        fc2.weight.copy_(weight.to(dtype))
+        if bias is not None:
+            fc2.bias.copy_(bias.to(dtype))
+        if gamma is not None:
+            block.ls2.gamma.fill_(1.0)
+
+
 def build_compressed(model: nn.Module, maps: Mapping[Span, LinearMap]) -> nn.Module:
-    """A copy of `model` with each span's blocks replaced by its map (the original is untouched).
+    """A copy of `model` with each span's blocks replaced by its map (the original is untouched); a folded
+    map is folded into block s and the blocks s+1..e are deleted (no module added).
 
     Maps are cast from float64 to the model's dtype; one whose entries overflow that dtype is refused
     (it would turn every output into inf or NaN).
@@ -61,17 +94,21 @@ def build_compressed(model: nn.Module, maps: Mapping[Span, LinearMap]) -> nn.Mod
     adapter = ViTAdapter(model)
     plan = validate_plan(maps, adapter.num_blocks)
     compressed = copy.deepcopy(model)
+    folding = ViTAdapter(compressed)
     dtype = next(model.parameters()).dtype
     new_blocks: list[nn.Module] = []
     index = 0
     for span in plan.spans:
         new_blocks.extend(compressed.blocks[index : span.start + 1])
+        index = span.end + 1
+        if maps[span].kind == "folded":
+            fold_map(folding, span, maps[span])
+            continue
         approximation = BlockApproximation.from_map(span, maps[span], dtype)
         if approximation.linear is not None and not all(torch.isfinite(p).all() for p in approximation.linear.parameters()):
             peak = max(float(t.abs().max()) for t in (maps[span].weight, maps[span].bias) if t is not None)
             raise TBAInputError(f"maps.span.{span.key}", f"entries of up to {peak:.3g} overflow the model's {dtype}")
         new_blocks.append(approximation)
-        index = span.end + 1
     new_blocks.extend(compressed.blocks[index:])
     compressed.blocks = nn.Sequential(*new_blocks)
     return compressed.eval()
@@ -100,18 +137,19 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def parameter_report(model: nn.Module, plan: Plan, *, bias: bool, identity: frozenset[Span] = frozenset()) -> ParameterReport:
+def parameter_report(model: nn.Module, plan: Plan, *, bias: bool, identity: frozenset[Span] = frozenset(),
+                     map_kind: str = "linear") -> ParameterReport:
     """Exact parameter counts, plus the paper's Table-1 convention for comparison.
 
     The paper counts, per replaced block, that block's parameters minus one d×d+d map; the true
-    count subtracts one map per span (none for an identity span, d×d without bias).
+    count subtracts one map per span (none for an identity span or a folded map, d×d without bias).
     """
     adapter = ViTAdapter(model)
     d = adapter.embed_dim
     rows = []
     for span in plan.spans:
         block_params = sum(adapter.block_parameter_count(i) for i in span.removed)
-        map_params = 0 if span in identity else d * d + (d if bias else 0)
+        map_params = 0 if span in identity or map_kind == "folded" else d * d + (d if bias else 0)
         paper = sum(adapter.block_parameter_count(i) - (d * d + d) for i in span.removed)
         rows.append(SpanParameters(str(span), len(span.removed), block_params, map_params, block_params - map_params, paper))
     original = count_parameters(model)

@@ -199,6 +199,9 @@ class RunConfig(_Section):
     plan: str | None = Field(None, description='spans in the paper notation, e.g. "1->2, 4->5"')
     budget: BudgetConfig | None = None
     identity_spans: str | None = Field(None, description="spans whose blocks are simply dropped, e.g. '9->11'")
+    map: Literal["linear", "folded"] = Field("linear", description="linear: one added map per span, x_s -> x_e; "
+                                                                   "folded: block s's MLP branch -> x_e - h_s, folded "
+                                                                   "into its fc2 (zero added parameters)")
     token_mode: Literal["all", "cls", "patch"] = "all"
     bias: bool = True
     ridge: float = Field(0.0, ge=0.0)

@@ -29,6 +29,7 @@ from .config import ModelConfig
 from .data import data_config
 from .errors import TBAInputError, TBARunError
 from .fileio import atomic_directory, check_output_dir, file_sha256
+from .plan import parse_plan
 from .models import OFFLINE_MODELS, weights_sha256
 
 _logger = logging.getLogger(__name__)
@@ -298,8 +299,11 @@ def model_card(opened: OpenedCompressed, source: Path, format: str, check: Check
     files and their sha256 (timm's config.json holds the card, so it cannot list its own digest)."""
     manifest, base, model = opened.manifest, opened.base, opened.model
     record = manifest.model_extra or {}  # the run's report, as the manifest records it
-    spans = [{"span": str(block.span), "kind": "identity" if block.linear is None else "linear",
-              "blocks_removed": len(block.span.removed)} for block in model.blocks if isinstance(block, BlockApproximation)]
+    plan = parse_plan(manifest.plan, len(base.blocks), field="manifest.plan")
+    dropped = {str(s) for s in parse_plan(", ".join(manifest.identity_spans), len(base.blocks)).spans} \
+        if manifest.identity_spans else set()
+    spans = [{"span": str(span), "kind": "identity" if str(span) in dropped else manifest.map,
+              "blocks_removed": len(span.removed)} for span in plan.spans]
     original_flops, compressed_flops = count_flops(base), count_flops(model)
     return {
         "format": format,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adapter import ViTAdapter
+from .adapter import ViTAdapter, check_map_kind
 from .calibrate import collect_similarity, collect_span_stats
 from .compressed import ParameterReport, build_compressed, parameter_report
 from .config import ModelConfig
@@ -65,8 +65,13 @@ def solve_plan(
     priors: Mapping[Span, LinearMap] | None = None,
     ridge_lambdas: Mapping[Span, float] | None = None,
     shrink_bias: bool = False,
+    map_kind: str = "linear",
 ) -> dict[Span, SpanFit]:
     """Fit every span from (merged) statistics; spans in `identity` just drop their blocks.
+
+    `map_kind` names the pair the statistics were summed on (`ViTAdapter.span_pairs`) and so what the
+    fitted maps are: ``folded`` maps are folded into block s. The identity map on a folded pair (r ≈ m)
+    is dropping the blocks too, so the identity columns mean the same for both kinds.
 
     `priors` are what each span's ridge shrinks toward (default zero); `ridge_lambdas` replace the
     relative `ridge` per span by an absolute λ (chosen from the noise level in private runs).
@@ -77,6 +82,8 @@ def solve_plan(
         linear_map, diagnostics = (skip, None) if span in identity else solve_span(
             stats, bias=bias, ridge=ridge, ridge_lambda=(ridge_lambdas or {}).get(span), prior=(priors or {}).get(span),
             shrink_bias=shrink_bias)
+        if map_kind == "folded" and linear_map.kind == "linear":
+            linear_map = LinearMap(linear_map.weight, linear_map.bias, "folded")
         held = holdout.get(span) if holdout is not None else None
         has_held = held is not None and held.tokens > 0
         fit = fits[span] = SpanFit(
@@ -88,7 +95,7 @@ def solve_plan(
             holdout=fit_quality(held, linear_map) if has_held else None,
             identity_holdout=fit_quality(held, skip) if has_held else None,
         )
-        if fit.holdout is not None and fit.identity_holdout is not None and linear_map.kind == "linear" \
+        if fit.holdout is not None and fit.identity_holdout is not None and linear_map.kind != "identity" \
                 and fit.holdout.relative_error >= fit.identity_holdout.relative_error:
             _logger.warning("span %s: the fitted map (held-out error %.4g) is no better than dropping the blocks "
                             "(%.4g); consider identity_spans: %s", span, fit.holdout.relative_error,
@@ -110,6 +117,7 @@ class Compression:
     calibration_images: int
     holdout_images: int
     source: ModelConfig | None = None
+    map_kind: str = "linear"
 
 
 def analyze(model: nn.Module, batches: Iterable, *, token_mode: str = "all",
@@ -119,12 +127,13 @@ def analyze(model: nn.Module, batches: Iterable, *, token_mode: str = "all",
 
 
 def choose_plan(model: nn.Module, similarity: SimilarityStats, *, blocks: int | None = None, params: int | None = None,
-                metric: str = "mse", bias: bool = True) -> Plan:
-    """Cheapest non-overlapping spans for a budget of blocks or (net) parameters."""
+                metric: str = "mse", bias: bool = True, map_kind: str = "linear") -> Plan:
+    """Cheapest non-overlapping spans for a budget of blocks or (net) parameters (a folded map costs none)."""
     adapter = ViTAdapter(model)
     d = adapter.embed_dim
+    map_params = 0 if map_kind == "folded" else d * d + (d if bias else 0)
     return select_plan(similarity.metric(metric), blocks=blocks, params=params,
-                       block_params=adapter.block_parameter_count(0), map_params=d * d + (d if bias else 0))
+                       block_params=adapter.block_parameter_count(0), map_params=map_params)
 
 
 def calibrate(
@@ -139,10 +148,13 @@ def calibrate(
     identity: Collection[Span] | str = (),
     device: str | torch.device = "cpu",
     source: ModelConfig | None = None,
+    map_kind: str = "linear",
 ) -> Compression:
     """Fit the plan's maps on `calibration` batches and build the compressed model.
 
     `holdout` batches (never used in the fit) measure each map against simply dropping its blocks.
+    `map_kind`: ``linear`` (x_s -> x_e, one added map per span) or ``folded`` (block s's MLP branch ->
+    x_e − h_s, folded into its fc2: zero added parameters); identity spans drop their blocks either way.
     """
     adapter = ViTAdapter(model)
     if isinstance(plan, str):
@@ -151,21 +163,23 @@ def calibrate(
         identity = parse_plan(identity, adapter.num_blocks, field="identity_spans").spans if identity.strip() else ()
     if unknown := [str(s) for s in identity if s not in plan.spans]:
         raise TBAInputError("identity_spans", f"{', '.join(unknown)} not in the plan {plan}")
-    calib = collect_span_stats(adapter, calibration, plan.spans, token_mode=token_mode, device=device)
-    held = collect_span_stats(adapter, holdout, plan.spans, token_mode=token_mode, device=device) \
+    check_map_kind(map_kind)
+    calib = collect_span_stats(adapter, calibration, plan.spans, token_mode=token_mode, device=device, map_kind=map_kind)
+    held = collect_span_stats(adapter, holdout, plan.spans, token_mode=token_mode, device=device, map_kind=map_kind) \
         if holdout is not None else None
-    fits = solve_plan(calib, held, bias=bias, ridge=ridge, identity=frozenset(identity))
+    fits = solve_plan(calib, held, bias=bias, ridge=ridge, identity=frozenset(identity), map_kind=map_kind)
     compressed = build_compressed(model, {span: fit.map for span, fit in fits.items()})
     first = plan.spans[0]
     return Compression(
         model=compressed,
         plan=plan,
         fits=fits,
-        parameters=parameter_report(model, plan, bias=bias, identity=frozenset(identity)),
+        parameters=parameter_report(model, plan, bias=bias, identity=frozenset(identity), map_kind=map_kind),
         token_mode=token_mode,
         bias=bias,
         ridge=ridge,
         calibration_images=calib[first].images,
         holdout_images=0 if held is None else held[first].images,
         source=source,
+        map_kind=map_kind,
     )

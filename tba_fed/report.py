@@ -56,6 +56,7 @@ def compression_dict(result: Compression) -> dict:
         "model": None if result.source is None else result.source.model_dump(mode="json"),
         "plan": str(result.plan),
         "token_mode": result.token_mode,
+        "map": result.map_kind,
         "bias": result.bias,
         "ridge": result.ridge,
         "calibration_images": result.calibration_images,
@@ -73,7 +74,8 @@ def compression_markdown(report: dict) -> str:
     params = report["parameters"]
     lines = [
         f"# TBA compression: {report['model']['name'] if report['model'] else 'model'}", "",
-        f"- plan: `{report['plan']}`; token mode `{report['token_mode']}`; bias {report['bias']}; ridge {report['ridge']}",
+        f"- plan: `{report['plan']}`; map `{report.get('map', 'linear')}`; token mode `{report['token_mode']}`; "
+        f"bias {report['bias']}; ridge {report['ridge']}",
         f"- calibration images: {report['calibration_images']}; held-out images: {report['holdout_images']}",
         f"- parameters: {params['original']:,} -> {params['compressed']:,} "
         f"(removed {params['removed']:,}; paper's Table-1 convention: {params['paper_removed']:,})", "",
@@ -85,6 +87,7 @@ def compression_markdown(report: dict) -> str:
               f"| {_fmt(span['calibration_relative_error'])} | {_fmt(span['calibration_r2'])} "
               f"| {_fmt(span['holdout_relative_error'])} | {_fmt(span['identity_holdout_relative_error'])} |"
               for span in report["spans"]]
-    lines += ["", "Relative error = Σ‖x_e − T(x_s)‖² / Σ‖x_e‖²; the identity column is the error of simply "
-                  "dropping the blocks. A map is worth keeping only where its held-out error is below the identity's."]
+    lines += ["", "Relative error = Σ‖x_e − T(x_s)‖² / Σ‖x_e‖² (a folded map: Σ‖r − T(m)‖² / Σ‖r‖², r = x_e − h_s); "
+                  "the identity column is the error of simply dropping the blocks. A map is worth keeping only where "
+                  "its held-out error is below the identity's."]
     return "\n".join(lines) + "\n"

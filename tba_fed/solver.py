@@ -17,12 +17,13 @@ from .stats import SpanStats
 
 _logger = logging.getLogger(__name__)
 
-MapKind = Literal["linear", "identity"]
+MapKind = Literal["linear", "folded", "identity"]
 
 
 @dataclass(frozen=True)
 class LinearMap:
-    """y = x @ weight.T + bias, float64. ``kind='identity'`` means the blocks are simply dropped."""
+    """y = x @ weight.T + bias, float64. ``kind='identity'`` means the blocks are simply dropped; ``'folded'``
+    that the map was fitted on block s's MLP branch (m_s -> x_e − h_s) and is folded into that block's fc2."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None

@@ -176,6 +176,29 @@ def test_the_model_card_holds_the_base_weights_plan_parameters_and_flops(dirs, e
         p.numel() for p in base.blocks[2].parameters())
 
 
+def test_a_folded_plan_exports_to_stock_timm_and_its_card_says_folded(tmp_path, tiny_config, images):
+    """Folded maps live in the kept blocks' fc2 weights: the whole compressed model is stock timm, so it exports to
+    timm with no span dropped, and stock timm reproduces it without tba-fed."""
+    model = create_model(tiny_config)
+    result = calibrate(model, PLAN, loader(), loader(8, seed=1), source=tiny_config, map_kind="folded")
+    source = save_compressed(result, tmp_path / "folded")
+    out = export(source, tmp_path / "timm", "timm")
+    card = json.loads((out / CARD_JSON).read_text())
+    assert [s["kind"] for s in card["spans"]] == ["folded", "folded"]
+    assert card["parameters"]["compressed"] == count_parameters(model) - 3 * sum(
+        p.numel() for p in model.blocks[2].parameters())
+    np.save(tmp_path / "images.npy", images.numpy())
+    np.save(tmp_path / "expected.npy", reference(source, images))
+    run_without_tba_fed(
+        "import json, numpy as np, timm, torch\nfrom safetensors.torch import load_file\n"
+        f"cfg = json.load(open({str(out / 'config.json')!r}))\n"
+        "m = timm.create_model(cfg['architecture'], **cfg['model_args']).eval()\n"
+        f"m.load_state_dict(load_file({str(out / 'model.safetensors')!r}), strict=True)\n"
+        "with torch.no_grad():\n"
+        f"    got = m(torch.from_numpy(np.load({str(tmp_path / 'images.npy')!r}))).numpy()\n"
+        f"assert np.abs(got - np.load({str(tmp_path / 'expected.npy')!r})).max() <= 1e-5\n", tmp_path)
+
+
 def test_a_pinned_checkpoint_is_named_in_the_card(tmp_path, tiny_config):
     from safetensors.torch import save_file
 

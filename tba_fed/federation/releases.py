@@ -168,7 +168,7 @@ class LocalDP(Exact):
     def statistics_settings(self, model: nn.Module, plan: Plan, priors: Mapping[Span, LinearMap]) -> dict[str, Any]:
         held_out_crops = public_loader(model, self.privacy.public_images, seed=1)  # residual bounds not fitted on
         self.bounds = public_span_bounds(model, held_out_crops, plan.spans, priors, self.config.token_mode,
-                                         self.privacy.clip_scale)
+                                         self.privacy.clip_scale, self.config.map)
         self.statistics = self.request(self.secure, clip_spans={str(s): b.as_tuple() for s, b in self.bounds.items()})
         return {"plan": str(plan), "privacy": self.statistics.to_json(), "prior-maps": encode_priors(priors)}
 

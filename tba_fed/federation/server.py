@@ -62,7 +62,8 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
     release = release_for(config, model, public)
 
     def content(**values: Any) -> Callable[[], RecordDict]:
-        settings = {"model": model_json, "token-mode": config.token_mode, "profile": config.profile, **values}
+        settings = {"model": model_json, "token-mode": config.token_mode, "map": config.map, "profile": config.profile,
+                    **values}
         return lambda: RecordDict({"config": ConfigRecord(settings)})
 
     similarity = None
@@ -79,10 +80,10 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
                              images=lambda stats: stats.images)
         similarity = sum(replies.values())
         plan = choose_plan(model, similarity, blocks=config.budget.blocks, params=config.budget.params,
-                           metric=config.budget.metric, bias=config.bias)
+                           metric=config.budget.metric, bias=config.bias, map_kind=config.map)
         _logger.info("plan chosen from %d sites' similarity: %s", len(replies), plan)
 
-    public_maps = public_prior_maps(model, public, plan.spans, config.token_mode, config.bias) if public else {}
+    public_maps = public_prior_maps(model, public, plan.spans, config.token_mode, config.bias, config.map) if public else {}
     priors = ({s: LinearMap(torch.eye(dim, dtype=torch.float64), None) for s in plan.spans} if prior_kind == "identity"
               else public_maps if prior_kind == "public"
               else {s: LinearMap(torch.zeros(dim, dim, dtype=torch.float64), None) for s in plan.spans})
@@ -90,13 +91,13 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
     inputs = release.solver_inputs(released, sites, priors, tokens, plan.spans)
     fits = solve_plan(inputs.calibration, inputs.holdout, bias=config.bias, ridge=config.ridge,
                       identity=frozenset(identity), priors=priors, ridge_lambdas=inputs.ridge_lambdas,
-                      shrink_bias=release.private)
+                      shrink_bias=release.private, map_kind=config.map)
     maps = {span: fit.map for span, fit in fits.items()}
     report = compression_dict(Compression(
         model=build_compressed(model, maps), plan=plan, fits=fits,
-        parameters=parameter_report(model, plan, bias=config.bias, identity=frozenset(identity)),
+        parameters=parameter_report(model, plan, bias=config.bias, identity=frozenset(identity), map_kind=config.map),
         token_mode=config.token_mode, bias=config.bias, ridge=config.ridge, calibration_images=inputs.calibration_images,
-        holdout_images=inputs.holdout[plan.spans[0]].images, source=config.model))
+        holdout_images=inputs.holdout[plan.spans[0]].images, source=config.model, map_kind=config.map))
     report["profile"] = config.profile  # sites check it against their own before serving
     if superlink_checks:
         report["superlink_checks"] = superlink_checks
@@ -108,7 +109,8 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
                                    bias=config.bias, ridge=config.ridge, private=release.private)
 
     expected = maps_checksum(maps)
-    base = {"model": model_json, "profile": config.profile, "plan": str(plan), "identity-spans": ", ".join(map(str, identity))}
+    base = {"model": model_json, "profile": config.profile, "plan": str(plan), "map": config.map,
+            "identity-spans": ", ".join(map(str, identity))}
 
     def accept_install(reply: RecordDict) -> str:
         digest = str(reply.config_records["install"]["checksum"])

@@ -176,8 +176,10 @@ def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec
 
 
 def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, run: RunSpec,
-                     priors: Mapping[Span, LinearMap] | None = None, secure: SecureRound | None = None) -> Arrays:
-    """Exact span sums, or (private run) noisy weighted residual-form sums around the run's priors.
+                     priors: Mapping[Span, LinearMap] | None = None, secure: SecureRound | None = None,
+                     map_kind: str = "linear") -> Arrays:
+    """Exact span sums, or (private run) noisy weighted residual-form sums around the run's priors, of the
+    (input, target) pairs of the run's `map_kind` (`ViTAdapter.span_pairs`): the same statistics either way.
     `secure`: the SecAgg+ round this reply goes into (None: a plain reply, which carries the full noise)."""
     adapter = ViTAdapter(model)
     request = run.privacy
@@ -195,10 +197,12 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
                 per_split[split] = {s: (SpanStats if request is None else ClippedSpanSums).zeros(adapter.embed_dim)
                                     for s in plan.spans}
             elif request is None:
-                per_split[split] = collect_span_stats(adapter, loader, plan.spans, token_mode=token_mode, device=site.device)
+                per_split[split] = collect_span_stats(adapter, loader, plan.spans, token_mode=token_mode, device=site.device,
+                                                      map_kind=map_kind)
             else:
                 per_split[split] = collect_clipped_span_sums(adapter, loader, plan.spans, token_mode=token_mode,
-                                                             bounds=bounds, priors=priors, device=site.device)
+                                                             bounds=bounds, priors=priors, device=site.device,
+                                                             map_kind=map_kind)
         first = per_split["calibration"][plan.spans[0]]
         grant = release.grant
         if grant is None:
@@ -231,9 +235,15 @@ def secure_statistics(config: Mapping[str, Any], context: Any, site_context: Sit
         raise PolicyRefusal("federation.max_images_per_site", f"{site.name} holds more images than the fixed-point "
                                                               f"range allows ({max_images})", "raise max_images_per_site")
     priors = decode_priors(str(config.get("prior-maps", "")), plan.spans, adapter.embed_dim)
-    arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors, secure)
+    arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors, secure, map_kind(config))
     ranges = secure_ranges(request, plan.spans, max_images)
     return clamp(arrays, ranges), ranges
+
+
+def map_kind(config: Mapping[str, Any]) -> str:
+    """The run's map kind, as the request's settings carry it (``map``, beside ``token-mode``; checked where used).
+    A request without it is of a server that fits linear maps only, so it means ``linear``."""
+    return str(config.get("map", "linear"))
 
 
 def probe_reply(model: nn.Module, compressed: nn.Module, site: Site, num_classes: int, run: RunSpec) -> Arrays:
@@ -298,9 +308,11 @@ def answer(msg: Message, model: nn.Module, site: Site, run: RunSpec) -> dict[str
     plan = parse_plan(str(config["plan"]), len(model.blocks))
     if action == "statistics":
         priors = decode_priors(str(config["prior-maps"]), plan.spans, model.embed_dim) if config.get("prior-maps") else None
-        return {"statistics": to_record(statistics_reply(model, site, plan, str(config["token-mode"]), run, priors))}
+        return {"statistics": to_record(statistics_reply(model, site, plan, str(config["token-mode"]), run, priors,
+                                                         map_kind=map_kind(config)))}
     identity = parse_plan(str(config["identity-spans"]), len(model.blocks)).spans if config["identity-spans"] else ()
-    maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, identity, model.embed_dim)
+    maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, identity, model.embed_dim,
+                       map_kind=map_kind(config))
     compressed = build_compressed(model, maps)
     if action == "install":
         return {"install": ConfigRecord({"checksum": install(model, site, maps, json.loads(str(config["report"])))})}

@@ -88,7 +88,7 @@ class ClippedSpanSums:
                    z(dim, dtype=torch.float64), z((), dtype=torch.float64), z((), dtype=torch.float64))
 
     def update(self, x: torch.Tensor, y: torch.Tensor, prior: LinearMap, bounds: SpanBounds) -> None:
-        """Add a batch: x, y are [images, tokens, dim] block outputs."""
+        """Add a batch: x, y are a span's (input, target) pair, [images, tokens, dim] (`ViTAdapter.span_pairs`)."""
         x, y = x.to(torch.float64), y.to(torch.float64)
         r = residual(x, y, prior)
         w = image_weights(image_norms(x, r), bounds)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..adapter import ViTAdapter
-from ..calibrate import collect_similarity, span_outputs
+from ..calibrate import collect_similarity, span_pairs
 from ..errors import TBAInputError
 from ..plan import Span
 from ..probe import ProbeStats, collect_probe_stats
@@ -41,11 +41,13 @@ def collect_clipped_probe_stats(model: nn.Module, batches: Iterable, num_classes
 
 def collect_clipped_span_sums(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str,
                               bounds: Mapping[Span, SpanBounds], priors: Mapping[Span, LinearMap],
-                              device: str | torch.device = "cpu") -> dict[Span, ClippedSpanSums]:
-    """The span pass for a private release: weighted residual-form sums of every span (`clipped`)."""
+                              device: str | torch.device = "cpu", map_kind: str = "linear") -> dict[Span, ClippedSpanSums]:
+    """The span pass for a private release: weighted residual-form sums of every span's (input, target) pair
+    (`clipped`); a folded span's pair is (m_s, x_e − h_s), clipped to bounds set on the same pairs."""
     sums = {span: ClippedSpanSums.zeros(adapter.embed_dim) for span in spans}
     with torch.inference_mode():
-        for kept in span_outputs(adapter, batches, spans, token_mode, device):
+        for pairs in span_pairs(adapter, batches, spans, token_mode, device, map_kind):
             for span, acc in sums.items():
-                acc.update(kept[span.start].cpu(), kept[span.end].cpu(), priors[span], bounds[span])
+                x, y = pairs[span]
+                acc.update(x.cpu(), y.cpu(), priors[span], bounds[span])
     return sums

@@ -53,27 +53,26 @@ def public_norms(model: nn.Module, batches: Iterable, token_mode: str) -> Public
 
 
 def public_span_bounds(model: nn.Module, batches: Iterable, spans: Sequence[Span], priors: Mapping[Span, LinearMap],
-                       token_mode: str, scale: float) -> dict[Span, SpanBounds]:
+                       token_mode: str, scale: float, map_kind: str = "linear") -> dict[Span, SpanBounds]:
     """Per-image statistic bounds of each span: `scale` × their medians on public images (pass crops
-    the priors were not fitted on, so residuals are not optimistically small)."""
+    the priors were not fitted on, so residuals are not optimistically small). The norms are those of the
+    (input, target) pairs the sites clip (`ViTAdapter.span_pairs`, the run's map kind)."""
     adapter = ViTAdapter(model)
     norms: dict[Span, dict[str, list[torch.Tensor]]] = {s: {k: [] for k in STATISTICS} for s in spans}
-    last = max(s.end for s in spans)
     with torch.inference_mode():
         for images, _ in batches:
-            outs = [adapter.image_tokens(x, token_mode).double()
-                    for x in adapter.iter_block_outputs(images, last)]
-            for span in spans:
-                x = outs[span.start]
-                for k, v in image_norms(x, residual(x, outs[span.end], priors[span])).items():
+            for span, (x, y) in adapter.span_pairs(images, spans, map_kind, token_mode).items():
+                x, y = x.double(), y.double()
+                for k, v in image_norms(x, residual(x, y, priors[span])).items():
                     norms[span][k].append(v)
     return {span: SpanBounds(*(float(torch.cat(norms[span][k]).median()) * scale for k in STATISTICS)) for span in spans}
 
 
 def public_prior_maps(model: nn.Module, batches: Iterable, spans: Sequence[Span], token_mode: str,
-                      bias: bool) -> dict[Span, LinearMap]:
-    """Each span's map fitted on public images: the prior P that private statistics refine."""
-    stats = collect_span_stats(ViTAdapter(model), batches, spans, token_mode=token_mode)
+                      bias: bool, map_kind: str = "linear") -> dict[Span, LinearMap]:
+    """Each span's map fitted on public images: the prior P that private statistics refine (on the same
+    (input, target) pairs as the sites' statistics, the run's map kind)."""
+    stats = collect_span_stats(ViTAdapter(model), batches, spans, token_mode=token_mode, map_kind=map_kind)
     maps = {span: solve_span(s, bias=bias, ridge=PRIOR_RIDGE)[0] for span, s in stats.items()}
     _logger.info("public prior fitted for %s on %d images", ", ".join(map(str, spans)), stats[spans[0]].images)
     return maps
