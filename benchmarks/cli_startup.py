@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 EAGER = ("import tba_fed.adapter, tba_fed.checkpoint, tba_fed.compressed, tba_fed.config, tba_fed.errors, "
-         "tba_fed.federation.simulate, tba_fed.models, tba_fed.pipeline, tba_fed.plan, tba_fed.solver, tba_fed.stats, "
+         "tba_fed.deploy.simulate, tba_fed.models, tba_fed.pipeline, tba_fed.plan, tba_fed.solver, tba_fed.stats, "
          "tba_fed.data, tba_fed.fileio, tba_fed.report, tba_fed.selection\n"
          "from tba_fed.cli import main\n"
          "raise SystemExit(main({argv!r}))")
