@@ -105,8 +105,11 @@ def test_production_sites_refuse_a_run_for_another_model(cluster):
 
 
 def test_private_run_with_secure_aggregation_across_three_hospitals(cluster):
+    # clip_scale 8 keeps every synthetic image unclipped (weight 1): at the default scale each was clipped to
+    # about 1/5, the summed count (~6.5 images) then rounded below one image under the count's noise (std 4.05)
+    # with probability 7% and the run stopped. Unclipped, the ~36 calibration images make that ~1e-14.
     run = cluster.run("private", {"plan": "1->2, 3->5", "privacy": {"epsilon": 8.0, "aggregation": "secure",
-                                                                      "public_images": 32},
+                                                                      "public_images": 32, "clip_scale": 8.0},
                                     "federation": {"num_sites": 3, "min_sites": 3, "round_timeout": 300,
                                                    "max_images_per_site": 1000}})
     out, _ = run.communicate(timeout=600)

@@ -234,3 +234,19 @@ def test_a_private_budget_run_releases_noisy_similarity_first_and_ledgers_both_r
         entries = PrivacyLedger(site.policy.ledger).entries()
         assert [e.release for e in entries] == ["similarity", "statistics"]
         assert entries[0].noise_std["sq_dist"] > 0 and entries[0].noise_multiplier == entries[1].noise_multiplier
+
+
+def test_a_private_count_that_noise_takes_to_zero_stops_the_run_with_its_reason(tmp_path):
+    """The released image count is noisy; when it rounds below one image the server names the cause and the fix
+    (it used to fail inside the solver with "no calibration tokens"). Seeded noise makes this draw certain."""
+    grid = InProcessGrid(tmp_path, {1: "good", 2: "good", 3: "good"}, images=4)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": MODEL.model_dump(mode="json"), "plan": "1->2, 3->5",
+        "federation": {"num_sites": 3, "min_sites": 2, "round_timeout": 5},
+        "privacy": {"epsilon": 1.0, "seed": 3, "public_images": 32},
+        "output": str(tmp_path / "server")}))
+    with pytest.raises(TBAInputError, match=r"privacy: the released calibration image count is -?\d+\.\d \(noise std "
+                                            r"\d+\.\d\).*add images, raise epsilon or clip_scale"):
+        run_server(grid, load_federated_config(path))
+    assert not (tmp_path / "server" / "report.json").exists()

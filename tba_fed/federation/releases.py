@@ -186,6 +186,11 @@ class LocalDP(Exact):
         self.parts = span_parts(spans, self.bounds)
         self.spread = math.sqrt(sites / request.noise_sites)  # total noise over σ per release
         by_name = {p.name: p for p in self.parts}
+        count = float(released["calibration"][spans[0]].weight)
+        if ordinary["calibration"][spans[0]].images < 1:  # nothing to solve: say why instead of failing in the solver
+            raise TBAInputError("privacy", f"the released calibration image count is {count:.1f} (noise std "
+                                           f"{by_name['weight'].std(sigma) * self.spread:.1f}): the sites' clipped "
+                                           "images are too few for this ε", "add images, raise epsilon or clip_scale")
         gram_std = {s: by_name[f"{s}:gram"].std(sigma) * self.spread for s in spans}
         calibration, ridges = private_inputs(released["calibration"], priors, gram_std, tokens, bias=self.config.bias)
         summary = {
