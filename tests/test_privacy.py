@@ -28,7 +28,7 @@ from tba_fed.privacy.mechanism import NoiseSource
 from tba_fed.privacy.passes import collect_clipped_span_sums
 from tba_fed.privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy, check_request
 from tba_fed.privacy.postprocess import adassp_ridge, gram_noise_bound, psd_projection
-from tba_fed.privacy.clipped import ClippedSpanSums, SpanBounds, to_span_stats
+from tba_fed.privacy.clipped import ClippedSpanSums, SpanBounds, release_weights, to_span_stats
 from tba_fed.privacy.release import noisy_spans
 from tba_fed.privacy.release_store import ReleaseStore
 from tba_fed.privacy.sensitivity import clip_images, span_parts
@@ -70,8 +70,9 @@ def _clipped(dim: int, images: int, seed: int, bounds: SpanBounds, prior: Linear
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(images, 4, dim, generator=g, dtype=torch.float64)
     y = x + 0.3 * torch.randn(images, 4, dim, generator=g, dtype=torch.float64)
+    prior = prior or LinearMap(torch.eye(dim, dtype=torch.float64), None)
     sums = ClippedSpanSums.zeros(dim)
-    sums.update(x, y, prior or LinearMap(torch.eye(dim, dtype=torch.float64), None), bounds)
+    sums.update(x, y, prior, release_weights({SPAN: (x, y)}, {SPAN: prior}, {SPAN: bounds}))
     return sums
 
 
@@ -167,6 +168,24 @@ def test_per_image_weights_bound_what_one_crafted_image_can_change(tiny_vit):
     assert float(torch.linalg.norm(exact.gram)) > 1e3 * bounds.gram
     clipped, count = clip_images(torch.full((2, 3, 4), 10.0), 1.0)
     assert count == 2 and torch.allclose(clipped.flatten(1).norm(dim=1), torch.ones(2, dtype=clipped.dtype))
+
+
+def test_one_released_count_is_every_spans_weight_sum(tiny_vit):
+    """A release carries one count; each image's weight is shared by its spans, so that count is every span's Σw
+    (with a weight per span, the second span's count and centred Gram came from the first span's weights)."""
+    adapter, spans = ViTAdapter(tiny_vit), [Span(0, 1), Span(2, 5)]
+    images = torch.stack([SyntheticImages(12, 32, seed=1)[i][0] for i in range(12)])
+    priors = {s: LinearMap(torch.eye(48, dtype=torch.float64), None) for s in spans}
+    exact = collect_span_stats(adapter, [(images, torch.zeros(12))], spans)
+    tight = 0.5 * float(torch.linalg.norm(exact[spans[0]].gram)) / 12  # clips the first span's images only
+    bounds = {spans[0]: SpanBounds(tight, 1e12, 1e12, 1e12, 1e12), spans[1]: SpanBounds(*[1e12] * 5)}
+    alone = {s: collect_clipped_span_sums(adapter, [(images, torch.zeros(12))], [s], token_mode="all",
+                                          bounds={s: bounds[s]}, priors={s: priors[s]})[s] for s in spans}
+    assert float(alone[spans[0]].weight) < 11 and float(alone[spans[1]].weight) == 12  # the spans clip differently
+    both = collect_clipped_span_sums(adapter, [(images, torch.zeros(12))], spans, token_mode="all", bounds=bounds,
+                                     priors=priors)
+    assert float(both[spans[0]].weight) == float(both[spans[1]].weight)
+    assert float(both[spans[1]].weight) == pytest.approx(float(alone[spans[0]].weight), rel=1e-12)
 
 
 def test_residual_form_converts_exactly_to_the_ordinary_sums():

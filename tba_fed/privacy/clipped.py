@@ -68,6 +68,15 @@ def residual(x: torch.Tensor, y: torch.Tensor, prior: LinearMap) -> torch.Tensor
     return y - prior.apply(x)
 
 
+def release_weights(pairs: Mapping, priors: Mapping, bounds: Mapping[object, SpanBounds]) -> torch.Tensor:
+    """Each image's one weight for every span of a release: the smallest of its span weights. The release
+    carries one count (Σ w), which is then every span's exact weight sum; per-span weights would leave the
+    other spans' counts (and their centred Grams) inconsistent with their sums."""
+    weights = [image_weights(image_norms(x, residual(x, y, priors[span])), bounds[span])
+               for span, (x, y) in pairs.items()]
+    return torch.stack(weights).min(dim=0).values
+
+
 @dataclass
 class ClippedSpanSums:
     """Weighted residual-form sums of one span (float64); `weight` is Σ w_i (images, fractionally)."""
@@ -87,11 +96,10 @@ class ClippedSpanSums:
         return cls(z(dim, dim, dtype=torch.float64), z(dim, dim, dtype=torch.float64), z(dim, dtype=torch.float64),
                    z(dim, dtype=torch.float64), z((), dtype=torch.float64), z((), dtype=torch.float64))
 
-    def update(self, x: torch.Tensor, y: torch.Tensor, prior: LinearMap, bounds: SpanBounds) -> None:
-        """Add a batch: x, y are a span's (input, target) pair, [images, tokens, dim] (`ViTAdapter.span_pairs`)."""
-        x, y = x.to(torch.float64), y.to(torch.float64)
+    def update(self, x: torch.Tensor, y: torch.Tensor, prior: LinearMap, w: torch.Tensor) -> None:
+        """Add a batch: x, y are a span's (input, target) pair, [images, tokens, dim] (`ViTAdapter.span_pairs`),
+        float64; w the images' weights (`release_weights`), which keep every statistic within its bound."""
         r = residual(x, y, prior)
-        w = image_weights(image_norms(x, r), bounds)
         wx = x * w[:, None, None]
         flat_wx, flat_x, flat_r = wx.reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1]), r.reshape(-1, r.shape[-1])
         self.gram += flat_wx.T @ flat_x

@@ -19,7 +19,7 @@ from ..plan import Span
 from ..probe import ProbeStats, collect_probe_stats
 from ..solver import LinearMap
 from ..stats import SimilarityStats
-from .clipped import ClippedSpanSums, SpanBounds
+from .clipped import ClippedSpanSums, SpanBounds, release_weights
 from .sensitivity import clip_images
 
 
@@ -43,11 +43,13 @@ def collect_clipped_span_sums(adapter: ViTAdapter, batches: Iterable, spans: Seq
                               bounds: Mapping[Span, SpanBounds], priors: Mapping[Span, LinearMap],
                               device: str | torch.device = "cpu", map_kind: str = "linear") -> dict[Span, ClippedSpanSums]:
     """The span pass for a private release: weighted residual-form sums of every span's (input, target) pair
-    (`clipped`); a folded span's pair is (m_s, x_e − h_s), clipped to bounds set on the same pairs."""
+    (`clipped`), one weight per image for all spans; a folded span's pair is (m_s, x_e − h_s), with bounds set on
+    the same pairs."""
     sums = {span: ClippedSpanSums.zeros(adapter.embed_dim) for span in spans}
     with torch.inference_mode():
         for pairs in span_pairs(adapter, batches, spans, token_mode, device, map_kind):
+            pairs = {span: (x.cpu().to(torch.float64), y.cpu().to(torch.float64)) for span, (x, y) in pairs.items()}
+            weights = release_weights(pairs, priors, bounds)
             for span, acc in sums.items():
-                x, y = pairs[span]
-                acc.update(x.cpu(), y.cpu(), priors[span], bounds[span])
+                acc.update(*pairs[span], priors[span], weights)
     return sums
