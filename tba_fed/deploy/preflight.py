@@ -200,7 +200,8 @@ def data_check(site: SiteConfig, model) -> Check:
             return problem("data", f"cannot read {what}", "remove or replace the file, or fix data.path")
     if parts is None:
         return note("data", f"{len(dataset)} images read; which of them each release uses is decided with the site's "
-                            "secret key, once its state is initialised", "tba-fed site init SITE.yaml, then preflight")
+                            "secret key, once its state is initialised",
+                    "tba-fed site init DIR (docs/deployment.md §3), then preflight")
     calibration, holdout = parts
     minimum = site.privacy.min_images
     counts = {"calibration": len(calibration), **({"held-out": len(holdout)} if site.data.holdout_fraction > 0 else {})}
