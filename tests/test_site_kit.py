@@ -198,3 +198,38 @@ def test_status_at_a_site_reports_epsilon_spent_and_left_from_its_own_ledger(tmp
     assert main(["status", str(kit / "site.yaml")]) == 1
     assert any(line.startswith("PROBLEM privacy.epsilon: the budget is spent") for line in
                capsys.readouterr().out.splitlines())
+
+
+def _yaml_block(markdown: str, heading: str) -> dict:
+    """The first ```yaml block after `heading` in a document."""
+    section = markdown[markdown.index(heading):]
+    return yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+
+
+def test_the_deployment_templates_and_docs_survive_one_dropout_and_every_site_accepts_the_run():
+    """docs/deployment.md section 4 once asked for min_sites 2 with secure aggregation while every site refused a
+    split over fewer than its min_noise_sites (3), and the templates needed 3 of 3 sites, so one dropout ended the
+    run, contrary to the runbook's failure table."""
+    from tba_fed.config import validate
+    from tba_fed.federation.config import FederatedRunConfig, SiteConfig
+
+    folder = REPO / "configs" / "deployment"
+    run = validate(FederatedRunConfig, yaml.safe_load((folder / "run.yaml").read_text()))
+    sites = [load_site_config(path) for path in sorted(folder.glob("site-*.yaml"))]
+    docs = (REPO / "docs" / "deployment.md").read_text()
+    documented_run = _yaml_block(docs, "## 4. The run")
+    documented_site = validate(SiteConfig, _yaml_block(docs, "## 3. Each site"))
+    assert documented_run["federation"] == run.federation.model_dump(include=set(documented_run["federation"]))
+    assert documented_run["privacy"]["aggregation"] == run.privacy.aggregation
+    assert run.superlink is not None and sorted(run.superlink.sites) == [s.name for s in sites]
+    fed = run.federation
+    assert fed.num_sites == len(sites) and fed.min_sites == fed.num_sites - 1  # one dropout survives
+    assert run.privacy is not None and run.privacy.aggregation == "secure"
+    for site in [*sites, documented_site]:
+        policy = site.privacy  # what the site checks of a secure round: noise split over m = min_sites
+        assert policy.min_noise_sites <= fed.min_sites <= policy.max_noise_sites, site.name
+        assert policy.secure_aggregation != "refused" and "statistics" in policy.releases
+        assert run.privacy.epsilon <= policy.epsilon and run.privacy.delta <= policy.delta
+        assert site.model == run.model and site.profile == run.profile == "production"
+        assert site.connection is not None and site.connection.auth_key is not None
+        assert site.connection.auth_key.parent.name == "keys"  # the kit's layout: made at the site
