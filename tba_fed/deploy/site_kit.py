@@ -103,6 +103,8 @@ def init_site(folder: Path, raw: dict[str, Any]) -> SiteKit:
     already there, then the key pair, the state (ledger included) and last the site YAML."""
     site = validate(SiteConfig, raw)  # every field named before anything is written
     kit = kit_layout(folder, site.name)
+    if kit.folder.exists() and not kit.folder.is_dir():
+        raise TBAInputError("DIR", f"{kit.folder} is not a directory", "give a new or an empty directory for the kit")
     assert site.connection is not None and site.connection.root_certificates is not None
     _check_ca(site.connection.root_certificates)
     _refuse_existing(kit)
