@@ -52,6 +52,9 @@ def server_status(config: FederatedRunConfig) -> list[Check]:
         if not reach.problem:
             results += _sites(sl.fleet_address, ca, sl.sites, config.federation.num_sites, config.federation.min_sites)
             results += _runs(sl.fleet_address, ca)
+    elif sl is not None:
+        results.append(note("superlink", "not checked: without superlink.certificates there is no CA to verify it "
+                                         "against (development only)"))
     results.append(note("privacy", "ε spent and left are each site's own: its ledger, which only that site reads",
                         "ask each site for tba-fed status SITE.yaml"))
     results.append(audit_check("audit", config.audit_log))
@@ -67,6 +70,9 @@ def site_status(site: SiteConfig) -> list[Check]:
         if not reach.problem and conn.auth_key is not None:
             results.append(_own_node(site.name, conn.superlink, conn.root_certificates, Path(f"{conn.auth_key}.pub")))
             results += _runs(conn.superlink, conn.root_certificates)
+    elif conn is not None:
+        results.append(note("connection.superlink", "not checked: without connection.root_certificates there is no "
+                                                     "CA to verify it against (development only)"))
     results.append(budget_check(site))
     results.append(audit_check("audit", site.audit_log))
     return results
