@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # a real SuperLink and three SuperNodes with TLS 
 # the federation of configs/deployment/run.yaml: secure aggregation, noise split over min_sites = 2 of 3; a large
 # budget and clipping bounds (clip_scale 8, as tests/test_deployment.py) so 12 images a site keep a usable count
 RUN = {"plan": "1->2, 3->5", "privacy": {"epsilon": 8.0, "aggregation": "secure", "public_images": 32, "clip_scale": 8.0},
-       "federation": {"num_sites": 3, "min_sites": 2, "round_timeout": 90, "max_images_per_site": 1000}}
+       "federation": {"num_sites": 3, "min_sites": 2, "round_timeout": 300, "max_images_per_site": 1000}}
 
 
 def status(path, capsys) -> tuple[int, list[str]]:
@@ -109,7 +109,7 @@ def test_three_hospitals_from_site_kits(tmp_path, capsys, monkeypatch):
         code, lines = status(tmp_path / "hospital-c" / "site.yaml", capsys)
         assert code == 1 and any(line.startswith("PROBLEM connection.auth_key: hospital-c is registered as node ")
                                  for line in lines), lines
-        dropout = cluster.submit("dropout", {**RUN, "federation": {**RUN["federation"], "round_timeout": 60}},
+        dropout = cluster.submit("dropout", {**RUN, "federation": {**RUN["federation"], "round_timeout": 200}},
                                  "--connection", "kits")
         out, _ = dropout.communicate(timeout=900)
         assert dropout.returncode == 0, out[-3000:]
