@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Certificates and keys for a tba-fed deployment: a CA, the SuperLink's TLS certificate, and one
-# SuperNode authentication key pair per site (EC P-384, OpenSSH format, as Flower requires).
+# Certificates for a tba-fed deployment: a CA and the SuperLink's TLS certificate.
 #   scripts/make-certificates.sh OUT_DIR SERVER_HOST [SITE ...]
-# e.g. scripts/make-certificates.sh certs superlink.example.org hospital-a hospital-b hospital-c
-# Give the CA certificate (ca.crt) to every site; keep ca.key offline; give each site only its own key.
+# e.g. scripts/make-certificates.sh certs superlink.example.org
+# Give the CA certificate (ca.crt) to every site; keep ca.key offline. In a deployment each site makes its own
+# SuperNode key pair at the site (tba-fed site init) and sends only the public key. SITE ...: key pairs made
+# here (EC P-384, OpenSSH format, as Flower requires), for tests and local trials on one machine only.
 set -euo pipefail
 out=${1:?usage: make-certificates.sh OUT_DIR SERVER_HOST [SITE ...]}
 host=${2:?usage: make-certificates.sh OUT_DIR SERVER_HOST [SITE ...]}

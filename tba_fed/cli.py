@@ -94,15 +94,19 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                         "anything else)")
 
 
+def _data_source(data: str) -> dict[str, str]:
+    """--data: a source by name, a MedMNIST .npz file, or an image folder (one sub-folder per class)."""
+    if data in ("synthetic", "fashion_mnist"):
+        return {"source": data}
+    return {"source": "medmnist" if data.endswith(".npz") else "image_folder", "path": data}
+
+
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     from .config import RunConfig, load_config
 
     overrides = {k: v for k, v in vars(args).items() if "." in k or k in RunConfig.model_fields}
-    if args.data in ("synthetic", "fashion_mnist"):
-        overrides["data.source"] = args.data
-    elif args.data is not None:
-        source = "medmnist" if args.data.endswith(".npz") else "image_folder"
-        overrides.update({"data.source": source, "data.path": args.data})
+    if args.data is not None:
+        overrides.update({f"data.{key}": value for key, value in _data_source(args.data).items()})
     overrides |= {f"model.kwargs.{key}": value for key, value in args.model_args or []}
     return load_config(args.config, overrides)
 
@@ -268,19 +272,59 @@ def run_privacy_report(site_config: Path) -> None:
     print(ledger_report(PrivacyLedger(policy.ledger), policy.epsilon, policy.delta, policy.accountant))
 
 
-def run_site_init(site_config: Path) -> None:
-    """Initialise a site's state directory once: the split key, the ledger and the marker naming it."""
-    from .federation.config import load_site_config
-    from .privacy.site_state import initialise
+def run_site_init(args: argparse.Namespace) -> None:
+    """At the hospital: the site kit (key pair, state, ledger, site.yaml) in a new directory; prints the one file
+    to send to the coordinator and the one command to run."""
+    from .deploy.site_kit import init_site, kit_layout, kit_yaml
+    from .privacy.policy import SitePolicy
 
-    site = load_site_config(site_config)
-    if site.state is None:
-        raise TBAInputError("state", f"{site_config} names no state directory",
-                            "set state: /srv/tba-fed/<site>/state in the site YAML")
-    assert site.privacy.ledger is not None
-    state = initialise(site.state, site.name, site.privacy.ledger)
-    print(f"{site.name}: state initialised in {state.folder} (split key {state.folder}/split.key never leaves this "
-          f"machine; ledger {state.ledger}). Back up both; a missing ledger now stops every release.")
+    source = _data_source(args.data)
+    if "path" in source:
+        source["path"] = str(Path(source["path"]).absolute())
+    data = {**source, "sample_rate": args.sample_rate, "holdout_fraction": args.holdout_fraction,
+            "batch_size": args.batch_size}
+    model = {"name": args.model, **({"kwargs": dict(args.model_args)} if args.model_args else {}),
+             **({"checkpoint": str(args.checkpoint.absolute())} if args.checkpoint else {}),
+             **({"sha256": args.sha256} if args.sha256 else {})}
+    defaults = SitePolicy().model_dump(mode="json", exclude={"ledger", "max_clip", "allow_seeded_noise"})
+    given = {"epsilon": args.epsilon, "delta": args.delta, "min_images": args.min_images, "releases": args.releases,
+             "min_noise_sites": args.min_noise_sites, "max_noise_sites": args.max_noise_sites}
+    privacy = {**defaults, **{key: value for key, value in given.items() if value is not None}}
+    kit = kit_layout(args.dir, args.name)
+    kit = init_site(args.dir, kit_yaml(kit, args.name, superlink=args.superlink, ca_certfile=args.ca, data=data,
+                                       model=model, privacy=privacy, port=args.port))
+    print(f"{args.name}: site kit written in {kit.folder}\n"
+          f"  {kit.site_yaml}: this site's settings (edit freely; tba-fed preflight {kit.site_yaml} checks them)\n"
+          f"  {kit.private_key}: its SuperNode key (0600), which never leaves this machine\n"
+          f"  {kit.state}, {kit.ledger}: the split key and the privacy ledger; back them up, never copy them to "
+          "another site\n"
+          f"Send the coordinator this one file: {kit.public_key}\n"
+          f"Once the coordinator has registered it, run: tba-fed supernode {kit.site_yaml}")
+
+
+def run_connect(config: Path, connection: str, print_only: bool) -> None:
+    """Add the run's SuperLink to Flower's config file as a named connection (what ``flwr`` commands use)."""
+    from .federation.config import load_federated_config
+    from .deploy.flower_connection import connect, describe_connection, run_connection
+
+    link = run_connection(load_federated_config(config), connection)
+    if print_only:
+        print(describe_connection(link))
+        return
+    connect(link)
+    print(f"{link.path}: [superlink.{link.name}] {'added' if link.adds else 'already there'} "
+          f"({link.entry['address']}); e.g. flwr supernode list {link.name}")
+
+
+def run_status(config: Path) -> int:
+    from .deploy.status import status
+
+    results = status(config)
+    for result in results:
+        print(result.line())
+    failed = [r for r in results if r.problem]
+    print(f"status {config}: {len(failed)} problem(s)" if failed else f"status {config}: healthy")
+    return 1 if failed else 0
 
 
 def run_audit(command: str, log: Path, against: Path | None = None, head: str | None = None) -> int:
@@ -386,9 +430,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site_config", type=Path, help="the site's YAML (its privacy section names the ledger)")
     p = sub.add_parser("site", help="a site's own state on its machine")
     site = p.add_subparsers(dest="site_command", required=True)
-    p = site.add_parser("init", help="once per site: create its state directory (the secret that decides which images "
-                                     "each release uses, the ledger, the marker that the ledger must exist)")
-    p.add_argument("site_config", type=Path, help="the site's YAML (its state and privacy.ledger say where)")
+    p = site.add_parser("init", help="once per site, at the site: a kit in DIR with the site's own key pair (the "
+                                     "private key never leaves DIR), its state (the secret that decides which images "
+                                     "each release uses, an empty ledger) and a filled site.yaml")
+    p.add_argument("dir", type=Path, metavar="DIR", help="the kit's directory (new, or without the kit's files)")
+    p.add_argument("--name", required=True, help="this site's name, as the coordinator lists it (e.g. hospital-a)")
+    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address (its Fleet port)")
+    p.add_argument("--ca", required=True, type=Path, metavar="CA.crt", help="the coordinator's CA certificate")
+    p.add_argument("--data", required=True, metavar="PATH|SOURCE",
+                   help="the images: a folder (one sub-folder per class), a MedMNIST .npz file, or fashion_mnist")
+    p.add_argument("--model", required=True, metavar="NAME", help="the run's base model, the only one this site "
+                                                                  "serves (e.g. dinov2-s-imgfocus)")
+    p.add_argument("--model-arg", dest="model_args", type=_key_value, action="append", metavar="KEY=VALUE",
+                   help="a kwarg of the model, as the run YAML gives it (e.g. img_size=112; repeatable)")
+    p.add_argument("--checkpoint", type=Path, metavar="FILE", help="the model's local weights, if the run names a file")
+    p.add_argument("--sha256", metavar="HEX", help="the checkpoint's checksum, as the run YAML pins it")
+    p.add_argument("--epsilon", required=True, type=float, metavar="E",
+                   help="this site's total privacy budget over all runs (the hospital's decision)")
+    p.add_argument("--delta", type=float, metavar="D", help="δ the budget is accounted at (default 1e-5)")
+    p.add_argument("--min-images", type=int, metavar="N", help="refuse releases summarising fewer images (default 100)")
+    p.add_argument("--releases", nargs="+", metavar="RELEASE",
+                   help="what this site releases at all (default: statistics); add similarity, probe, accuracy")
+    p.add_argument("--min-noise-sites", type=int, metavar="M",
+                   help="split noise only over at least M sites (default 3; 2 lets a secure run of 3 sites survive "
+                        "one dropout: docs/deployment.md)")
+    p.add_argument("--max-noise-sites", type=int, metavar="M", help="never add less than σ/√M of the noise (default 10)")
+    p.add_argument("--sample-rate", type=float, default=1.0, metavar="P", help="use each image with probability P (1)")
+    p.add_argument("--holdout-fraction", type=float, default=0.2, metavar="F",
+                   help="hold each used image out with probability F (0.2)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N")
+    p.add_argument("--port", type=int, metavar="PORT", help="the SuperNode's local port, if several run on one machine")
+    p = sub.add_parser("connect", help="add the run's SuperLink to Flower's config file as a named connection "
+                                       "(flwr supernode list / ls / log use it)")
+    p.add_argument("config", type=Path, help="run YAML with a superlink section")
+    p.add_argument("--connection", default="hospitals", metavar="NAME",
+                   help="name of the connection in $FLWR_HOME/config.toml (default hospitals)")
+    p.add_argument("--print", dest="print_only", action="store_true", help="print the connection instead of adding it")
+    p = sub.add_parser("status", help="the deployment now: SuperLink, sites registered and connected, runs, ε spent "
+                                      "and left (at a site), audit log; exit 1 on any problem")
+    p.add_argument("config", type=Path, help="a run YAML (the coordinator's view) or a site YAML (the site's)")
     p = sub.add_parser("audit", help="a site's or the server's hash-chained audit log")
     audit = p.add_subparsers(dest="audit_command", required=True)
     p = audit.add_parser("verify", help="check every link of the chain; exit 1 naming every problem")
@@ -426,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
         "experiment": lambda: run_experiment_command(args.config, args.output),
         "simulate": lambda: run_simulate(args.config, args.verbose),
         "privacy": lambda: run_privacy_report(args.site_config),
-        "site": lambda: run_site_init(args.site_config),
+        "site": lambda: run_site_init(args),
+        "connect": lambda: run_connect(args.config, args.connection, args.print_only),
+        "status": lambda: run_status(args.config),
         "audit": lambda: run_audit(args.audit_command, args.log, getattr(args, "against", None), getattr(args, "head", None)),
         "export": lambda: run_export(args.compressed, args.output, args.format, args.overwrite),
         "preflight": lambda: run_preflight(args.config, args.kind, args.expiry_days),

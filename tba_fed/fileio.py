@@ -225,12 +225,14 @@ def write_owned(folder: Path, kind: str, files: dict[str, str | None], texts: Ma
 
 
 def atomic_write(path: Path, write: Callable[[Path], object], *, mode: int | None = None, durable: bool = False,
-                 unwritable: Callable[[OSError], Exception] | None = None) -> None:
+                 unwritable: Callable[[OSError], Exception] | None = None, exclusive: bool = False) -> None:
     """Write `path` whole or not at all: `write` fills a temporary sibling, renamed into place.
 
     `mode`: the file's permissions, set before anything is written (mkstemp makes 0600). `durable`: fsync the
     file before the rename and the folder after, so the rename survives a crash (the privacy records).
-    `unwritable`: the error to raise if the temporary file cannot be created (else the OSError itself)."""
+    `unwritable`: the error to raise if the temporary file cannot be created (else the OSError itself).
+    `exclusive`: never replace an existing `path` (FileExistsError), even one created meanwhile: the temporary
+    file is hard-linked into place, which fails if the name is taken (keys, files a person may have written)."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -245,7 +247,11 @@ def atomic_write(path: Path, write: Callable[[Path], object], *, mode: int | Non
         write(Path(tmp))
         if durable:
             fsync_path(tmp)
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -50,7 +50,7 @@ def development_key(seed: int) -> bytes:
 
 def check_key(key: bytes) -> bytes:
     if not isinstance(key, bytes) or len(key) != KEY_BYTES:
-        raise TBAInputError("state", f"the split key must be {KEY_BYTES} bytes", "run tba-fed site init SITE.yaml")
+        raise TBAInputError("state", f"the split key must be {KEY_BYTES} bytes", "run tba-fed site init DIR")
     return key
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from tba_fed import ModelConfig, ViTAdapter, solve_plan
 from tba_fed.calibrate import collect_span_stats
+from tba_fed.cli import main
 from tba_fed.data import build_dataset, calibration_split, make_loader
 from tba_fed.federation.config import load_site_config
 from tba_fed.deploy.flower_connection import ensure_connection
@@ -27,6 +28,7 @@ from tba_fed.models import create_model
 from tba_fed.privacy.policy import RELEASES
 from tba_fed.privacy.site_state import initialise
 
+import neighbours as nb
 from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,16 +65,18 @@ def alive(processes: set[tuple[int, str]]) -> set[tuple[int, str]]:
 
 
 class Cluster:
-    """The SuperLink and the SuperNodes of `sites`; `site_data` overrides a site's data section."""
+    """The SuperLink and the SuperNodes of `sites`; `site_data` overrides a site's data section. With `kits`, each
+    site is made as a hospital makes it (`tba-fed site init` with its own key pair, 24 small images in a folder):
+    the coordinator's certificates hold no site key, and it registers the public keys the kits wrote."""
 
     def __init__(self, tmp: Path, sites=SITES, site_data: dict[str, dict] | None = None,
-                 isolation: str = "subprocess") -> None:
+                 isolation: str = "subprocess", kits: bool = False) -> None:
         self.tmp, self.sites, self.isolation = tmp, tuple(sites), isolation
         self.home = tmp / "flwr-home"
         self.home.mkdir()
         self.certs = tmp / "certs"
-        subprocess.run(["bash", str(REPO / "scripts/make-certificates.sh"), str(self.certs), "127.0.0.1", *self.sites],
-                       check=True, capture_output=True)
+        subprocess.run(["bash", str(REPO / "scripts/make-certificates.sh"), str(self.certs), "127.0.0.1",
+                        *(() if kits else self.sites)], check=True, capture_output=True)
         self.port = free_port()
         ensure_connection(self.home / "config.toml", "hospitals",
                           {"address": f"127.0.0.1:{self.port}", "root-certificates": str(self.certs / "ca.crt")})
@@ -84,13 +88,16 @@ class Cluster:
         self.superlink_starts = 0
         self.nodes: dict[str, dict] = {}
         for seed, name in enumerate(self.sites, start=1):
+            port = free_port()
+            if kits:
+                self.nodes[name] = self._kit(name, seed, port)
+                continue
             # each image held out with probability 0.5 by its own hash under the site's secret key: fewer than 2
             # images in a part (refused by min_images) has probability 3e-6
             data = {"source": "synthetic", "num_images": 24, "seed": seed, "batch_size": 8, "holdout_fraction": 0.5,
                     **(site_data or {}).get(name, {})}
             policy = {"require_dp": False, "epsilon": 20.0, "min_images": 2, "releases": list(RELEASES),
                       "ledger": str(tmp / name / "privacy-ledger.json")}
-            port = free_port()
             connection = {"superlink": f"127.0.0.1:{self.port}", "root_certificates": str(self.certs / "ca.crt"),
                           "auth_key": str(self.certs / f"{name}.key"), "port": port}
             site_yaml = tmp / f"{name}.yaml"
@@ -98,18 +105,33 @@ class Cluster:
                                                  "privacy": policy, "connection": connection,
                                                  "state": str(tmp / name / "state")}))
             initialise(tmp / name / "state", name, tmp / name / "privacy-ledger.json")  # tba-fed site init
-            self.nodes[name] = {"yaml": site_yaml, "log": tmp / f"{name}.log", "port": port, "process": None}
+            self.nodes[name] = {"yaml": site_yaml, "log": tmp / f"{name}.log", "port": port, "process": None,
+                                "key": self.certs / f"{name}.key"}
         # the production profile's description of this SuperLink, which the ServerApp checks before round 1
         self.superlink_config = {
             "address": "127.0.0.1", "host": "127.0.0.1", "port": self.port, "database": str(self.home / "superlink.db"),
             "certificates": {"certfile": str(self.certs / "server.pem"), "keyfile": str(self.certs / "server.key"),
                              "ca_certfile": str(self.certs / "ca.crt")},
-            "sites": {name: str(self.certs / f"{name}.key.pub") for name in self.sites}}
+            "sites": {name: str(node["key"]) + ".pub" for name, node in self.nodes.items()}}
         self.start_superlink()
-        for name in self.sites:
-            subprocess.run([str(BIN / "flwr"), "supernode", "register", str(self.certs / f"{name}.key.pub"), "hospitals"],
+        for name, node in self.nodes.items():
+            subprocess.run([str(BIN / "flwr"), "supernode", "register", f"{node['key']}.pub", "hospitals"],
                            env=self.env, check=True, capture_output=True)
             self.start_node(name)
+
+    def _kit(self, name: str, seed: int, port: int) -> dict:
+        """Site `name` made by `tba-fed site init` in tmp/name from a folder of 24 images: its key pair made there."""
+        images = nb.write_source("image_folder", self.tmp / f"{name}-images", nb.ordinary(24, seed=seed))["path"]
+        kit = self.tmp / name
+        # each image held out with probability 0.5 by its own hash under the kit's secret key: fewer than 2 images
+        # in a part (refused by min_images) has probability 3e-6
+        flags = ["--name", name, "--superlink", f"127.0.0.1:{self.port}", "--ca", str(self.certs / "ca.crt"),
+                 "--data", images, "--model", MODEL["name"], *[f"--model-arg={k}={v}" for k, v in MODEL["kwargs"].items()],
+                 "--epsilon", "20", "--min-images", "2", "--releases", *RELEASES, "--min-noise-sites", "2",
+                 "--holdout-fraction", "0.5", "--batch-size", "8", "--port", str(port)]
+        assert main(["site", "init", str(kit), *flags]) == 0
+        return {"yaml": kit / "site.yaml", "log": self.tmp / f"{name}.log", "port": port, "process": None,
+                "key": kit / "keys" / f"{name}.key"}
 
     def start_superlink(self) -> subprocess.Popen:
         """The SuperLink on the cluster's port with its database (the same file after a restart)."""
@@ -145,7 +167,7 @@ class Cluster:
             node["process"] = subprocess.Popen(
                 [str(BIN / "flower-supernode"), "--root-certificates", str(self.certs / "ca.crt"),
                  "--superlink", f"127.0.0.1:{self.port}", "--port", str(node["port"]),
-                 "--auth-supernode-private-key", str(self.certs / f"{name}.key"),
+                 "--auth-supernode-private-key", str(node["key"]),
                  "--node-config", f'site-config="{node["yaml"]}"'], env=self.env, stdout=handle, stderr=subprocess.STDOUT)
         return node["process"]
 

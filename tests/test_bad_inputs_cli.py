@@ -50,13 +50,15 @@ from refusal import run_cli, snapshot
 POSITIONALS = {
     "analyze": [], "compress": [], "experiment": ["config"], "simulate": ["config"], "preflight": ["config"],
     "superlink": ["config"], "supernode": ["config"], "submit": ["config"], "privacy report": ["site_config"],
-    "site init": ["site_config"], "audit verify": ["log"], "audit show": ["log"], "prepare": [], "demo": [],
-    "export": ["compressed"],
+    "site init": ["dir"], "audit verify": ["log"], "audit show": ["log"], "prepare": [], "demo": [],
+    "export": ["compressed"], "connect": ["config"], "status": ["config"],
 }
 # Flags argparse requires, given with every call that is otherwise valid (export's positional is a directory).
-REQUIRED_FLAGS = {"export": ["--format", "pt2", "--output", "out"]}
+REQUIRED_FLAGS = {"export": ["--format", "pt2", "--output", "out"],
+                  "site init": ["--name", "hospital-a", "--superlink", "127.0.0.1:9092", "--ca", "ca.crt", "--data",
+                                "folder", "--model", "vit_tiny_patch16_224", "--epsilon", "4"]}
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING) ")
-CHECKERS = {"preflight", "audit verify"}  # report problems with exit 1 by contract
+CHECKERS = {"preflight", "audit verify", "status"}  # report problems with exit 1 by contract
 TINY = ["--model", "vit_tiny_patch16_224", "--model-arg", "depth=2", "--model-arg", "img_size=32",
         "--model-arg", "patch_size=16", "--data", "synthetic", "--num-images", "8"]
 
@@ -145,7 +147,7 @@ def test_405_a_value_outside_the_choices(command, flag, capsys, tmp_path):
     assert_refused([*command.split(), *_valid_positionals(command), flag, "nope"], f"argument {flag}", capsys, tmp_path)
 
 
-POSITIONAL_COMMANDS = sorted(c for c, p in POSITIONALS.items() if p)
+POSITIONAL_COMMANDS = sorted(c for c, p in POSITIONALS.items() if p and c != "site init")  # its DIR may be new
 
 
 @pytest.mark.parametrize("command", POSITIONAL_COMMANDS)
@@ -160,8 +162,14 @@ def test_406_to_408_a_positional_file_missing_a_directory_or_not_text(command, p
     assert_refused([*command.split(), path, *REQUIRED_FLAGS.get(command, [])], path, capsys, tmp_path, code)
 
 
+@pytest.mark.parametrize("path", ["binary.yaml", "file.txt"])
+def test_408_site_init_into_a_file(path, capsys, tmp_path):
+    assert_refused(["site", "init", path, *REQUIRED_FLAGS["site init"]], f"DIR: {tmp_path / path} is not a directory",
+                   capsys, tmp_path)
+
+
 @pytest.mark.parametrize("command", sorted(c for c, p in POSITIONALS.items()
-                                            if p and not c.startswith("audit") and c != "export"))
+                                            if p and not c.startswith("audit") and c not in ("export", "site init")))
 def test_409_an_empty_yaml_file(command, capsys, tmp_path):
     assert_refused([*command.split(), "empty.yaml"], "empty.yaml is empty", capsys, tmp_path,
                    1 if command in CHECKERS else 2)

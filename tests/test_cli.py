@@ -110,6 +110,7 @@ def test_existing_output_is_kept_without_overwrite(tmp_path):
 def test_privacy_report_prints_the_ledger_and_the_budget_left(tmp_path, capsys):
     from tba_fed.privacy.accounting import epsilon_spent, noise_multiplier
     from tba_fed.privacy.ledger import LedgerEntry, PrivacyLedger, now
+    from tba_fed.privacy.site_state import initialise
 
     ledger = tmp_path / "ledger.json"
     sigma = noise_multiplier(1.0, 1e-5, 2)
@@ -121,8 +122,7 @@ def test_privacy_report_prints_the_ledger_and_the_budget_left(tmp_path, capsys):
     site = tmp_path / "site.yaml"
     site.write_text(yaml.safe_dump({"name": "hospital-a", "data": {"source": "synthetic"}, "output": str(tmp_path / "out"),
                                     "privacy": {"epsilon": 3.0, "ledger": str(ledger)}, "state": str(tmp_path / "state")}))
-    assert main(["site", "init", str(site)]) == 0  # adopts the existing ledger
-    assert "state initialised" in capsys.readouterr().out
+    initialise(tmp_path / "state", "hospital-a", ledger)  # tba-fed site init adopts the existing ledger
     assert main(["privacy", "report", str(site)]) == 0
     out = capsys.readouterr().out
     spent = epsilon_spent([(sigma, 2)], 1e-5)

@@ -278,7 +278,7 @@ def test_unwritable_directories_and_torn_ledger(setup):
     problems = _problems(_variant(setup, "unwritable", "site", output=str(blocker / "out"), state=str(fresh),
                                   **{"privacy.ledger": str(blocker / "ledger" / "ledger.json")}))
     assert problems == [f"PROBLEM state: {fresh} holds no initialised site state: this site makes no release (fix: run "
-                        "`tba-fed site init SITE.yaml` once on this machine)",
+                        "`tba-fed site init DIR` once on this machine (docs/deployment.md §3))",
                         f"PROBLEM privacy.ledger: {blocker / 'ledger'} is not writable (Not a directory: {blocker}) "
                         f"(fix: {WRITABLE})",
                         f"PROBLEM output: {blocker / 'out'} is not writable (Not a directory: {blocker}) (fix: {WRITABLE})"]

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from clients.client_app import app
 from tba_fed.cli import main
-from tba_fed.errors import FederationError
+from tba_fed.errors import FederationError, TBAInputError
 from tba_fed.federation.config import load_federated_config
 from tba_fed.deploy.preflight import preflight
 from tba_fed.federation.releases import secure_statistics_round
@@ -27,7 +27,7 @@ from tba_fed.federation.wire import encode_priors
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.accounting import epsilon_spent, noise_multiplier
 from tba_fed.privacy.ledger import PrivacyLedger
-from tba_fed.privacy.site_state import KEY_FILE, MARKER
+from tba_fed.privacy.site_state import KEY_FILE, MARKER, initialise
 
 import neighbours as nb
 from clientapp_grid import ClientAppGrid
@@ -48,19 +48,18 @@ def _yaml(tmp_path: Path, name: str = "hospital-a", **changes) -> Path:
     return path
 
 
-def test_site_init_makes_the_state_once_and_keeps_its_key_private(tmp_path, capsys):
-    path = _yaml(tmp_path)
-    assert main(["site", "init", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "state initialised" in out and "split.key never leaves this machine" in out
+def test_site_init_makes_the_state_once_and_keeps_its_key_private(tmp_path):
+    """The state `tba-fed site init` makes (tests/test_site_kit.py runs the command)."""
+    initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")
     key = tmp_path / "state" / KEY_FILE
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600 and len(bytes.fromhex(key.read_text().strip())) == 32
     marker = json.loads((tmp_path / "state" / MARKER).read_text())
     assert marker["ledger"] == str(tmp_path / "ledger.json") and marker["site"] == "hospital-a"
     assert PrivacyLedger(tmp_path / "ledger.json").entries() == [] and (tmp_path / "ledger.json").is_file()
     before = key.read_bytes()
-    assert main(["site", "init", str(path)]) == 2  # a second init would change which images every release uses
-    assert "already holds this site's state" in capsys.readouterr().err and key.read_bytes() == before
+    with pytest.raises(TBAInputError, match="already holds this site's state"):  # a new key would change which
+        initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")  # images every release uses
+    assert key.read_bytes() == before
 
 
 def test_an_uninitialised_production_site_serves_nothing_and_does_not_start(tmp_path, audit_bounds, capsys):
@@ -79,7 +78,7 @@ def test_a_missing_or_repointed_ledger_stops_the_site_instead_of_resetting_its_b
     """Before the state's marker, a missing ledger read as an empty one: the budget silently started again."""
     path = _yaml(tmp_path, privacy={"epsilon": 1.0, "min_images": 2, "releases": ["statistics"],
                                     "ledger": str(tmp_path / "ledger.json")})
-    assert main(["site", "init", str(path)]) == 0
+    initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")
     grid = ClientAppGrid(app, node_configs=[{"site-config": str(path)}])
     assert not grid.answer([_message("statistics", _request(audit_bounds, releases=("statistics",)))])[0].has_error()
     assert len(PrivacyLedger(tmp_path / "ledger.json").entries()) == 1  # the budget of 1 is spent
@@ -116,7 +115,7 @@ def test_each_release_is_checked_against_the_images_it_summarises(tmp_path, audi
                           "ledger": str(tmp_path / "ledger.json")},
               "state": str(tmp_path / "state")}
     (tmp_path / "site.yaml").write_text(yaml.safe_dump(config))
-    assert main(["site", "init", str(tmp_path / "site.yaml")]) == 0
+    initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")  # tba-fed site init
     grid = ClientAppGrid(app, node_configs=[{"site-config": str(tmp_path / "site.yaml")}])
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     for kind in ("similarity", "probe"):

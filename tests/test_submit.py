@@ -16,7 +16,7 @@ import yaml
 from tba_fed import TBAInputError
 from tba_fed import fileio
 from tba_fed.cli import main
-from tba_fed.deploy.flower_connection import ensure_connection
+from tba_fed.deploy.flower_connection import connect
 from tba_fed.deploy.processes import executable, free_port
 from tba_fed.deploy.submit import SubmitError, plan_submission, submit
 from tba_fed.federation.flower_internals import read_flower_connection
@@ -89,14 +89,14 @@ def test_command_is_flwr_run_of_the_app_with_the_absolute_run_yaml(tmp_path, cer
     sub = plan_submission(Path("run.yaml"), connection="coordinator", stream=False)
     assert sub.command == [executable("flwr"), "run", str(REPO), "coordinator", "--run-config",
                            f'config-path="{tmp_path / "run.yaml"}"']
-    assert (sub.entry, sub.flower_config, sub.adds_connection) == (_entry(certs), home / "config.toml", True)
+    assert (sub.link.entry, sub.link.path, sub.link.adds) == (_entry(certs), home / "config.toml", True)
 
 
 def test_connection_is_added_beside_every_other_entry_and_flower_reads_it(tmp_path, certs, home):
     home.mkdir()
     (home / "config.toml").write_text(EXISTING)
     sub = plan_submission(_run(tmp_path, certs, port=9200))
-    assert sub.adds_connection and ensure_connection(sub.flower_config, sub.connection, sub.entry)
+    assert sub.link.adds and connect(sub.link)
     expected = tomli.loads(EXISTING)
     expected["superlink"]["hospitals"] = _entry(certs, 9200)
     assert tomli.loads((home / "config.toml").read_text()) == expected
@@ -108,7 +108,7 @@ def test_connection_is_added_beside_every_other_entry_and_flower_reads_it(tmp_pa
 
 def test_a_missing_config_file_starts_from_flowers_default(tmp_path, certs, home):
     sub = plan_submission(_run(tmp_path, certs))
-    assert ensure_connection(sub.flower_config, sub.connection, sub.entry)
+    assert connect(sub.link)
     config = tomli.loads((home / "config.toml").read_text())
     assert config["superlink"]["default"] == "local" and config["superlink"]["local"] == {"address": ":local:"}
     assert config["superlink"]["hospitals"] == _entry(certs)
@@ -121,7 +121,7 @@ def test_the_same_connection_is_kept_and_the_file_untouched(tmp_path, certs, hom
     (home / "config.toml").write_text(same)
     stat = (home / "config.toml").stat()
     sub = plan_submission(_run(tmp_path, certs))
-    assert not sub.adds_connection and not ensure_connection(sub.flower_config, sub.connection, sub.entry)
+    assert not sub.link.adds and not connect(sub.link)
     assert (home / "config.toml").read_text() == same and (home / "config.toml").stat().st_mtime_ns == stat.st_mtime_ns
 
 
@@ -132,7 +132,7 @@ def test_a_connection_of_that_name_pointing_elsewhere_is_refused(tmp_path, certs
     expected = (f"--connection: the Flower connection [superlink.hospitals] in {home / 'config.toml'} points elsewhere "
                 "than this run's superlink section: address is 'old.example.org:9092' there, '127.0.0.1:9092' for this "
                 f"run; root-certificates is absent there, '{certs / 'ca.crt'}' for this run (pass --connection with a "
-                "new name (tba-fed submit adds it), or correct or remove [superlink.hospitals] in "
+                "new name (tba-fed connect adds it), or correct or remove [superlink.hospitals] in "
                 f"{home / 'config.toml'})")
     with pytest.raises(TBAInputError) as err:
         plan_submission(_run(tmp_path, certs))
@@ -152,7 +152,7 @@ def test_the_write_is_atomic(tmp_path, certs, home, monkeypatch):
 
     monkeypatch.setattr(fileio.os, "replace", fail)
     with pytest.raises(OSError, match="No space left"):
-        ensure_connection(sub.flower_config, sub.connection, sub.entry)
+        connect(sub.link)
     assert (home / "config.toml").read_text() == EXISTING and sorted(p.name for p in home.iterdir()) == ["config.toml"]
 
 
@@ -189,7 +189,7 @@ def test_missing_ca_and_bad_names_and_bad_toml_are_refused(tmp_path, certs, home
 def test_development_without_tls_is_an_insecure_connection(tmp_path, certs, home):
     sub = plan_submission(_run(tmp_path, certs, profile="development", superlink__certificates=None,
                                superlink__node_auth=False))
-    assert sub.entry == {"address": "127.0.0.1:9092", "insecure": True}
+    assert sub.link.entry == {"address": "127.0.0.1:9092", "insecure": True}
 
 
 @pytest.mark.slow  # flwr run, a real Flower process
@@ -199,4 +199,4 @@ def test_no_superlink_there_fails_with_exit_1_after_adding_the_connection(tmp_pa
     with pytest.raises(SubmitError, match=r"^flwr run did not start the run \(exit code 1\); see its output above$"):
         submit(sub, out)
     assert "Connection to the SuperLink is unavailable" in out.getvalue()
-    assert tomli.loads((home / "config.toml").read_text())["superlink"]["hospitals"] == sub.entry
+    assert tomli.loads((home / "config.toml").read_text())["superlink"]["hospitals"] == sub.link.entry

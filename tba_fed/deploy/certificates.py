@@ -95,7 +95,7 @@ def key_matches_certificate(keyfile: Path, cert: x509.Certificate, field: str) -
 
 def load_auth_private_key(path: Path, field: str) -> ec.EllipticCurvePrivateKey:
     """A SuperNode's private key as flower-supernode needs it: OpenSSH format, EC on a NIST curve."""
-    fix = f"generate one with {MAKE_CERTIFICATES} (ssh-keygen -t ecdsa -b 384)"
+    fix = "make the site's kit with tba-fed site init DIR, which generates it at the site"
     try:
         data = Path(path).read_bytes()
     except OSError as err:
@@ -113,11 +113,17 @@ def load_auth_private_key(path: Path, field: str) -> ec.EllipticCurvePrivateKey:
 
 def load_auth_public_key(path: Path, field: str) -> ec.EllipticCurvePublicKey:
     """A SuperNode's public key as `flwr supernode register` reads it (OpenSSH, EC, NIST curve)."""
-    fix = f"use the .key.pub file {MAKE_CERTIFICATES} wrote beside the site's key"
+    fix = "use the .key.pub file the site sent (tba-fed site init wrote it beside the site's key)"
     try:
-        key = serialization.load_ssh_public_key(Path(path).read_bytes())
+        data = Path(path).read_bytes()
     except OSError as err:
         raise TBAInputError(field, f"cannot read {path} ({err.strerror})", fix) from None
+    if OPENSSH_PRIVATE in data or b"PRIVATE KEY-----" in data:
+        raise TBAInputError(field, f"{path} is a private key: a site's private key never leaves the site",
+                            "delete this copy, and ask the site for its public key (the .key.pub tba-fed site init "
+                            "printed)")
+    try:
+        key = serialization.load_ssh_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as err:
         raise TBAInputError(field, f"{path} is not an OpenSSH public key ({err})", fix) from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not uses_nist_ec_curve(key):

@@ -1,4 +1,5 @@
-"""The SuperLink as a named connection in Flower's own config file, derived from the run YAML.
+"""The SuperLink as a named connection in Flower's own config file, derived from the run YAML
+(``tba-fed connect RUN.yaml``; ``tba-fed submit`` adds it the same way before it runs ``flwr run``).
 
 Flower (1.41, 1.42) gives ``flwr run`` no way to name a SuperLink on the command line or in the environment:
 its second argument is a connection *name*, looked up only in ``$FLWR_HOME/config.toml`` (default
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,10 @@ import tomli_w
 
 from ..errors import TBAInputError
 from ..fileio import atomic_write_text
-from ..federation.config import SuperLinkConfig
-from ..federation.flower_internals import default_flower_config
+from ..federation.config import FederatedRunConfig, SuperLinkConfig
+from ..federation.flower_internals import default_flower_config, flower_config_path
+from .certificates import load_certificate
+from .profile import require_run
 
 _logger = logging.getLogger(__name__)
 
@@ -92,7 +96,7 @@ def updated_config(path: Path, name: str, entry: dict[str, Any]) -> dict[str, An
     if differences := _differences(superlink[name], entry):
         raise TBAInputError("--connection", f"the Flower connection [superlink.{name}] in {path} points elsewhere than "
                                             f"this run's superlink section: {'; '.join(differences)}",
-                            f"pass --connection with a new name (tba-fed submit adds it), or correct or remove "
+                            f"pass --connection with a new name (tba-fed connect adds it), or correct or remove "
                             f"[superlink.{name}] in {path}")
     return None
 
@@ -104,3 +108,37 @@ def ensure_connection(path: Path, name: str, entry: dict[str, Any]) -> bool:
     atomic_write_text(path, tomli_w.dumps(config))
     _logger.info("added the SuperLink connection [superlink.%s] (%s) to %s", name, entry["address"], path)
     return True
+
+
+@dataclass(frozen=True)
+class Connection:
+    """The run's SuperLink as the connection ``[superlink.NAME]`` of Flower's config file."""
+
+    name: str
+    entry: dict[str, Any]       # the [superlink.NAME] table
+    path: Path                  # $FLWR_HOME/config.toml
+    adds: bool                  # whether the file lacks it (and will be rewritten)
+
+
+def run_connection(config: FederatedRunConfig, name: str) -> Connection:
+    """The connection a run YAML's superlink section describes, its profile's requirements and its CA checked;
+    writes nothing. Raises TBAInputError, naming the field, for a bad YAML or a clashing connection."""
+    superlink = require_run(config)
+    if superlink.certificates is not None:
+        load_certificate(superlink.certificates.ca_certfile, "superlink.certificates.ca_certfile")
+    name = check_name(name)
+    entry = connection_entry(superlink)
+    path = flower_config_path()
+    return Connection(name, entry, path, updated_config(path, name, entry) is not None)
+
+
+def describe_connection(connection: Connection) -> str:
+    """What `connect` would write (``--print``), as TOML."""
+    table = tomli_w.dumps({"superlink": {connection.name: connection.entry}}).strip()
+    return (f"# adds to {connection.path}:\n{table}" if connection.adds
+            else f"# {connection.path} already has the connection:\n{table}")
+
+
+def connect(connection: Connection) -> bool:
+    """Add the connection to Flower's config file if it is missing; whether the file was rewritten."""
+    return ensure_connection(connection.path, connection.name, connection.entry)

@@ -14,7 +14,8 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..errors import TBARunError
-from ..federation.flower_internals import accepts_self_registration, control_list_nodes, control_register_node
+from ..federation.flower_internals import (accepts_self_registration, control_list_nodes, control_list_runs,
+                                          control_register_node)
 
 _logger = logging.getLogger(__name__)
 
@@ -46,6 +47,25 @@ def registered_nodes(address: str, ca_certfile: Path) -> list[Node]:
     except httpx.HTTPStatusError as err:
         raise _error(err) from None
     return [Node(int(n.node_id), n.name, n.status, bytes(n.public_key)) for n in nodes if n.status != "unregistered"]
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: int
+    status: str        # as flwr ls shows it: pending, starting, running, finished:completed|failed|stopped
+    details: str
+    pending_at: str    # when it was submitted (ISO time, as the SuperLink reports it)
+
+
+def runs(address: str, ca_certfile: Path) -> list[Run]:
+    """Every run the SuperLink knows (``flwr ls``), oldest first."""
+    try:
+        found = control_list_runs(address, ca_certfile)
+    except httpx.HTTPStatusError as err:
+        raise _error(err) from None
+    listed = [Run(int(r.run_id), ":".join(p for p in (r.status.status, r.status.sub_status) if p), r.status.details,
+                  r.pending_at) for r in found]
+    return sorted(listed, key=lambda run: (run.pending_at, run.run_id))
 
 
 def register_node(address: str, ca_certfile: Path, public_key: ec.EllipticCurvePublicKey, name: str) -> int:

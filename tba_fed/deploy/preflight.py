@@ -200,7 +200,8 @@ def data_check(site: SiteConfig, model) -> Check:
             return problem("data", f"cannot read {what}", "remove or replace the file, or fix data.path")
     if parts is None:
         return note("data", f"{len(dataset)} images read; which of them each release uses is decided with the site's "
-                            "secret key, once its state is initialised", "tba-fed site init SITE.yaml, then preflight")
+                            "secret key, once its state is initialised",
+                    "tba-fed site init DIR (docs/deployment.md §3), then preflight")
     calibration, holdout = parts
     minimum = site.privacy.min_images
     counts = {"calibration": len(calibration), **({"held-out": len(holdout)} if site.data.holdout_fraction > 0 else {})}
@@ -215,6 +216,13 @@ def data_check(site: SiteConfig, model) -> Check:
 
 def privacy_checks(site: SiteConfig) -> list[Check]:
     """The policy can release something, and the ledger is whole and can be written (seeded noise: site_errors)."""
+    assert site.privacy.ledger is not None
+    return [budget_check(site), c.writable_directory("privacy.ledger", site.privacy.ledger.parent)]
+
+
+def budget_check(site: SiteConfig) -> Check:
+    """ε spent and left, from the site's own ledger (the one its state was initialised with), composed with
+    the site's own accountant: a problem once the budget is spent (every private release would be refused)."""
     policy = site.privacy
     assert policy.ledger is not None
     try:
@@ -222,13 +230,11 @@ def privacy_checks(site: SiteConfig) -> list[Check]:
             open_state(site.state, site.name, policy.ledger)
         spent = PrivacyLedger(policy.ledger).spent(policy.delta, policy.accountant)
     except TBAInputError as err:
-        budget = c.from_error(err)
-    else:
-        budget = (problem("privacy.epsilon", f"the budget is spent (ε {spent:.4f} of {policy.epsilon:g}): every private "
-                                             "release will be refused",
-                          "raising the budget is a governance decision, not a fix to make lightly")
-                  if spent >= policy.epsilon else
-                  ok("privacy", f"releases {', '.join(policy.releases)}; ε {spent:.4f} spent of {policy.epsilon:g} at "
-                                f"δ={policy.delta:g} ({policy.accountant.upper()}, add/remove-one-image); min_images "
-                                f"{policy.min_images}"))
-    return [budget, c.writable_directory("privacy.ledger", policy.ledger.parent)]
+        return c.from_error(err)
+    if spent >= policy.epsilon:
+        return problem("privacy.epsilon", f"the budget is spent (ε {spent:.4f} of {policy.epsilon:g}): every private "
+                                          "release will be refused",
+                       "raising the budget is a governance decision, not a fix to make lightly")
+    return ok("privacy", f"releases {', '.join(policy.releases)}; ε {spent:.4f} spent of {policy.epsilon:g}, "
+                         f"{policy.epsilon - spent:.4f} left at δ={policy.delta:g} ({policy.accountant.upper()}, "
+                         f"add/remove-one-image); min_images {policy.min_images}")

@@ -2,7 +2,8 @@
 
 The run YAML is validated with the loader the ServerApp uses and its profile's requirements checked
 (``profile.require_run``) before anything is written or sent; the SuperLink connection comes from its
-``superlink`` section (``flower_connection``: Flower 1.41 reads connections only from its config file).
+``superlink`` section and is added as ``tba-fed connect`` adds it (``flower_connection``: Flower 1.41 and 1.42
+read connections only from their config file).
 Then ``flwr run APP NAME --stream --run-config config-path=<absolute RUN.yaml>`` submits the app,
 and its output is relayed line by line.
 
@@ -25,17 +26,12 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
-
-import tomli_w
+from typing import TextIO
 
 from ..errors import TBAInputError, TBARunError
 from ..fileio import check_output_dir
-from .certificates import load_certificate
 from ..federation.config import load_federated_config
-from ..federation.flower_internals import flower_config_path
-from .flower_connection import check_name, connection_entry, ensure_connection, updated_config
-from .profile import require_run
+from .flower_connection import Connection, connect, describe_connection, run_connection
 from .processes import app_directory, executable, flower_env, stop_process, without_tracebacks
 
 _logger = logging.getLogger(__name__)
@@ -55,10 +51,7 @@ class Submission:
 
     config_path: Path           # absolute: the ServerApp reads it
     output: Path                # where the ServerApp writes report.json
-    connection: str
-    entry: dict[str, Any]       # the [superlink.NAME] table
-    flower_config: Path         # $FLWR_HOME/config.toml
-    adds_connection: bool       # whether that file lacks the connection (and will be rewritten)
+    link: Connection            # the SuperLink as a Flower connection (tba-fed connect)
     command: list[str]
     stream: bool
 
@@ -67,30 +60,21 @@ def plan_submission(config_path: Path, *, connection: str = CONNECTION, stream: 
     """Validate the run YAML and decide what to write and run; writes nothing. Bad input raises TBAInputError."""
     config_path = Path(config_path).resolve()
     config = load_federated_config(config_path)
-    superlink = require_run(config)
-    if superlink.certificates is not None:
-        load_certificate(superlink.certificates.ca_certfile, "superlink.certificates.ca_certfile")
+    link = run_connection(config, connection)
     if not config.output.is_absolute():
         raise TBAInputError("output", f"{config.output} is relative: the ServerApp would resolve it against its own "
                                       "working directory, not this one", "give an absolute path, e.g. "
                                                                          "/srv/tba-fed/server-out")
     check_output_dir(config.output, kind="compressed", overwrite=config.overwrite)  # refused now, not after sites spent budget
-    name = check_name(connection)
-    entry = connection_entry(superlink)
-    flower_config = flower_config_path()
-    adds = updated_config(flower_config, name, entry) is not None
     app = app_directory()
-    command = [executable("flwr"), "run", str(app), name, *(["--stream"] if stream else []),
+    command = [executable("flwr"), "run", str(app), link.name, *(["--stream"] if stream else []),
                "--run-config", f"config-path={json.dumps(str(config_path))}"]
-    return Submission(config_path, config.output, name, entry, flower_config, adds, command, stream)
+    return Submission(config_path, config.output, link, command, stream)
 
 
 def describe(sub: Submission) -> str:
     """What `submit` would write and run (``--print``)."""
-    table = tomli_w.dumps({"superlink": {sub.connection: sub.entry}}).strip()
-    where = (f"# adds to {sub.flower_config}:\n{table}" if sub.adds_connection
-             else f"# {sub.flower_config} already has the connection:\n{table}")
-    return f"{where}\n\n{shlex.join(sub.command)}"
+    return f"{describe_connection(sub.link)}\n\n{shlex.join(sub.command)}"
 
 
 def _relay(sub: Submission, out: TextIO, tracebacks: bool) -> tuple[int, int | None]:
@@ -112,12 +96,12 @@ def _relay(sub: Submission, out: TextIO, tracebacks: bool) -> tuple[int, int | N
             stop_process(process)
             if run_id is not None:
                 _logger.warning("stopped following run %d; it goes on at the SuperLink (flwr stop %d %s ends it)",
-                                run_id, run_id, sub.connection)
+                                run_id, run_id, sub.link.name)
 
 
 def run_status(sub: Submission, run_id: int) -> tuple[str, str]:
     """The run's status and its details as the SuperLink reports them (``flwr ls --run-id``)."""
-    done = subprocess.run([executable("flwr"), "ls", "--run-id", str(run_id), sub.connection, "--format", "json"],
+    done = subprocess.run([executable("flwr"), "ls", "--run-id", str(run_id), sub.link.name, "--format", "json"],
                           env=flower_env(), capture_output=True, text=True, timeout=120, check=False)
     try:
         run = json.loads(done.stdout)["runs"][0]
@@ -125,18 +109,18 @@ def run_status(sub: Submission, run_id: int) -> tuple[str, str]:
     except (ValueError, KeyError, IndexError, TypeError):
         raise SubmitError(f"could not ask the SuperLink for run {run_id}'s status (flwr ls exit code {done.returncode}: "
                           f"{(done.stdout + done.stderr).strip()[-500:]}); judge it by {sub.output}/report.json "
-                          f"and flwr ls {sub.connection}") from None
+                          f"and flwr ls {sub.link.name}") from None
 
 
 def submit(sub: Submission, out: TextIO, tracebacks: bool = False) -> int:
     """Add the connection if missing, submit the run and, when streaming, follow it to its end; 0 only if the
     SuperLink reports it completed and it wrote a new report. Raises SubmitError otherwise."""
-    ensure_connection(sub.flower_config, sub.connection, sub.entry)
+    connect(sub.link)
     started = time.time()
     code, run_id = _relay(sub, out, tracebacks)
     if run_id is None:
         raise SubmitError(f"flwr run did not start the run (exit code {code}); see its output above")
-    follow = f"flwr log {run_id} {sub.connection} --stream; flwr ls --run-id {run_id} {sub.connection}"
+    follow = f"flwr log {run_id} {sub.link.name} --stream; flwr ls --run-id {run_id} {sub.link.name}"
     if not sub.stream:
         _logger.info("run %d submitted; follow it: %s; its result: %s/report.json", run_id, follow, sub.output)
         return 0

@@ -199,7 +199,7 @@ class SiteConfig(_Section):
         if self.state is None and self.profile == "production":
             raise TBAInputError("state", "the production profile keeps a state directory: the secret that decides "
                                          "which images each release uses, and the marker that its ledger exists",
-                                "set state: /srv/tba-fed/<site>/state and run tba-fed site init SITE.yaml once")
+                                "run tba-fed site init DIR once: its site.yaml names the state it makes (docs/deployment.md §3)")
         return self
 
 

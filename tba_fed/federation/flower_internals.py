@@ -21,9 +21,10 @@ Why each is needed (Flower 1.42 offers no public way):
 - SuperNode keys (tests/test_preflight.py, test_deployment.py): the byte form the SuperLink stores and lists
   keys in, and the curves it accepts.
 - Flower's config file (tests/test_submit.py): where ``flwr`` reads connections, and its default content.
-- The Control API (tests/test_deployment.py, test_preflight.py): ``flwr supernode list --format json`` gives
-  no public keys, and tba-fed matches sites to nodes by key, so ``ListNodes``/``RegisterNode`` are called
-  through the client ``flwr`` itself uses.
+- The Control API (tests/test_deployment.py, test_preflight.py, test_site_kit.py): ``flwr supernode list
+  --format json`` gives no public keys, and tba-fed matches sites to nodes by key, so ``ListNodes``/
+  ``RegisterNode`` are called through the client ``flwr`` itself uses; ``tba-fed status`` lists runs with
+  ``ListRuns`` the same way, since ``flwr ls`` needs a connection written in the operator's config file.
 - SuperNode authentication (tests/test_profile.py, test_preflight.py): neither the Control API nor ``flwr``
   reports whether a SuperLink authenticates SuperNodes; only the Fleet API's answer to a self-registration
   shows it (:func:`accepts_self_registration`).
@@ -171,6 +172,16 @@ def control_register_node(address: str, ca_certfile: Path, public_key: ec.Ellipt
 
     with _control(address, ca_certfile) as client:
         return int(client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(public_key), name=name)).node_id)
+
+
+def control_list_runs(address: str, ca_certfile: Path) -> list[Any]:
+    """The Control API's ``ListRuns`` (what ``flwr ls`` shows, without needing a named connection in the
+    operator's config file): Run messages with ``run_id``, ``status.status``/``sub_status``/``details`` and
+    ``pending_at``. Raises ``httpx.HTTPStatusError``."""
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    with _control(address, ca_certfile) as client:
+        return list(client.ListRuns(ListRunsRequest()).run_dict.values())
 
 
 def fleet_client(address: str, ca_certfile: Path, private_key: ec.EllipticCurvePrivateKey,

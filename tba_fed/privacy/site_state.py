@@ -1,6 +1,6 @@
 """A deployed site's state directory: the secret behind its per-image decisions, and its ledger's anchor.
 
-Written once, by ``tba-fed site init SITE.yaml`` (`initialise`), and checked before every release
+Written once, by ``tba-fed site init DIR`` (`initialise`, in the site kit), and checked before every release
 (`open_state`):
 
 - ``split.key``: 32 random bytes that key the hash deciding which images are used and which are held
@@ -33,7 +33,7 @@ _logger = logging.getLogger(__name__)
 FORMAT = "tba-fed site state 1"
 MARKER = "site.json"
 KEY_FILE = "split.key"
-INIT = "run `tba-fed site init SITE.yaml` once on this machine"
+INIT = "run `tba-fed site init DIR` once on this machine (docs/deployment.md §3)"
 
 
 @dataclass(frozen=True)
