@@ -253,9 +253,10 @@ def run_submit(config: Path, print_only: bool, stream: bool, connection: str, tr
     return submit(submission, sys.stdout, tracebacks)
 
 
-def run_privacy_report(site_config: Path) -> None:
+def run_privacy_report(site_config: Path, html: Path | None = None) -> None:
     """A site's ledger and remaining budget, read from the site's own YAML (its policy names the ledger), composed
-    with the site's own accountant; a site with a state directory must find the ledger it was initialised with."""
+    with the site's own accountant; a site with a state directory must find the ledger it was initialised with.
+    `html`: also the site's report.html (budget, runs, audit log verified) at that path."""
     from .federation.config import load_site_config
     from .privacy.ledger import PrivacyLedger, ledger_report
     from .privacy.site_state import open_state
@@ -266,6 +267,11 @@ def run_privacy_report(site_config: Path) -> None:
     if site.state is not None:
         open_state(site.state, site.name, policy.ledger)
     print(ledger_report(PrivacyLedger(policy.ledger), policy.epsilon, policy.delta, policy.accountant))
+    if html is not None:
+        from .federation.site_report import write_site_page
+
+        write_site_page(site, html)
+        print(f"site report written to {html}")
 
 
 def run_site_init(site_config: Path) -> None:
@@ -384,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     privacy = p.add_subparsers(dest="privacy_command", required=True)
     p = privacy.add_parser("report", help="print the site's ledger and remaining (ε, δ) budget")
     p.add_argument("site_config", type=Path, help="the site's YAML (its privacy section names the ledger)")
+    p.add_argument("--html", type=Path, metavar="FILE.html",
+                   help="also write the site's report as one self-contained page: ε spent against the budget, every "
+                        "run and release, the audit log verified (a file tba-fed did not write is never replaced)")
     p = sub.add_parser("site", help="a site's own state on its machine")
     site = p.add_subparsers(dest="site_command", required=True)
     p = site.add_parser("init", help="once per site: create its state directory (the secret that decides which images "
@@ -425,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": lambda: run_demo(args.output, args.verbose),
         "experiment": lambda: run_experiment_command(args.config, args.output),
         "simulate": lambda: run_simulate(args.config, args.verbose),
-        "privacy": lambda: run_privacy_report(args.site_config),
+        "privacy": lambda: run_privacy_report(args.site_config, args.html),
         "site": lambda: run_site_init(args.site_config),
         "audit": lambda: run_audit(args.audit_command, args.log, getattr(args, "against", None), getattr(args, "head", None)),
         "export": lambda: run_export(args.compressed, args.output, args.format, args.overwrite),
