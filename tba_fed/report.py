@@ -38,8 +38,8 @@ def similarity_figure(stats: SimilarityStats, metric: str = "mse", plan: Sequenc
     image = ax.imshow(np.log10(np.clip(values, 1e-6, None)) if metric == "mse" else values, cmap="viridis_r")
     for s, e in plan:
         ax.add_patch(Rectangle((e - 0.5, s - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-        ax.annotate(f"{s}->{e}", (e, s - 0.5), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
-                    color="red", fontsize=8, fontweight="bold")
+        ax.text(e, s, f"{s}->{e}", ha="center", va="center", color="red", fontsize=7, fontweight="bold",
+                bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})
     ax.set_xlabel("target block e")
     ax.set_ylabel("source block s")
     ax.set_title(f"{'log10 ' if metric == 'mse' else ''}{metric} of span s->e"
