@@ -75,7 +75,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                    help="timm create_model override, e.g. img_size=64 or depth=6 (repeatable)")
     g = parser.add_argument_group("data")
     g.add_argument("--data", metavar="SOURCE|PATH",
-                   help="synthetic, fashion_mnist, an image folder (one sub-folder per class) or a MedMNIST .npz file")
+                   help="synthetic, fashion_mnist, an image folder (one sub-folder per class), a MedMNIST .npz file, "
+                        "or SOURCE:PATH for a source with a path: cifar10:ROOT, cifar100:ROOT (torchvision's python "
+                        "version in ROOT), medmnist:FILE, image_folder:DIR")
     g.add_argument("--num-images", dest="data.num_images", type=int, metavar="N",
                    help="a seeded random subset of N images of the source (default 500; synthetic: images generated)")
     g.add_argument("--sample-rate", dest="data.sample_rate", type=float, metavar="P",
@@ -94,12 +96,20 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                         "anything else)")
 
 
+PATH_SOURCES = ("cifar10", "cifar100", "medmnist", "image_folder")  # --data SOURCE:PATH
+
+
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     from .config import RunConfig, load_config
 
     overrides = {k: v for k, v in vars(args).items() if "." in k or k in RunConfig.model_fields}
+    source, colon, path = (args.data or "").partition(":")
     if args.data in ("synthetic", "fashion_mnist"):
         overrides["data.source"] = args.data
+    elif colon and source in PATH_SOURCES:
+        if not path:
+            raise TBAInputError("--data", f"{args.data!r} names no path", f"e.g. --data {source}:/data/{source}")
+        overrides.update({"data.source": source, "data.path": path})
     elif args.data is not None:
         source = "medmnist" if args.data.endswith(".npz") else "image_folder"
         overrides.update({"data.source": source, "data.path": args.data})
