@@ -15,8 +15,6 @@ from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from typing import Any
 
-import jinja2
-
 from .plan import parse_plan
 from .stats import SimilarityStats
 
@@ -34,7 +32,9 @@ def _num(value: Any, spec: str = ".4g") -> str:
     return format(value, spec)
 
 
-def _environment() -> jinja2.Environment:
+def _environment() -> Any:
+    import jinja2  # on first render: loading a compressed model needs no templates
+
     env = jinja2.Environment(loader=jinja2.PackageLoader("tba_fed", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _num
