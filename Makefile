@@ -5,7 +5,7 @@ export TBA_FED_VENV := $(VENV)
 
 .PHONY: setup demo lint test test-fast
 setup:
-	@bash scripts/setup.sh
+	@bash scripts/setup.sh $(SETUP_FLAGS)
 
 demo: setup
 	$(VENV)/bin/tba-fed demo
@@ -14,6 +14,9 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# The whole suite includes the browser test: its set-up also installs headless Chromium (a prerequisite's
+# target-specific variable: setup runs once, with the flag).
+test: SETUP_FLAGS := --browser
 test: lint
 	$(VENV)/bin/python -m pytest -q
 

@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Idempotent set-up: virtual environment, tba-fed with its dependencies, offline assets.
 # A second run only checks a stamp keyed on pyproject.toml and the asset cache: a few seconds.
+# --browser (what `make test` passes): also headless Chromium, for the slow tier's browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+browser=0
+for arg in "$@"; do
+  case "$arg" in
+    --browser) browser=1 ;;
+    *) echo "setup.sh: unknown option $arg (known: --browser)" >&2; exit 2 ;;
+  esac
+done
 VENV=${TBA_FED_VENV:-.venv}
 STAMP="$VENV/.tba-fed-installed"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
@@ -31,12 +39,21 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$want" ]]; then
   echo "$want" > "$STAMP"
 fi
 
-# Real labelled images: Fashion-MNIST from Debian (IDX files in /usr/share/datasets/fashion-mnist).
-if [[ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]]; then
-  sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
+apt_install() {  # Debian packages, as root or through sudo; the package lists are refreshed only if needed
+  local sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+  $sudo apt-get install -y -q "$@" >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "$@" >/dev/null; }
+}
+
+# Real labelled images: Fashion-MNIST from Debian (IDX files in /usr/share/datasets/fashion-mnist).
+[[ -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]] || apt_install dataset-fashion-mnist
+
+# Headless Chromium for the test tier only: tests/test_report_html.py opens report.html in a real browser and
+# fails on any console error or outside request (a page an operator opens must render offline, cleanly). Debian's
+# package (~100 MB with its libraries), so `make demo` and `make test-fast`, which need no browser, skip it.
+if [[ $browser == 1 ]] && ! command -v chromium >/dev/null; then
+  apt_install chromium
 fi
 
 # Offline assets (cached outside the repo in $TBA_FED_CACHE, default ~/.cache/tba-fed): the real

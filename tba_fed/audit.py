@@ -90,6 +90,11 @@ class AuditCheck:
     def ok(self) -> bool:
         return not self.problems
 
+    def summary(self) -> dict[str, Any]:
+        """What a report states of the log: where, how many entries, the head, whether and why it does not verify."""
+        return {"path": str(self.path), "entries": len(self.entries), "head": self.head, "ok": self.ok,
+                "problems": [str(p) for p in self.problems]}
+
 
 def check_chain(path: Path, *, head: str | None = None) -> AuditCheck:
     """Read `path` and check every link; `head` (a hash recorded earlier) must be one of its entries.

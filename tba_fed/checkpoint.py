@@ -32,6 +32,7 @@ from .models import create_model
 from .plan import Span, parse_plan
 from .pipeline import Compression
 from .report import compression_dict, compression_markdown, write_similarity
+from .report_html import REPORT_HTML, run_page
 from .solver import LinearMap
 from .stats import SimilarityStats, check_arrays
 
@@ -81,7 +82,8 @@ def save_compressed(result: Compression, path: str | Path, *, overwrite: bool = 
     maps = {span: fit.map for span, fit in result.fits.items()}
     return write_compressed(
         path, maps, manifest(report, maps), overwrite=overwrite,
-        files={"report.json": json.dumps(report, indent=2) + "\n", "report.md": compression_markdown(report)},
+        files={"report.json": json.dumps(report, indent=2) + "\n", "report.md": compression_markdown(report),
+               REPORT_HTML: run_page(report, similarity)},
         extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)),
     )
 

@@ -75,7 +75,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                    help="timm create_model override, e.g. img_size=64 or depth=6 (repeatable)")
     g = parser.add_argument_group("data")
     g.add_argument("--data", metavar="SOURCE|PATH",
-                   help="synthetic, fashion_mnist, an image folder (one sub-folder per class) or a MedMNIST .npz file")
+                   help="synthetic, fashion_mnist, an image folder (one sub-folder per class), a MedMNIST .npz file, "
+                        "or SOURCE:PATH for a source with a path: cifar10:ROOT, cifar100:ROOT (torchvision's python "
+                        "version in ROOT), medmnist:FILE, image_folder:DIR")
     g.add_argument("--num-images", dest="data.num_images", type=int, metavar="N",
                    help="a seeded random subset of N images of the source (default 500; synthetic: images generated)")
     g.add_argument("--sample-rate", dest="data.sample_rate", type=float, metavar="P",
@@ -94,10 +96,18 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                         "anything else)")
 
 
+PATH_SOURCES = ("cifar10", "cifar100", "medmnist", "image_folder")  # --data SOURCE:PATH
+
+
 def _data_source(data: str) -> dict[str, str]:
-    """--data: a source by name, a MedMNIST .npz file, or an image folder (one sub-folder per class)."""
+    """--data: a source by name, SOURCE:PATH, a MedMNIST .npz file, or an image folder (one sub-folder per class)."""
+    source, colon, path = data.partition(":")
     if data in ("synthetic", "fashion_mnist"):
         return {"source": data}
+    if colon and source in PATH_SOURCES:
+        if not path:
+            raise TBAInputError("--data", f"{data!r} names no path", f"e.g. --data {source}:/data/{source}")
+        return {"source": source, "path": path}
     return {"source": "medmnist" if data.endswith(".npz") else "image_folder", "path": data}
 
 
@@ -179,13 +189,22 @@ def run_demo(output: Path, tracebacks: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="tba-fed-demo-") as tmp:  # simulate hands Flower its own copy
         path = Path(tmp) / "demo-federated.yaml"
         path.write_text(yaml.safe_dump(federated, sort_keys=False))
-        _, folder = simulate(path, out=sys.stdout, tracebacks=tracebacks)
+        report, folder = simulate(path, out=sys.stdout, tracebacks=tracebacks)
     print((folder / "report.md").read_text())
     table_folder = run_experiment(table)
     print((table_folder / "table.md").read_text())
-    print(f"federated run (3 simulated sites): compressed model and report in {folder}/ (report.md)\n"
+    print(f"federated run (3 simulated sites): compressed model and report in {folder}/ (report.md, report.html)\n"
           f"short Table-1 run: {table_folder}/table.md (full protocol: tba-fed experiment "
-          f"configs/table1-dinov2-fashion-mnist.yaml)")
+          f"configs/table1-dinov2-fashion-mnist.yaml)\n" + demo_accuracy_note(report["evaluation"]["probe_images"],
+                                                                              table.probe_train_images))
+
+
+def demo_accuracy_note(federated_probe_images: int, table_probe_images: int) -> str:
+    """Why the demo's two accuracies differ (measured by studies/probe_size.py, docs/results.md)."""
+    return (f"The two accuracies differ because the federated probe is fitted on only {federated_probe_images} "
+            f"calibration images for DINOv2-S's 384 features, near where a least-squares probe generalises worst, "
+            f"while Table 1's is fitted on {table_probe_images} images: the same probe on the original model scores "
+            f"0.49 with 482 images and 0.77 with 1,000 (docs/results.md).")
 
 
 def run_experiment_command(path: Path, output: Path | None) -> None:
@@ -257,9 +276,10 @@ def run_submit(config: Path, print_only: bool, stream: bool, connection: str, tr
     return submit(submission, sys.stdout, tracebacks)
 
 
-def run_privacy_report(site_config: Path) -> None:
+def run_privacy_report(site_config: Path, html: Path | None = None) -> None:
     """A site's ledger and remaining budget, read from the site's own YAML (its policy names the ledger), composed
-    with the site's own accountant; a site with a state directory must find the ledger it was initialised with."""
+    with the site's own accountant; a site with a state directory must find the ledger it was initialised with.
+    `html`: also the site's report.html (budget, runs, audit log verified) at that path."""
     from .federation.config import load_site_config
     from .privacy.ledger import PrivacyLedger, ledger_report
     from .privacy.site_state import open_state
@@ -270,6 +290,11 @@ def run_privacy_report(site_config: Path) -> None:
     if site.state is not None:
         open_state(site.state, site.name, policy.ledger)
     print(ledger_report(PrivacyLedger(policy.ledger), policy.epsilon, policy.delta, policy.accountant))
+    if html is not None:
+        from .federation.site_report import write_site_page
+
+        write_site_page(site, html)
+        print(f"site report written to {html}")
 
 
 def run_site_init(args: argparse.Namespace) -> None:
@@ -428,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     privacy = p.add_subparsers(dest="privacy_command", required=True)
     p = privacy.add_parser("report", help="print the site's ledger and remaining (ε, δ) budget")
     p.add_argument("site_config", type=Path, help="the site's YAML (its privacy section names the ledger)")
+    p.add_argument("--html", type=Path, metavar="FILE.html",
+                   help="also write the site's report as one self-contained page: ε spent against the budget, every "
+                        "run and release, the audit log verified (a file tba-fed did not write is never replaced)")
     p = sub.add_parser("site", help="a site's own state on its machine")
     site = p.add_subparsers(dest="site_command", required=True)
     p = site.add_parser("init", help="once per site, at the site: a kit in DIR with the site's own key pair (the "
@@ -505,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": lambda: run_demo(args.output, args.verbose),
         "experiment": lambda: run_experiment_command(args.config, args.output),
         "simulate": lambda: run_simulate(args.config, args.verbose),
-        "privacy": lambda: run_privacy_report(args.site_config),
+        "privacy": lambda: run_privacy_report(args.site_config, args.html),
         "site": lambda: run_site_init(args),
         "connect": lambda: run_connect(args.config, args.connection, args.print_only),
         "status": lambda: run_status(args.config),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,20 +25,34 @@ def similarity_markdown(stats: SimilarityStats, metric: str = "mse") -> str:
     return "\n".join(lines) + "\n"
 
 
-def similarity_heatmap(stats: SimilarityStats, path: Path, metric: str = "mse") -> None:
+def similarity_figure(stats: SimilarityStats, metric: str = "mse", plan: Sequence[tuple[int, int]] = ()):
+    """The heatmap of every span's cost (log10 for mse); the plan's spans, if given, outlined and labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     values = stats.metric(metric)
     fig, ax = plt.subplots(figsize=(6, 5))
     image = ax.imshow(np.log10(np.clip(values, 1e-6, None)) if metric == "mse" else values, cmap="viridis_r")
+    for s, e in plan:
+        ax.add_patch(Rectangle((e - 0.5, s - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+        ax.text(e, s, f"{s}->{e}", ha="center", va="center", color="red", fontsize=7, fontweight="bold",
+                bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})
     ax.set_xlabel("target block e")
     ax.set_ylabel("source block s")
-    ax.set_title(f"{'log10 ' if metric == 'mse' else ''}{metric} of span s->e")
+    ax.set_title(f"{'log10 ' if metric == 'mse' else ''}{metric} of span s->e"
+                 + (" (chosen plan outlined)" if plan else ""))
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
+    return fig
+
+
+def similarity_heatmap(stats: SimilarityStats, path: Path, metric: str = "mse") -> None:
+    import matplotlib.pyplot as plt
+
+    fig = similarity_figure(stats, metric)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -640,7 +640,7 @@ def test_overwrite_replaces_only_tba_feds_own_earlier_output(earlier, tmp_path, 
     marker = json.loads((earlier / MARKER).read_text())
     assert marker["format"] == "tba-fed/compressed/1"
     assert marker["files"] == {p.name: file_sha256(p) for p in earlier.iterdir() if p.name != MARKER}
-    assert sorted(marker["files"]) == ["manifest.yaml", "maps.safetensors", "report.json", "report.md"]
+    assert sorted(marker["files"]) == ["manifest.yaml", "maps.safetensors", "report.html", "report.json", "report.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "patient_notes.csv"]
     _no_temporaries(tmp_path)
 

@@ -72,8 +72,8 @@ def test_save_load_is_bitwise_identical(tmp_path, tiny_config):
     model = create_model(tiny_config)
     result = calibrate(model, "0->1, 2->4", loader(), loader(8, seed=1), identity="0->1", source=tiny_config)
     out = save_compressed(result, tmp_path / "compressed")
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.yaml", "maps.safetensors", "report.json", "report.md",
-                                                     "tba-fed-output.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.yaml", "maps.safetensors", "report.html", "report.json",
+                                                     "report.md", "tba-fed-output.json"]
     loaded = load_compressed(out)
     images = next(iter(loader(8, seed=4)))[0]
     with torch.no_grad():

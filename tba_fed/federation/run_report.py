@@ -7,11 +7,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..audit import check_chain
 from ..checkpoint import manifest, write_compressed
 from ..errors import one_line
 from ..plan import Span
 from ..privacy.solve import compare_priors
 from ..report import compression_markdown, write_similarity
+from ..report_html import REPORT_HTML, run_page
 from ..solver import LinearMap
 from ..stats import SimilarityStats, SpanStats
 from .releases import SolverInputs
@@ -97,14 +99,16 @@ def prior_comparison(inputs: SolverInputs, draws: Mapping[Span, Sequence[SpanSta
 
 
 def write_run(output: Path, overwrite: bool, maps: Mapping[Span, LinearMap], report: dict[str, Any], profile: str,
-              superlink_checks: list[str] | None, similarity: SimilarityStats | None) -> str:
-    """The compressed model, report.json and report.md (with the similarity plot of a budget run); returns the
-    report's JSON."""
+              superlink_checks: list[str] | None, similarity: SimilarityStats | None, audit_log: Path | None = None) -> str:
+    """The compressed model, report.json, report.md and report.html (with the similarity plot of a budget run, and
+    the server's audit log as verified now); returns the report's JSON."""
     report_json = json.dumps(report, indent=2) + "\n"
     markdown = compression_markdown(report) + privacy_markdown(report) \
         + (evaluation_markdown(report["evaluation"]) if "evaluation" in report else "") \
         + federation_markdown(report["federation"], profile, superlink_checks)
+    audit = check_chain(audit_log).summary() if audit_log is not None and audit_log.is_file() else None
+    html = run_page(report, similarity, audit, superlink_checks or ())
     write_compressed(output, maps, manifest(report, maps), overwrite=overwrite,
-                     files={"report.json": report_json, "report.md": markdown},
+                     files={"report.json": report_json, "report.md": markdown, REPORT_HTML: html},
                      extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)))
     return report_json

@@ -125,7 +125,8 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
     if config.evaluation.enabled:
         report["evaluation"] = evaluate(rounds, config, release, base, maps, int(model.num_features))
     report["federation"] = {"sites_connected": rounds.connected, "maps_sha256": expected, "rounds": rounds.report()}
-    report_json = write_run(config.output, config.overwrite, maps, report, config.profile, superlink_checks, similarity)
+    report_json = write_run(config.output, config.overwrite, maps, report, config.profile, superlink_checks, similarity,
+                            config.audit_log)
     audit.result(expected, config.output, report_json)
     _logger.info("federated run complete: %s written", config.output)
     return report
