@@ -248,7 +248,8 @@ def test_data_problems(setup):
                         "(fix: remove or replace the file)"]
     missing = tmp / "no-such-folder"
     assert _problems(_variant(setup, "missing", "site", **{"data.path": str(missing)})) == [
-        f"PROBLEM data.path: {missing} is not a directory (fix: give a folder with one sub-folder of images per class)"]
+        f"PROBLEM data.path: {missing} is not a directory (fix: give a folder with one sub-folder of images per class, "
+        "or a flat folder of images (unlabeled))"]
 
 
 def test_checksum_mismatch_at_preflight_and_at_load(setup):
