@@ -10,9 +10,10 @@ Every image is made here: 16-bit PNG and 8-bit images by Pillow, TIFF by tifffil
 | a .dcm file that is not DICOM                            | data.path: is not a DICOM file                        |
 | a truncated 16-bit PNG                                   | data.path: cannot be read as an image                 |
 | a 16-bit colour PNG (Pillow would keep 8 of its bits)    | data.path: is a 16-bit colour PNG                     |
-| a multi-page TIFF                                        | data.path: holds N pages                              |
+| a multi-page TIFF, an animated PNG                       | data.path: holds N pages / frames                     |
 | images beside class folders                              | data.path: both in class folders and beside them      |
 | the probe on unlabeled images                            | data.path: the images have no labels                  |
+| a non-IID partition of unlabeled images                  | federation.partition.scheme                           |
 | 8-bit beside 16-bit, DICOM beside PNG (preflight)        | PROBLEM data.images: mixed encodings                  |
 """
 
@@ -33,6 +34,7 @@ from tba_fed import ModelConfig, create_model
 from tba_fed.config import DataConfig
 from tba_fed.data import UNLABELED, build_dataset, calibration_split, data_config, make_loader
 from tba_fed.images import read_image
+from tba_fed.partition import partition
 from tba_fed.privacy.site_state import initialise
 from tba_fed.probe import ProbeStats
 from tba_fed.selection import development_key
@@ -223,6 +225,12 @@ def _multi_page_tiff(folder):
     return folder / "stack.tif"
 
 
+def _animated_png(folder):
+    frames = [Image.fromarray(np.full((8, 8), 40 * i, np.uint8)) for i in range(3)]
+    frames[0].save(folder / "cine.png", save_all=True, append_images=frames[1:])
+    return folder / "cine.png"
+
+
 @pytest.mark.parametrize("make,message,fix", [
     (_multi_frame, "holds 3 frames: one image per file is read", "split it into one file per frame, or remove it"),
     (_jpeg_ls, "is compressed (JPEG-LS Lossless Image Compression) and no installed decoder reads it",
@@ -233,8 +241,9 @@ def _multi_page_tiff(folder):
     (_colour_png_16, "is a 16-bit colour PNG: Pillow would keep only its high 8 bits",
      "save it as a 16-bit colour TIFF, or as 16-bit grayscale if its channels are equal"),
     (_multi_page_tiff, "holds 2 pages: one image per file is read", "split it into one file per page, or remove it"),
+    (_animated_png, "holds 3 frames: one image per file is read", "split it into one file per frame, or remove it"),
 ], ids=["multi-frame-dicom", "jpeg-ls-without-decoder", "not-dicom", "truncated-png", "16-bit-colour-png",
-        "multi-page-tiff"])
+        "multi-page-tiff", "animated-png"])
 def test_bad_medical_files_stop_compress_in_one_line(tmp_path, capsys, make, message, fix):
     if message.endswith("("):  # the decoder's own reason follows: check the line's shape around it
         folder = tmp_path / "images" / "a"
@@ -266,6 +275,15 @@ def test_a_flat_folder_calibrates_without_labels(tmp_path, capsys, model):
     _, labels = next(iter(make_loader(calibration, config)))
     with refused("data.path", fix="put the images in one sub-folder per class to measure accuracy"):
         ProbeStats.zeros(4, 5).update(torch.zeros(len(labels), 4), labels)
+
+
+def test_a_non_iid_partition_of_unlabeled_images_is_refused():
+    """Dirichlet and shard partitions split by label: unlabeled images have none (iid needs none)."""
+    unlabeled = np.full(12, UNLABELED)
+    assert [len(p) for p in partition(unlabeled, 3, scheme="iid")] == [4, 4, 4]
+    for scheme in ("dirichlet", "shards"):
+        with refused("federation.partition.scheme", fix="use scheme iid, or put the images in one sub-folder per class"):
+            partition(unlabeled, 3, scheme=scheme)
 
 
 def test_images_beside_class_folders_are_refused(tmp_path, model):
