@@ -4,15 +4,18 @@
 Deeper ones become float tensors [3, H, W] in [0, 1], each image scaled by the range its own file declares
 (never by what other images hold, so one image's preprocessing does not depend on which others exist):
 
-- 16-bit PNG and TIFF: by the container's full scale, 65535. A 12-bit image stored in 16 bits (values up to
+- 16-bit PNG and TIFF, gray or colour: by the container's full scale, 65535. A 12-bit image stored in 16 bits (values up to
   4095) therefore reaches at most 4095/65535 ≈ 0.06; preflight reports the values found against the full scale.
 - DICOM (``.dcm``/``.dicom``, through pydicom): RescaleSlope/RescaleIntercept applied, then scaled by the range
   BitsStored and PixelRepresentation allow, mapped through the same rescale (for CT, e.g. -1024..3071 HU). A
   window (WindowCenter/WindowWidth) is a display choice that clips, so it is not used. MONOCHROME1 is inverted.
 
-Refused, one line naming the file: undecodable files, several frames or pages in one file, 16-bit colour PNG
-(Pillow keeps only its high 8 bits), 32-bit and floating-point pixels (no defined full scale), DICOM without
-pixel data, with a palette or a modality LUT, or compressed with a transfer syntax no installed decoder reads.
+16-bit colour (and gray with alpha) is decoded by imagecodecs (PNG) or tifffile (TIFF): Pillow keeps only its
+high 8 bits. Alpha is dropped, as Pillow's RGB conversion drops it for 8-bit images.
+
+Refused, one line naming the file: undecodable files, several frames or pages in one file, 32-bit, signed and
+floating-point pixels (no defined full scale), DICOM without pixel data, with a palette or a modality LUT, or
+compressed with a transfer syntax no installed decoder reads.
 """
 
 from __future__ import annotations
@@ -89,20 +92,11 @@ def _single(path: str, count: int, what: str) -> None:
 def _raster(path: str, image: Image.Image) -> tuple[Image.Image | torch.Tensor, ImageInfo]:
     fmt = image.format or Path(path).suffix.lstrip(".").upper()
     _single(path, getattr(image, "n_frames", 1), "pages" if fmt == "TIFF" else "frames")
-    deep_colour = image.mode in ("RGB", "RGBA") and any(";16" in str(tile.args) for tile in image.tile)
+    deep = image.mode in ("RGB", "RGBA", "LA") and any(";16" in str(tile.args) for tile in image.tile)
     if image.mode in _SIXTEEN_BIT_GRAY:
         pixels = np.asarray(image).astype(np.float32)
-    elif deep_colour and fmt == "TIFF":
-        import tifffile  # Pillow reads only the high 8 bits of 16-bit colour TIFF
-
-        try:
-            pixels = tifffile.imread(path)[..., :3].astype(np.float32)
-        except (ValueError, NotImplementedError, KeyError) as err:  # e.g. a compression tifffile needs imagecodecs for
-            raise _refuse(path, f"is a 16-bit colour TIFF tifffile cannot decode ({err})",
-                          "save it uncompressed or deflate-compressed") from None
-    elif deep_colour:
-        raise _refuse(path, f"is a 16-bit colour {fmt}: Pillow would keep only its high 8 bits",
-                      "save it as a 16-bit colour TIFF, or as 16-bit grayscale if its channels are equal")
+    elif deep:  # 16-bit colour, or gray with alpha: Pillow would keep only the high 8 bits
+        pixels = _sixteen_bit(path, fmt)
     elif image.mode in ("I", "F") or image.mode.startswith("I;"):
         raise _refuse(path, f"has {image.mode} pixels (32-bit or floating point, or signed): no full scale to map to "
                             "[0, 1]", "save it as 8- or 16-bit unsigned integers")
@@ -114,6 +108,27 @@ def _raster(path: str, image: Image.Image) -> tuple[Image.Image | torch.Tensor, 
         return rgb, info
     info = ImageInfo(fmt, 16, 1 if pixels.ndim == 2 else 3, float(pixels.min()), float(pixels.max()), (0.0, 65535.0))
     return _tensor(pixels / 65535.0), info
+
+
+def _sixteen_bit(path: str, fmt: str) -> np.ndarray:
+    """A 16-bit image Pillow cannot hold (colour, or gray with alpha) as floats [H, W] or [H, W, 3], alpha
+    dropped as Pillow's RGB conversion drops it: PNG through imagecodecs (libpng), TIFF through tifffile."""
+    import imagecodecs
+    import tifffile
+
+    if fmt not in ("PNG", "TIFF"):
+        raise _refuse(path, f"is a 16-bit colour {fmt}, read only as PNG or TIFF", "save it as a 16-bit PNG or TIFF")
+    try:
+        pixels = tifffile.imread(path) if fmt == "TIFF" else imagecodecs.png_decode(Path(path).read_bytes())
+    except (ValueError, RuntimeError, NotImplementedError, KeyError) as err:  # e.g. a TIFF compression without codec
+        raise _refuse(path, f"is a 16-bit {fmt} that cannot be decoded ({str(err).splitlines()[0]})",
+                      "save it uncompressed or deflate-compressed") from None
+    if pixels.dtype != np.uint16 or pixels.ndim not in (2, 3):
+        raise _refuse(path, f"decodes to {pixels.dtype} pixels of shape {pixels.shape}, not a 16-bit image",
+                      "save it as 8- or 16-bit gray or RGB")
+    if pixels.ndim == 3:
+        pixels = pixels[..., 0] if pixels.shape[-1] == 2 else pixels[..., :3]
+    return pixels.astype(np.float32)
 
 
 def _tensor(pixels: np.ndarray) -> torch.Tensor:

@@ -9,7 +9,7 @@ Every image is made here: 16-bit PNG and 8-bit images by Pillow, TIFF by tifffil
 | a DICOM compressed with JPEG-LS (no decoder installed)   | data.path: compressed (JPEG-LS Lossless ...)          |
 | a .dcm file that is not DICOM                            | data.path: is not a DICOM file                        |
 | a truncated 16-bit PNG                                   | data.path: cannot be read as an image                 |
-| a 16-bit colour PNG (Pillow would keep 8 of its bits)    | data.path: is a 16-bit colour PNG                     |
+| a truncated 16-bit colour PNG                            | data.path: is a 16-bit PNG that cannot be decoded     |
 | a multi-page TIFF, an animated PNG                       | data.path: holds N pages / frames                     |
 | images beside class folders                              | data.path: both in class folders and beside them      |
 | the probe on unlabeled images                            | data.path: the images have no labels                  |
@@ -18,6 +18,9 @@ Every image is made here: 16-bit PNG and 8-bit images by Pillow, TIFF by tifffil
 """
 
 from __future__ import annotations
+
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -121,6 +124,18 @@ def test_16_bit_tiff_gray_and_colour(tmp_path):
     assert torch.equal(read, torch.from_numpy(colour.astype(np.float32) / 65535.0).permute(2, 0, 1))
 
 
+@pytest.mark.parametrize("channels", [2, 3, 4], ids=["gray-alpha", "rgb", "rgba"])
+def test_16_bit_colour_and_gray_alpha_png(tmp_path, channels):
+    """Pillow opens these as 8-bit images (their high bytes); they are read with all 16 bits, alpha dropped."""
+    pixels = np.stack([twelve_bit(s) * 16 + s for s in range(channels)], axis=-1)
+    path = png16(tmp_path / "scan.png", pixels)
+    assert Image.open(path).mode in ("LA", "RGB", "RGBA")  # what Pillow alone would have kept: 8 bits
+    expected = pixels[..., 0] if channels == 2 else pixels[..., :3]
+    expected = torch.from_numpy(expected.astype(np.float32) / 65535.0)
+    read = read_image(str(path))
+    assert torch.equal(read, expected.expand(3, *expected.shape) if channels == 2 else expected.permute(2, 0, 1))
+
+
 def test_8_bit_images_are_read_as_before(tmp_path, model):
     """8-bit RGB and gray PNG: the Pillow RGB image timm's transform always received, so the same tensors."""
     rng = np.random.default_rng(5)
@@ -207,17 +222,24 @@ def _truncated_png(folder):
     return folder / "cut.png"
 
 
-def _colour_png_16(folder):
-    import struct
-    import zlib
-    rows = twelve_bit(3, (6, 15)).astype(">u2").reshape(6, 5, 3)  # 5 x 6 px of 16-bit RGB, written by hand:
-    raw = b"".join(b"\0" + row.tobytes() for row in rows)  # Pillow cannot write 16-bit colour PNG
+def png16(path, pixels: np.ndarray):
+    """A 16-bit PNG written by hand (gray, gray+alpha, RGB or RGBA): Pillow cannot write 16-bit colour."""
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    height, width, channels = pixels.shape
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)  # filter type 0 on every row
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    (folder / "rgb16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 5, 6, 16, 2, 0, 0, 0))
-                                       + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
-    return folder / "rgb16.png"
+    header = struct.pack(">IIBBBBB", width, height, 16, {1: 0, 2: 4, 3: 2, 4: 6}[channels], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _truncated_colour_png_16(folder):
+    path = png16(folder / "rgb16.png", np.stack([twelve_bit(s, (60, 50)) * 16 for s in (1, 2, 3)], axis=-1))
+    path.write_bytes(path.read_bytes()[:2000])
+    return path
 
 
 def _multi_page_tiff(folder):
@@ -238,11 +260,10 @@ def _animated_png(folder):
      "numpy and pyjpegls>=1.2"),
     (_not_dicom, "is not a DICOM file (", REPLACE),
     (_truncated_png, "cannot be read as an image (", REPLACE),
-    (_colour_png_16, "is a 16-bit colour PNG: Pillow would keep only its high 8 bits",
-     "save it as a 16-bit colour TIFF, or as 16-bit grayscale if its channels are equal"),
+    (_truncated_colour_png_16, "is a 16-bit PNG that cannot be decoded (", "save it uncompressed or deflate-compressed"),
     (_multi_page_tiff, "holds 2 pages: one image per file is read", "split it into one file per page, or remove it"),
     (_animated_png, "holds 3 frames: one image per file is read", "split it into one file per frame, or remove it"),
-], ids=["multi-frame-dicom", "jpeg-ls-without-decoder", "not-dicom", "truncated-png", "16-bit-colour-png",
+], ids=["multi-frame-dicom", "jpeg-ls-without-decoder", "not-dicom", "truncated-png", "truncated-16-bit-colour-png",
         "multi-page-tiff", "animated-png"])
 def test_bad_medical_files_stop_compress_in_one_line(tmp_path, capsys, make, message, fix):
     if message.endswith("("):  # the decoder's own reason follows: check the line's shape around it
