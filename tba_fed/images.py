@@ -4,8 +4,9 @@
 Deeper ones become float tensors [3, H, W] in [0, 1], each image scaled by the range its own file declares
 (never by what other images hold, so one image's preprocessing does not depend on which others exist):
 
-- 16-bit PNG and TIFF, gray or colour: by the container's full scale, 65535. A 12-bit image stored in 16 bits (values up to
-  4095) therefore reaches at most 4095/65535 ≈ 0.06; preflight reports the values found against the full scale.
+- 16-bit PNG and TIFF, gray or colour: by the container's full scale, 65535. A 12-bit image stored in 16 bits
+  (values up to 4095) therefore reaches at most 4095/65535 ≈ 0.06; preflight reports the values found against
+  the full scale.
 - DICOM (``.dcm``/``.dicom``, through pydicom): RescaleSlope/RescaleIntercept applied, then scaled by the range
   BitsStored and PixelRepresentation allow, mapped through the same rescale (for CT, e.g. -1024..3071 HU). A
   window (WindowCenter/WindowWidth) is a display choice that clips, so it is not used. MONOCHROME1 is inverted.
@@ -62,16 +63,17 @@ class ImageInfo:
 
 def read_image(path: str) -> Image.Image | torch.Tensor:
     """The loader of image folders: an 8-bit image as a Pillow RGB image, a deeper one as floats in [0, 1]."""
-    return decode(path)[0]
+    return decode(path, measure=False)[0]
 
 
-def decode(path: str) -> tuple[Image.Image | torch.Tensor, ImageInfo]:
-    """The image's pixels for the model's transform, and what was found; any decoding failure names the file."""
+def decode(path: str, *, measure: bool = True) -> tuple[Image.Image | torch.Tensor, ImageInfo]:
+    """The image's pixels for the model's transform, and what was found; any decoding failure names the file.
+    Without `measure`, an 8-bit image's values are not scanned (low and high are NaN): the loader's fast path."""
     try:
         if Path(path).suffix.lower() in DICOM_SUFFIXES:
             return _dicom(path)
         with Image.open(path) as image:
-            return _raster(path, image)
+            return _raster(path, image, measure)
     except TBAInputError:  # a ValueError too: already names the file
         raise
     except (OSError, ValueError, EOFError, Image.DecompressionBombError) as err:
@@ -89,7 +91,7 @@ def _single(path: str, count: int, what: str) -> None:
                       f"split it into one file per {what[:-1]}, or remove it")
 
 
-def _raster(path: str, image: Image.Image) -> tuple[Image.Image | torch.Tensor, ImageInfo]:
+def _raster(path: str, image: Image.Image, measure: bool) -> tuple[Image.Image | torch.Tensor, ImageInfo]:
     fmt = image.format or Path(path).suffix.lstrip(".").upper()
     _single(path, getattr(image, "n_frames", 1), "pages" if fmt == "TIFF" else "frames")
     deep = image.mode in ("RGB", "RGBA", "LA") and any(";16" in str(tile.args) for tile in image.tile)
@@ -102,7 +104,7 @@ def _raster(path: str, image: Image.Image) -> tuple[Image.Image | torch.Tensor, 
                             "[0, 1]", "save it as 8- or 16-bit unsigned integers")
     else:  # 8-bit: exactly what timm's transform always received
         rgb = image.convert("RGB")
-        extrema = rgb.getextrema()
+        extrema = rgb.getextrema() if measure else ((float("nan"), float("nan")),)
         info = ImageInfo(fmt, 8, 1 if image.mode in ("1", "L", "LA") else 3, min(e[0] for e in extrema),
                          max(e[1] for e in extrema), (0.0, 255.0))
         return rgb, info
