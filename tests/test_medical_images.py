@@ -36,8 +36,11 @@ from timm.data import create_transform
 from tba_fed import ModelConfig, create_model
 from tba_fed.config import DataConfig
 from tba_fed.data import UNLABELED, build_dataset, calibration_split, data_config, make_loader
+from tba_fed.federation.site import probe_reply, resolve_site, run_spec, statistics_reply
+from tba_fed.federation.site_context import SiteContext
 from tba_fed.images import read_image
 from tba_fed.partition import partition
+from tba_fed.plan import parse_plan
 from tba_fed.privacy.site_state import initialise
 from tba_fed.probe import ProbeStats
 from tba_fed.selection import development_key
@@ -296,6 +299,31 @@ def test_a_flat_folder_calibrates_without_labels(tmp_path, capsys, model):
     _, labels = next(iter(make_loader(calibration, config)))
     with refused("data.path", fix="put the images in one sub-folder per class to measure accuracy"):
         ProbeStats.zeros(4, 5).update(torch.zeros(len(labels), 4), labels)
+
+
+def test_a_site_with_a_flat_folder_sends_statistics_and_refuses_the_probe(tmp_path, model):
+    """A hospital's unlabeled scans: the span statistics are computed; the probe (federated evaluation) is refused
+    in one line, before any sum is sent, and the ledger records no release of it."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        write_dicom(images / f"{i}.dcm", twelve_bit(i), slope=1.0, intercept=-1024.0)
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(yaml.safe_dump({
+        "name": "hospital-a", "output": str(tmp_path / "site-out"),
+        "data": {"source": "image_folder", "path": str(images), "holdout_fraction": 0.0, "batch_size": 2},
+        "privacy": {"require_dp": False, "min_images": 1, "ledger": str(tmp_path / "ledger.json"),
+                    "releases": ["statistics", "probe"]},
+        "state": str(tmp_path / "state")}))
+    initialise(tmp_path / "state", "hospital-a", tmp_path / "ledger.json")
+    site = resolve_site(SiteContext({"site-config": str(site_yaml)}, {}), model, {"profile": "production"})
+    reply = statistics_reply(model, site, parse_plan("1->2", 6), "all", run_spec("run-1", {}))
+    assert len(reply) > 0
+    ledger = (tmp_path / "ledger.json").read_bytes()
+    with refused("data.path", fix="put the images in one sub-folder per class to measure accuracy") as err:
+        probe_reply(model, model, site, 5, run_spec("run-1", {}))
+    assert err.value.message.startswith("the images have no labels (a flat folder without class sub-folders)")
+    assert (tmp_path / "ledger.json").read_bytes() == ledger
 
 
 def test_a_non_iid_partition_of_unlabeled_images_is_refused():
