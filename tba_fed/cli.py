@@ -75,9 +75,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                    help="timm create_model override, e.g. img_size=64 or depth=6 (repeatable)")
     g = parser.add_argument_group("data")
     g.add_argument("--data", metavar="SOURCE|PATH",
-                   help="synthetic, fashion_mnist, an image folder (one sub-folder per class), a MedMNIST .npz file, "
-                        "or SOURCE:PATH for a source with a path: cifar10:ROOT, cifar100:ROOT (torchvision's python "
-                        "version in ROOT), medmnist:FILE, image_folder:DIR")
+                   help="synthetic, fashion_mnist, an image folder (one sub-folder per class, or flat and unlabeled; "
+                        "PNG, JPEG, TIFF or DICOM), a MedMNIST .npz file, or SOURCE:PATH for a source with a path: "
+                        "cifar10:ROOT, cifar100:ROOT (torchvision's python version in ROOT), medmnist:FILE, image_folder:DIR")
     g.add_argument("--num-images", dest="data.num_images", type=int, metavar="N",
                    help="a seeded random subset of N images of the source (default 500; synthetic: images generated)")
     g.add_argument("--sample-rate", dest="data.sample_rate", type=float, metavar="P",

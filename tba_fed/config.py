@@ -151,7 +151,8 @@ def check_model_kwarg(key: str, value: Any) -> None:
 class DataConfig(_Section):
     """Images to calibrate on, preprocessed with the model's timm data config.
 
-    Sources: ``synthetic`` (deterministic, for tests), ``image_folder`` (one sub-folder per class),
+    Sources: ``synthetic`` (deterministic, for tests), ``image_folder`` (one sub-folder per class, or a flat
+    unlabeled folder; files read with their real bit depth, DICOM included: `tba_fed.images`),
     ``fashion_mnist`` (IDX files of Debian's dataset-fashion-mnist), ``cifar10``/``cifar100``
     (torchvision, from a local root), ``medmnist`` (a MedMNIST-style .npz file).
     """

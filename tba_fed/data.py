@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.datasets.folder import has_file_allowed_extension
 
 from .config import DataConfig
 from .errors import TBAInputError
+from .images import IMAGE_SUFFIXES, ImageInfo, decode, read_image
 from .selection import split_indices
 
 _logger = logging.getLogger(__name__)
@@ -180,8 +180,15 @@ class CIFAR100Images(_PixelRecords, CIFAR100):
     """torchvision's CIFAR-100, each image readable as its uint8 pixels."""
 
 
+UNLABELED = -1  # the label of every image of a flat folder: calibration needs none, the probe refuses it
+
+
 class ImageFiles(ImageFolder):
     """torchvision's ImageFolder, each image readable as the bytes of its file, each file counted once.
+
+    Labelled: one sub-folder per class. Unlabeled: a flat folder of images, every label `UNLABELED` (calibration
+    needs no label; the probe's accuracy does and refuses). Images beside class folders are refused (which label?).
+    Files are read with their real bit depth (`tba_fed.images`).
 
     One image is the unit of privacy, so no file may count twice: no symbolic link is followed (a link
     either leads out of the data root, or back into it to files counted where they are, or round a loop that
@@ -191,6 +198,7 @@ class ImageFiles(ImageFolder):
     """
 
     skipped: list[str]
+    unlabeled: bool
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         try:
@@ -200,15 +208,25 @@ class ImageFiles(ImageFolder):
                                 "make the folder readable") from None
         self.skipped = [entry.path for entry in entries if entry.is_symlink()]
         classes = [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]  # a link is no folder here
-        if not classes:
-            raise TBAInputError("data.path", f"Couldn't find any class folder in {directory}{self._skipped_text()}",
-                                "put images in one sub-folder per class")
+        images = [entry.path for entry in entries if entry.is_file(follow_symlinks=False)
+                  and has_file_allowed_extension(entry.name, IMAGE_SUFFIXES)]
+        if classes and images:
+            raise TBAInputError("data.path", f"{directory} holds images both in class folders ({', '.join(classes)}) and "
+                                             f"beside them ({images[0]}{' ...' if len(images) > 1 else ''})",
+                                "move every image into its class folder, or use a flat folder of images without labels")
+        self.unlabeled = not classes and bool(images)
+        if not classes and not images:
+            raise TBAInputError("data.path", f"Couldn't find any class folder nor image in {directory}"
+                                             f"{self._skipped_text()}",
+                                "put images in one sub-folder per class, or directly in the folder if unlabeled "
+                                "(calibration only)")
         return classes, {name: index for index, name in enumerate(classes)}
 
     def make_dataset(self, directory: str | Path, class_to_idx: dict[str, int],  # type: ignore[override]
                      extensions: tuple[str, ...] | None = None, is_valid_file: object = None,
                      allow_empty: bool = False) -> list[tuple[str, int]]:
-        """Every image file under each class folder, links skipped, each file (device, inode) once."""
+        """Every image file under each class folder (or in the flat folder), links skipped, each file
+        (device, inode) once."""
         samples: list[tuple[str, int]] = []
         seen: set[tuple[int, int]] = set()
 
@@ -216,25 +234,30 @@ class ImageFiles(ImageFolder):
             raise TBAInputError("data.path", f"{err.filename} cannot be read ({err.strerror or err})",
                                 "make the folder readable or remove it")
 
+        def add(root: str, files: list[str], label: int) -> None:
+            for file in sorted(files):
+                path = os.path.join(root, file)
+                if os.path.islink(path):
+                    self.skipped.append(path)
+                elif has_file_allowed_extension(file, IMAGE_SUFFIXES):
+                    stat = os.stat(path, follow_symlinks=False)
+                    if (stat.st_dev, stat.st_ino) in seen:
+                        self.skipped.append(path)
+                        continue
+                    seen.add((stat.st_dev, stat.st_ino))
+                    samples.append((path, label))
+
+        if self.unlabeled:
+            add(str(directory), [e.name for e in os.scandir(directory) if not e.is_dir(follow_symlinks=False)], UNLABELED)
         for name, label in sorted(class_to_idx.items()):
             before = len(samples)
             for root, folders, files in os.walk(os.path.join(directory, name), onerror=unreadable):
                 folders.sort()
                 self.skipped += [os.path.join(root, f) for f in folders if os.path.islink(os.path.join(root, f))]  # not walked
-                for file in sorted(files):
-                    path = os.path.join(root, file)
-                    if os.path.islink(path):
-                        self.skipped.append(path)
-                    elif has_file_allowed_extension(file, IMG_EXTENSIONS):
-                        stat = os.stat(path, follow_symlinks=False)
-                        if (stat.st_dev, stat.st_ino) in seen:
-                            self.skipped.append(path)
-                            continue
-                        seen.add((stat.st_dev, stat.st_ino))
-                        samples.append((path, label))
+                add(root, files, label)
             if len(samples) == before:
                 raise TBAInputError("data.path", f"Found no valid file for the classes {name}. Supported extensions "
-                                                 f"are: {', '.join(IMG_EXTENSIONS)}{self._skipped_text()}",
+                                                 f"are: {', '.join(IMAGE_SUFFIXES)}{self._skipped_text()}",
                                     "put images in one sub-folder per class")
         if self.skipped:
             _logger.warning("image folder %s: %d links and second names of files skipped (never followed, never "
@@ -252,6 +275,11 @@ class ImageFiles(ImageFolder):
             raise TBAInputError("data.path", f"{path} cannot be read ({err.strerror or err})",
                                 "remove the file or make it readable") from None
 
+    def describe(self, index: int) -> tuple[torch.Tensor, ImageInfo]:
+        """The preprocessed image as ``self[index]`` gives it, and what its file holds (for preflight)."""
+        pixels, info = decode(self.samples[index][0])
+        return self.transform(pixels), info
+
 
 def cifar(config: DataConfig, model: nn.Module) -> Dataset:
     if config.split not in ("train", "test"):
@@ -263,16 +291,6 @@ def cifar(config: DataConfig, model: nn.Module) -> Dataset:
     except RuntimeError as err:
         raise TBAInputError("data.path", f"{config.path}: {err}",
                             f"put the {config.source} python version there, or set download: true with internet") from None
-
-
-def read_image(path: str) -> Image.Image:
-    """An image file as RGB; one that cannot be decoded is an error naming the file, not a crash mid-batch."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise TBAInputError("data.path", f"{path} cannot be read as an image ({err})",
-                            "remove or replace the file") from None
 
 
 def build_dataset(config: DataConfig, model: nn.Module) -> Dataset:
@@ -290,7 +308,8 @@ def build_dataset(config: DataConfig, model: nn.Module) -> Dataset:
         return cifar(config, model)
     root = Path(config.path) if config.path is not None else None
     if root is None or not root.is_dir():
-        raise TBAInputError("data.path", f"{root} is not a directory", "give a folder with one sub-folder of images per class")
+        raise TBAInputError("data.path", f"{root} is not a directory",
+                            "give a folder with one sub-folder of images per class, or a flat folder of images (unlabeled)")
     transform = create_transform(**data_config(model), is_training=False)
     return ImageFiles(str(root), transform=transform, loader=read_image)
 

@@ -29,6 +29,10 @@ def partition(targets: np.ndarray, num_sites: int, *, scheme: Scheme = "iid", al
         raise TBAInputError("federation.num_sites", f"must be >= 1, got {num_sites}")
     if n < num_sites * min_per_site:
         raise TBAInputError("data.num_images", f"{n} images cannot give {num_sites} sites {min_per_site} each")
+    if scheme != "iid" and n and targets.min() < 0:  # data.UNLABELED: a flat image folder
+        raise TBAInputError("federation.partition.scheme", f"a {scheme} partition splits by label, and the images have "
+                                                           "no labels (a flat folder without class sub-folders)",
+                            "use scheme iid, or put the images in one sub-folder per class")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         parts = np.array_split(rng.permutation(n), num_sites)
@@ -66,15 +70,16 @@ def _dirichlet(targets: np.ndarray, num_sites: int, alpha: float, rng: np.random
 
 
 def class_histograms(targets: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
-    """[sites, classes] counts."""
+    """[sites, classes] counts (unlabeled images, label -1, in no class)."""
     targets = np.asarray(targets)
+    parts = [p[targets[p] >= 0] for p in parts]
     return np.stack([np.bincount(targets[p], minlength=num_classes) for p in parts])
 
 
 def log_histograms(targets: np.ndarray, parts: list[np.ndarray], num_classes: int) -> str:
     hist = class_histograms(targets, parts, num_classes)
     header = "site | " + " ".join(f"{c:>5}" for c in range(num_classes)) + " | total"
-    rows = [f"{i:>4} | " + " ".join(f"{v:>5}" for v in row) + f" | {row.sum():>5}" for i, row in enumerate(hist)]
+    rows = [f"{i:>4} | " + " ".join(f"{v:>5}" for v in row) + f" | {len(p):>5}" for i, (row, p) in enumerate(zip(hist, parts))]
     table = "\n".join([header, *rows])
     _logger.info("class histogram per site:\n%s", table)
     return table

@@ -52,7 +52,11 @@ class ProbeStats(_Accumulator):
         labels = torch.as_tensor(labels).long().cpu()
         if labels.ndim != 1 or len(labels) != len(feats):
             raise TBAInputError("labels", f"expected {len(feats)} integer labels, got shape {tuple(labels.shape)}")
-        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+        if len(labels) and labels.min() < 0:  # data.UNLABELED: a flat image folder
+            raise TBAInputError("data.path", "the images have no labels (a flat folder without class sub-folders): "
+                                             "calibration needs none, the probe's accuracy does",
+                                "put the images in one sub-folder per class to measure accuracy")
+        if len(labels) and labels.max() >= self.num_classes:
             raise TBAInputError("labels", f"labels must lie in [0, {self.num_classes}), got "
                                           f"{int(labels.min())}..{int(labels.max())}", "set num_classes")
         f = _as_float64(feats, "probe features").cpu()

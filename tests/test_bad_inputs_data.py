@@ -103,9 +103,10 @@ def test_29_a_truncated_image_stops_a_site_before_it_sends_anything(tmp_path, mo
 
 
 def test_30_an_empty_image_folder(tmp_path, model):
-    with refused("data.path", fix="put images in one sub-folder per class", untouched=[tmp_path]) as err:
+    with refused("data.path", fix="put images in one sub-folder per class, or directly in the folder if unlabeled "
+                                  "(calibration only)", untouched=[tmp_path]) as err:
         build_dataset(_folder_config(tmp_path), model)
-    assert f"Couldn't find any class folder in {tmp_path}" in str(err.value)
+    assert f"Couldn't find any class folder nor image in {tmp_path}" in str(err.value)
 
 
 def test_31_a_class_folder_without_images(tmp_path, model):

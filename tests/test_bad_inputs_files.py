@@ -417,10 +417,10 @@ def test_229_every_class_folder_a_link_is_refused_naming_them(tmp_path, model):
     _images(tmp_path / "elsewhere" / "x")
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "x").symlink_to(tmp_path / "elsewhere" / "x")
-    with refused("data.path", fix="put images in one sub-folder per class", untouched=[tmp_path]) as err:
+    fix = "put images in one sub-folder per class, or directly in the folder if unlabeled (calibration only)"
+    with refused("data.path", fix=fix, untouched=[tmp_path]) as err:
         build_dataset(DataConfig(source="image_folder", path=tmp_path / "images"), model)
-    assert str(err.value).endswith(f"(skipped, never followed: {tmp_path / 'images' / 'x'}) "
-                                   "(put images in one sub-folder per class)")
+    assert str(err.value).endswith(f"(skipped, never followed: {tmp_path / 'images' / 'x'}) ({fix})")
 
 
 def test_230_a_class_whose_only_images_are_links_is_refused_naming_them(tmp_path, model):

@@ -198,7 +198,7 @@ def test_303_a_deployed_site_whose_image_folder_vanished_answers_with_its_name_a
     _clean(str(err.value), str(tmp_path), "images")
     [entry] = check_chain(tmp_path / "out" / "audit.jsonl").entries  # the detail stays at the site
     assert entry["error"] == f"TBAInputError: data.path: {tmp_path / 'images'} is not a directory (give a folder with " \
-                             "one sub-folder of images per class)"
+                             "one sub-folder of images per class, or a flat folder of images (unlabeled))"
 
 
 def _ray_reason(err: Exception) -> str:

@@ -152,7 +152,8 @@ def test_good_site_and_server_pass(setup, capsys):
     assert not [line for line in site_lines if line.startswith("PROBLEM")], site_lines
     fields = {line.split()[1].rstrip(":") for line in site_lines if line.startswith("OK")}
     assert fields == {"config", "profile", "connection.root_certificates", "connection.auth_key", "connection.superlink",
-                      "model.sha256", "data", "privacy", "privacy.ledger", "output"}
+                      "model.sha256", "data", "data.images", "privacy", "privacy.ledger", "output"}
+    assert "OK      data.images: 40 PNG 8-bit colour images, values 0..115 of full scale 0..255" in site_lines
     data = [line for line in site_lines if line.startswith("OK      data: ")]
     counts = re.fullmatch(r"OK      data: (\d+) calibration and (\d+) held-out images read \(min_images 2 each\)", data[0])
     assert counts is not None and int(counts[1]) + int(counts[2]) == 40, data  # each image used, as one or the other
@@ -248,7 +249,8 @@ def test_data_problems(setup):
                         "(fix: remove or replace the file)"]
     missing = tmp / "no-such-folder"
     assert _problems(_variant(setup, "missing", "site", **{"data.path": str(missing)})) == [
-        f"PROBLEM data.path: {missing} is not a directory (fix: give a folder with one sub-folder of images per class)"]
+        f"PROBLEM data.path: {missing} is not a directory (fix: give a folder with one sub-folder of images per class, "
+        "or a flat folder of images (unlabeled))"]
 
 
 def test_checksum_mismatch_at_preflight_and_at_load(setup):

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import ModelConfig, read_yaml, validate
 from ..errors import TBAInputError
 from ..fileio import check_output_dir, file_sha256
+from ..images import ImageInfo
 from ..privacy.ledger import PrivacyLedger
 from ..privacy.site_state import open_state
 from . import checks as c
@@ -78,8 +79,8 @@ def site_preflight(site: SiteConfig, expiry_days: float) -> list[Check]:
                 model = create_model(site.model)
             except TBAInputError as err:
                 results.append(c.from_error(err))
-    results.append(data_check(site, model) if model is not None
-                   else note("data", "not read: no usable model to preprocess the images with"))
+    results += (data_checks(site, model) if model is not None
+                else [note("data", "not read: no usable model to preprocess the images with")])
     results += privacy_checks(site)
     results.append(c.writable_directory("output", site.output))
     return results
@@ -170,9 +171,10 @@ def weights_check(model: ModelConfig, profile: str) -> Check:
     return note("model", f"{model.name} is a random initialisation (seed {model.seed}): no weights to check")
 
 
-def data_check(site: SiteConfig, model) -> Check:
+def data_checks(site: SiteConfig, model) -> list[Check]:
     """Build the site's dataset as a run would, select its images with the site's own key, read every selected
-    one. Without a usable state (reported by the privacy check) every image is read instead."""
+    one. Without a usable state (reported by the privacy check) every image is read instead. An image folder also
+    reports the formats, bit depths and values found, and refuses a mix (`image_checks`)."""
     from ..data import build_dataset, calibration_split
     from ..federation.site import site_key
 
@@ -184,34 +186,79 @@ def data_check(site: SiteConfig, model) -> Check:
             key = None
         parts = calibration_split(dataset, site.data, key) if key is not None else None
     except TBAInputError as err:
-        return c.from_error(err)
+        return [c.from_error(err)]
     except (OSError, ValueError) as err:
-        return problem("data", f"cannot read the {site.data.source} data ({type(err).__name__}: {err})",
-                       "check data.source and data.path")
+        return [problem("data", f"cannot read the {site.data.source} data ({type(err).__name__}: {err})",
+                        "check data.source and data.path")]
+    describe = getattr(dataset, "describe", None)  # an image folder says what each file holds
+    found: list[tuple[str, ImageInfo]] = []
     for index in (i for part in parts for i in part.indices) if parts is not None else range(len(dataset)):
         try:
-            dataset[index]
+            if describe is not None:
+                found.append((dataset.samples[index][0], describe(index)[1]))
+            else:
+                dataset[index]
         except TBAInputError as err:  # the data source names the file and the fix
-            return c.from_error(err)
+            return [c.from_error(err)]
         except Exception as err:  # any other decoder error: the run would fail on this image
             files = getattr(dataset, "samples", None)  # an image folder names the file (decoders repeat it)
             what = f"{files[index][0]} ({type(err).__name__})" if files else \
                 f"record {index} ({type(err).__name__}: {err})"
-            return problem("data", f"cannot read {what}", "remove or replace the file, or fix data.path")
+            return [problem("data", f"cannot read {what}", "remove or replace the file, or fix data.path")]
+    images = image_checks(found) if found else []
+    labels = ([note("data.labels", "a flat folder without class sub-folders: calibration needs no labels, the probe's "
+                                   "accuracy (federated evaluation) does and will be refused",
+                    "put the images in one sub-folder per class to measure accuracy")]
+              if getattr(dataset, "unlabeled", False) else [])
     if parts is None:
-        return note("data", f"{len(dataset)} images read; which of them each release uses is decided with the site's "
-                            "secret key, once its state is initialised",
-                    "tba-fed site init DIR (docs/deployment.md §3), then preflight")
+        return [note("data", f"{len(dataset)} images read; which of them each release uses is decided with the site's "
+                             "secret key, once its state is initialised", "tba-fed site init DIR (docs/deployment.md §3), "
+                             "then preflight"),
+                *images, *labels]
     calibration, holdout = parts
     minimum = site.privacy.min_images
     counts = {"calibration": len(calibration), **({"held-out": len(holdout)} if site.data.holdout_fraction > 0 else {})}
     if small := [f"{count} {name}" for name, count in counts.items() if count < minimum]:
-        return problem("data", f"{' and '.join(small)} images; every part a release summarises needs the privacy "
-                               f"policy's min_images ({minimum})",
-                       "add images (data.path), raise data.sample_rate, adjust data.holdout_fraction, or lower "
-                       "privacy.min_images")
-    return ok("data", f"{len(calibration)} calibration and {len(holdout)} held-out images read "
-                      f"(min_images {minimum} each)")
+        return [problem("data", f"{' and '.join(small)} images; every part a release summarises needs the privacy "
+                                f"policy's min_images ({minimum})",
+                        "add images (data.path), raise data.sample_rate, adjust data.holdout_fraction, or lower "
+                        "privacy.min_images"), *images, *labels]
+    return [ok("data", f"{len(calibration)} calibration and {len(holdout)} held-out images read "
+                       f"(min_images {minimum} each)"), *images, *labels]
+
+
+def image_checks(found: list[tuple[str, ImageInfo]]) -> list[Check]:
+    """What the site's image files hold: one line per encoding (format, bit depth, values found, full scale).
+
+    Mixed encodings are a problem: images whose values map to [0, 1] by different ranges (8-bit beside 16-bit,
+    a 16-bit container beside a 12-bit DICOM), or DICOM (modality units, e.g. HU) beside display images (PNG,
+    TIFF, JPEG, usually windowed exports), give the same tissue different inputs, and the fitted maps average
+    two distributions without a word. Gray beside colour is not mixed: gray becomes three equal channels."""
+    groups: dict[tuple, list[tuple[str, ImageInfo]]] = {}
+    for path, info in found:
+        groups.setdefault(info.encoding, []).append((path, info))
+    ranked = sorted(groups.values(), key=len, reverse=True)
+    if len(ranked) > 1:
+        return [problem("data.images", "mixed encodings, the same intensity would reach the model as different values: "
+                                       + "; ".join(f"{_group_text(m)} (e.g. {m[0][0]})" for m in ranked),
+                        "convert the images to one format and bit depth, or give each kind its own site or run")]
+    summary = _group_text(ranked[0])
+    lo, hi = ranked[0][0][1].full_scale
+    high = max(info.high for _, info in ranked[0])
+    if high - lo < (hi - lo) / 8:  # e.g. 12-bit values in a 16-bit container: scaled by 65535, never stretched
+        return [note("data.images", f"{summary}: the values use under 1/8 of the full scale, so the model sees "
+                                    "low-contrast images (each file is scaled by its format's full scale, not by its "
+                                    "content)",
+                     "if these are 12-bit images in 16-bit files, store them scaled to 16 bits, or as DICOM with "
+                     "BitsStored 12")]
+    return [ok("data.images", summary)]
+
+
+def _group_text(members: list[tuple[str, ImageInfo]]) -> str:
+    kinds = " / ".join(sorted({info.kind for _, info in members}))
+    lo, hi = members[0][1].full_scale
+    return (f"{len(members)} {kinds} images, values {min(i.low for _, i in members):g}.."
+            f"{max(i.high for _, i in members):g} of full scale {lo:g}..{hi:g}")
 
 
 def privacy_checks(site: SiteConfig) -> list[Check]:
