@@ -384,6 +384,24 @@ def test_a_release_recorded_but_never_produced_is_produced_once_without_a_second
     assert all(np.array_equal(payload[k], v) for k, v in _statistics(tiny_vit, site, run).items())
 
 
+def test_a_noisy_held_out_identity_error_that_is_not_positive_gives_no_ratio():
+    """The ratios divide by the held-out identity error; from noisy sums it can be ≤ 0, and the report showed
+    ratios near 1e300. Now there is no ratio, and the report says why."""
+    from tba_fed.federation.run_report import privacy_markdown
+    from tba_fed.privacy.solve import compare_priors
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    calibration = SpanStats.zeros(6)
+    calibration.update(x, x + 0.1 * torch.randn(40, 6, generator=g, dtype=torch.float64), images=10)
+    # noise took Σ‖y‖² so low that the identity's error, Σ‖y‖² − 2 tr C + tr G, is below zero
+    holdout = replace(calibration, sum_yy=2 * torch.trace(calibration.cross) - torch.trace(calibration.gram) - 5.0)
+    ratios, _ = compare_priors(calibration, holdout, bias=False, ridge_lambda=None, ridge=0.0, public=None)
+    assert ratios == {"identity": None, "federated": None}
+    markdown = privacy_markdown({"prior": "zero", "prior_comparison": {"1->2": ratios}})
+    assert "| 1->2 | n/a (noisy held-out error ≤ 0) | n/a (noisy held-out error ≤ 0) |" in markdown
+
+
 def test_the_report_gives_no_spread_for_a_span_whose_renoised_draws_were_all_unusable():
     """compare_priors returns an empty spread when every re-noised held-out draw has no ratio: that span's
     row carries no ±, the others keep theirs (it used to end the ServerApp with a KeyError)."""

@@ -44,7 +44,8 @@ def privacy_markdown(report: Mapping[str, Any]) -> str:
                   "| span | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         spread = report.get("prior_comparison_std", {})
         for span, row in report["prior_comparison"].items():
-            cells = [f"{row[n]:.4f}" + (f" ± {spread[span][n]:.4f}" if n in spread.get(span, {}) else "") for n in names]
+            cells = ["n/a (noisy held-out error ≤ 0)" if row[n] is None else
+                     f"{row[n]:.4f}" + (f" ± {spread[span][n]:.4f}" if n in spread.get(span, {}) else "") for n in names]
             lines.append(f"| {span} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n" if lines else ""
 

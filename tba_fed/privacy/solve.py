@@ -39,10 +39,11 @@ def private_inputs(released: Mapping[Span, ClippedSpanSums], priors: Mapping[Spa
 
 def compare_priors(calibration: SpanStats, holdout: SpanStats, *, bias: bool, ridge_lambda: float | None,
                    ridge: float, public: LinearMap | None, shrink_bias: bool = False,
-                   holdout_draws: Sequence[SpanStats] = ()) -> tuple[dict[str, float], dict[str, float]]:
+                   holdout_draws: Sequence[SpanStats] = ()) -> tuple[dict[str, float | None], dict[str, float]]:
     """Held-out error of each candidate relative to the identity skip's (1.0 = as good as dropping),
     and its standard deviation over `holdout_draws` (the held-out sums re-noised as they were
-    released: how much the release's own noise moves each estimate; empty for exact sums)."""
+    released: how much the release's own noise moves each estimate; empty for exact sums). None where the
+    noisy held-out identity error is not positive."""
     def shrunk_toward(prior: LinearMap) -> LinearMap:
         return solve_span(calibration, bias=bias, ridge=ridge, ridge_lambda=ridge_lambda, prior=prior, shrink_bias=shrink_bias)[0]
 
@@ -58,4 +59,7 @@ def compare_priors(calibration: SpanStats, holdout: SpanStats, *, bias: bool, ri
     draws = [errors(h, reference) for h in holdout_draws
              if h.tokens > 0 and (reference := fit_quality(h, identity).sse) > 0]
     spread = {name: float(np.std([d[name] for d in draws])) for name in candidates} if draws else {}
-    return errors(holdout, max(fit_quality(holdout, identity).sse, 1e-300)), spread
+    reference = fit_quality(holdout, identity).sse
+    if not reference > 0:  # noise took the held-out identity error to zero or below: there is no ratio to report
+        return dict.fromkeys(candidates), spread
+    return errors(holdout, reference), spread
