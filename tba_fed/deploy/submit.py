@@ -36,7 +36,7 @@ from ..federation.config import load_federated_config
 from ..federation.flower_internals import flower_config_path
 from .flower_connection import check_name, connection_entry, ensure_connection, updated_config
 from .profile import require_run
-from .processes import app_directory, executable, flower_env, stop_process, without_tracebacks
+from .processes import app_directory, executable, flower_env, relayed, stop_process
 
 _logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _relay(sub: Submission, out: TextIO, tracebacks: bool) -> tuple[int, int | N
     run_id = None
     try:
         assert process.stdout is not None
-        for line in process.stdout if tracebacks else without_tracebacks(process.stdout):
+        for line in relayed(process.stdout, tracebacks):
             out.write(line)
             out.flush()
             if run_id is None and (found := STARTED.search(line)):
