@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -37,6 +38,7 @@ CLIENT_SOURCE = textwrap.dedent('''
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
+    from tba_fed.federation import logged
     from tba_fed.federation.secure_aggregation import register_secure_fit
 
     BOUNDS = {"matrix": 1000.0, "vector": 5.0}
@@ -57,7 +59,7 @@ CLIENT_SOURCE = textwrap.dedent('''
         return arrays, dict(BOUNDS)
 
 
-    app = ClientApp()
+    app = ClientApp(mods=[logged])  # logs as tba-fed's ClientApp does
 
 
     @app.query("ping")
@@ -330,4 +332,11 @@ def test_real_simulation(tmp_path, sites):
     assert report["error_bound"]["matrix"] == pytest.approx(quantisation_error_bound(1000.0, 3, 2**22))
     assert "2 sites summed, min_sites is 3" in report["refusal"] and "exceeds its bound 1000" in report["refusal"], \
         report["refusal"]
+    # the refusal is one WARNING line at the site (its magnitude stays there), never a traceback or Flower's exit 800
+    output = completed.stdout + completed.stderr
+    assert len(re.findall(r"WARNING.*secure sum refused: 'matrix': an entry exceeds its bound 1000 \(an entry of "
+                          r"magnitude [\d.e+]+\)", output)) == 1, output[-4000:]
+    assert "magnitude" not in report["refusal"]
+    for noise in ("Traceback", "Exit Code: 800", "raised an exception"):
+        assert noise not in output, (noise, output[-4000:])
     assert seconds < 120, seconds

@@ -79,7 +79,12 @@ Compute = Callable[[dict[str, Scalar], Context], tuple[Mapping[str, np.ndarray],
 
 
 class SecureSumRefused(ValueError):
-    """A site will not contribute: its arrays break the bounds or the shapes the server scales by."""
+    """A site will not contribute: its arrays break the bounds or the shapes the server scales by. `detail`: what
+    of the site's data explains it, for the site's own log line only (the text is what leaves the site)."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 @dataclass
@@ -144,8 +149,8 @@ def scaled_for_secagg(arrays: Mapping[str, np.ndarray], site_bounds: Mapping[str
                                    f"{bound:g}: entries could be clipped")
         largest = float(np.abs(value).max(initial=0.0))
         if largest > site_bound:  # the magnitude is the data's: it stays in the site's log
-            _logger.error("secure sum: '%s' has an entry of magnitude %g", name, largest)
-            raise SecureSumRefused(f"'{name}': an entry exceeds its bound {site_bound:g}")
+            raise SecureSumRefused(f"'{name}': an entry exceeds its bound {site_bound:g}",
+                                   f"an entry of magnitude {largest:g}")
         out.append(value / bound)
     return out
 
@@ -178,7 +183,7 @@ def register_secure_fit(app: ClientApp, compute: Compute) -> None:
                                           context)
             scaled = scaled_for_secagg(arrays, site_bounds, shapes, bounds)
         except SecureSumRefused as err:
-            _logger.warning("secure sum refused: %s", err)
+            _logger.warning("secure sum refused: %s%s", err, f" ({err.detail})" if err.detail else "")
             raise
         fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(scaled), num_examples=1, metrics={})
         return Message(fitres_content(fitres), reply_to=msg)
