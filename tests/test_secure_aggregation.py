@@ -322,6 +322,13 @@ def test_real_simulation(tmp_path, sites):
     log = completed.stdout[-4000:] + completed.stderr[-4000:]
     assert completed.returncode == 0 and (out / "result.json").is_file(), log
     report = json.loads((out / "result.json").read_text())
+    # the refusal is one WARNING line at the site (its magnitude stays there), never a traceback or Flower's exit 800
+    output = completed.stdout + completed.stderr
+    assert len(re.findall(r"WARNING.*secure sum refused: 'matrix': an entry exceeds its bound 1000 \(an entry of "
+                          r"magnitude [\d.e+]+\)", output)) == 1, output[-4000:]
+    assert "magnitude" not in report["refusal"]
+    for noise in ("Traceback", "Exit Code: 800", "raised an exception"):
+        assert noise not in output, (noise, output[-4000:])
     assert report["before"] == report["after"] == [0, 1, 2]  # Message-API rounds work around the secure sum
     got = dict(np.load(out / "sum.npz"))
     expected = _plain_sum(sites, 3)
@@ -332,11 +339,4 @@ def test_real_simulation(tmp_path, sites):
     assert report["error_bound"]["matrix"] == pytest.approx(quantisation_error_bound(1000.0, 3, 2**22))
     assert "2 sites summed, min_sites is 3" in report["refusal"] and "exceeds its bound 1000" in report["refusal"], \
         report["refusal"]
-    # the refusal is one WARNING line at the site (its magnitude stays there), never a traceback or Flower's exit 800
-    output = completed.stdout + completed.stderr
-    assert len(re.findall(r"WARNING.*secure sum refused: 'matrix': an entry exceeds its bound 1000 \(an entry of "
-                          r"magnitude [\d.e+]+\)", output)) == 1, output[-4000:]
-    assert "magnitude" not in report["refusal"]
-    for noise in ("Traceback", "Exit Code: 800", "raised an exception"):
-        assert noise not in output, (noise, output[-4000:])
     assert seconds < 120, seconds
