@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from flwr.clientapp import ClientApp
 
-from tba_fed.federation import app_logging
+from tba_fed.federation import logged
 from tba_fed.federation.secure_aggregation import register_secure_fit
 from tba_fed.federation.site import secure_statistics, serve
 from tba_fed.federation.site_audit import audited, audited_secure, failures_as_replies
 
-app = ClientApp()
-app_logging()
+app = ClientApp(mods=[logged])  # tba-fed's logging in whichever process runs a handler
 
 similarity = app.query("similarity", mods=[failures_as_replies])(audited("similarity", serve))
 statistics = app.query("statistics", mods=[failures_as_replies])(audited("statistics", serve))

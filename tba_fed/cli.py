@@ -25,6 +25,7 @@ import yaml
 
 from . import __version__
 from .errors import TBAInputError, TBARunError, one_line
+from .logs import configure as configure_logging
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -524,10 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
-                        force=True)  # opacus configures the root logger when imported
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the SuperLink otherwise
+    configure_logging(args.verbose)  # one handler and format; Flower's, Ray's and httpx's chatter only with -v
     commands: dict[str, Callable[[], int | None]] = {
         "prepare": lambda: run_prepare(args.force),
         "demo": lambda: run_demo(args.output, args.verbose),

@@ -39,6 +39,7 @@ from .config import (MAX_BATCH, MAX_IMAGES, DataConfig, Device, ModelConfig, See
 from .data import build_dataset
 from .errors import TBAInputError
 from .fileio import open_output_dir, owned_files, writable_location, write_owned
+from .logs import logged_progress
 from .models import create_model, weights_sha256
 from .pipeline import solve_plan
 from .plan import Plan, Span, parse_plan
@@ -162,17 +163,26 @@ def run_seed(config: ExperimentConfig, model: nn.Module, spec: DatasetSpec, seed
 
     spans = sorted({s for v in variants if v.plan is not None for s in v.plan.spans})
     _logger.info("%s seed %d: fitting %d spans on %d calibration images", spec.name, seed, len(spans), len(calibration))
-    stats = collect_span_stats(adapter, loader(train, calibration), spans, token_mode=config.token_mode,
-                               device=config.device)
+    stats = collect_span_stats(adapter, logged_progress(loader(train, calibration), f"{spec.name} seed {seed}: "
+                                                        "calibration", _logger), spans,
+                               token_mode=config.token_mode, device=config.device)
     fits = solve_plan(stats, bias=config.bias, ridge=config.ridge)
+    for span, fit in fits.items():
+        _logger.info("%s seed %d: span %s fitted, calibration relative error %.4g (dropping its blocks: %.4g)",
+                     spec.name, seed, span, fit.calibration.relative_error, fit.identity_calibration.relative_error)
     maps = {span: fit.map for span, fit in fits.items()}
     _logger.info("%s seed %d: probe statistics of %d variants on %d images, then accuracy on %d test images",
                  spec.name, seed, len(variants), len(probe_train), len(probe_test))
-    probe_stats = _probe_pass(adapter, tqdm(loader(train, probe_train), desc=f"{spec.name} seed {seed}: probe fit",
-                                            leave=False, disable=None), variants, maps, num_classes, None, config.device)
+
+    def passing(dataset, idx: np.ndarray, what: str) -> Iterable:
+        desc = f"{spec.name} seed {seed}: {what}"
+        return logged_progress(tqdm(loader(dataset, idx), desc=desc, leave=False, disable=None), desc, _logger)
+
+    probe_stats = _probe_pass(adapter, passing(train, probe_train, "probe fit"), variants, maps, num_classes, None,
+                              config.device)
     heads = {label: solve_probe(s, ridge=config.probe_ridge) for label, s in probe_stats.items()}
-    correct = _probe_pass(adapter, tqdm(loader(test, probe_test), desc=f"{spec.name} seed {seed}: probe test",
-                                        leave=False, disable=None), variants, maps, num_classes, heads, config.device)
+    correct = _probe_pass(adapter, passing(test, probe_test, "probe test"), variants, maps, num_classes, heads,
+                          config.device)
     rows = []
     for variant in variants:
         row = {"key": key, "dataset": spec.name, "seed": seed, "approximation": variant.approximation,

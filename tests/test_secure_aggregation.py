@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -37,6 +38,7 @@ CLIENT_SOURCE = textwrap.dedent('''
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.clientapp import ClientApp
 
+    from tba_fed.federation import logged
     from tba_fed.federation.secure_aggregation import register_secure_fit
 
     BOUNDS = {"matrix": 1000.0, "vector": 5.0}
@@ -57,7 +59,7 @@ CLIENT_SOURCE = textwrap.dedent('''
         return arrays, dict(BOUNDS)
 
 
-    app = ClientApp()
+    app = ClientApp(mods=[logged])  # logs as tba-fed's ClientApp does
 
 
     @app.query("ping")
@@ -240,7 +242,8 @@ def test_refusing_site_is_named_and_too_few_sites_fail(sites, server_identity):
         secure_sum(grid, nodes, {"overflow-partition": 2}, sites.BOUNDS, sites.SHAPES, timeout=10, min_sites=3)
     refuser = nodes[2]
     assert f"node {refuser}: site error 2" in str(info.value) and "exceeds its bound 1000" in str(info.value)
-    assert list(grid.raised) == [refuser] and "SecureSumRefused" in grid.raised[refuser]
+    # refused with an error reply, not raised: raised, Flower prints a traceback and exits the task with code 800
+    assert grid.raised == {}
     # the refusing site sent nothing but public keys, key shares and its error
     from_refuser = [r for r in grid.received if r.metadata.src_node_id == refuser]
     assert [r.has_error() for r in from_refuser] == [False, False, True]
@@ -319,6 +322,13 @@ def test_real_simulation(tmp_path, sites):
     log = completed.stdout[-4000:] + completed.stderr[-4000:]
     assert completed.returncode == 0 and (out / "result.json").is_file(), log
     report = json.loads((out / "result.json").read_text())
+    # the refusal is one WARNING line at the site (its magnitude stays there), never a traceback or Flower's exit 800
+    output = completed.stdout + completed.stderr
+    assert len(re.findall(r"WARNING.*secure sum refused: 'matrix': an entry exceeds its bound 1000 \(an entry of "
+                          r"magnitude [\d.e+]+\)", output)) == 1, output[-4000:]
+    assert "magnitude" not in report["refusal"]
+    for noise in ("Traceback", "Exit Code: 800", "raised an exception"):
+        assert noise not in output, (noise, output[-4000:])
     assert report["before"] == report["after"] == [0, 1, 2]  # Message-API rounds work around the secure sum
     got = dict(np.load(out / "sum.npz"))
     expected = _plain_sum(sites, 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,9 +14,11 @@ from torch.utils.data import Subset
 from tba_fed import ModelConfig, ViTAdapter, load_compressed, solve_plan
 from tba_fed.audit import check_chain
 from tba_fed.calibrate import collect_span_stats
+from tba_fed.cli import main
 from tba_fed.data import build_dataset, make_loader
+from tba_fed.errors import strip_escapes
 from tba_fed.federation.audit_check import cross_check
-from tba_fed.federation.config import load_federated_config
+from tba_fed.federation.config import FederatedRunConfig, load_federated_config
 from tba_fed.deploy.simulate import simulate
 from tba_fed.federation.site import simulated_indices
 from tba_fed.federation.site_privacy import noise_source
@@ -145,3 +148,52 @@ def test_private_secure_aggregation_run_reproduces_the_server_solve(tmp_path):
                              shrink_bias=True)
     got = load_file(str(output / "maps.safetensors"))["span.1-2.weight"].double()
     assert float((got - expected.weight).norm() / expected.weight.norm()) < 1e-3
+
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"  # tba-fed's one timestamp format
+OURS = re.compile(rf"^(?:\(\w+ pid=\d+[^)]*\) )?({STAMP}) (DEBUG|INFO|WARNING|ERROR|CRITICAL) ([\w.]+): (.*)$")
+
+
+def test_the_demo_log_has_one_line_per_event_in_one_format_and_a_refusal_is_one_warning(tmp_path, capsys):
+    """`tba-fed simulate` as the demo runs it, 3 sites of which one refuses the statistics by its policy (min_images
+    5, and its held-out part has 2 images): every log line once, in one format, no Flower/Ray chatter; the refusal is one
+    WARNING line at the site and one named reason in the server's report, no traceback, no Flower exit code 800."""
+    config = _config(tmp_path, 3, "dirichlet")
+    policy = FederatedRunConfig.model_validate(config).federation.site_policy.model_dump(mode="json")
+    config["federation"].update(partition={"scheme": "dirichlet", "alpha": 0.5, "seed": 6}, min_sites=2,
+                                site_policy={**policy, "min_images": 5})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["simulate", str(path)]) == 0
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    lines = text.splitlines()
+    ours = [found for line in lines if (found := OURS.match(strip_escapes(line)))]
+    # no Flower DEBUG line, no Ray FutureWarning, no shutdown chatter, no traceback
+    for noise in ("DEBUG", "FutureWarning", "warnings.warn(", "Manually terminating", "Starting logstream",
+                  "Traceback", "traceback left out", "Exit Code", "unhandled exception"):
+        assert noise not in text, (noise, text[-4000:])
+    # one timestamp format: every timestamp in the log is tba-fed's, at the start of a line of tba-fed's format
+    assert not re.search(r"\d\d/\d\d/\d{4}", text), text[-4000:]
+    assert len(re.findall(STAMP, text)) == len(ours) > 20
+    # one line per event: every message of tba-fed's lines appears in no other line, and the server's lines
+    # (no actor prefix) are all different
+    for found in ours:
+        assert text.count(found[4]) == sum(other[4] == found[4] for other in ours), found[0]
+    server = [line for line in lines if OURS.match(line) and not line.startswith("(")]
+    assert len(server) == len(set(server))
+    for event in ("federation: 3 sites connected", "plan chosen from 3 sites' similarity", "federated run complete"):
+        assert sum(found[4].startswith(event) for found in ours) == 1, (event, text[-4000:])
+    # the server said how each round went
+    assert sum(found[4] == "similarity: 3/3 sites replied" for found in ours) == 1
+    # the refusal: one WARNING line at the site, one named reason in the server's report
+    refusals = [found for found in ours if "refused a" in found[4]]
+    assert [(f[2], f[3], f[4].split(" refused")[0]) for f in refusals] == \
+        [("WARNING", "tba_fed.federation.site_audit", "site-0")], text[-4000:]
+    assert "privacy.min_images" in refusals[0][4]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    statuses = [(r["name"], site, v["status"]) for r in report["federation"]["rounds"] for site, v in r["sites"].items()
+                if v["status"] != "ok"]
+    assert statuses == [("statistics", "site-0", "refused")], statuses  # and not asked again
+    reason = report["federation"]["rounds"][1]["sites"]["site-0"]["reason"]
+    assert reason.startswith("privacy.min_images: ") and "\n" not in reason

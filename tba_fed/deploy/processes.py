@@ -5,6 +5,7 @@ with their tracebacks cut to the exceptions' lines."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -17,11 +18,16 @@ from pathlib import Path
 
 from ..errors import TBAInputError, TBARunError, one_line, strip_escapes
 from ..federation.config import TLSFiles
+from ..logs import NOISE, VERBOSE_ENV, formatter, verbose_env
 
 TRACEBACK = "Traceback (most recent call last):"
 QUOTED = ("The above exception was the direct cause", "During handling of the above exception", "ray::")
 RAY_TRACEBACK = re.compile(r"^(?:\S.*:\s+)?ray::[\w.]+\(\) \(pid=")  # Ray's header of a task's traceback
 EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(\([\w.]*\))?:( |$)|Exception \w+ occurred)")
+ACTOR = re.compile(r"^\(\w+ pid=\d+[^)]*\) ")  # Ray's prefix of a line a simulated site's process wrote
+# Flower's console format: the level, a timestamp only at FLWR_LOG_LEVEL=DEBUG, a colon and the message
+FLOWER_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) ?(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)?\s*: ?(.*)$")
+LIBRARY_WARNING = re.compile(r"^\S+:\d+: (?:FutureWarning|DeprecationWarning): ")  # Python's warning line
 
 
 def app_directory() -> Path:
@@ -43,10 +49,13 @@ def free_port() -> int:
 
 def flower_env(home: Path | None = None) -> dict[str, str]:
     """Environment for Flower's processes: this interpreter's bin first on PATH (the SuperLink starts
-    flower-superexec and flwr-serverapp by name), no update check or telemetry, and a private FLWR_HOME if given."""
+    flower-superexec and flwr-serverapp by name), no update check or telemetry, this process's verbosity for the
+    apps' logging, every simulated site's lines (Ray would fold lines alike but for a number, such as two sites'
+    refusals, into one), and a private FLWR_HOME if given."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {k: v for k, v in os.environ.items() if k != VERBOSE_ENV}
+    env = {**env, "PATH": path, "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_DEDUP_LOGS": "0", **verbose_env()}
     return env if home is None else {**env, "FLWR_HOME": str(home)}
 
 
@@ -136,4 +145,36 @@ def without_tracebacks(lines: Iterable[str]) -> Iterator[str]:
             yield line  # what was raised, and its message
         else:
             inside = False
+            yield line
+
+
+def relayed(lines: Iterable[str], verbose: bool) -> Iterable[str]:
+    """A Flower process's output as tba-fed relays it: as it is if `verbose`, else with tracebacks cut and
+    Flower's chatter left out."""
+    return lines if verbose else without_noise(without_tracebacks(lines))
+
+
+def without_noise(lines: Iterable[str]) -> Iterator[str]:
+    """A log with the lines of Flower's own format below WARNING and Flower's `NOISE` left out (with the indented
+    lines that continue them) and its other lines rewritten in tba-fed's format, so the log has one format;
+    Python's FutureWarnings and DeprecationWarnings (Ray's at start-up), with the source line they quote, left out.
+    Lines in tba-fed's format and plain output pass as they are."""
+    dropping = False  # inside a left-out message: its indented continuation lines go too
+    for line in lines:
+        plain = strip_escapes(line).rstrip("\n")
+        prefix = found[0] if (found := ACTOR.match(plain)) else ""
+        body = plain[len(prefix):]
+        if flower := FLOWER_LINE.match(body):
+            level, message = logging.getLevelName(flower[1]), flower[2].strip()
+            dropping = level < logging.WARNING or not message or message.startswith(NOISE)
+            if not dropping:
+                record = logging.makeLogRecord({"name": "flwr", "levelno": level, "levelname": flower[1],
+                                                "msg": message})
+                yield f"{prefix}{formatter().format(record)}\n"
+        elif LIBRARY_WARNING.match(body):
+            dropping = True
+        elif dropping and (not body.strip() or body[:1].isspace()):
+            continue
+        else:
+            dropping = False
             yield line

@@ -29,7 +29,7 @@ from ..fileio import check_output_dir
 from ..models import create_model
 from ..partition import log_histograms
 from ..federation.config import FederatedRunConfig, fixed_plan, load_federated_config
-from .processes import app_directory, executable, flower_env, free_port, local_superlink, stop_process, without_tracebacks
+from .processes import app_directory, executable, flower_env, free_port, local_superlink, relayed, stop_process
 from .profile import development_run
 from ..federation.site import simulated_indices
 from ..federation.site_context import simulated_site
@@ -123,7 +123,7 @@ def relay(command: list[str], *, env: dict[str, str], cwd: Path, timeout: float,
     try:
         if out is not None:
             assert process.stdout is not None
-            for line in process.stdout if tracebacks else without_tracebacks(process.stdout):
+            for line in relayed(process.stdout, tracebacks):
                 out.write(line)
                 out.flush()
         code = process.wait()

@@ -32,7 +32,7 @@ from ..errors import TBAInputError, TBARunError
 from ..fileio import check_output_dir
 from ..federation.config import load_federated_config
 from .flower_connection import Connection, connect, describe_connection, run_connection
-from .processes import app_directory, executable, flower_env, stop_process, without_tracebacks
+from .processes import app_directory, executable, flower_env, relayed, stop_process
 
 _logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def _relay(sub: Submission, out: TextIO, tracebacks: bool) -> tuple[int, int | N
     run_id = None
     try:
         assert process.stdout is not None
-        for line in process.stdout if tracebacks else without_tracebacks(process.stdout):
+        for line in relayed(process.stdout, tracebacks):
             out.write(line)
             out.flush()
             if run_id is None and (found := STARTED.search(line)):

@@ -22,19 +22,50 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import httpx
 from flwr.app import Message
 
 from ..errors import FederationError
+from ..logs import PROGRESS_SECONDS
 from .flower_internals import ErrorCode, RunNotRunningException
 
 _logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 3.0  # how often replies are pulled and an offline site is looked for (as Flower's send_and_receive pulls)
 WAKE_SECONDS = 0.5  # longest uninterrupted wait of the main thread
+
+
+def progress_line(name: str, done: int, total: int, waiting: Sequence[str], seconds_left: float,
+                  verb: str = "replied") -> str:
+    """One line of a wait's progress, e.g. "statistics: 2/3 sites replied, waiting for hospital-c, 40 s left"."""
+    line = f"{name}: {done}/{total} sites {verb}"
+    return f"{line}, waiting for {', '.join(waiting)}, {max(seconds_left, 0.0):.0f} s left" if waiting else line
+
+
+class RoundProgress:
+    """The server's word while a round waits: a line when a site replies, and one at least every `every` seconds
+    in between, naming the sites still awaited (by the names in `names`, which fill in as sites reply)."""
+
+    def __init__(self, name: str, nodes: Sequence[int], names: Mapping[int, str], every: float = PROGRESS_SECONDS) -> None:
+        self.name, self.nodes, self.names, self.every = name, list(nodes), names, every
+        self.replied: set[int] = set()
+        self.last = time.monotonic()
+
+    def reply(self, node: int, seconds_left: float) -> None:
+        self.replied.add(node)
+        self._log(seconds_left)
+
+    def wait(self, seconds_left: float) -> None:
+        if time.monotonic() - self.last >= self.every:
+            self._log(seconds_left)
+
+    def _log(self, seconds_left: float) -> None:
+        waiting = [self.names.get(node, f"node-{node}") for node in self.nodes if node not in self.replied]
+        _logger.info("%s", progress_line(self.name, len(self.replied), len(self.nodes), waiting, seconds_left))
+        self.last = time.monotonic()
 
 
 class BoundedGrid:
@@ -99,8 +130,8 @@ class BoundedGrid:
         return outcome["value"]
 
 
-def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *,
-                           timeout: float) -> Iterator[tuple[int, list[Message]]]:
+def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *, timeout: float,
+                           progress: RoundProgress | None = None) -> Iterator[tuple[int, list[Message]]]:
     """Push one message per node, then yield ``(node, replies)`` as each node's reply reaches the SuperLink.
 
     Each reply is pulled on its own: Flower's ``send_and_receive`` returns only when the last reply is in, so
@@ -110,14 +141,19 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *,
     A node reported unavailable, or online again since it was asked, is asked again with a copy of its message
     before the deadline (if it does not come back, its replies are that error). A reply that reached the
     SuperLink before the deadline is taken even if the caller's work on earlier ones ran past it. A node never
-    yielded did not answer within `timeout`.
+    yielded did not answer within `timeout`. `progress` hears of each node yielded and of the wait in between.
     """
     deadline = time.monotonic() + timeout
     asked = {message.metadata.dst_node_id: message for message in messages}
     activated = _activations(grid)
     pending = _push(grid, list(messages))
+    def left() -> float:
+        return deadline - time.monotonic()
+
     for node in set(asked) - set(pending.values()):
         _logger.warning("the SuperLink did not accept the message for node %s", node)
+        if progress is not None:
+            progress.reply(node, left())
         yield node, []
     offline: dict[int, Message] = {}  # node -> the SuperLink's "node unavailable" reply
     while pending or offline:
@@ -131,6 +167,8 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *,
                 _logger.warning("node %s went offline during the round; it is asked again if it reconnects in time", node)
                 offline[node] = replies[0]
                 continue
+            if progress is not None:
+                progress.reply(node, left())
             yield node, replies
             del replies  # the caller's copy is the only one left
         if expired:
@@ -148,7 +186,9 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *,
                 del pending[message_id]
             pending.update(_push(grid, [_copy(asked[node]) for node in back]))
         if pending or offline:
-            time.sleep(min(POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
+            if progress is not None:
+                progress.wait(left())
+            time.sleep(min(POLL_SECONDS, max(left(), 0.0)))
     for node, error in offline.items():
         yield node, [error]
 

@@ -7,8 +7,8 @@ text, or a field and a fixed sentence). Raising instead would hand Flower the ex
 Ray turns it into a traceback, with colour codes, that Flower prints and passes to the server as the
 error's reason, and the server would know the site only by its node id.
 
-What still arrives as a Flower error (a site that is offline, a crashed ClientApp, the SecAgg+ round,
-whose protocol needs an exception) is reduced to one line by `error_reason`: Flower's own reasons
+What still arrives as a Flower error (a site that is offline, a crashed ClientApp, a refusal in the SecAgg+
+round, whose replies must be Flower's: `refusal_error`) is reduced to one line by `error_reason`: Flower's own reasons
 as they are, a ClientApp's exception by its text only when it is one of the kinds written to leave a
 site (`LEAVING`), else by its class alone.
 """
@@ -43,6 +43,14 @@ def failure_reply(msg: Message, err: TBAInputError, site: str | None) -> Message
     meta: dict[str, Any] = {**({"site": site} if site else {}), **echo(msg)}
     failure = {"status": "refused" if isinstance(err, SiteRefusal) else "error", "reason": str(err)}
     return Message(RecordDict({"meta": ConfigRecord(meta), FAILURE: ConfigRecord(failure)}), reply_to=msg)
+
+
+def refusal_error(msg: Message, err: Exception) -> Message:
+    """The reply of a site that will not serve `msg` where a failure reply does not fit (the secure round, whose
+    replies Flower's SecAgg+ reads as legacy FitRes): a Flower error in the form the SuperNode gives a ClientApp's
+    exception, which `error_reason` reads. Sent rather than raised: raised, it would be printed as a traceback
+    and end the site's task process with Flower's exit code 800. `err` must be one of the kinds in `LEAVING`."""
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err)}:<'{err}'>"), reply_to=msg)
 
 
 def decode_failure(content: RecordDict) -> tuple[str, str] | None:

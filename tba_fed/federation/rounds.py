@@ -18,7 +18,8 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from ..errors import FederationError, TBAInputError, one_line
-from .delivery import replies_as_they_arrive
+from ..logs import PROGRESS_SECONDS
+from .delivery import RoundProgress, progress_line, replies_as_they_arrive
 from .envelope import check_echo, stamp
 from .failures import decode_failure, error_reason
 from .records import from_record, received_schema
@@ -72,7 +73,8 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
     accepted: dict[str, Any] = {}
     entries: dict[int, dict[str, Any]] = {}
     receipts: dict[int, dict[str, Any]] = {}
-    for node, replies in replies_as_they_arrive(grid, list(sent.values()), timeout=timeout):
+    progress = RoundProgress(log.name, nodes, log.names)
+    for node, replies in replies_as_they_arrive(grid, list(sent.values()), timeout=timeout, progress=progress):
         reply = replies[0] if len(replies) == 1 else None
         name = _site_name(node, replies[-1] if replies else None, log.names)
         entry: dict[str, Any] = {"node_id": node}
@@ -121,12 +123,17 @@ def exchange(grid: Grid, nodes: list[int], message_type: str, make_content: Call
 def wait_for_nodes(grid: Grid, wanted: int, minimum: int, timeout: float) -> list[int]:
     """Wait until `wanted` sites are connected, or settle for `minimum` when the timeout passes."""
     deadline = time.monotonic() + timeout
+    said: tuple[int, float] = (-1, time.monotonic())  # connected sites when the last progress line was logged, and when
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= wanted or (time.monotonic() > deadline and len(nodes) >= minimum):
             return nodes
         if time.monotonic() > deadline:
             raise FederationError(f"only {len(nodes)} sites connected within {timeout:.0f} s; min_sites is {minimum}")
+        if len(nodes) != said[0] or time.monotonic() - said[1] >= PROGRESS_SECONDS:
+            _logger.info("%s", progress_line("waiting for sites", len(nodes), wanted, [], 0, "connected")
+                         + f", {deadline - time.monotonic():.0f} s left (min_sites {minimum})")
+            said = (len(nodes), time.monotonic())
         time.sleep(1.0)
 
 

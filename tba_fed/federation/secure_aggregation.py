@@ -60,9 +60,9 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 
-from ..errors import FederationError
+from ..errors import FederationError, TBAInputError
 from ..privacy.policy import SecureRound
-from .failures import error_reason
+from .failures import error_reason, refusal_error
 from .flower_internals import ClientProxy, SecAggPlusWorkflowFixed, fitins_from_content, fitres_content, secagg_round
 
 _logger = logging.getLogger(__name__)
@@ -79,7 +79,12 @@ Compute = Callable[[dict[str, Scalar], Context], tuple[Mapping[str, np.ndarray],
 
 
 class SecureSumRefused(ValueError):
-    """A site will not contribute: its arrays break the bounds or the shapes the server scales by."""
+    """A site will not contribute: its arrays break the bounds or the shapes the server scales by. `detail`: what
+    of the site's data explains it, for the site's own log line only (the text is what leaves the site)."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 @dataclass
@@ -144,8 +149,8 @@ def scaled_for_secagg(arrays: Mapping[str, np.ndarray], site_bounds: Mapping[str
                                    f"{bound:g}: entries could be clipped")
         largest = float(np.abs(value).max(initial=0.0))
         if largest > site_bound:  # the magnitude is the data's: it stays in the site's log
-            _logger.error("secure sum: '%s' has an entry of magnitude %g", name, largest)
-            raise SecureSumRefused(f"'{name}': an entry exceeds its bound {site_bound:g}")
+            raise SecureSumRefused(f"'{name}': an entry exceeds its bound {site_bound:g}",
+                                   f"an entry of magnitude {largest:g}")
         out.append(value / bound)
     return out
 
@@ -165,8 +170,8 @@ def register_secure_fit(app: ClientApp, compute: Compute) -> None:
     """Register the secure-sum handler on `app` for the plain ``"train"`` message type, with secaggplus_mod as a
     per-handler mod: the mod answers the setup, key-sharing and unmasking stages itself and calls the handler at
     the masked-vector stage. `compute(config, context)` returns the site's arrays and the bounds it guarantees
-    (`config`: the flat dict given to :func:`secure_sum`); a refusal raises ``SecureSumRefused`` in the
-    ClientApp, so the server gets an error reply and no arrays."""
+    (`config`: the flat dict given to :func:`secure_sum`); a refusal (``SecureSumRefused``, or a TBAInputError from
+    `compute`) is answered with an error reply (`refusals_as_errors`), so the server gets no arrays."""
 
     def secure_fit(msg: Message, context: Context) -> Message:
         """Answer with a legacy FitRes: the checked arrays divided by their bounds, in sorted key order,
@@ -178,12 +183,22 @@ def register_secure_fit(app: ClientApp, compute: Compute) -> None:
                                           context)
             scaled = scaled_for_secagg(arrays, site_bounds, shapes, bounds)
         except SecureSumRefused as err:
-            _logger.error("secure sum refused: %s", err)
+            _logger.warning("secure sum refused: %s%s", err, f" ({err.detail})" if err.detail else "")
             raise
         fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(scaled), num_examples=1, metrics={})
         return Message(fitres_content(fitres), reply_to=msg)
 
-    app.train(mods=[secaggplus_mod])(secure_fit)
+    app.train(mods=[refusals_as_errors, secaggplus_mod])(secure_fit)
+
+
+def refusals_as_errors(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Outer mod of the secure round: a refusal (``SecureSumRefused``, or what the site's audit lets leave it, a
+    TBAInputError), already logged at the site in one line, goes back as an error reply (`refusal_error`), which the
+    server's SecAgg+ workflow counts as the site dropping out; never raised to Flower as a traceback."""
+    try:
+        return call_next(msg, context)
+    except (SecureSumRefused, TBAInputError) as err:
+        return refusal_error(msg, err)
 
 
 # --------------------------------------------------------------------------------------------- server side

@@ -12,7 +12,8 @@ a `SiteRefusal` (its text comes from the request and the site's configuration al
 Any other error may quote what the site's data decided (an image count, a patient's file name): it leaves
 as a `SiteError` that names its field alone, and the detail stays in the audit log and in one line of the
 site's own log. Either leaves as a failure reply (`failures_as_replies`), not as an exception Flower would
-print and forward as a traceback; only the secure round, whose protocol needs one, raises it.
+print and forward as a traceback; in the secure round, whose replies Flower's SecAgg+ reads, as an error reply
+(`secure_aggregation.refusals_as_errors`).
 """
 
 from __future__ import annotations
