@@ -247,14 +247,11 @@ def output_path(directory: Path, output: Path | None) -> Path:
     marker, so a later --overwrite of that model removes it), or to `output`, replaced only if it is tba-fed's own
     benchmark file. Nothing tba-fed did not write is overwritten."""
     if output is None:
-        try:
-            files = owned_files(directory, "compressed")
+        try:  # refused if DIR holds a file its marker does not list, or one changed since: benchmark.json too
+            owned_files(directory, "compressed")
         except TBAInputError as err:
             raise TBAInputError("output", f"cannot write {FILE} into {directory}: {err.message}",
                                 "pass --output FILE to write it elsewhere") from None
-        if (directory / FILE).exists() and FILE not in files:
-            raise TBAInputError("output", f"{directory / FILE} was not written by tba-fed; refusing to replace it",
-                                "pass --output FILE to write it elsewhere")
         writable_location(directory, "output")
         return directory / FILE
     output = Path(output)
