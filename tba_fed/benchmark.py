@@ -30,6 +30,7 @@ from .checkpoint import open_compressed
 from .compressed import count_parameters
 from .config import load_json
 from .errors import TBAInputError, TBARunError
+from .export import check_compressed_dir, check_images, count_flops, input_shape, require_onnx, write_onnx
 from .fileio import atomic_write_text, owned_files, writable_location, write_owned
 
 _logger = logging.getLogger(__name__)
@@ -247,6 +248,7 @@ def output_path(directory: Path, output: Path | None) -> Path:
     marker, so a later --overwrite of that model removes it), or to `output`, replaced only if it is tba-fed's own
     benchmark file. Nothing tba-fed did not write is overwritten."""
     if output is None:
+        check_compressed_dir(directory)
         try:  # refused if DIR holds a file its marker does not list, or one changed since: benchmark.json too
             owned_files(directory, "compressed")
         except TBAInputError as err:
@@ -284,12 +286,10 @@ def benchmark_compressed(directory: str | Path, *, batch_sizes: Sequence[int] = 
     """Measure the compressed model in `directory` against its original (see the module docstring), for every
     runtime and batch size; with `save`, write benchmark.json into `directory` (or to `output`). Inputs and the
     output location are checked before any model is built."""
-    from .export import check_compressed_dir, check_images, count_flops, input_shape, require_onnx, write_onnx
-
     directory = Path(directory)
     check_settings(batch_sizes, runtimes, repeats, warmup)
-    check_compressed_dir(directory)
     path = output_path(directory, None if output is None else Path(output)) if save else None
+    check_compressed_dir(directory)
     if "onnxruntime" in runtimes:
         require_onnx()
     opened = open_compressed(directory)
