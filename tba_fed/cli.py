@@ -390,6 +390,18 @@ def run_export(compressed: Path, output: Path, format: str, overwrite: bool) -> 
     print(f"{format} export written to {folder}/ ({CARD_MD}, model_card.json)")
 
 
+def run_benchmark(compressed: Path, batch_sizes: list[int] | None, runtimes: list[str] | None, repeats: int,
+                  warmup: int, memory: bool, output: Path | None) -> None:
+    """``tba-fed benchmark``: original vs compressed, interleaved in one process, eager and ONNX Runtime."""
+    from .benchmark import RUNTIMES, benchmark_compressed, table
+
+    for noisy in ("onnx_ir", "onnxscript"):  # one line per graph pass otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    result = benchmark_compressed(compressed, batch_sizes=tuple(batch_sizes or (1, 32)), runtimes=tuple(runtimes or RUNTIMES),
+                                  repeats=repeats, warmup=warmup, memory=memory, output=output)
+    print(table(result))
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line naming the flag and where the flags are listed, not a usage block."""
 
@@ -516,6 +528,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm: stock timm weights (only plans whose spans all drop their blocks); onnx; pt2")
     p.add_argument("--output", "-o", type=Path, required=True, metavar="OUT", help="new output directory")
     p.add_argument("--overwrite", action="store_true", help="replace tba-fed's own earlier export there")
+    p = sub.add_parser("benchmark", help="latency, throughput, peak memory and FLOPs of a compressed model vs its "
+                                         "original (PyTorch eager and ONNX Runtime, interleaved in one process)")
+    p.add_argument("compressed", type=Path, metavar="DIR", help="a compressed model (tba-fed compress, a federated run)")
+    p.add_argument("--batch-size", dest="batch_sizes", type=int, action="append", metavar="N",
+                   help="batch size to measure (repeatable; default 1 and 32)")
+    p.add_argument("--runtime", dest="runtimes", action="append", choices=["eager", "onnxruntime"],
+                   help="runtime to measure (repeatable; default both)")
+    p.add_argument("--repeats", type=int, default=20, metavar="N", help="timed calls of each model per setting (20)")
+    p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed calls of each model first (3)")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the peak-memory probes (one fresh process per model, runtime and batch size)")
+    p.add_argument("--output", "-o", type=Path, metavar="FILE",
+                   help="where to write the JSON (default DIR/benchmark.json; an existing file is replaced only if "
+                        "it is tba-fed's own benchmark)")
     p = sub.add_parser("prepare", help="fetch, convert and verify the offline DINOv2-S weights into $TBA_FED_CACHE")
     p.add_argument("--force", action="store_true", help="redo the conversion and the onnxruntime check")
     p = sub.add_parser("demo", help="federated run of 3 simulated sites + a short Table 1 on the real offline model")
@@ -537,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         "status": lambda: run_status(args.config),
         "audit": lambda: run_audit(args.audit_command, args.log, getattr(args, "against", None), getattr(args, "head", None)),
         "export": lambda: run_export(args.compressed, args.output, args.format, args.overwrite),
+        "benchmark": lambda: run_benchmark(args.compressed, args.batch_sizes, args.runtimes, args.repeats, args.warmup,
+                                           args.memory, args.output),
         "preflight": lambda: run_preflight(args.config, args.kind, args.expiry_days),
         "superlink": lambda: run_superlink(args.config, args.print_only),
         "supernode": lambda: run_supernode(args.config, args.print_only),

@@ -52,10 +52,10 @@ def export(compressed_dir: str | Path, out_dir: str | Path, format: str, *, over
         raise TBAInputError("format", f"unknown format {str(format)[:40]!r}", f"use one of {', '.join(FORMATS)}")
     source, out = Path(compressed_dir), Path(out_dir)
     check_output_dir(out, kind=KIND, overwrite=overwrite)
-    _check_input(source)
+    check_compressed_dir(source)
     writer = _WRITERS[format]
     if format == "onnx":
-        _require_onnx()
+        require_onnx()
     opened = open_compressed(source)
     model = opened.model
     for parameter in model.parameters():
@@ -74,7 +74,8 @@ def export(compressed_dir: str | Path, out_dir: str | Path, format: str, *, over
     return out
 
 
-def _check_input(path: Path) -> None:
+def check_compressed_dir(path: Path) -> None:
+    """`path` is a compressed-model directory (refused in one line naming ``input`` before any model is built)."""
     if not path.is_dir():
         raise TBAInputError("input", f"{path} {'is not a directory' if path.exists() else 'does not exist'}",
                             COMPRESSED_FIX)
@@ -83,7 +84,7 @@ def _check_input(path: Path) -> None:
                             COMPRESSED_FIX)
 
 
-def _require_onnx() -> None:
+def require_onnx() -> None:
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -218,8 +219,9 @@ def _write_timm(model: nn.Module, stock: StockModel | None, folder: Path) -> Che
 # ---- onnx and pt2 --------------------------------------------------------------------------------------------
 
 
-def _write_onnx(model: nn.Module, stock: StockModel | None, folder: Path) -> Check:
-    """model.onnx (opset 18, dynamic batch axis ``batch``), then run by onnxruntime on batches of 1 and 3."""
+def write_onnx(model: nn.Module, folder: Path) -> Check:
+    """folder/model.onnx (opset 18, dynamic batch axis ``batch``), then run by onnxruntime on batches of 1 and 3 and
+    compared with `model` (the benchmark exports the original model with it too)."""
     import onnxruntime
 
     path = folder / "model.onnx"
@@ -245,18 +247,27 @@ def _write_pt2(model: nn.Module, stock: StockModel | None, folder: Path) -> Chec
 
 
 _WRITERS: dict[str, Callable[[nn.Module, StockModel | None, Path], Check]] = {  # stock: the timm format's model
-    "timm": _write_timm, "onnx": _write_onnx, "pt2": _write_pt2}
+    "timm": _write_timm, "onnx": lambda model, stock, folder: write_onnx(model, folder), "pt2": _write_pt2}
 
 
 # ---- model card ----------------------------------------------------------------------------------------------
 
 
+def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
 def count_flops(model: nn.Module) -> int:
     """FLOPs of one forward pass on one image, as torch's FlopCounterMode counts them (matmuls, convolutions,
-    attention)."""
+    attention). FlopCounterMode has no formula for the CPU kernel of scaled_dot_product_attention
+    (``_scaled_dot_product_flash_attention_for_cpu``) and would count attention as free on CPU: it is given torch's
+    own formula for the other attention kernels."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         model(check_images(model, 1))
     return int(counter.get_total_flops())
 

@@ -51,7 +51,7 @@ POSITIONALS = {
     "analyze": [], "compress": [], "experiment": ["config"], "simulate": ["config"], "preflight": ["config"],
     "superlink": ["config"], "supernode": ["config"], "submit": ["config"], "privacy report": ["site_config"],
     "site init": ["dir"], "audit verify": ["log"], "audit show": ["log"], "prepare": [], "demo": [],
-    "export": ["compressed"], "connect": ["config"], "status": ["config"],
+    "export": ["compressed"], "benchmark": ["compressed"], "connect": ["config"], "status": ["config"],
 }
 # Flags argparse requires, given with every call that is otherwise valid (export's positional is a directory).
 REQUIRED_FLAGS = {"export": ["--format", "pt2", "--output", "out"],
@@ -169,7 +169,8 @@ def test_408_site_init_into_a_file(path, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("command", sorted(c for c, p in POSITIONALS.items()
-                                            if p and not c.startswith("audit") and c not in ("export", "site init")))
+                                            if p and not c.startswith("audit") and c not in ("export", "benchmark",
+                                                                                             "site init")))
 def test_409_an_empty_yaml_file(command, capsys, tmp_path):
     assert_refused([*command.split(), "empty.yaml"], "empty.yaml is empty", capsys, tmp_path,
                    1 if command in CHECKERS else 2)
@@ -181,7 +182,8 @@ def _commands_with(flag: str) -> list[str]:
 
 @pytest.mark.parametrize("command", _commands_with("--output"))
 def test_410_output_naming_an_existing_file(command, capsys, tmp_path):
-    extra = {"compress": [*TINY, "--plan", "0->1"], "analyze": TINY, "export": ["folder", "--format", "pt2"]}.get(command, [])
+    extra = {"compress": [*TINY, "--plan", "0->1"], "analyze": TINY, "export": ["folder", "--format", "pt2"],
+             "benchmark": ["folder"]}.get(command, [])
     if command == "experiment":
         (tmp_path / "experiment.yaml").write_text(
             "model: {name: vit_tiny_patch16_224, kwargs: {depth: 2, img_size: 32, patch_size: 16}}\n"
