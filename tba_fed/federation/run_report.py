@@ -106,5 +106,6 @@ def write_run(output: Path, overwrite: bool, maps: Mapping[Span, LinearMap], rep
         + federation_markdown(report["federation"], profile, superlink_checks)
     write_compressed(output, maps, manifest(report, maps), overwrite=overwrite,
                      files={"report.json": report_json, "report.md": markdown},
-                     extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)))
+                     extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity,
+                                                                                          spans=sorted(maps))))
     return report_json
