@@ -85,6 +85,13 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                         "blocks (0.1)")
     g.add_argument("--batch-size", dest="data.batch_size", type=int, metavar="N")
     g.add_argument("--data-seed", dest="data.seed", type=int, metavar="N")
+    g = parser.add_argument_group("method")
+    g.add_argument("--token-mode", dest="token_mode", choices=["all", "cls", "patch"], help="tokens that enter the fit")
+    g.add_argument("--device", dest="device", help="cpu (default), cuda, cuda:N, or auto (the GPU if torch sees one)")
+    g.add_argument("--output", "-o", dest="output", type=Path, metavar="DIR", help="output directory")
+    g.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
+                   help="replace tba-fed's own earlier output of this command (refused if the directory holds "
+                        "anything else)")
 
 
 def _add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
@@ -99,13 +106,6 @@ def _add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-classifier", dest="evaluation.classifier", choices=["probe", "head"],
                    help="probe (default): closed-form ridge probe fitted on the calibration images; head: the model's "
                         "own classifier head, when the evaluation labels are its classes")
-    g = parser.add_argument_group("method")
-    g.add_argument("--token-mode", dest="token_mode", choices=["all", "cls", "patch"], help="tokens that enter the fit")
-    g.add_argument("--device", dest="device", help="cpu (default), cuda, cuda:N, or auto (the GPU if torch sees one)")
-    g.add_argument("--output", "-o", dest="output", type=Path, metavar="DIR", help="output directory")
-    g.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
-                   help="replace tba-fed's own earlier output of this command (refused if the directory holds "
-                        "anything else)")
 
 
 def _source_overrides(section: str, value: str | None) -> dict[str, str]:
