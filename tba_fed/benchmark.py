@@ -30,7 +30,8 @@ from .checkpoint import open_compressed
 from .compressed import count_parameters
 from .config import load_json
 from .errors import TBAInputError, TBARunError
-from .export import check_compressed_dir, check_images, count_flops, input_shape, require_onnx, write_onnx
+from .compressed import count_flops
+from .export import check_compressed_dir, check_images, input_shape, require_onnx, write_onnx
 from .fileio import atomic_write_text, owned_files, writable_location, write_owned
 
 _logger = logging.getLogger(__name__)

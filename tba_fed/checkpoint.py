@@ -73,18 +73,22 @@ def write_compressed(path: str | Path, maps: Mapping[Span, LinearMap], manifest:
 
 
 def save_compressed(result: Compression, path: str | Path, *, overwrite: bool = False,
-                    similarity: SimilarityStats | None = None) -> Path:
-    """Write maps, manifest and report (and the similarity that chose the plan) atomically."""
+                    similarity: SimilarityStats | None = None, accuracy: dict | None = None) -> Path:
+    """Write maps, manifest and report (and the similarity that chose the plan, its heatmap marking the plan's
+    spans) atomically; `accuracy`: the evaluation set's section (`accuracy.evaluate_models`), if one was scored."""
     if result.source is None:
         raise TBAInputError("source", "saving needs the model's source so load_compressed can rebuild the base weights",
                             "pass source=ModelConfig(...) to calibrate")
     report = compression_dict(result)
+    if accuracy is not None:
+        report["accuracy"] = accuracy
     maps = {span: fit.map for span, fit in result.fits.items()}
     return write_compressed(
         path, maps, manifest(report, maps), overwrite=overwrite,
         files={"report.json": json.dumps(report, indent=2) + "\n", "report.md": compression_markdown(report),
                REPORT_HTML: run_page(report, similarity)},
-        extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)),
+        extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity,
+                                                                             spans=result.plan.spans)),
     )
 
 

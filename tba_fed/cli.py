@@ -19,7 +19,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 import yaml
 
@@ -100,30 +100,63 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 PATH_SOURCES = ("cifar10", "cifar100", "medmnist", "image_folder")  # --data SOURCE:PATH
 
 
-def _data_source(data: str) -> dict[str, str]:
+def _data_source(data: str, flag: str = "--data") -> dict[str, str]:
     """--data: a source by name, SOURCE:PATH, a MedMNIST .npz file, or an image folder (one sub-folder per class)."""
     source, colon, path = data.partition(":")
     if data in ("synthetic", "fashion_mnist"):
         return {"source": data}
     if colon and source in PATH_SOURCES:
         if not path:
-            raise TBAInputError("--data", f"{data!r} names no path", f"e.g. --data {source}:/data/{source}")
+            raise TBAInputError(flag, f"{data!r} names no path", f"e.g. {flag} {source}:/data/{source}")
         return {"source": source, "path": path}
     return {"source": "medmnist" if data.endswith(".npz") else "image_folder", "path": data}
+
+
+def _add_evaluation_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("evaluation (accuracy of the original and the compressed model)")
+    g.add_argument("--eval-data", dest="eval_data", metavar="SOURCE|PATH",
+                   help="labelled images to score both models on: fashion_mnist, synthetic, an image folder or a "
+                        "MedMNIST .npz (the evaluation: section of a YAML config takes any data source)")
+    g.add_argument("--eval-split", dest="evaluation.data.split", choices=["train", "val", "test"],
+                   help="split of the evaluation source (default train; use test for Fashion-MNIST's held-out images)")
+    g.add_argument("--eval-num-images", dest="evaluation.data.num_images", type=int, metavar="N",
+                   help="a seeded random subset of N evaluation images (default 500)")
+    g.add_argument("--eval-classifier", dest="evaluation.classifier", choices=["probe", "head"],
+                   help="probe (default): closed-form ridge probe fitted on the calibration images; head: the model's "
+                        "own classifier head, when the evaluation labels are its classes")
+
+
+def _source_overrides(section: str, value: str | None, flag: str) -> dict[str, str]:
+    """A ``--data``-style value (`_data_source`) as overrides of the config's `section`."""
+    return {} if value is None else {f"{section}.{key}": v for key, v in _data_source(value, flag).items()}
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
     from .config import RunConfig, load_config
 
     overrides = {k: v for k, v in vars(args).items() if "." in k or k in RunConfig.model_fields}
-    if args.data is not None:
-        overrides.update({f"data.{key}": value for key, value in _data_source(args.data).items()})
+    overrides |= (_source_overrides("data", args.data, "--data")
+                  | _source_overrides("evaluation.data", getattr(args, "eval_data", None), "--eval-data"))
     overrides |= {f"model.kwargs.{key}": value for key, value in args.model_args or []}
     return load_config(args.config, overrides)
 
 
-def _prepare(config: RunConfig, kind: str):
-    """Check the device and the output directory before any work, then build the model and the data loaders."""
+class EvaluationSet(NamedTuple):
+    batches: Any
+    num_classes: int
+
+
+class Prepared(NamedTuple):
+    model: Any
+    calibration: Any
+    holdout: Any
+    evaluation: EvaluationSet | None
+
+
+def _prepare(config: RunConfig, kind: str, evaluate: bool = False) -> Prepared:
+    """Check the device and the output directory before any work, then build the model and the data loaders
+    (`evaluate`: and the evaluation set, if the config has one)."""
+    from .accuracy import check_classifier
     from .config import check_device
     from .data import build_dataset, calibration_split, make_loader
     from .fileio import check_output_dir
@@ -133,10 +166,39 @@ def _prepare(config: RunConfig, kind: str):
     check_device(config.device)
     check_output_dir(config.output, kind=kind, overwrite=config.overwrite)
     model = create_model(config.model)
+    evaluate = evaluate and config.evaluation is not None
+    if evaluate:
+        check_classifier(model, config.evaluation, config.data)  # type: ignore[arg-type]
     dataset = build_dataset(config.data, model)
     calibration, holdout = calibration_split(dataset, config.data, development_key(config.data.seed))
     _logger.info("data: %d calibration and %d held-out images", len(calibration), len(holdout))
-    return model, make_loader(calibration, config.data), make_loader(holdout, config.data) if len(holdout) else None
+    evaluation = _evaluation_set(config, model, dataset, calibration) if evaluate else None
+    return Prepared(model, make_loader(calibration, config.data),
+                    make_loader(holdout, config.data) if len(holdout) else None, evaluation)
+
+
+def _evaluation_set(config: RunConfig, model, dataset, calibration) -> EvaluationSet:
+    """The evaluation images (every image of the source or a seeded subset), checked to share the classifier's
+    label space, and the number of classes the probe needs."""
+    from torch.utils.data import Subset
+
+    from .accuracy import check_disjoint, check_label_space, subset_labels
+    from .data import build_dataset, make_loader, pool_indices
+
+    ev = config.evaluation
+    assert ev is not None
+    try:
+        eval_dataset = build_dataset(ev.data, model)
+        images = Subset(eval_dataset, pool_indices(eval_dataset, ev.data).tolist())
+    except TBAInputError as err:  # the data module names its fields as the calibration data's
+        raise TBAInputError(f"evaluation.{err.field}", err.message, err.fix) from None
+    labels = subset_labels(images)
+    check_label_space(ev, model, dataset, eval_dataset, labels)
+    check_disjoint(ev, config.data, calibration, images)
+    num_classes = int(max(labels.max(initial=0), subset_labels(calibration).max(initial=0))) + 1
+    _logger.info("evaluation: %d images (%s, split %s), %d classes", len(images), ev.data.source, ev.data.split,
+                 num_classes)
+    return EvaluationSet(make_loader(images, ev.data), num_classes)
 
 
 def run_analyze(config: RunConfig, metric: str = "mse") -> None:
@@ -144,7 +206,7 @@ def run_analyze(config: RunConfig, metric: str = "mse") -> None:
     from .pipeline import analyze
     from .report import similarity_markdown, write_similarity
 
-    model, calibration, _ = _prepare(config, "similarity")
+    model, calibration, _, _ = _prepare(config, "similarity")
     similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
     with atomic_directory(config.output, kind="similarity", overwrite=config.overwrite) as tmp:
         write_similarity(tmp, similarity, metric)
@@ -152,12 +214,13 @@ def run_analyze(config: RunConfig, metric: str = "mse") -> None:
 
 
 def run_compress(config: RunConfig) -> None:
+    from .accuracy import evaluate_models
     from .checkpoint import save_compressed
     from .pipeline import analyze, calibrate, choose_plan
 
     if config.plan is None and config.budget is None:  # before any work, not after it
         raise TBAInputError("plan", "give a plan or a budget", 'e.g. --plan "1->2" or --budget-blocks 2')
-    model, calibration, holdout = _prepare(config, "compressed")
+    model, calibration, holdout, evaluation = _prepare(config, "compressed", evaluate=True)
     plan, similarity = config.plan, None
     if plan is None:
         similarity = analyze(model, calibration, token_mode=config.token_mode, device=config.device)
@@ -167,7 +230,12 @@ def run_compress(config: RunConfig) -> None:
     result = calibrate(model, plan, calibration, holdout, token_mode=config.token_mode, bias=config.bias,
                        ridge=config.ridge, identity=config.identity_spans or "", device=config.device, source=config.model,
                        map_kind=config.map)
-    save_compressed(result, config.output, overwrite=config.overwrite, similarity=similarity)
+    accuracy = None
+    if evaluation is not None:
+        assert config.evaluation is not None
+        accuracy = evaluate_models(model, result.model, calibration, evaluation.batches, config=config.evaluation,
+                                   num_classes=evaluation.num_classes, device=config.device)
+    save_compressed(result, config.output, overwrite=config.overwrite, similarity=similarity, accuracy=accuracy)
     print((config.output / "report.md").read_text())
     print(f"compressed model written to {config.output}/ (maps.safetensors, manifest.yaml, report.md)")
 
@@ -216,7 +284,7 @@ def run_experiment_command(path: Path, output: Path | None) -> None:
         config = config.model_copy(update={"output": output})
     folder = run_experiment(config)
     print((folder / "table.md").read_text())
-    print(f"results in {folder}/ (table.md, table.csv, summary.json, rows.jsonl)")
+    print(f"results in {folder}/ (table.md, table.csv, summary.json, accuracy_vs_params.png, rows.jsonl)")
 
 
 def run_prepare(force: bool) -> None:
@@ -434,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "parameters, a stock timm model")
     g.add_argument("--bias", dest="bias", action=argparse.BooleanOptionalAction, default=None, help="affine map (default on)")
     g.add_argument("--ridge", dest="ridge", type=float, metavar="R", help="ridge relative to tr(G)/d (default 0)")
+    _add_evaluation_flags(p)
     p = sub.add_parser("experiment", help="the paper's Table-1 protocol: approximations x seeds x datasets")
     p.add_argument("config", type=Path, help="experiment YAML (see configs/table1-*.yaml)")
     p.add_argument("--output", "-o", type=Path, help="output directory: new, empty, or an earlier run's (its "

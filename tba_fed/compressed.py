@@ -137,6 +137,38 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_flops(model: nn.Module) -> int:
+    """FLOPs of one forward pass on one image at the model's input size, as torch's FlopCounterMode counts them
+    (matmuls, convolutions, attention; 2 per multiply-add). The values of the image do not matter.
+
+    On the CPU, ``scaled_dot_product_attention`` runs ``aten._scaled_dot_product_flash_attention_for_cpu``, which
+    torch's counter has no formula for (it counted attention as 0 FLOPs): it is given torch's own SDPA formula."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from .data import data_config
+
+    def sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    image = torch.zeros(1, *data_config(model)["input_size"], dtype=next(model.parameters()).dtype,
+                        device=next(model.parameters()).device)
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa}
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        model.eval()(image)
+    return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class FlopReport:
+    original: int
+    compressed: int
+    counted: str = "torch.utils.flop_counter.FlopCounterMode, one image at the model's input size"
+
+
+def flop_report(original: nn.Module, compressed: nn.Module) -> FlopReport:
+    return FlopReport(count_flops(original), count_flops(compressed))
+
+
 def parameter_report(model: nn.Module, plan: Plan, *, bias: bool, identity: frozenset[Span] = frozenset(),
                      map_kind: str = "linear") -> ParameterReport:
     """Exact parameter counts, plus the paper's Table-1 convention for comparison.

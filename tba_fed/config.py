@@ -182,6 +182,35 @@ class DataConfig(_Section):
         return self
 
 
+class EvaluationSetConfig(_Section):
+    """Labelled images on which `compress` scores the original and the compressed model.
+
+    ``classifier``: ``probe`` (default) fits the closed-form ridge probe on each model's final-norm features of
+    the calibration images and scores it here, so the evaluation labels must be the calibration labels' classes
+    (the same source; image folders: the same class folders). ``head`` scores the model's own classifier head
+    (argmax of its logits): only the user can say that the labels are the head's classes (an ImageNet head has
+    1,000 classes, and Fashion-MNIST's labels 0-9 lie among them without meaning them), so it is never guessed;
+    a model without a head (``num_classes`` 0) or a label outside it is refused. The evaluation set is every
+    image of its source, or a seeded random subset of ``num_images``.
+    """
+
+    data: DataConfig
+    classifier: Literal["probe", "head"] = "probe"
+    probe_ridge: float = Field(1e-6, ge=0.0, description="ridge of the probe, relative to tr(Σffᵀ)/d")
+
+    @model_validator(mode="after")
+    def _whole_source(self) -> EvaluationSetConfig:
+        if "source" not in self.data.model_fields_set:
+            raise TBAInputError("data.source", "name the evaluation images' source",
+                                "e.g. --eval-data fashion_mnist --eval-split test")
+        for name in ("sample_rate", "holdout_fraction"):
+            if name in self.data.model_fields_set:
+                raise TBAInputError(f"data.{name}", "the evaluation set is every image of its source (or a subset of "
+                                                    "num_images): nothing is sampled or held out of it",
+                                    f"remove {name}; use num_images for fewer images")
+        return self
+
+
 class BudgetConfig(_Section):
     blocks: int | None = Field(None, ge=1)
     params: int | None = Field(None, ge=1)
@@ -206,6 +235,8 @@ class RunConfig(_Section):
     token_mode: Literal["all", "cls", "patch"] = "all"
     bias: bool = True
     ridge: float = Field(0.0, ge=0.0)
+    evaluation: EvaluationSetConfig | None = Field(None, description="compress: score the original and the compressed "
+                                                                     "model on these labelled images")
     device: Device = "cpu"
     output: Path = Path("outputs/tba-fed")
     overwrite: bool = False

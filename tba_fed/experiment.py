@@ -44,6 +44,7 @@ from .models import create_model, weights_sha256
 from .pipeline import solve_plan
 from .plan import Plan, Span, parse_plan
 from .probe import ProbeStats, solve_probe
+from .report import accuracy_png
 from .solver import LinearMap
 
 _logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ _logger = logging.getLogger(__name__)
 PAPER_APPROXIMATIONS = ("0->1", "3->4", "9->10", "10->11", "2->4", "9->11", "1->2, 4->5", "2->5", "7->10", "1->5")
 KIND = "experiment"
 ROWS = "rows.jsonl"
+ACCURACY_PLOT = "accuracy_vs_params.png"
 
 
 class DatasetSpec(_Section):
@@ -227,7 +229,8 @@ def rows_key(config: ExperimentConfig, spec: DatasetSpec, weights: str) -> str:
 
 
 def run_experiment(config: ExperimentConfig) -> Path:
-    """Run (or resume) the protocol; returns the output directory with rows.jsonl, table.md, table.csv.
+    """Run (or resume) the protocol; returns the output directory with rows.jsonl, table.md, table.csv, summary.json
+    and accuracy_vs_params.png (accuracy against the exact parameters removed).
     Refused before any work: a device this machine lacks, an output directory holding anything but this
     tool's experiment; before any seed: a line of rows.jsonl that is not a row of this configuration."""
     check_device(config.device)
@@ -258,8 +261,10 @@ def run_experiment(config: ExperimentConfig) -> Path:
             latest |= {_cell(r): r for r in rows}
             _logger.info("%s seed %d: original %.4f", spec.name, seed, rows[0]["accuracy"])
     rows = [latest[cell] for spec in config.datasets for seed in config.seeds for cell in cells(spec.name, seed)]
+    summary = summarise(rows)
     write_owned(config.output, KIND, files, {"table.md": table_markdown(rows, config), "table.csv": table_csv(rows),
-                                             "summary.json": json.dumps(summarise(rows), indent=2) + "\n"})
+                                             "summary.json": json.dumps(summary, indent=2) + "\n",
+                                             ACCURACY_PLOT: accuracy_png(summary)})
     return config.output
 
 

@@ -24,12 +24,13 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import COMPRESSED_FIX, MANIFEST_FILE, MAPS_FILE, OpenedCompressed, open_compressed
-from .compressed import BlockApproximation, count_parameters
+from .compressed import BlockApproximation, count_flops, count_parameters
 from .config import ModelConfig
 from .data import data_config
 from .errors import TBAInputError, TBARunError
 from .fileio import atomic_directory, check_output_dir, file_sha256
 from .plan import parse_plan
+from .report import relative_change
 from .models import OFFLINE_MODELS, weights_sha256
 
 _logger = logging.getLogger(__name__)
@@ -253,25 +254,6 @@ _WRITERS: dict[str, Callable[[nn.Module, StockModel | None, Path], Check]] = {  
 # ---- model card ----------------------------------------------------------------------------------------------
 
 
-def _cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query, key, value)
-
-
-def count_flops(model: nn.Module) -> int:
-    """FLOPs of one forward pass on one image, as torch's FlopCounterMode counts them (matmuls, convolutions,
-    attention). FlopCounterMode has no formula for the CPU kernel of scaled_dot_product_attention
-    (``_scaled_dot_product_flash_attention_for_cpu``) and would count attention as free on CPU: it is given torch's
-    own formula for the other attention kernels."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        model(check_images(model, 1))
-    return int(counter.get_total_flops())
-
-
 def _base_source(config: ModelConfig) -> str:
     if config.checkpoint is not None:
         return f"checkpoint {config.checkpoint}"
@@ -288,7 +270,11 @@ def _checkpoint_sha256(config: ModelConfig) -> str | None:
 
 
 def _accuracy(record: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's held-out accuracy, if its report measured one (a federated run with evaluation enabled)."""
+    """The run's held-out accuracy, if its report measured one (compress with an evaluation set, or a federated run
+    with evaluation enabled)."""
+    if isinstance(measured := record.get("accuracy"), dict):
+        return {"original": measured.get("original"), "compressed": measured.get("compressed"),
+                "test_images": measured.get("evaluation_images"), "probe": measured.get("method")}
     evaluation = record.get("evaluation")
     if not isinstance(evaluation, dict) or not isinstance(evaluation.get("pooled"), dict):
         return None
@@ -338,10 +324,6 @@ def model_card(opened: OpenedCompressed, source: Path, format: str, check: Check
     }
 
 
-def _relative(original: int, compressed: int) -> str:
-    return f"{original:,} -> {compressed:,} ({(compressed - original) / original:+.1%})" if original else "n/a"
-
-
 LOADING = {
     "timm": "import json, timm; from safetensors.torch import load_file\n"
             "cfg = json.load(open('config.json'))\n"
@@ -377,8 +359,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"name, dtype, shape and bytes)" + (f"; checkpoint sha256 `{base['checkpoint_sha256']}`"
                                             if base["checkpoint_sha256"] else ""),
         f"- plan: `{card['plan']}`; {spans}",
-        f"- parameters: {_relative(params['original'], params['compressed'])}",
-        f"- FLOPs per {shape} image: {_relative(flops['original'], flops['compressed'])} ({flops['counted']})",
+        f"- parameters: {relative_change(params['original'], params['compressed'])}",
+        f"- FLOPs per {shape} image: {relative_change(flops['original'], flops['compressed'])} ({flops['counted']})",
         f"- accuracy: {accuracy_text}",
         f"- privacy: {privacy_text}",
         f"- check: {check['runtime']} against the PyTorch compressed model on batches of "

@@ -216,10 +216,14 @@ def open_output_dir(path: Path, kind: str, appended: Iterable[str] = ()) -> dict
     return files
 
 
-def write_owned(folder: Path, kind: str, files: dict[str, str | None], texts: Mapping[str, str]) -> None:
-    """Write each text atomically into `folder`, then record it and its sha256 in the marker (`files` updated)."""
+def write_owned(folder: Path, kind: str, files: dict[str, str | None], texts: Mapping[str, str | bytes]) -> None:
+    """Write each text (or bytes: an image) atomically into `folder`, then record it and its sha256 in the marker
+    (`files` updated)."""
     for name, text in texts.items():
-        atomic_write_text(folder / name, text)
+        if isinstance(text, bytes):
+            atomic_write(folder / name, lambda tmp, data=text: tmp.write_bytes(data))
+        else:
+            atomic_write_text(folder / name, text)
         files[name] = file_sha256(folder / name)
     write_marker(folder, kind, files)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapter import ViTAdapter, check_map_kind
 from .calibrate import collect_similarity, collect_span_stats
-from .compressed import ParameterReport, build_compressed, parameter_report
+from .compressed import FlopReport, ParameterReport, build_compressed, flop_report, parameter_report
 from .config import ModelConfig
 from .errors import TBAInputError
 from .plan import Plan, Span, parse_plan, select_plan
@@ -118,6 +118,7 @@ class Compression:
     holdout_images: int
     source: ModelConfig | None = None
     map_kind: str = "linear"
+    flops: FlopReport | None = None
 
 
 def analyze(model: nn.Module, batches: Iterable, *, token_mode: str = "all",
@@ -182,4 +183,5 @@ def calibrate(
         holdout_images=0 if held is None else held[first].images,
         source=source,
         map_kind=map_kind,
+        flops=flop_report(model, compressed),
     )

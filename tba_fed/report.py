@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Iterable
 from dataclasses import asdict
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .pipeline import Compression
+from .plan import Span
 from .stats import SIMILARITY_METRICS, SimilarityStats
 
 
@@ -25,45 +27,84 @@ def similarity_markdown(stats: SimilarityStats, metric: str = "mse") -> str:
     return "\n".join(lines) + "\n"
 
 
-def similarity_figure(stats: SimilarityStats, metric: str = "mse", plan: Sequence[tuple[int, int]] = ()):
-    """The heatmap of every span's cost (log10 for mse); the plan's spans, if given, outlined and labelled."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png_bytes(fig) -> bytes:
+    """The figure as PNG bytes (closed), for callers that write files atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def span_cells(spans: Iterable[Span]) -> list[tuple[float, float, float, float]]:
+    """(x, y, width, height) in the heatmap's data coordinates of each span's cell: column e, row s (imshow centres
+    cell (s, e) on x = e, y = s)."""
+    return [(span.end - 0.5, span.start - 0.5, 1.0, 1.0) for span in spans]
+
+
+def similarity_figure(stats: SimilarityStats, metric: str = "mse", spans: Iterable[Span] = ()):
+    """The heatmap of span costs, each of `spans` (the chosen plan) outlined in red."""
     from matplotlib.patches import Rectangle
 
+    plt = _pyplot()
     values = stats.metric(metric)
     fig, ax = plt.subplots(figsize=(6, 5))
     image = ax.imshow(np.log10(np.clip(values, 1e-6, None)) if metric == "mse" else values, cmap="viridis_r")
-    for s, e in plan:
-        ax.add_patch(Rectangle((e - 0.5, s - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-        ax.text(e, s, f"{s}->{e}", ha="center", va="center", color="red", fontsize=7, fontweight="bold",
-                bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none", "pad": 1})
+    spans = list(spans)
+    for x, y, width, height in span_cells(spans):
+        ax.add_patch(Rectangle((x, y), width, height, fill=False, edgecolor="red", linewidth=2.5))
     ax.set_xlabel("target block e")
     ax.set_ylabel("source block s")
-    ax.set_title(f"{'log10 ' if metric == 'mse' else ''}{metric} of span s->e"
-                 + (" (chosen plan outlined)" if plan else ""))
+    title = f"{'log10 ' if metric == 'mse' else ''}{metric} of span s->e"
+    ax.set_title(title + (f"\nchosen plan (red): {', '.join(map(str, spans))}" if spans else ""))
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
 
 
-def similarity_heatmap(stats: SimilarityStats, path: Path, metric: str = "mse") -> None:
-    import matplotlib.pyplot as plt
-
-    fig = similarity_figure(stats, metric)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_similarity(folder: Path, stats: SimilarityStats, metric: str = "mse") -> None:
-    """similarity.json (all metrics), similarity.md (table) and similarity.png (heatmap) in `folder`."""
+def write_similarity(folder: Path, stats: SimilarityStats, metric: str = "mse", spans: Iterable[Span] = ()) -> None:
+    """similarity.json (all metrics), similarity.md (table) and similarity.png (heatmap, `spans` outlined) in
+    `folder`, a directory being written atomically."""
     metrics = {name: np.where(np.isnan(m := stats.metric(name)), None, m).tolist() for name in SIMILARITY_METRICS}
     (folder / "similarity.json").write_text(json.dumps({"images": stats.images, "tokens": stats.tokens, "metrics": metrics},
                                                        indent=2) + "\n")
     (folder / "similarity.md").write_text(similarity_markdown(stats, metric))
-    similarity_heatmap(stats, folder / "similarity.png", metric)
+    (folder / "similarity.png").write_bytes(png_bytes(similarity_figure(stats, metric, spans)))
+
+
+def accuracy_figure(summary: list[dict]):
+    """Accuracy (mean ± std over seeds) against the exact parameters removed, one line per dataset and map kind;
+    the original sits at 0 removed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for dataset in dict.fromkeys(row["dataset"] for row in summary):
+        rows = [r for r in summary if r["dataset"] == dataset]
+        original = [r for r in rows if r["kind"] == "original"]
+        for kind, marker in (("linear", "o"), ("identity", "x"), ("folded", "s")):
+            points = sorted(original + [r for r in rows if r["kind"] == kind], key=lambda r: r["params_removed"])
+            if len(points) > len(original):
+                ax.errorbar([r["params_removed"] / 1e6 for r in points], [r["accuracy_mean"] for r in points],
+                            yerr=[r["accuracy_std"] for r in points], marker=marker, capsize=3,
+                            label=f"{dataset}, {kind}")
+    ax.set_xlabel("parameters removed (millions, exact)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy vs parameters removed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_png(summary: list[dict]) -> bytes:
+    return png_bytes(accuracy_figure(summary))
 
 
 def compression_dict(result: Compression) -> dict:
@@ -77,12 +118,36 @@ def compression_dict(result: Compression) -> dict:
         "calibration_images": result.calibration_images,
         "holdout_images": result.holdout_images,
         "parameters": asdict(result.parameters),
+        "flops": None if result.flops is None else asdict(result.flops),
+        "latency": None,  # filled by `tba-fed benchmark`, which measures it; never estimated here
         "spans": [fit.summary() for fit in result.fits.values()],
     }
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
+
+
+def relative_change(original: int, compressed: int) -> str:
+    return f"{original:,} -> {compressed:,} ({(compressed - original) / original:+.1%})" if original else "n/a"
+
+
+def _cost_lines(report: dict) -> list[str]:
+    """FLOPs, latency and accuracy lines of the summary (each only when the report has it)."""
+    lines = []
+    if flops := report.get("flops"):
+        lines.append(f"- FLOPs per image: {relative_change(flops['original'], flops['compressed'])} ({flops['counted']})")
+    if "latency" in report:
+        lines.append("- latency: not measured by compress (`tba-fed benchmark DIR` measures it)" if report["latency"]
+                     is None else f"- latency: {report['latency']}")
+    if accuracy := report.get("accuracy"):
+        how = accuracy["method"] + (f", fitted on {accuracy['probe_images']['original']} calibration images (ridge "
+                                    f"{accuracy['probe_ridge']:g})" if accuracy["classifier"] == "probe" else "")
+        lines.append(f"- accuracy on {accuracy['evaluation_images']:,} evaluation images ({accuracy['data']['source']}, "
+                     f"split {accuracy['data']['split']}): original {accuracy['original']:.4f} "
+                     f"({accuracy['correct']['original']:,} correct), compressed {accuracy['compressed']:.4f} "
+                     f"({accuracy['correct']['compressed']:,} correct); {how}")
+    return lines
 
 
 def compression_markdown(report: dict) -> str:
@@ -93,7 +158,8 @@ def compression_markdown(report: dict) -> str:
         f"bias {report['bias']}; ridge {report['ridge']}",
         f"- calibration images: {report['calibration_images']}; held-out images: {report['holdout_images']}",
         f"- parameters: {params['original']:,} -> {params['compressed']:,} "
-        f"(removed {params['removed']:,}; paper's Table-1 convention: {params['paper_removed']:,})", "",
+        f"(removed {params['removed']:,}; paper's Table-1 convention: {params['paper_removed']:,})",
+        *_cost_lines(report), "",
         "| span | kind | removed params | cond(G) | calib. rel. err | R² | held-out rel. err | identity held-out rel. err |",
         "|---|---|---|---|---|---|---|---|",
     ]

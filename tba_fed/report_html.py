@@ -8,14 +8,13 @@ with autoescaping on, since site names, reasons and paths are text a site (or an
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
 from typing import Any
 
-from .plan import parse_plan
+from .plan import Span, parse_plan
 from .stats import SimilarityStats
 
 REPORT_HTML = "report.html"
@@ -47,16 +46,13 @@ def render(template: str, **context: Any) -> str:
 
 def figure_png(fig: Any) -> str:
     """A matplotlib figure as base64 PNG for a data: URL (the figure is closed)."""
-    import matplotlib.pyplot as plt
+    from .report import png_bytes
 
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(png_bytes(fig)).decode("ascii")
 
 
-def _plan_spans(plan: str, num_blocks: int) -> list[tuple[int, int]]:
-    return [(span.start, span.end) for span in parse_plan(plan, num_blocks).spans] if plan else []
+def _plan_spans(plan: str, num_blocks: int) -> list[Span]:
+    return list(parse_plan(plan, num_blocks).spans) if plan else []
 
 
 def contributions(federation: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import pytest
 from tba_fed import calibrate, create_model, load_compressed, save_compressed
 from tba_fed.benchmark import FILE, FORMAT, benchmark_compressed, table, time_interleaved
 from tba_fed.cli import main
-from tba_fed.export import count_flops
+from tba_fed.compressed import count_flops
 from tba_fed.fileio import MARKER, file_sha256
 
 from conftest import TINY, loader

@@ -21,7 +21,8 @@ from tba_fed.compressed import BlockApproximation, count_parameters
 from tba_fed.config import DataConfig
 from tba_fed.data import FASHION_MNIST_DIR, ArrayImages, data_config, fashion_mnist
 from tba_fed.errors import TBARunError
-from tba_fed.export import CARD_JSON, CARD_MD, count_flops, export
+from tba_fed.compressed import count_flops
+from tba_fed.export import CARD_JSON, CARD_MD, export
 from tba_fed.models import weights_sha256
 
 from conftest import TINY, loader

@@ -111,5 +111,6 @@ def write_run(output: Path, overwrite: bool, maps: Mapping[Span, LinearMap], rep
     html = run_page(report, similarity, audit, superlink_checks or ())
     write_compressed(output, maps, manifest(report, maps), overwrite=overwrite,
                      files={"report.json": report_json, "report.md": markdown, REPORT_HTML: html},
-                     extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity)))
+                     extra=None if similarity is None else (lambda folder: write_similarity(folder, similarity,
+                                                                                          spans=sorted(maps))))
     return report_json
