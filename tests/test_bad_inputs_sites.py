@@ -303,7 +303,7 @@ BUG = """
 import sys
 import tba_fed.cli as cli
 
-def run_privacy_report(site_config):  # stands in for a bug reached by some input nobody anticipated
+def run_privacy_report(site_config, html=None):  # stands in for a bug reached by some input nobody anticipated
     {}.get("site").get("name")
 
 cli.run_privacy_report = run_privacy_report
