@@ -19,7 +19,7 @@ from scipy.stats import binom, binomtest, nct, norm
 
 from tba_fed.plan import Span
 from tba_fed.privacy.accounting import epsilon_spent, noise_multiplier
-from tba_fed.privacy.clipped import STATISTICS, ClippedSpanSums, SpanBounds, image_norms
+from tba_fed.privacy.clipped import STATISTICS, ClippedSpanSums, SpanBounds, image_norms, release_weights
 from empirical import (THRESHOLD_OFFSETS, ProjectionTest, audit_release, clopper_pearson,
                                        delta_from_mu, epsilon_lower_bound, eps_from_mu,
                                        mu_confidence_interval)
@@ -132,9 +132,13 @@ def _canary_centres() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], Spa
     xd = torch.randn(20, TOKENS, DIM, generator=g, dtype=torch.float64)
     yd = xd + 0.3 * torch.randn(20, TOKENS, DIM, generator=g, dtype=torch.float64)
     without, with_canary = ClippedSpanSums.zeros(DIM), ClippedSpanSums.zeros(DIM)
-    without.update(xd, yd, prior, bounds)
-    with_canary.update(xd, yd, prior, bounds)
-    with_canary.update(x, x + r, prior, bounds)
+
+    def add(sums: ClippedSpanSums, x: torch.Tensor, y: torch.Tensor) -> None:
+        sums.update(x, y, prior, release_weights({"span": (x, y)}, {"span": prior}, {"span": bounds}))
+
+    add(without, xd, yd)
+    add(with_canary, xd, yd)
+    add(with_canary, x, x + r)
     return without.to_arrays(), with_canary.to_arrays(), bounds
 
 
