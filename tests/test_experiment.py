@@ -5,23 +5,25 @@ import torch
 import yaml
 
 from tba_fed import ViTAdapter, build_compressed, calibrate, parse_plan
-from tba_fed.experiment import Variant, load_experiment_config, run_experiment, variant_features
+from tba_fed.experiment import Variant, load_experiment_config, original_states, run_experiment, variant_features
 from tba_fed.probe import features
 
 from conftest import TINY, loader
 
 
-@pytest.mark.parametrize("plan,kind", [("1->2, 3->5", "linear"), ("0->3", "identity"), ("4->5", "linear")])
+@pytest.mark.parametrize("plan,kind", [("1->2, 3->5", "linear"), ("0->3", "identity"), ("4->5", "linear"),
+                                       ("0->1, 2->4", "folded"), ("1->2, 3->5", "folded"), ("0->2, 3->4", "auto")])
 def test_variant_features_equal_the_compressed_model(tiny_vit, plan, kind):
-    result = calibrate(tiny_vit, plan, loader(), bias=True, identity=plan if kind == "identity" else "")
+    result = calibrate(tiny_vit, plan, loader(), loader(16, seed=3) if kind == "auto" else None, bias=True,
+                       identity=plan if kind == "identity" else "", map_kind="linear" if kind == "identity" else kind)
     maps = {span: fit.map for span, fit in result.fits.items()}
     adapter = ViTAdapter(tiny_vit)
     images = next(iter(loader(6, seed=5)))[0]
     with torch.no_grad():
-        outputs = list(adapter.iter_block_outputs(images, 5))
-        got = variant_features(adapter, outputs, Variant(parse_plan(plan, 6), kind), maps)
+        states = original_states(adapter, images)
+        got = variant_features(adapter, states, Variant(parse_plan(plan, 6), kind), maps)
         expected = features(build_compressed(tiny_vit, maps), images)
-        original = variant_features(adapter, outputs, Variant(None, "original"), maps)
+        original = variant_features(adapter, states, Variant(None, "original"), maps)
         assert torch.allclose(got, expected, atol=1e-5)
         assert torch.equal(original, features(tiny_vit, images))
 
