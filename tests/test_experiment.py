@@ -58,3 +58,23 @@ def test_table_rows_and_resume(tmp_path, caplog):
     assert len(rows) == 2 * 5 and sorted({json.loads(r)["seed"] for r in rows}) == [0, 1]
     summary = json.loads((out / "summary.json").read_text())
     assert next(s for s in summary if s["approximation"] == "original")["seeds"] == 2
+
+
+def test_folded_and_auto_rows(tmp_path):
+    config = _config(tmp_path, [0]).model_copy(update={"maps": ["linear", "folded", "auto"], "holdout_images": 20})
+    out = run_experiment(config)
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 + 2 * 4  # original + 2 approximations x (linear, folded, auto, identity)
+    cell = {(r["approximation"], r["kind"]): r for r in rows}
+    assert cell[("2->4", "folded")]["params_removed"] == 2 * 28_272  # a folded map adds nothing
+    for approx in ("0->1", "2->4"):
+        auto = cell[(approx, "auto")]
+        errors = auto["holdout_errors"][approx]
+        chosen = min(errors, key=errors.get)
+        assert auto["span_kinds"] == {approx: chosen}
+        assert auto["accuracy"] == cell[(approx, chosen)]["accuracy"]  # the same maps as that kind's row
+        assert auto["params_removed"] == cell[(approx, chosen)]["params_removed"]
+        # every kind's calibration error is of the span's output: the identity's is the largest
+        assert max(cell[(approx, k)]["calibration_relative_error"] for k in ("linear", "folded")) \
+            < cell[(approx, "identity")]["calibration_relative_error"]
+    assert "| 2->4 | folded |" in (out / "table.md").read_text()
