@@ -25,6 +25,8 @@ TOKEN_MODES: tuple[str, ...] = ("all", "cls", "patch")
 # What a span's map is fitted on (its (input, target) pair): `linear` maps x_s to x_e and replaces blocks s+1..e;
 # `folded` maps block s's MLP branch m_s to x_e − h_s and is folded into block s's fc2 (zero added parameters).
 MAP_KINDS: tuple[str, ...] = ("linear", "folded")
+# `auto` collects both kinds' statistics in one pass and picks per span the kind with the lower held-out error.
+MAP_CHOICES: tuple[str, ...] = (*MAP_KINDS, "auto")
 
 
 class ViTAdapter:
@@ -98,27 +100,36 @@ class ViTAdapter:
         sums span statistics (exact, clipped, public bounds and priors) gets its pairs here. The forward stops
         after the last block a span reads."""
         check_map_kind(kind)
+        return self.kind_span_pairs(images, spans, (kind,), token_mode)[kind]
+
+    def kind_span_pairs(self, images: torch.Tensor, spans: Sequence[Span], kinds: Sequence[str],
+                        token_mode: str) -> dict[str, dict[Span, tuple[torch.Tensor, torch.Tensor]]]:
+        """`span_pairs` of several kinds from one forward: block s run in halves gives h_s + m_s, bit for bit
+        the block's output, so ``map: auto`` collects the linear and the folded pairs at the cost of one pass."""
+        for kind in kinds:
+            check_map_kind(kind)
         self.check_token_mode(token_mode)
         starts, ends = {s.start for s in spans}, {s.end for s in spans}
         halves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         outputs: dict[int, torch.Tensor] = {}
         x = self.embed(images)
         for index in range(max(ends) + 1):
-            if kind == "folded" and index in starts:
+            if "folded" in kinds and index in starts:
                 halves[index] = self.block_halves(index, x)
                 x = halves[index][0] + halves[index][1]
             else:
                 x = self.model.blocks[index](x)
             if index in starts | ends:
                 outputs[index] = x
-        pairs = {}
+        pairs: dict[str, dict[Span, tuple[torch.Tensor, torch.Tensor]]] = {kind: {} for kind in kinds}
         for span in spans:
-            if kind == "linear":
-                x_in, y = outputs[span.start], outputs[span.end]
-            else:
-                h, m = halves[span.start]
-                x_in, y = m, outputs[span.end] - h
-            pairs[span] = (self.image_tokens(x_in, token_mode), self.image_tokens(y, token_mode))
+            for kind in kinds:
+                if kind == "linear":
+                    x_in, y = outputs[span.start], outputs[span.end]
+                else:
+                    h, m = halves[span.start]
+                    x_in, y = m, outputs[span.end] - h
+                pairs[kind][span] = (self.image_tokens(x_in, token_mode), self.image_tokens(y, token_mode))
         return pairs
 
     def run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -163,3 +174,11 @@ class ViTAdapter:
 def check_map_kind(kind: str) -> None:
     if kind not in MAP_KINDS:
         raise TBAInputError("map", f"unknown map kind {kind!r}", f"use one of {', '.join(MAP_KINDS)}")
+
+
+def collected_kinds(choice: str) -> tuple[str, ...]:
+    """The kinds whose statistics a run's ``map`` setting collects: itself, or both for ``auto``."""
+    if choice == "auto":
+        return MAP_KINDS
+    check_map_kind(choice)
+    return (choice,)

@@ -72,27 +72,50 @@ def span_pairs(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], to
     (`ViTAdapter.span_pairs`: x_s, x_e for a linear map; m_s, x_e − h_s for a folded one), without the
     images that have a non-finite value in any of them; the forward stops after the last block a span
     reads. Callers hold the inference mode."""
+    check_map_kind(map_kind)
+    for pairs in kind_span_pairs(adapter, batches, spans, token_mode, device, (map_kind,)):
+        yield pairs[map_kind]
+
+
+def kind_span_pairs(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], token_mode: str,
+                    device: str | torch.device, kinds: Sequence[str]
+                    ) -> Iterator[dict[str, dict[Span, tuple[torch.Tensor, torch.Tensor]]]]:
+    """`span_pairs` of several kinds from one forward per batch (`ViTAdapter.kind_span_pairs`); an image is
+    left out of every kind's pairs if any of them holds a non-finite value, so all kinds sum the same images."""
     if not spans:
         raise TBAInputError("plan", "no spans to calibrate")
     adapter.check_token_mode(token_mode)
-    check_map_kind(map_kind)
+    for kind in kinds:
+        check_map_kind(kind)
     adapter.model.to(device)
     kept = left_out = 0
     for images in _images(batches, adapter, torch.device(device), "statistics"):
-        pairs = adapter.span_pairs(images, spans, map_kind, token_mode)
-        finite, dropped = finite_images([t for pair in pairs.values() for t in pair])
+        pairs = adapter.kind_span_pairs(images, spans, kinds, token_mode)
+        order = [(kind, span) for kind in kinds for span in pairs[kind]]
+        finite, dropped = finite_images([t for kind, span in order for t in pairs[kind][span]])
         kept, left_out = kept + len(finite[0]), left_out + dropped
-        yield {span: (finite[2 * i], finite[2 * i + 1]) for i, span in enumerate(pairs)}
+        out: dict[str, dict[Span, tuple[torch.Tensor, torch.Tensor]]] = {kind: {} for kind in kinds}
+        for i, (kind, span) in enumerate(order):
+            out[kind][span] = (finite[2 * i], finite[2 * i + 1])
+        yield out
     _end_of_pass("statistics", left_out, kept)
 
 
 def collect_span_stats(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str = "all",
                        device: str | torch.device = "cpu", map_kind: str = "linear") -> dict[Span, SpanStats]:
     """One pass up to the last needed block: G, C and sums of every span's (input, target) pair at once."""
-    stats = {span: SpanStats.zeros(adapter.embed_dim) for span in spans}
+    check_map_kind(map_kind)
+    return collect_kind_stats(adapter, batches, spans, (map_kind,), token_mode=token_mode, device=device)[map_kind]
+
+
+def collect_kind_stats(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], kinds: Sequence[str], *,
+                       token_mode: str = "all", device: str | torch.device = "cpu") -> dict[str, dict[Span, SpanStats]]:
+    """`collect_span_stats` of every kind in `kinds` from the same single pass (``map: auto`` collects both)."""
+    stats = {kind: {span: SpanStats.zeros(adapter.embed_dim) for span in spans} for kind in kinds}
     with torch.inference_mode():
-        for pairs in span_pairs(adapter, batches, spans, token_mode, device, map_kind):
-            for span, acc in stats.items():
-                x, y = pairs[span]
-                acc.update(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), images=x.shape[0])
+        for pairs in kind_span_pairs(adapter, batches, spans, token_mode, device, kinds):
+            for kind, per_span in stats.items():
+                for span, acc in per_span.items():
+                    x, y = pairs[kind][span]
+                    acc.update(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), images=x.shape[0])
     return stats

@@ -23,7 +23,7 @@ from safetensors.torch import save
 from torch import nn
 
 from . import __version__
-from .adapter import check_map_kind
+from .adapter import MAP_KINDS
 from .compressed import build_compressed
 from .config import ModelConfig, _format_validation_error, read_yaml
 from .errors import TBAInputError
@@ -93,20 +93,28 @@ def save_compressed(result: Compression, path: str | Path, *, overwrite: bool = 
 
 
 def manifest(report: dict, maps: Mapping[Span, LinearMap]) -> dict:
-    """What load_compressed needs (model source, plan, map kind, identity spans) plus the run's diagnostics."""
-    kinds = {m.kind for m in maps.values()} - {"identity"}
+    """What load_compressed needs (model source, plan, map kind, identity spans; under ``map: auto`` each fitted
+    span's kind, ``span_maps``) plus the run's diagnostics."""
+    kinds = {str(s): m.kind for s, m in sorted(maps.items()) if m.kind != "identity"}
+    auto = report.get("map") == "auto"
     return {"format": "tba-fed/compressed", "tba_fed_version": __version__, **report,
-            "map": "folded" if "folded" in kinds else "linear",
+            "map": "auto" if auto else "folded" if "folded" in kinds.values() else "linear",
+            **({"span_maps": kinds} if auto else {}),
             "identity_spans": [str(s) for s, m in sorted(maps.items()) if m.kind == "identity"]}
 
 
 def decode_maps(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], identity: Iterable[Span],
-                dim: int, kind: str = "maps", map_kind: str = "linear") -> dict[Span, LinearMap]:
-    """The maps of the plan's fitted spans (all with a bias or none, all of `map_kind`), checked like any payload:
-    exactly the expected keys, shapes [dim, dim] and [dim], float64, finite; errors name ``KIND.span.S-E.weight``."""
-    check_map_kind(map_kind)
+                dim: int, kind: str = "maps", map_kind: str | Mapping[Span, str] = "linear") -> dict[Span, LinearMap]:
+    """The maps of the plan's fitted spans (all with a bias or none; all of `map_kind`, or each of its kind in
+    it), checked like any payload: exactly the expected keys, shapes [dim, dim] and [dim], float64, finite;
+    errors name ``KIND.span.S-E.weight``."""
     spans, identity = list(spans), set(identity)
     fitted = [span for span in spans if span not in identity]
+    kinds = {span: map_kind if isinstance(map_kind, str) else map_kind.get(span, "") for span in fitted}
+    for span, span_kind in kinds.items():
+        if span_kind not in MAP_KINDS:
+            raise TBAInputError(f"{kind}.span.{span.key}", f"map kind {span_kind or 'missing'!r}",
+                                f"use one of {', '.join(MAP_KINDS)}")
     biased = any(key.endswith(".bias") for key in arrays)
     shapes = {f"span.{span.key}.{name}": shape for span in fitted
               for name, shape in (("weight", (dim, dim)), ("bias", (dim,))) if name == "weight" or biased}
@@ -115,7 +123,7 @@ def decode_maps(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], identit
     def fitted_map(span: Span) -> LinearMap:
         bias = arrays.get(f"span.{span.key}.bias")
         return LinearMap(torch.from_numpy(np.array(arrays[f"span.{span.key}.weight"])),
-                         None if bias is None else torch.from_numpy(np.array(bias)), map_kind)  # type: ignore[arg-type]
+                         None if bias is None else torch.from_numpy(np.array(bias)), kinds[span])  # type: ignore[arg-type]
 
     return {span: LinearMap.identity(dim) if span in identity else fitted_map(span) for span in spans}
 
@@ -129,7 +137,8 @@ class Manifest(BaseModel):
     format: Literal["tba-fed/compressed"]
     model: ModelConfig
     plan: str
-    map: Literal["linear", "folded"] = "linear"  # manifests written before folded maps existed are linear
+    map: Literal["linear", "folded", "auto"] = "linear"  # manifests written before folded maps existed are linear
+    span_maps: dict[str, Literal["linear", "folded"]] = {}  # under map: auto, each fitted span's kind
     identity_spans: list[str] = []
 
 
@@ -149,6 +158,18 @@ def read_manifest(path: Path) -> Manifest:
     except ValidationError as err:
         error = _format_validation_error(err, "manifest")
         raise TBAInputError(error.field, f"{manifest_path}: {error.message}", COMPRESSED_FIX) from None
+
+
+def span_map_kinds(manifest: Manifest, spans: Iterable[Span], identity: Iterable[Span], where: Path
+                   ) -> str | dict[Span, str]:
+    """The manifest's map kind, or under ``map: auto`` each fitted span's (``span_maps``: exactly those spans)."""
+    if manifest.map != "auto":
+        return manifest.map
+    fitted = sorted(str(s) for s in set(spans) - set(identity))
+    if sorted(manifest.span_maps) != fitted:
+        raise TBAInputError("manifest.span_maps", f"{where}: names spans {sorted(manifest.span_maps)}, the plan's "
+                                                  f"fitted spans are {fitted}", COMPRESSED_FIX)
+    return {span: manifest.span_maps[str(span)] for span in spans if str(span) in manifest.span_maps}
 
 
 def load_compressed(path: str | Path) -> nn.Module:
@@ -179,5 +200,5 @@ def open_compressed(path: str | Path) -> OpenedCompressed:
                                                        f"{plan}", COMPRESSED_FIX)
     tensors = read_safetensors(path / MAPS_FILE, MAPS_FILE, COMPRESSED_FIX)
     maps = decode_maps({k: v.numpy() for k, v in tensors.items()}, plan.spans, identity, model.embed_dim, MAPS_FILE,
-                       manifest.map)
+                       span_map_kinds(manifest, plan.spans, identity, path / MANIFEST_FILE))
     return OpenedCompressed(manifest, model, build_compressed(model, maps))

@@ -497,9 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metric", dest="budget.metric", choices=["mse", "cosine", "angular"], help="cost used to choose spans")
     g.add_argument("--identity-spans", dest="identity_spans", metavar="SPANS",
                    help="spans whose blocks are simply dropped instead of fitted")
-    g.add_argument("--map", dest="map", choices=["linear", "folded"],
+    g.add_argument("--map", dest="map", choices=["linear", "folded", "auto"],
                    help="linear: an added map per span (default); folded: folded into block s's MLP, zero added "
-                        "parameters, a stock timm model")
+                        "parameters, a stock timm model; auto: per span the kind with the lower held-out error "
+                        "(both kinds' statistics from the same pass; needs held-out images)")
     g.add_argument("--bias", dest="bias", action=argparse.BooleanOptionalAction, default=None, help="affine map (default on)")
     g.add_argument("--ridge", dest="ridge", type=float, metavar="R", help="ridge relative to tr(G)/d (default 0)")
     _add_evaluation_flags(p)

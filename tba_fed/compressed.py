@@ -2,7 +2,8 @@
 
 Only ``model.blocks`` is rewritten, so timm's own ``forward``, ``forward_features`` and
 ``forward_head`` keep working unchanged. A folded map adds no module at all: it is folded into block
-s's fc2 and LayerScale, and a plan of folded spans leaves a stock timm ViT of depth L − k.
+s's fc2 and LayerScale; a dropped (identity) span adds none either, so a plan of folded and dropped spans
+leaves a stock timm ViT of depth L − k.
 """
 
 from __future__ import annotations
@@ -22,23 +23,21 @@ from .solver import LinearMap
 
 
 class BlockApproximation(nn.Module):
-    """Stands in for blocks s+1..e: x -> x Wᵀ + b applied to every token (an identity map has no parameters)."""
+    """Stands in for blocks s+1..e: x -> x Wᵀ + b applied to every token (a linear map; folded and dropped
+    spans need no module)."""
 
-    def __init__(self, span: Span, dim: int, *, bias: bool, identity: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, span: Span, dim: int, *, bias: bool, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.span = span
-        self.linear = None if identity else nn.Linear(dim, dim, bias=bias, dtype=dtype)
+        self.linear = nn.Linear(dim, dim, bias=bias, dtype=dtype)
 
     @classmethod
     def from_map(cls, span: Span, linear_map: LinearMap, dtype: torch.dtype = torch.float32) -> BlockApproximation:
-        module = cls(span, linear_map.weight.shape[0], bias=linear_map.bias is not None,
-                     identity=linear_map.kind == "identity", dtype=dtype)
-        if module.linear is not None:
-            with torch.no_grad():
-                module.linear.weight.copy_(linear_map.weight.to(dtype))
-                if linear_map.bias is not None:
-                    module.linear.bias.copy_(linear_map.bias.to(dtype))
+        module = cls(span, linear_map.weight.shape[0], bias=linear_map.bias is not None, dtype=dtype)
+        with torch.no_grad():
+            module.linear.weight.copy_(linear_map.weight.to(dtype))
+            if linear_map.bias is not None:
+                module.linear.bias.copy_(linear_map.bias.to(dtype))
         return module
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -46,12 +45,10 @@ class BlockApproximation(nn.Module):
         """timm's VisionTransformer passes ``attn_mask`` and ``is_causal`` to its blocks when either is set; a map
         mixes no tokens, so both are accepted and ignored. Named arguments, not ``**kwargs``: TorchScript and
         torch.export take only a fixed signature."""
-        if self.linear is None:
-            return x
         return self.linear(x)
 
     def extra_repr(self) -> str:
-        return f"span={self.span}, kind={'identity' if self.linear is None else 'linear'}"
+        return f"span={self.span}"
 
 
 def fold_map(adapter: ViTAdapter, span: Span, linear_map: LinearMap) -> None:
@@ -86,7 +83,7 @@ def fold_map(adapter: ViTAdapter, span: Span, linear_map: LinearMap) -> None:
 
 def build_compressed(model: nn.Module, maps: Mapping[Span, LinearMap]) -> nn.Module:
     """A copy of `model` with each span's blocks replaced by its map (the original is untouched); a folded
-    map is folded into block s and the blocks s+1..e are deleted (no module added).
+    map is folded into block s and a dropped (identity) span's blocks are simply deleted: neither adds a module.
 
     Maps are cast from float64 to the model's dtype; one whose entries overflow that dtype is refused
     (it would turn every output into inf or NaN).
@@ -101,11 +98,13 @@ def build_compressed(model: nn.Module, maps: Mapping[Span, LinearMap]) -> nn.Mod
     for span in plan.spans:
         new_blocks.extend(compressed.blocks[index : span.start + 1])
         index = span.end + 1
+        if maps[span].kind == "identity":
+            continue
         if maps[span].kind == "folded":
             fold_map(folding, span, maps[span])
             continue
         approximation = BlockApproximation.from_map(span, maps[span], dtype)
-        if approximation.linear is not None and not all(torch.isfinite(p).all() for p in approximation.linear.parameters()):
+        if not all(torch.isfinite(p).all() for p in approximation.linear.parameters()):
             peak = max(float(t.abs().max()) for t in (maps[span].weight, maps[span].bias) if t is not None)
             raise TBAInputError(f"maps.span.{span.key}", f"entries of up to {peak:.3g} overflow the model's {dtype}")
         new_blocks.append(approximation)
@@ -170,18 +169,20 @@ def flop_report(original: nn.Module, compressed: nn.Module) -> FlopReport:
 
 
 def parameter_report(model: nn.Module, plan: Plan, *, bias: bool, identity: frozenset[Span] = frozenset(),
-                     map_kind: str = "linear") -> ParameterReport:
+                     map_kind: str | Mapping[Span, str] = "linear") -> ParameterReport:
     """Exact parameter counts, plus the paper's Table-1 convention for comparison.
 
     The paper counts, per replaced block, that block's parameters minus one d×d+d map; the true
     count subtracts one map per span (none for an identity span or a folded map, d×d without bias).
+    `map_kind`: the plan's kind, or each span's (a ``map: auto`` run's choices).
     """
     adapter = ViTAdapter(model)
     d = adapter.embed_dim
     rows = []
     for span in plan.spans:
         block_params = sum(adapter.block_parameter_count(i) for i in span.removed)
-        map_params = 0 if span in identity or map_kind == "folded" else d * d + (d if bias else 0)
+        kind = map_kind if isinstance(map_kind, str) else map_kind[span]
+        map_params = 0 if span in identity or kind in ("folded", "identity") else d * d + (d if bias else 0)
         paper = sum(adapter.block_parameter_count(i) - (d * d + d) for i in span.removed)
         rows.append(SpanParameters(str(span), len(span.removed), block_params, map_params, block_params - map_params, paper))
     original = count_parameters(model)

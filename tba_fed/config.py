@@ -229,9 +229,10 @@ class RunConfig(_Section):
     plan: str | None = Field(None, description='spans in the paper notation, e.g. "1->2, 4->5"')
     budget: BudgetConfig | None = None
     identity_spans: str | None = Field(None, description="spans whose blocks are simply dropped, e.g. '9->11'")
-    map: Literal["linear", "folded"] = Field("linear", description="linear: one added map per span, x_s -> x_e; "
-                                                                   "folded: block s's MLP branch -> x_e - h_s, folded "
-                                                                   "into its fc2 (zero added parameters)")
+    map: Literal["linear", "folded", "auto"] = Field(
+        "linear", description="linear: one added map per span, x_s -> x_e; folded: block s's MLP branch -> x_e - h_s, "
+                              "folded into its fc2 (zero added parameters); auto: both kinds' statistics from the same "
+                              "pass, each span gets the kind with the lower held-out error")
     token_mode: Literal["all", "cls", "patch"] = "all"
     bias: bool = True
     ridge: float = Field(0.0, ge=0.0)
@@ -245,6 +246,9 @@ class RunConfig(_Section):
     def _plan_or_budget(self) -> RunConfig:
         if self.plan is not None and self.budget is not None:
             raise TBAInputError("plan", "set either plan or budget, not both")
+        if self.map == "auto" and self.data.holdout_fraction == 0:
+            raise TBAInputError("map", "auto picks each span's kind by its held-out error, and holdout_fraction is 0",
+                                "set data.holdout_fraction above 0 (e.g. 0.1) or map: linear or folded")
         return self
 
 

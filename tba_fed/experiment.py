@@ -3,7 +3,9 @@
 Per seed: one statistics pass fits every approximation's maps on ``calibration_images`` training images;
 a closed-form ridge probe (on the final-norm class token) is fitted for the original and for every
 compressed variant on ``probe_train_images`` and scored on ``probe_test_images`` test images. Every
-variant also runs as "identity" (blocks simply dropped) so the value of the linear map is visible.
+approximation runs with each map kind of ``maps`` (``linear``, ``folded``; ``auto`` picks per span the kind
+with the lower error on ``holdout_images`` further training images, from the same pass) and as "identity"
+(blocks simply dropped) so the value of each map is visible.
 
 Variants share the original's block outputs: a variant s->e restarts from the cached output of block s,
 so only the blocks after the span are recomputed (equal to the compressed model's forward, see tests).
@@ -32,7 +34,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .adapter import ViTAdapter
-from .calibrate import collect_span_stats
+from .calibrate import collect_kind_stats
 from .compressed import count_parameters, parameter_report
 from .config import (MAX_BATCH, MAX_IMAGES, DataConfig, Device, ModelConfig, Seed, _Section, check_device, load_json,
                      read_yaml, validate)
@@ -41,7 +43,7 @@ from .errors import TBAInputError
 from .fileio import open_output_dir, owned_files, writable_location, write_owned
 from .logs import logged_progress
 from .models import create_model, weights_sha256
-from .pipeline import solve_plan
+from .pipeline import SpanFit, solve_kinds, span_kinds
 from .plan import Plan, Span, parse_plan
 from .probe import ProbeStats, solve_probe
 from .report import accuracy_png
@@ -70,6 +72,8 @@ class ExperimentConfig(_Section):
     probe_train_images: int = Field(3000, ge=1, le=MAX_IMAGES)
     probe_test_images: int = Field(1000, ge=1, le=MAX_IMAGES)
     identity_baseline: bool = True
+    maps: list[Literal["linear", "folded", "auto"]] = Field(default_factory=lambda: ["linear"], min_length=1)
+    holdout_images: int = Field(0, ge=0, le=MAX_IMAGES)
     token_mode: str = "all"
     bias: bool = True
     ridge: float = Field(0.0, ge=0)
@@ -84,6 +88,9 @@ class ExperimentConfig(_Section):
         if twice := sorted({n for n in names if names.count(n) > 1}):
             raise TBAInputError("datasets", f"the name {twice[0]!r} is given to two datasets: their rows and columns "
                                             "would be mixed", "give each dataset its own name")
+        if "auto" in self.maps and self.holdout_images == 0:
+            raise TBAInputError("holdout_images", "maps: auto picks each span's kind by its held-out error",
+                                "set holdout_images (e.g. 100) or remove auto from maps")
         return self
 
 
@@ -96,7 +103,7 @@ class Variant:
     """One row of the table: a plan and whether its spans get fitted maps or are simply dropped."""
 
     plan: Plan | None  # None: the original model
-    kind: str  # "original" | "linear" | "identity"
+    kind: str  # "original" | "identity" | a map choice: "linear", "folded", "auto"
 
     @property
     def label(self) -> str:
@@ -107,20 +114,32 @@ class Variant:
         return "original" if self.plan is None else str(self.plan)
 
 
-def variant_features(adapter: ViTAdapter, outputs: list[torch.Tensor], variant: Variant,
-                     maps: dict[Span, LinearMap]) -> torch.Tensor:
-    """Pre-logits features of a compressed variant, restarting from the cached original block outputs."""
+def variant_features(adapter: ViTAdapter, states: list[torch.Tensor], variant: Variant,
+                     maps: Mapping[Span, LinearMap]) -> torch.Tensor:
+    """Pre-logits features of a compressed variant, restarting from the cached original states (`states[k]`:
+    block k's input, the embedding then each block's output). Each span by its map's kind: dropped, a linear map
+    on x_s, or a folded one (block s rerun in halves, h_s + T(m_s), as the folded block computes it)."""
     model = adapter.model
     if variant.plan is None:
-        x = outputs[-1]
+        x = states[-1]
     else:
         spans = variant.plan.spans
-        x = outputs[spans[0].start]
+        x = states[spans[0].start]  # block s's input
         for i, span in enumerate(spans):
-            x = x if variant.kind == "identity" else maps[span].apply(x.double()).to(x.dtype)
-            stop = spans[i + 1].start + 1 if i + 1 < len(spans) else adapter.num_blocks
-            x = adapter.run_blocks(x, span.end + 1, stop)
+            linear_map = maps[span]
+            if linear_map.kind == "folded":
+                h, m = adapter.block_halves(span.start, x)
+                x = h + linear_map.apply(m.double()).to(m.dtype)
+            else:
+                x = states[span.start + 1] if i == 0 else adapter.run_blocks(x, span.start, span.start + 1)
+                x = x if linear_map.kind == "identity" else linear_map.apply(x.double()).to(x.dtype)
+            x = adapter.run_blocks(x, span.end + 1, spans[i + 1].start if i + 1 < len(spans) else adapter.num_blocks)
     return model.forward_head(model.norm(x), pre_logits=True)
+
+
+def original_states(adapter: ViTAdapter, images: torch.Tensor) -> list[torch.Tensor]:
+    """The embedding then every block's output of the original model: what `variant_features` restarts from."""
+    return [adapter.embed(images), *adapter.iter_block_outputs(images, adapter.num_blocks - 1)]
 
 
 def _sample(dataset, count: int, seed: int, exclude: np.ndarray | None = None) -> np.ndarray:
@@ -132,16 +151,21 @@ def _sample(dataset, count: int, seed: int, exclude: np.ndarray | None = None) -
     return order[:count]
 
 
-def _probe_pass(adapter: ViTAdapter, batches: Iterable, variants: list[Variant], maps: dict[Span, LinearMap],
+def _probe_pass(adapter: ViTAdapter, batches: Iterable, variants: list[Variant], maps: Mapping[str, Mapping[Span, LinearMap]],
                 num_classes: int, heads: dict[str, object] | None, device: str) -> dict[str, object]:
     """One pass over labelled images: probe statistics (heads None) or correct counts (heads given)."""
     results: dict[str, object] = {}
     dtype = next(adapter.model.parameters()).dtype
     with torch.inference_mode():
         for images, labels in batches:
-            outputs = list(adapter.iter_block_outputs(images.to(device=device, dtype=dtype), adapter.num_blocks - 1))
+            states = original_states(adapter, images.to(device=device, dtype=dtype))
+            computed: dict[tuple, torch.Tensor] = {}  # an auto variant whose spans all chose one kind is that variant
             for variant in variants:
-                feats = variant_features(adapter, outputs, variant, maps).cpu()
+                chosen = maps.get(variant.label, {})
+                same = (variant.approximation, tuple(m.kind for _, m in sorted(chosen.items())))
+                if same not in computed:
+                    computed[same] = variant_features(adapter, states, variant, chosen).cpu()
+                feats = computed[same]
                 if heads is None:
                     stats = results.setdefault(variant.label, ProbeStats.zeros(feats.shape[1], num_classes))
                     stats.update(feats, labels)  # type: ignore[union-attr]
@@ -159,20 +183,33 @@ def run_seed(config: ExperimentConfig, model: nn.Module, spec: DatasetSpec, seed
     calibration = _sample(train, config.calibration_images, seed)
     probe_train = _sample(train, config.probe_train_images, seed + 10_000, exclude=calibration)
     probe_test = _sample(test, config.probe_test_images, seed + 20_000)
+    holdout = _sample(train, config.holdout_images, seed + 30_000, exclude=np.concatenate([calibration, probe_train])) \
+        if config.holdout_images else None
 
     def loader(dataset, idx: np.ndarray) -> DataLoader:
         return DataLoader(Subset(dataset, idx.tolist()), batch_size=config.batch_size)
 
     spans = sorted({s for v in variants if v.plan is not None for s in v.plan.spans})
-    _logger.info("%s seed %d: fitting %d spans on %d calibration images", spec.name, seed, len(spans), len(calibration))
-    stats = collect_span_stats(adapter, logged_progress(loader(train, calibration), f"{spec.name} seed {seed}: "
-                                                        "calibration", _logger), spans,
-                               token_mode=config.token_mode, device=config.device)
-    fits = solve_plan(stats, bias=config.bias, ridge=config.ridge)
-    for span, fit in fits.items():
-        _logger.info("%s seed %d: span %s fitted, calibration relative error %.4g (dropping its blocks: %.4g)",
-                     spec.name, seed, span, fit.calibration.relative_error, fit.identity_calibration.relative_error)
-    maps = {span: fit.map for span, fit in fits.items()}
+    # linear always: its Σ‖x_e‖² is the denominator that makes every kind's error comparable
+    kinds = ("linear", "folded") if {"folded", "auto"} & set(config.maps) else ("linear",)
+    _logger.info("%s seed %d: fitting %d spans (%s) on %d calibration images", spec.name, seed, len(spans),
+                 ", ".join(kinds), len(calibration))
+    progress = f"{spec.name} seed {seed}: "
+    stats = collect_kind_stats(adapter, logged_progress(loader(train, calibration), progress + "calibration", _logger),
+                               spans, kinds, token_mode=config.token_mode, device=config.device)
+    held = None if holdout is None else collect_kind_stats(
+        adapter, logged_progress(loader(train, holdout), progress + "held-out", _logger), spans, kinds,
+        token_mode=config.token_mode, device=config.device)
+    fits: dict[str, dict[Span, SpanFit]] = {choice: solve_kinds(stats, held, map_kind=choice, bias=config.bias,
+                                                                ridge=config.ridge) for choice in config.maps}
+    for choice, per_span in fits.items():
+        for span, fit in per_span.items():
+            _logger.info("%s seed %d: %s map of span %s fitted, calibration relative error %.4g (dropping its blocks: "
+                         "%.4g)", spec.name, seed, choice, span, fit.calibration.relative_error,
+                         fit.identity_calibration.relative_error)
+    identity = {span: LinearMap.identity(adapter.embed_dim) for span in spans}
+    maps = {v.label: {s: identity[s] if v.kind == "identity" else fits[v.kind][s].map for s in v.plan.spans}
+            for v in variants if v.plan is not None}
     _logger.info("%s seed %d: probe statistics of %d variants on %d images, then accuracy on %d test images",
                  spec.name, seed, len(variants), len(probe_train), len(probe_test))
 
@@ -192,12 +229,18 @@ def run_seed(config: ExperimentConfig, model: nn.Module, spec: DatasetSpec, seed
                "calibration_images": len(calibration), "probe_train_images": len(probe_train),
                "probe_test_images": len(probe_test)}
         if variant.plan is not None:
-            report = parameter_report(model, variant.plan, bias=config.bias,
-                                      identity=frozenset(variant.plan.spans) if variant.kind == "identity" else frozenset())
+            chosen = {s: fits[config.maps[0] if variant.kind == "identity" else variant.kind][s] for s in variant.plan.spans}
+            report = parameter_report(model, variant.plan, bias=config.bias, map_kind=span_kinds(chosen)
+                                      if variant.kind != "identity" else {s: "identity" for s in variant.plan.spans})
+            # Σ‖x_e − x̂_e‖² / Σ‖x_e‖² for every kind (a folded fit's own relative error divides by Σ‖x_e − h_s‖²)
             row |= {"params_removed": report.removed, "paper_params_removed": report.paper_removed,
-                    "calibration_relative_error": float(np.mean([fits[s].calibration.relative_error if variant.kind == "linear"
-                                                                 else fits[s].identity_calibration.relative_error
-                                                                 for s in variant.plan.spans]))}
+                    "calibration_relative_error": float(np.mean([
+                        (fit.identity_calibration if variant.kind == "identity" else fit.calibration).sse
+                        / max(float(stats["linear"][s].sum_yy), 1e-300) for s, fit in chosen.items()]))}
+            if variant.kind == "auto":
+                row["span_kinds"] = {str(s): fit.map.kind for s, fit in chosen.items()}
+                row["holdout_errors"] = {str(s): fit.choice.holdout_errors for s, fit in chosen.items()
+                                         if fit.choice is not None}
         else:
             row |= {"params_removed": 0, "paper_params_removed": 0, "params": count_parameters(model)}
         rows.append(row)
@@ -224,7 +267,8 @@ def rows_key(config: ExperimentConfig, spec: DatasetSpec, weights: str) -> str:
                 "dataset": {"name": spec.name, "train": selection(spec.train), "test": selection(spec.test)},
                 **config.model_dump(mode="json", include={"calibration_images", "probe_train_images",
                                                           "probe_test_images", "token_mode", "bias", "ridge",
-                                                          "probe_ridge"})}
+                                                          "probe_ridge"}),
+                **({"holdout_images": config.holdout_images} if config.holdout_images else {})}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -237,7 +281,7 @@ def run_experiment(config: ExperimentConfig) -> Path:
     files = open_output_dir(config.output, KIND, appended=[ROWS])
     model = create_model(config.model)
     plans = [parse_plan(text, len(model.blocks), field="approximations") for text in config.approximations]
-    variants = [Variant(None, "original")] + [Variant(p, "linear") for p in plans]
+    variants = [Variant(None, "original")] + [Variant(p, kind) for kind in config.maps for p in plans]
     if config.identity_baseline:
         variants += [Variant(p, "identity") for p in plans]
     weights = weights_sha256(model)
@@ -276,7 +320,7 @@ class Row(BaseModel):
     dataset: str
     seed: int
     approximation: str
-    kind: Literal["original", "linear", "identity"]
+    kind: Literal["original", "linear", "folded", "auto", "identity"]
     accuracy: float = Field(ge=0.0, le=1.0, allow_inf_nan=False)
     calibration_images: int = Field(ge=1)
     probe_train_images: int = Field(ge=1)
@@ -285,6 +329,8 @@ class Row(BaseModel):
     paper_params_removed: int
     params: int | None = None
     calibration_relative_error: float | None = Field(None, allow_inf_nan=False)
+    span_kinds: dict[str, Literal["linear", "folded"]] | None = None  # an auto row: each span's chosen kind
+    holdout_errors: dict[str, dict[str, float]] | None = None  # an auto row: each span's held-out error per kind
 
 
 _cell = operator.itemgetter("dataset", "seed", "approximation", "kind")  # a row's place in the table
@@ -381,7 +427,9 @@ def table_markdown(rows: list[dict], config: ExperimentConfig) -> str:
     note = (f"\nAccuracy (%) of a closed-form ridge probe on the final-norm class token, mean ± std over seeds {seeds}; "
             f"in brackets the change relative to the original. {config.calibration_images} calibration images, "
             f"probe fitted on {config.probe_train_images} and tested on {config.probe_test_images} images per seed. "
-            "Map `linear`: TBA's fitted map; `identity`: the blocks simply dropped.\n")
+            "Map `linear`: TBA's fitted map; `folded`: the map folded into block s's MLP (zero added parameters); "
+            "`auto`: per span the kind with the lower held-out error (its parameters: the first seed's choices); "
+            "`identity`: the blocks simply dropped.\n")
     return "\n".join(lines) + "\n" + note
 
 

@@ -159,13 +159,11 @@ def stock_architecture(config: ModelConfig) -> tuple[str, dict[str, Any]]:
 
 
 def stock_blocks(model: nn.Module) -> list[nn.Module]:
-    """The compressed model's blocks with dropped spans (identity maps) left out; refused unless every one left
+    """The compressed model's blocks (dropped and folded spans leave none of their own); refused unless every one
     is a stock timm block, since only those load into ``timm.create_model(name, depth=...)``."""
     kept: list[nn.Module] = []
     for block in model.blocks:
         if isinstance(block, BlockApproximation):
-            if block.linear is None:
-                continue
             raise TBAInputError("format", f"timm: span {block.span} holds a linear map, and a stock timm model has no "
                                           "place for one (only spans whose blocks are dropped, identity_spans, "
                                           "export to timm)", FORMAT_FIX)
@@ -299,7 +297,7 @@ def model_card(opened: OpenedCompressed, source: Path, format: str, check: Check
     plan = parse_plan(manifest.plan, len(base.blocks), field="manifest.plan")
     dropped = {str(s) for s in parse_plan(", ".join(manifest.identity_spans), len(base.blocks)).spans} \
         if manifest.identity_spans else set()
-    spans = [{"span": str(span), "kind": "identity" if str(span) in dropped else manifest.map,
+    spans = [{"span": str(span), "kind": "identity" if str(span) in dropped else manifest.span_maps.get(str(span), manifest.map),
               "blocks_removed": len(span.removed)} for span in plan.spans]
     original_flops, compressed_flops = count_flops(base), count_flops(model)
     return {

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from .adapter import ViTAdapter, check_map_kind
-from .calibrate import collect_similarity, collect_span_stats
+from .adapter import ViTAdapter, collected_kinds
+from .calibrate import collect_kind_stats, collect_similarity
 from .compressed import FlopReport, ParameterReport, build_compressed, flop_report, parameter_report
 from .config import ModelConfig
 from .errors import TBAInputError
@@ -23,6 +24,15 @@ from .solver import FitQuality, LinearMap, SolveDiagnostics, fit_quality, solve_
 from .stats import SimilarityStats, SpanStats
 
 _logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KindChoice:
+    """Why a span got its kind under ``map: auto``: each kind's held-out error of the span's output,
+    Σ‖x_e − x̂_e‖² / Σ‖x_e‖² (the same denominator for both, so the two are comparable), and the smaller one."""
+
+    holdout_errors: dict[str, float]
+    chosen: str
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class SpanFit:
     identity_calibration: FitQuality
     holdout: FitQuality | None = None
     identity_holdout: FitQuality | None = None
+    choice: KindChoice | None = None
 
     def summary(self) -> dict:
         def rel(q: FitQuality | None) -> float | None:
@@ -52,7 +63,8 @@ class SpanFit:
             "identity_calibration_relative_error": self.identity_calibration.relative_error,
             "holdout_relative_error": rel(self.holdout),
             "identity_holdout_relative_error": rel(self.identity_holdout),
-        }
+        } | ({} if self.choice is None else {"auto": {"holdout_error": self.choice.holdout_errors,
+                                                       "chosen": self.choice.chosen}})
 
 
 def solve_plan(
@@ -103,6 +115,47 @@ def solve_plan(
     return fits
 
 
+def solve_kinds(
+    calibration: Mapping[str, Mapping[Span, SpanStats]],
+    holdout: Mapping[str, Mapping[Span, SpanStats]] | None = None,
+    *,
+    map_kind: str = "linear",
+    priors: Mapping[str, Mapping[Span, LinearMap]] | None = None,
+    ridge_lambdas: Mapping[str, Mapping[Span, float]] | None = None,
+    **solve: Any,
+) -> dict[Span, SpanFit]:
+    """`solve_plan` on the statistics of each kind the run's `map_kind` collected (`collected_kinds`), keyed by
+    kind. ``auto`` solves both kinds and keeps, per span, the fit with the lower held-out error of the span's
+    output (`KindChoice`, recorded in the report); a tie goes to ``folded``, which adds no parameters."""
+    kinds = collected_kinds(map_kind)
+    fits = {kind: solve_plan(calibration[kind], None if holdout is None else holdout[kind], map_kind=kind,
+                             priors=(priors or {}).get(kind), ridge_lambdas=(ridge_lambdas or {}).get(kind), **solve)
+            for kind in kinds}
+    if map_kind != "auto":
+        return fits[map_kind]
+    chosen = {}
+    for span, linear in fits["linear"].items():
+        if linear.map.kind == "identity":
+            chosen[span] = linear
+            continue
+        if any(fits[kind][span].holdout is None for kind in kinds):
+            raise TBAInputError("map", "auto picks each span's kind by its held-out error, and no image was held out",
+                                "hold images out (holdout fraction above 0) or set map: linear or folded")
+        assert holdout is not None
+        energy = max(float(holdout["linear"][span].sum_yy), 1e-300)  # Σ‖x_e‖² over the held-out tokens
+        errors = {kind: fits[kind][span].holdout.sse / energy for kind in kinds}  # type: ignore[union-attr]
+        kind = min(kinds, key=lambda k: (errors[k], k != "folded"))
+        chosen[span] = replace(fits[kind][span], choice=KindChoice(errors, kind))
+        _logger.info("span %s: held-out error linear %.4g, folded %.4g: %s", span, errors["linear"],
+                     errors["folded"], kind)
+    return chosen
+
+
+def span_kinds(fits: Mapping[Span, SpanFit]) -> dict[Span, str]:
+    """Each span's map kind as fitted (``identity`` for a dropped span)."""
+    return {span: fit.map.kind for span, fit in fits.items()}
+
+
 @dataclass
 class Compression:
     """A compressed model with everything needed to report on it and save it."""
@@ -129,7 +182,8 @@ def analyze(model: nn.Module, batches: Iterable, *, token_mode: str = "all",
 
 def choose_plan(model: nn.Module, similarity: SimilarityStats, *, blocks: int | None = None, params: int | None = None,
                 metric: str = "mse", bias: bool = True, map_kind: str = "linear") -> Plan:
-    """Cheapest non-overlapping spans for a budget of blocks or (net) parameters (a folded map costs none)."""
+    """Cheapest non-overlapping spans for a budget of blocks or (net) parameters (a folded map costs none; under
+    ``auto`` a span's kind is not known yet, so each is counted as a linear map: the budget holds either way)."""
     adapter = ViTAdapter(model)
     d = adapter.embed_dim
     map_params = 0 if map_kind == "folded" else d * d + (d if bias else 0)
@@ -154,8 +208,10 @@ def calibrate(
     """Fit the plan's maps on `calibration` batches and build the compressed model.
 
     `holdout` batches (never used in the fit) measure each map against simply dropping its blocks.
-    `map_kind`: ``linear`` (x_s -> x_e, one added map per span) or ``folded`` (block s's MLP branch ->
-    x_e − h_s, folded into its fc2: zero added parameters); identity spans drop their blocks either way.
+    `map_kind`: ``linear`` (x_s -> x_e, one added map per span), ``folded`` (block s's MLP branch ->
+    x_e − h_s, folded into its fc2: zero added parameters) or ``auto`` (both kinds' statistics from the same
+    passes, each span gets the kind with the lower held-out error: needs `holdout`); identity spans drop their
+    blocks either way.
     """
     adapter = ViTAdapter(model)
     if isinstance(plan, str):
@@ -164,23 +220,26 @@ def calibrate(
         identity = parse_plan(identity, adapter.num_blocks, field="identity_spans").spans if identity.strip() else ()
     if unknown := [str(s) for s in identity if s not in plan.spans]:
         raise TBAInputError("identity_spans", f"{', '.join(unknown)} not in the plan {plan}")
-    check_map_kind(map_kind)
-    calib = collect_span_stats(adapter, calibration, plan.spans, token_mode=token_mode, device=device, map_kind=map_kind)
-    held = collect_span_stats(adapter, holdout, plan.spans, token_mode=token_mode, device=device, map_kind=map_kind) \
+    kinds = collected_kinds(map_kind)
+    if map_kind == "auto" and holdout is None:
+        raise TBAInputError("map", "auto picks each span's kind by its held-out error, and no image was held out",
+                            "hold images out (holdout fraction above 0) or set map: linear or folded")
+    calib = collect_kind_stats(adapter, calibration, plan.spans, kinds, token_mode=token_mode, device=device)
+    held = collect_kind_stats(adapter, holdout, plan.spans, kinds, token_mode=token_mode, device=device) \
         if holdout is not None else None
-    fits = solve_plan(calib, held, bias=bias, ridge=ridge, identity=frozenset(identity), map_kind=map_kind)
+    fits = solve_kinds(calib, held, map_kind=map_kind, bias=bias, ridge=ridge, identity=frozenset(identity))
     compressed = build_compressed(model, {span: fit.map for span, fit in fits.items()})
     first = plan.spans[0]
     return Compression(
         model=compressed,
         plan=plan,
         fits=fits,
-        parameters=parameter_report(model, plan, bias=bias, identity=frozenset(identity), map_kind=map_kind),
+        parameters=parameter_report(model, plan, bias=bias, identity=frozenset(identity), map_kind=span_kinds(fits)),
         token_mode=token_mode,
         bias=bias,
         ridge=ridge,
-        calibration_images=calib[first].images,
-        holdout_images=0 if held is None else held[first].images,
+        calibration_images=calib[kinds[0]][first].images,
+        holdout_images=0 if held is None else held[kinds[0]][first].images,
         source=source,
         map_kind=map_kind,
         flops=flop_report(model, compressed),

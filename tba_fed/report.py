@@ -171,4 +171,10 @@ def compression_markdown(report: dict) -> str:
     lines += ["", "Relative error = Σ‖x_e − T(x_s)‖² / Σ‖x_e‖² (a folded map: Σ‖r − T(m)‖² / Σ‖r‖², r = x_e − h_s); "
                   "the identity column is the error of simply dropping the blocks. A map is worth keeping only where "
                   "its held-out error is below the identity's."]
+    auto = [span for span in report["spans"] if "auto" in span]
+    if auto:
+        lines += ["", "`map: auto`: each span's held-out error of its output, Σ‖x_e − x̂_e‖² / Σ‖x_e‖², per kind; the "
+                      "lower one is kept.", "", "| span | linear | folded | chosen |", "|---|---|---|---|"]
+        lines += [f"| {span['span']} | {_fmt(span['auto']['holdout_error']['linear'])} "
+                  f"| {_fmt(span['auto']['holdout_error']['folded'])} | {span['auto']['chosen']} |" for span in auto]
     return "\n".join(lines) + "\n"

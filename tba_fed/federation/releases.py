@@ -43,7 +43,8 @@ from .records import from_record
 from .rounds import RoundLog, Rounds
 from .server_audit import ServerAudit
 from .secure_aggregation import default_threshold, secure_sum
-from .wire import MODELS, decode_private_spans, decode_spans, encode_priors, private_span_shapes, secure_ranges
+from .wire import (MODELS, decode_private_spans, decode_spans, encode_priors, kind_groups, private_span_shapes,
+                   secure_ranges)
 
 _logger = logging.getLogger(__name__)
 
@@ -72,13 +73,18 @@ class RunningSum:
 
 @dataclass
 class SolverInputs:
-    """What the statistics round gives the solver and the report."""
+    """What the statistics round gives the solver and the report: the sums per kind collected
+    (`collected_kinds`: both under ``map: auto``), as `pipeline.solve_kinds` takes them."""
 
-    calibration: dict[Span, SpanStats]
-    holdout: dict[Span, SpanStats]
+    calibration: dict[str, dict[Span, SpanStats]]
+    holdout: dict[str, dict[Span, SpanStats]]
     calibration_images: int  # as released (a private release: its noisy weight, rounded)
-    ridge_lambdas: dict[Span, float] | None = None
+    ridge_lambdas: dict[str, dict[Span, float]] | None = None
     privacy: dict[str, Any] | None = None
+
+    @property
+    def holdout_images(self) -> int:
+        return next(iter(next(iter(self.holdout.values())).values())).images
 
 
 class Exact:
@@ -99,8 +105,9 @@ class Exact:
         return {"plan": str(plan), "privacy": ""}
 
     def _decode(self, arrays: Any, plan: Plan, dim: int) -> tuple[PerSplit, int]:
-        stats = decode_spans(arrays, plan.spans, dim, psd_tolerance=self.config.federation.psd_tolerance)
-        count = stats["calibration"][plan.spans[0]].images
+        stats = decode_spans(arrays, plan.spans, dim, psd_tolerance=self.config.federation.psd_tolerance,
+                             map_choice=self.config.map)
+        count = next(iter(stats.values()))[plan.spans[0]].images
         check_images(count, self.config.federation.min_images_per_site, "statistics.images")
         return stats, count
 
@@ -120,12 +127,13 @@ class Exact:
 
     def solver_inputs(self, released: PerSplit, sites: int, priors: Mapping[Span, LinearMap], tokens: int,
                       spans: Iterable[Span]) -> SolverInputs:
-        calibration = released["calibration"]
-        return SolverInputs(calibration, released["holdout"], next(iter(calibration.values())).images)
+        calibration = kind_groups(released, self.config.map, "calibration")
+        return SolverInputs(calibration, kind_groups(released, self.config.map, "holdout"),
+                            next(iter(next(iter(calibration.values())).values())).images)
 
     def holdout_draws(self, released: PerSplit, priors: Mapping[Span, LinearMap], tokens: int) -> dict[Span, list]:
         """The held-out sums re-noised as they were released (none for exact sums): the report's spread."""
-        return {s: [] for s in released["holdout"]}
+        return {s: [] for s in next(iter(kind_groups(released, self.config.map, "holdout").values()))}
 
     def probe_stats(self, pooled: dict[str, ProbeStats], sites: int) -> dict[str, ProbeStats]:
         return pooled
@@ -205,8 +213,9 @@ class LocalDP(Exact):
             "spans": {str(s): {"gram_noise_std": gram_std[s], "ridge_lambda": r.ridge_lambda, "noise_bound": r.noise_bound,
                                "min_eigenvalue_estimate": r.min_eigenvalue_estimate} for s, r in ridges.items()},
         }
-        return SolverInputs(calibration, ordinary["holdout"], ordinary["calibration"][spans[0]].images,
-                            {s: r.ridge_lambda for s, r in ridges.items()}, summary)
+        kind = self.config.map  # a private run has one kind (config refuses auto under privacy)
+        return SolverInputs({kind: calibration}, {kind: ordinary["holdout"]}, ordinary["calibration"][spans[0]].images,
+                            {kind: {s: r.ridge_lambda for s, r in ridges.items()}}, summary)
 
     def holdout_draws(self, released: PerSplit, priors: Mapping[Span, LinearMap], tokens: int) -> dict[Span, list]:
         draws: dict[Span, list[SpanStats]] = {s: [] for s in released["holdout"]}

@@ -89,10 +89,12 @@ def prior_comparison(inputs: SolverInputs, draws: Mapping[Span, Sequence[SpanSta
                      identity: Iterable[Span], *, bias: bool, ridge: float, private: bool) -> dict[str, Any]:
     """What the sites' data bought: each span's held-out error under each prior, relative to dropping the blocks
     (and, for a private release, the spread the release's own noise gives each estimate)."""
-    comparison = {s: compare_priors(inputs.calibration[s], inputs.holdout[s], bias=bias, ridge=ridge, shrink_bias=private,
-                                    ridge_lambda=None if inputs.ridge_lambdas is None else inputs.ridge_lambdas[s],
+    (kind, calibration), = inputs.calibration.items()  # one kind: public priors and privacy refuse map: auto
+    holdout, lambdas = inputs.holdout[kind], (inputs.ridge_lambdas or {}).get(kind)
+    comparison = {s: compare_priors(calibration[s], holdout[s], bias=bias, ridge=ridge, shrink_bias=private,
+                                    ridge_lambda=None if lambdas is None else lambdas[s],
                                     public=public_maps.get(s), holdout_draws=draws[s])
-                  for s in inputs.holdout if s not in set(identity)}
+                  for s in holdout if s not in set(identity)}
     out: dict[str, Any] = {"prior_comparison": {str(s): c[0] for s, c in comparison.items()}}
     if private:
         out["prior_comparison_std"] = {str(s): c[1] for s, c in comparison.items()}

@@ -23,7 +23,7 @@ from ..compressed import build_compressed, flop_report, parameter_report
 from ..errors import TBAInputError
 from ..fileio import check_output_dir
 from ..models import create_model
-from ..pipeline import Compression, choose_plan, solve_plan
+from ..pipeline import Compression, choose_plan, solve_kinds, span_kinds
 from ..privacy.public_prior import public_prior_maps
 from ..public_images import public_loader
 from ..report import compression_dict
@@ -89,16 +89,17 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
               else {s: LinearMap(torch.zeros(dim, dim, dtype=torch.float64), None) for s in plan.spans})
     released, sites = release.statistics_round(rounds, plan, dim, content(**release.statistics_settings(model, plan, priors)))
     inputs = release.solver_inputs(released, sites, priors, tokens, plan.spans)
-    fits = solve_plan(inputs.calibration, inputs.holdout, bias=config.bias, ridge=config.ridge,
-                      identity=frozenset(identity), priors=priors, ridge_lambdas=inputs.ridge_lambdas,
-                      shrink_bias=release.private, map_kind=config.map)
+    fits = solve_kinds(inputs.calibration, inputs.holdout, map_kind=config.map, bias=config.bias, ridge=config.ridge,
+                       identity=frozenset(identity), priors=dict.fromkeys(inputs.calibration, priors),
+                       ridge_lambdas=inputs.ridge_lambdas, shrink_bias=release.private)
     maps = {span: fit.map for span, fit in fits.items()}
     compressed = build_compressed(model, maps)
     report = compression_dict(Compression(
         model=compressed, plan=plan, fits=fits,
-        parameters=parameter_report(model, plan, bias=config.bias, identity=frozenset(identity), map_kind=config.map),
+        parameters=parameter_report(model, plan, bias=config.bias, identity=frozenset(identity),
+                                    map_kind=span_kinds(fits)),
         token_mode=config.token_mode, bias=config.bias, ridge=config.ridge, calibration_images=inputs.calibration_images,
-        holdout_images=inputs.holdout[plan.spans[0]].images, source=config.model, map_kind=config.map,
+        holdout_images=inputs.holdout_images, source=config.model, map_kind=config.map,
         flops=flop_report(model, compressed)))
     report["profile"] = config.profile  # sites check it against their own before serving
     if superlink_checks:
@@ -106,13 +107,15 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
     report["prior"] = prior_kind
     if inputs.privacy is not None:
         report["privacy"] = inputs.privacy
-    if (release.private or public_maps) and inputs.holdout[plan.spans[0]].tokens > 0:
+    if (release.private or public_maps) and inputs.holdout_images > 0:
         report |= prior_comparison(inputs, release.holdout_draws(released, priors, tokens), public_maps, identity,
                                    bias=config.bias, ridge=config.ridge, private=release.private)
 
     expected = maps_checksum(maps)
     base = {"model": model_json, "profile": config.profile, "plan": str(plan), "map": config.map,
             "identity-spans": ", ".join(map(str, identity))}
+    if config.map == "auto":  # each fitted span's chosen kind, which the sites build the model with
+        base["span-maps"] = json.dumps({str(s): m.kind for s, m in sorted(maps.items()) if m.kind != "identity"})
 
     def accept_install(reply: RecordDict) -> str:
         digest = str(reply.config_records["install"]["checksum"])

@@ -16,8 +16,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..adapter import ViTAdapter
-from ..calibrate import collect_similarity, collect_span_stats
+from ..adapter import ViTAdapter, collected_kinds
+from ..calibrate import collect_kind_stats, collect_similarity
 from ..checkpoint import MAPS_FILE, manifest, write_compressed
 from ..compressed import build_compressed
 from ..config import DataConfig, ModelConfig
@@ -37,14 +37,14 @@ from ..probe import ProbeHead, accuracy, collect_probe_stats
 from ..selection import Records, development_key, split_indices
 from ..solver import LinearMap
 from ..stats import SpanStats
-from .config import SiteConfig
+from .config import AUTO_UNDER_DP, SiteConfig
 from .envelope import echo
 from .records import from_record, to_record
 from .secure_aggregation import secure_round
 from .site_admission import admitted_model, check_run_profile
 from .site_context import SiteContext
 from .site_privacy import RunSpec, open_release
-from .wire import (MODELS, Arrays, decode_heads, decode_maps, decode_priors, encode_probe, encode_similarity,
+from .wire import (MODELS, Arrays, decode_heads, decode_maps, decode_priors, encode_probe, encode_similarity, statistics_groups,
                    encode_spans, secure_ranges)
 
 _logger = logging.getLogger(__name__)
@@ -183,6 +183,8 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
     `secure`: the SecAgg+ round this reply goes into (None: a plain reply, which carries the full noise)."""
     adapter = ViTAdapter(model)
     request = run.privacy
+    if request is not None and map_kind == "auto":
+        raise TBAInputError("map", AUTO_UNDER_DP, "set map: linear or folded for a private run")
     bounds = request.span_bounds(plan.spans) if request is not None else None
     if request is not None and (priors is None or set(priors) != set(plan.spans)):
         raise TBAInputError("prior", "a private statistics release needs the run's prior map for every span")
@@ -192,22 +194,24 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
         if release.stored is not None:
             return release.stored
         per_split = {}
+        kinds = collected_kinds(map_kind)
         for split, loader in (("calibration", site.calibration), ("holdout", site.holdout)):
             if loader is None:
-                per_split[split] = {s: (SpanStats if request is None else ClippedSpanSums).zeros(adapter.embed_dim)
-                                    for s in plan.spans}
-            elif request is None:
-                per_split[split] = collect_span_stats(adapter, loader, plan.spans, token_mode=token_mode, device=site.device,
-                                                      map_kind=map_kind)
+                per_split |= {group: {s: (SpanStats if request is None else ClippedSpanSums).zeros(adapter.embed_dim)
+                                      for s in plan.spans} for group in statistics_groups(map_kind)
+                              if group.endswith(split)}
+            elif request is None:  # every kind collected from the same pass (map: auto collects both)
+                by_kind = collect_kind_stats(adapter, loader, plan.spans, kinds, token_mode=token_mode, device=site.device)
+                per_split |= {(split if map_kind != "auto" else f"{kind}/{split}"): stats for kind, stats in by_kind.items()}
             else:
                 per_split[split] = collect_clipped_span_sums(adapter, loader, plan.spans, token_mode=token_mode,
                                                              bounds=bounds, priors=priors, device=site.device,
                                                              map_kind=map_kind)
-        first = per_split["calibration"][plan.spans[0]]
+        first = per_split[statistics_groups(map_kind)[0]][plan.spans[0]]
         grant = release.grant
         if grant is None:
             _logger.info("%s: span sums over %d calibration and %d held-out images", site.name, first.images,
-                         per_split["holdout"][plan.spans[0]].images)
+                         per_split[statistics_groups(map_kind)[1]][plan.spans[0]].images)
             return encode_spans(per_split)
         _logger.info("%s: private span sums over %d calibration images (%d down-weighted to their bounds)", site.name,
                      first.images, first.clipped)
@@ -244,6 +248,20 @@ def map_kind(config: Mapping[str, Any]) -> str:
     """The run's map kind, as the request's settings carry it (``map``, beside ``token-mode``; checked where used).
     A request without it is of a server that fits linear maps only, so it means ``linear``."""
     return str(config.get("map", "linear"))
+
+
+def installed_kinds(config: Mapping[str, Any], num_blocks: int) -> str | dict[Span, str]:
+    """The kind the maps the server sends are built with: the run's, or under ``map: auto`` each fitted span's
+    (``span-maps``, JSON ``{"s->e": kind}``; `decode_maps` checks each kind and that every fitted span has one)."""
+    choice = map_kind(config)
+    if choice != "auto":
+        return choice
+    try:
+        named = json.loads(str(config.get("span-maps", "")))
+        kinds = {parse_plan(span, num_blocks, field="span-maps").spans[0]: str(kind) for span, kind in named.items()}
+    except (ValueError, AttributeError, TBAInputError):
+        raise TBAInputError("span-maps", "not a JSON object of spans and their map kinds") from None
+    return kinds
 
 
 def probe_reply(model: nn.Module, compressed: nn.Module, site: Site, num_classes: int, run: RunSpec) -> Arrays:
@@ -312,7 +330,7 @@ def answer(msg: Message, model: nn.Module, site: Site, run: RunSpec) -> dict[str
                                                          map_kind=map_kind(config)))}
     identity = parse_plan(str(config["identity-spans"]), len(model.blocks)).spans if config["identity-spans"] else ()
     maps = decode_maps(from_record(msg.content.array_records["maps"]), plan.spans, identity, model.embed_dim,
-                       map_kind=map_kind(config))
+                       map_kind=installed_kinds(config, len(model.blocks)))
     compressed = build_compressed(model, maps)
     if action == "install":
         return {"install": ConfigRecord({"checksum": install(model, site, maps, json.loads(str(config["report"])))})}

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..adapter import MAP_KINDS, collected_kinds
 from ..checkpoint import decode_maps, map_tensors
 from ..errors import TBAInputError
 from ..plan import Span
@@ -29,6 +30,20 @@ from ..stats import SimilarityStats, SpanStats, check_arrays, check_counts
 
 Arrays = dict[str, np.ndarray]
 SPLITS = ("calibration", "holdout")
+
+
+def statistics_groups(map_choice: str) -> tuple[str, ...]:
+    """The groups of span sums a statistics reply holds: one per split, and under ``map: auto`` one per split of
+    each kind (``linear/calibration``, ``folded/holdout``, ...): sums like any other, so they merge and travel alike."""
+    if map_choice != "auto":
+        return SPLITS
+    return tuple(f"{kind}/{split}" for kind in MAP_KINDS for split in SPLITS)
+
+
+def kind_groups(per_group: Mapping[str, Mapping[Span, Any]], map_choice: str, split: str) -> dict[str, dict[Span, Any]]:
+    """One split's sums per kind collected (`collected_kinds`), from a reply's groups (`statistics_groups`)."""
+    return {kind: dict(per_group[split if map_choice != "auto" else f"{kind}/{split}"])
+            for kind in collected_kinds(map_choice)}
 
 
 def pack_symmetric(matrix: np.ndarray) -> np.ndarray:
@@ -124,8 +139,8 @@ PROBE = Schema("probe", (Field("gram", ("dim", "dim"), symmetric=True), Field("c
 HEADS = Schema("heads", (Field("weight", ("classes", "dim")), Field("bias", ("classes",))))
 
 
-def _span_prefixes(spans: Iterable[Span]) -> list[str]:
-    return [f"{split}/{span.key}/" for split in SPLITS for span in spans]
+def _span_prefixes(spans: Iterable[Span], groups: Iterable[str] = SPLITS) -> list[str]:
+    return [f"{group}/{span.key}/" for group in groups for span in spans]
 
 
 def encode_similarity(stats: SimilarityStats) -> Arrays:
@@ -156,13 +171,14 @@ def secure_ranges(request: PrivacyRequest, spans: Iterable[Span], max_images: in
 
 
 def decode_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int, *,
-                 psd_tolerance: float | None = 1e-9) -> dict[str, dict[Span, SpanStats]]:
-    """Exact span sums, checked by their schema and each Gram for positive semi-definiteness."""
-    spans = list(spans)
-    groups = SPAN.decode(arrays, _span_prefixes(spans), dim=dim)
+                 psd_tolerance: float | None = 1e-9, map_choice: str = "linear") -> dict[str, dict[Span, SpanStats]]:
+    """Exact span sums of the run's `map_choice` (`statistics_groups`), checked by their schema and each Gram for
+    positive semi-definiteness."""
+    spans, names = list(spans), statistics_groups(map_choice)
+    groups = SPAN.decode(arrays, _span_prefixes(spans, names), dim=dim)
     for prefix, group in groups.items():
         check_psd(group["gram"], f"statistics.{prefix}gram_triu", psd_tolerance)
-    return {split: {span: SpanStats(**groups[f"{split}/{span.key}/"]) for span in spans} for split in SPLITS}
+    return {name: {span: SpanStats(**groups[f"{name}/{span.key}/"]) for span in spans} for name in names}
 
 
 def decode_private_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int
