@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -105,9 +106,13 @@ def solve_plan(
 
 @dataclass
 class Compression:
-    """A compressed model with everything needed to report on it and save it."""
+    """A compressed model with everything needed to report on it and save it.
 
-    model: nn.Module
+    The model itself is built from `base` and the maps on first use: saving and reporting need only the maps, and
+    building copies the base weights (`build_compressed`), which would raise ``tba-fed compress``'s peak memory.
+    """
+
+    base: nn.Module
     plan: Plan
     fits: dict[Span, SpanFit]
     parameters: ParameterReport
@@ -118,6 +123,10 @@ class Compression:
     holdout_images: int
     source: ModelConfig | None = None
     map_kind: str = "linear"
+
+    @cached_property
+    def model(self) -> nn.Module:
+        return build_compressed(self.base, {span: fit.map for span, fit in self.fits.items()})
 
 
 def analyze(model: nn.Module, batches: Iterable, *, token_mode: str = "all",
@@ -168,10 +177,9 @@ def calibrate(
     held = collect_span_stats(adapter, holdout, plan.spans, token_mode=token_mode, device=device, map_kind=map_kind) \
         if holdout is not None else None
     fits = solve_plan(calib, held, bias=bias, ridge=ridge, identity=frozenset(identity), map_kind=map_kind)
-    compressed = build_compressed(model, {span: fit.map for span, fit in fits.items()})
     first = plan.spans[0]
     return Compression(
-        model=compressed,
+        base=model,
         plan=plan,
         fits=fits,
         parameters=parameter_report(model, plan, bias=bias, identity=frozenset(identity), map_kind=map_kind),

@@ -93,11 +93,13 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
                       identity=frozenset(identity), priors=priors, ridge_lambdas=inputs.ridge_lambdas,
                       shrink_bias=release.private, map_kind=config.map)
     maps = {span: fit.map for span, fit in fits.items()}
-    report = compression_dict(Compression(
-        model=build_compressed(model, maps), plan=plan, fits=fits,
+    compression = Compression(
+        base=model, plan=plan, fits=fits,
         parameters=parameter_report(model, plan, bias=config.bias, identity=frozenset(identity), map_kind=config.map),
         token_mode=config.token_mode, bias=config.bias, ridge=config.ridge, calibration_images=inputs.calibration_images,
-        holdout_images=inputs.holdout[plan.spans[0]].images, source=config.model, map_kind=config.map))
+        holdout_images=inputs.holdout[plan.spans[0]].images, source=config.model, map_kind=config.map)
+    build_compressed(model, maps)  # before any site installs them: maps that overflow the model's dtype are refused
+    report = compression_dict(compression)
     report["profile"] = config.profile  # sites check it against their own before serving
     if superlink_checks:
         report["superlink_checks"] = superlink_checks
