@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
 from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any
 
 import torch
 from torch import nn
@@ -158,9 +159,13 @@ def span_kinds(fits: Mapping[Span, SpanFit]) -> dict[Span, str]:
 
 @dataclass
 class Compression:
-    """A compressed model with everything needed to report on it and save it."""
+    """A compressed model with everything needed to report on it and save it.
 
-    model: nn.Module
+    The model itself is built from `base` and the maps on first use: saving and reporting need only the maps, and
+    building copies the base weights (`build_compressed`), which would raise ``tba-fed compress``'s peak memory.
+    """
+
+    base: nn.Module
     plan: Plan
     fits: dict[Span, SpanFit]
     parameters: ParameterReport
@@ -171,7 +176,14 @@ class Compression:
     holdout_images: int
     source: ModelConfig | None = None
     map_kind: str = "linear"
-    flops: FlopReport | None = None
+
+    @cached_property
+    def model(self) -> nn.Module:
+        return build_compressed(self.base, {span: fit.map for span, fit in self.fits.items()})
+
+    @cached_property
+    def flops(self) -> FlopReport:
+        return flop_report(self.base, self.model)
 
 
 def analyze(model: nn.Module, batches: Iterable, *, token_mode: str = "all",
@@ -228,10 +240,9 @@ def calibrate(
     held = collect_kind_stats(adapter, holdout, plan.spans, kinds, token_mode=token_mode, device=device) \
         if holdout is not None else None
     fits = solve_kinds(calib, held, map_kind=map_kind, bias=bias, ridge=ridge, identity=frozenset(identity))
-    compressed = build_compressed(model, {span: fit.map for span, fit in fits.items()})
     first = plan.spans[0]
     return Compression(
-        model=compressed,
+        base=model,
         plan=plan,
         fits=fits,
         parameters=parameter_report(model, plan, bias=bias, identity=frozenset(identity), map_kind=span_kinds(fits)),
@@ -242,5 +253,4 @@ def calibrate(
         holdout_images=0 if held is None else held[kinds[0]][first].images,
         source=source,
         map_kind=map_kind,
-        flops=flop_report(model, compressed),
     )

@@ -118,7 +118,7 @@ def compression_dict(result: Compression) -> dict:
         "calibration_images": result.calibration_images,
         "holdout_images": result.holdout_images,
         "parameters": asdict(result.parameters),
-        "flops": None if result.flops is None else asdict(result.flops),
+        "flops": asdict(result.flops),
         "latency": None,  # filled by `tba-fed benchmark`, which measures it; never estimated here
         "spans": [fit.summary() for fit in result.fits.values()],
     }

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 
 from ..adapter import ViTAdapter
 from ..checkpoint import maps_checksum
-from ..compressed import build_compressed, flop_report, parameter_report
+from ..compressed import parameter_report
 from ..errors import TBAInputError
 from ..fileio import check_output_dir
 from ..models import create_model
@@ -93,14 +93,14 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
                        identity=frozenset(identity), priors=dict.fromkeys(inputs.calibration, priors),
                        ridge_lambdas=inputs.ridge_lambdas, shrink_bias=release.private)
     maps = {span: fit.map for span, fit in fits.items()}
-    compressed = build_compressed(model, maps)
-    report = compression_dict(Compression(
-        model=compressed, plan=plan, fits=fits,
+    compression = Compression(
+        base=model, plan=plan, fits=fits,
         parameters=parameter_report(model, plan, bias=config.bias, identity=frozenset(identity),
                                     map_kind=span_kinds(fits)),
         token_mode=config.token_mode, bias=config.bias, ridge=config.ridge, calibration_images=inputs.calibration_images,
-        holdout_images=inputs.holdout_images, source=config.model, map_kind=config.map,
-        flops=flop_report(model, compressed)))
+        holdout_images=inputs.holdout_images, source=config.model, map_kind=config.map)
+    compression.model.eval()  # built before any site installs the maps: maps that overflow the dtype are refused
+    report = compression_dict(compression)
     report["profile"] = config.profile  # sites check it against their own before serving
     if superlink_checks:
         report["superlink_checks"] = superlink_checks
