@@ -34,7 +34,9 @@ def _num(value: Any, spec: str = ".4g") -> str:
 def _environment() -> Any:
     import jinja2  # on first render: loading a compressed model needs no templates
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("tba_fed", "templates"), autoescape=True,
+    from .report_templates import TEMPLATES
+
+    env = jinja2.Environment(loader=jinja2.DictLoader(TEMPLATES), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _num
     return env

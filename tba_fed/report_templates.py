@@ -1,3 +1,37 @@
+"""report.html's Jinja2 templates, as Python strings: Flower bundles only .py, .toml, .md, .yaml and .json files
+into the app it ships to the ServerApp (its FAB), so template files would be missing where the server writes its
+report."""
+
+TEMPLATES: dict[str, str] = {
+    "base.html.j2": """\
+<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="tba-fed report">
+{# Self-contained: no script, no link, no remote URL. The CSP says so to the browser too. #}
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; img-src data:">
+<title>{% block title %}{% endblock %}</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; margin-top: 2em; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.ok { color: #1a7f37; font-weight: bold; } .bad { color: #c62828; font-weight: bold; }
+.note { color: #555; font-size: 0.9em; } code { font-size: 0.9em; word-break: break-all; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+.bar { width: 30em; max-width: 100%; height: 1.2em; background: #eee; border: 1px solid #aaa; }
+.bar > div { height: 100%; background: #1565c0; } .bar > div.over { background: #c62828; }
+</style>
+</head>
+<body>
+{% block body %}{% endblock %}
+</body>
+</html>
+""",
+    "run.html.j2": """\
 {% extends "base.html.j2" %}
 {% set model = report.model.name if report.model else "model" %}
 {% block title %}tba-fed report: {{ model }}, plan {{ report.plan }}{% endblock %}
@@ -101,3 +135,57 @@
 <p class="note">Check it again, and each site's log against it: <code>tba-fed audit verify SITE_LOG --against {{ audit.path }}</code>.</p>
 {% endif %}
 {% endblock %}
+""",
+    "site.html.j2": """\
+{% extends "base.html.j2" %}
+{% block title %}tba-fed site report: {{ view.site }}{% endblock %}
+{% block body %}
+<h1>Site <span id="site">{{ view.site }}</span>: privacy budget and audit</h1>
+<p class="note">From this site's own files: its YAML (the policy), its ledger <code>{{ view.ledger }}</code> and its audit log. The server never sees this site's budget.</p>
+
+<h2>ε spent against the budget</h2>
+<p>ε spent <b id="epsilon-spent">{{ view.spent | num(".4f") }}</b> of the budget <b id="epsilon-budget">{{ view.budget | num("g") }}</b> at δ = {{ view.policy.delta | num("g") }} ({{ view.policy.accountant | upper }} composition of every release); remaining <b id="epsilon-remaining">{{ view.remaining | num(".4f") }}</b>.</p>
+<div class="bar" role="img" aria-label="{{ (100 * view.fraction) | num('.1f') }}% of the budget spent"><div class="{{ 'over' if view.over else '' }}" style="width: {{ (100 * view.fraction) | num('.1f') }}%"></div></div>
+<p class="note">One image is the unit protected, under add/remove-one-image adjacency; under replace-one adjacency the same releases give ε ≤ {{ view.replace_one | num(".4f") }}.</p>
+
+<h2>Policy</h2>
+<table id="policy">
+<tr><th>require DP</th><td>{{ view.policy.require_dp }}</td></tr>
+<tr><th>releases allowed</th><td>{{ view.policy.releases | join(", ") }}</td></tr>
+<tr><th>minimum images per release</th><td>{{ view.policy.min_images }}</td></tr>
+<tr><th>secure aggregation</th><td>{{ view.policy.secure_aggregation }} (noise split over {{ view.policy.min_noise_sites }} to {{ view.policy.max_noise_sites }} sites)</td></tr>
+<tr><th>seeded noise allowed</th><td>{{ view.policy.allow_seeded_noise }}</td></tr>
+</table>
+
+<h2>Runs</h2>
+{% if view.runs %}
+<table id="runs">
+<tr><th>run</th><th>ε of the run</th><th>δ</th><th>releases recorded</th><th>images (largest release)</th></tr>
+{% for run in view.runs %}
+<tr><td>{{ run.run_id }}</td><td class="n">{{ run.epsilon | num("g") }}</td><td class="n">{{ run.delta | num("g") }}</td><td>{{ run.releases | join(", ") }}</td><td class="n">{{ run.images }}</td></tr>
+{% endfor %}
+</table>
+<table id="ledger">
+<tr><th>time</th><th>run</th><th>release</th><th>σ (accounted)</th><th>σ applied here</th><th>images</th><th>noise</th><th>aggregation</th><th>produced</th></tr>
+{% for e in view.entries %}
+<tr><td>{{ e.time }}</td><td>{{ e.run_id }}</td><td>{{ e.release }}</td><td class="n">{{ e.noise_multiplier | num }}</td><td class="n">{{ e.site_noise_multiplier | num }}</td>
+<td class="n">{{ e.images }}</td><td>{{ e.noise }}</td><td>{{ e.aggregation }}</td><td>{{ "yes" if e.payload_sha256 else "granted, not produced" }}</td></tr>
+{% endfor %}
+</table>
+{% else %}
+<p>No release recorded yet: nothing spent.</p>
+{% endif %}
+
+<h2>Audit log</h2>
+{% if view.audit %}
+{% set a = view.audit %}
+<p>{{ a.path }}: <span class="{{ 'ok' if a.ok else 'bad' }}" id="audit-status">{{ "chain intact" if a.ok else "does NOT verify" }}</span>, {{ a.entries }} entries; head <code>{{ a.head }}</code>.
+Requests by status: {% for status, count in a.statuses.items() %}{{ status }} {{ count }}{% if not loop.last %}, {% endif %}{% endfor %}.</p>
+{% if a.problems %}<ul>{% for problem in a.problems %}<li class="bad">{{ problem }}</li>{% endfor %}</ul>{% endif %}
+<p class="note">The chain alone cannot show entries cut from its end: check it against the server's log, <code>tba-fed audit verify {{ a.path }} --against SERVER_LOG</code>.</p>
+{% else %}
+<p>No audit log at <code>{{ view.audit_path }}</code> yet (the site has served no request).</p>
+{% endif %}
+{% endblock %}
+""",
+}
