@@ -142,17 +142,10 @@ def test_a_plan_of_folded_and_dropped_spans_is_a_stock_timm_vit(tmp_path):
 @pytest.mark.usefixtures("server_identity")
 def test_federated_exact_auto_run_equals_the_centralised_fit(tmp_path):
     from cluster import assert_maps_equal
-    from tba_fed.federation.config import load_federated_config
-    from tba_fed.federation.server import run_server
     from tba_fed.federation.site import cached_model
-    from test_server_rounds import MODEL, InProcessGrid
+    from test_server_rounds import MODEL, exact_two_site_run
 
-    grid = InProcessGrid(tmp_path, {1: "good", 2: "good"})
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"model": MODEL.model_dump(mode="json"), "plan": "1->2, 3->5", "map": "auto",
-                                    "federation": {"num_sites": 2, "min_sites": 2, "round_timeout": 5},
-                                    "evaluation": {"enabled": True}, "output": str(tmp_path / "server")}))
-    report = run_server(grid, load_federated_config(path))
+    report = exact_two_site_run(tmp_path, "auto")
     model = cached_model(MODEL.model_dump_json())
     adapter, spans = ViTAdapter(model), parse_plan("1->2, 3->5", 6).spans
     kinds = ("linear", "folded")

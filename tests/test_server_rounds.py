@@ -108,6 +108,16 @@ class InProcessGrid(AnsweringGrid):
         return replies
 
 
+def exact_two_site_run(tmp_path, map_kind: str) -> dict:
+    """Plan 1->2, 3->5 on two in-process sites (24 calibration images each), exact sums, evaluation on: the report."""
+    grid = InProcessGrid(tmp_path, {1: "good", 2: "good"})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": MODEL.model_dump(mode="json"), "plan": "1->2, 3->5", "map": map_kind,
+                                    "federation": {"num_sites": 2, "min_sites": 2, "round_timeout": 5},
+                                    "evaluation": {"enabled": True}, "output": str(tmp_path / "server")}))
+    return run_server(grid, load_federated_config(path))
+
+
 def _config(tmp_path, **federation):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"model": MODEL.model_dump(mode="json"), "plan": "1->2, 3->5",
