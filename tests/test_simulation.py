@@ -169,6 +169,11 @@ def test_the_demo_log_has_one_line_per_event_in_one_format_and_a_refusal_is_one_
     text = captured.out + captured.err
     lines = text.splitlines()
     ours = [found for line in lines if (found := OURS.match(strip_escapes(line)))]
+    # the log (stderr, and Flower's output relayed to stdout until the result) holds tba-fed's lines only: Flower's
+    # CLI's chatter ("Using SuperLink", "Successfully installed") left out, its run id and Ray's warnings rewritten
+    log = captured.err.splitlines() + captured.out.split("\n# TBA compression", 1)[0].splitlines()
+    assert [line for line in log if line.strip() and not OURS.match(strip_escapes(line))] == [], text[-4000:]
+    assert sum("INFO flwr: Successfully started run " in line for line in log) == 1
     # no Flower DEBUG line, no Ray FutureWarning, no shutdown chatter, no traceback
     for noise in ("DEBUG", "FutureWarning", "warnings.warn(", "Manually terminating", "Starting logstream",
                   "Traceback", "traceback left out", "Exit Code", "unhandled exception"):
