@@ -42,8 +42,10 @@ def command_lines(text: str) -> Iterator[str]:
 
 
 def parse_error(line: str) -> str | None:
-    """argparse's complaint about `line` (shell-split, comments cut), or None if the CLI accepts it."""
+    """argparse's complaint about `line` (shell-split, comments and a trailing ``&`` cut), or None if the CLI
+    accepts it."""
     argv = shlex.split(line, comments=True)[1:]
+    argv = argv[:-1] if argv[-1:] == ["&"] else argv
     err = io.StringIO()
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
@@ -64,6 +66,7 @@ def test_a_renamed_option_would_be_caught():
     assert parse_error("tba-fed compress --plan 2->4 --no-such-option 1").startswith(
         "tba-fed: error: unrecognized arguments: --no-such-option 1")
     assert parse_error("tba-fed compress --plan 2->4 --map folded   # a comment") is None
+    assert parse_error("tba-fed superlink run.yaml &   # log: superlink.log") is None
     block = "```bash\n$ tba-fed status \\\n    run.yaml\n```\ntba-fed outside\n"
     assert list(command_lines(block)) == ["tba-fed status run.yaml"]
 
