@@ -120,7 +120,7 @@ def latency_figure(latency: dict):
     ax.set_xlabel("blocks removed")
     ax.set_ylabel("speed-up over the original (x)")
     settings = latency["settings"]
-    ax.set_title(f"Speed-up vs blocks removed ({latency['runtime']}, batch {settings['batch_sizes'][0]}, "
+    ax.set_title(f"Speed-up vs blocks removed\n({latency['runtime']}, batch {settings['batch_sizes'][0]}, "
                  f"{rows[0]['map']} maps, {settings['repeats']} interleaved calls)")
     ax.set_xticks(blocks)
     ax.grid(alpha=0.3)
