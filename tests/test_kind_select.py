@@ -166,13 +166,71 @@ def test_federated_exact_auto_run_equals_the_centralised_fit(tmp_path):
             assert torch.equal(installed(images), server_model(images))
 
 
-def test_auto_is_refused_under_privacy_with_one_line_saying_why(tmp_path):
-    from tba_fed.federation.config import load_federated_config
+def _run_yaml(tmp_path, **settings) -> "Path":
     from test_server_rounds import MODEL
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"model": MODEL.model_dump(mode="json"), "plan": "1->2", "map": "auto",
-                                    "privacy": {"epsilon": 4.0}}))
-    with pytest.raises(TBAInputError, match="map.*not available with privacy") as err:
-        load_federated_config(path)
+    path.write_text(yaml.safe_dump({"model": MODEL.model_dump(mode="json"), "plan": "1->2", "map": "auto", **settings}))
+    return path
+
+
+def test_auto_under_privacy_needs_a_prior_both_kinds_share_and_held_out_images(tmp_path):
+    """Public prior maps are fitted for one kind, and they are the default with privacy: the run says so in one
+    line; with prior identity (or zero) the private auto run is accepted; no held-out images is still refused."""
+    from tba_fed.federation.config import load_federated_config
+
+    with pytest.raises(TBAInputError, match=r"^prior: .*map: auto fits two \(public is the default with privacy\) "
+                                            r"\(set prior: identity or zero") as err:
+        load_federated_config(_run_yaml(tmp_path, privacy={"epsilon": 4.0}))
     assert "\n" not in str(err.value)
+    config = load_federated_config(_run_yaml(tmp_path, privacy={"epsilon": 4.0}, prior="identity"))
+    assert config.map == "auto" and config.prior_kind == "identity"
+    with pytest.raises(TBAInputError, match="^map: auto picks each span's kind by its held-out error"):
+        load_federated_config(_run_yaml(tmp_path, privacy={"epsilon": 4.0}, prior="zero", data={"holdout_fraction": 0}))
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_private_auto_run_releases_both_kinds_once_picks_by_noisy_held_out_error_and_installs_the_kinds(tmp_path):
+    """Three in-process sites (the sites' real release code), local DP: one statistics release per site holding
+    both kinds' noisy sums (its ledger's noise stds are √2 × a one-kind release's at the same σ), the server picks
+    each span's kind by the noisy held-out errors it reports, states the cost, and every site installs those kinds."""
+    import math
+
+    from tba_fed.federation.config import load_federated_config
+    from tba_fed.federation.server import run_server
+    from tba_fed.privacy.accounting import noise_multiplier
+    from tba_fed.privacy.ledger import PrivacyLedger
+    from test_server_rounds import InProcessGrid
+
+    grid = InProcessGrid(tmp_path, {1: "good", 2: "good", 3: "good"}, images=40)
+    path = _run_yaml(tmp_path, plan="1->2, 3->5", prior="identity",
+                     federation={"num_sites": 3, "min_sites": 2, "round_timeout": 5},
+                     privacy={"epsilon": 8.0, "seed": 11, "public_images": 32}, output=str(tmp_path / "server"))
+    report = run_server(grid, load_federated_config(path))
+    privacy = report["privacy"]
+    sigma = noise_multiplier(8.0, 1e-5, 1)
+    assert privacy["releases"] == ["statistics"] and privacy["noise_multiplier"] == pytest.approx(sigma)
+    line = "map: auto under privacy: both kinds released, noise std x1.41 per statistic at the same epsilon"
+    assert privacy["map_auto"] == line and line in (tmp_path / "server" / "report.md").read_text()
+    labels = {f"{kind}/{span}" for kind in ("linear", "folded") for span in ("1->2", "3->5")}
+    assert set(privacy["clip_spans"]) == set(privacy["spans"]) == labels
+    chosen = {}
+    for row in report["spans"]:
+        errors = row["auto"]["holdout_error"]
+        assert set(errors) == {"linear", "folded"} and all(math.isfinite(e) for e in errors.values())
+        assert row["kind"] == row["auto"]["chosen"] == min(errors, key=lambda k: (errors[k], k != "folded"))
+        chosen[row["span"]] = row["kind"]
+    assert set(report["prior_comparison"]) == {"1->2", "3->5"}
+    for site in grid.sites.values():
+        (entry,) = PrivacyLedger(site.policy.ledger).entries()  # one release, one entry: both kinds in it
+        assert entry.release == "statistics" and entry.noise_multiplier == pytest.approx(sigma)
+        for label in labels:  # 2 spans x 2 kinds share G's 0.45: std σ·B/√(0.45/4), √2 × the one-kind σ·B/√(0.45/2)
+            assert entry.noise_std[f"{label}:gram"] == pytest.approx(
+                math.sqrt(2) * sigma * privacy["clip_spans"][label][0] / math.sqrt(0.45 / 2))
+        assert entry.noise_std["weight"] == pytest.approx(sigma / math.sqrt(0.025))  # the count: released once
+        manifest = yaml.safe_load((site.output / "compressed" / "manifest.yaml").read_text())
+        assert manifest["map"] == "auto" and manifest["span_maps"] == chosen
+        images = next(iter(loader(4, seed=7)))[0]
+        with torch.no_grad():
+            assert torch.equal(load_compressed(site.output / "compressed")(images),
+                               load_compressed(tmp_path / "server")(images))

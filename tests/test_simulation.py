@@ -121,7 +121,7 @@ def test_private_secure_aggregation_run_reproduces_the_server_solve(tmp_path):
     request = PrivacyRequest(epsilon=4.0, delta=1e-5, releases=("statistics",), aggregation="secure", noise_sites=3,
                              seed=5, clip_spans={k: tuple(v) for k, v in privacy["clip_spans"].items()})
     tokens = adapter.tokens_per_image("all")
-    bounds = request.span_bounds([span])
+    bounds = request.kind_bounds([span], ("linear",))["linear"]
     prior = public_prior_maps(model, public_loader(model, 32), [span], "all", bias=True)
     parts = span_parts([span], bounds)
     p = config.federation.partition
