@@ -4,6 +4,8 @@ centralised to 1e-9); a plan of folded and dropped spans is a stock timm ViT. Ti
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import timm
 import pytest
 import torch
@@ -166,7 +168,7 @@ def test_federated_exact_auto_run_equals_the_centralised_fit(tmp_path):
             assert torch.equal(installed(images), server_model(images))
 
 
-def _run_yaml(tmp_path, **settings) -> "Path":
+def _run_yaml(tmp_path: Path, **settings) -> Path:
     from test_server_rounds import MODEL
 
     path = tmp_path / "run.yaml"
