@@ -80,10 +80,10 @@ class PrivacyRequest(_Section):
         """Per-image bounds of each span's statistics of each map kind released (``clip_spans`` names them by
         `span_label`: ``kind/span`` when both kinds are released); a span of a kind without bounds is an error."""
         labels = {(kind, span): span_label(kind, span, kinds) for kind in kinds for span in spans}
-        if missing := [label for label in labels.values() if label not in self.clip_spans]:
-            raise TBAInputError("privacy.clip_spans", f"no clipping bounds for {', '.join(missing)}",
-                                "a release of both map kinds (map: auto) needs bounds for each: 'linear/s->e' and "
-                                "'folded/s->e'" if len(kinds) > 1 else None)
+        if missing := [label for label in labels.values() if label not in self.clip_spans]:  # nothing unbounded is released
+            _refuse("privacy.clip_spans", f"no clipping bounds for {', '.join(missing)}",
+                    "a release of both map kinds (map: auto) needs bounds for each: 'linear/s->e' and 'folded/s->e'"
+                    if len(kinds) > 1 else None)
         return {kind: {span: SpanBounds(*self.clip_spans[labels[kind, span]]) for span in spans} for kind in kinds}
 
     def to_json(self) -> str:
