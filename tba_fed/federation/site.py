@@ -179,7 +179,9 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
                      priors: Mapping[Span, LinearMap] | None = None, secure: SecureRound | None = None,
                      map_kind: str = "linear") -> Arrays:
     """Exact span sums, or (private run) noisy weighted residual-form sums around the run's priors, of the
-    (input, target) pairs of the run's `map_kind` (`ViTAdapter.span_pairs`): the same statistics either way.
+    (input, target) pairs of the run's `map_kind` (`ViTAdapter.span_pairs`): the same statistics either way, and
+    under ``map: auto`` both kinds' from one pass, in one release (private: one weight per image over both kinds'
+    bounds, the shares split evenly between the kinds by the site itself, `kind_span_parts`).
     `secure`: the SecAgg+ round this reply goes into (None: a plain reply, which carries the full noise)."""
     adapter = ViTAdapter(model)
     request = run.privacy

@@ -1,6 +1,7 @@
 """Add the Gaussian mechanism's noise to clipped sums: what a site sends instead of exact sums.
 
-Span sums are noised in their weighted residual form (`clipped`), symmetric noise on Gram matrices;
+Span sums are noised in their weighted residual form (`clipped`; under ``map: auto`` both kinds' in one release),
+symmetric noise on Gram matrices;
 counts are noised, rounded and clamped at zero (post-processing). Noise stds come from `sensitivity`
 parts, so the whole release is one Gaussian mechanism with noise multiplier σ.
 """
