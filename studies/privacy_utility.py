@@ -115,8 +115,8 @@ def solve_point(per_site: list[dict[str, dict[Span, object]]], span: Span, bound
         released = []
         for k, sums in enumerate(per_site):
             noise = NoiseSource(seed * 1000 + k * 97 + int(epsilon * 10) + (7 if mode == "secure" else 0))
-            released.append(noisy_spans({"c": {span: sums[kind][span]}}, parts, sigma / math.sqrt(noise_sites),
-                                        noise)["c"][span])
+            released.append(noisy_spans({"linear": {"c": {span: sums[kind][span]}}}, parts, sigma / math.sqrt(noise_sites),
+                                        noise)["linear"]["c"][span])
         gram_std = next(p for p in parts if p.name.endswith(":gram")).std(sigma) * math.sqrt(len(per_site) / noise_sites)
         cleaned, ridges = private_inputs({span: sum(released[1:], released[0])}, {span: priors[kind][span]},
                                          {span: gram_std}, tokens, bias=True)
@@ -166,9 +166,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     tokens = adapter.tokens_per_image("all")
     public = public_loader(model, 336, batch_size=args.batch_size)
     identity = LinearMap(torch.eye(adapter.embed_dim, dtype=torch.float64), None)
-    priors = {"identity": {s: identity for s in spans}, "public": public_prior_maps(model, public, spans, "all", bias=True)}
+    priors = {"identity": {s: identity for s in spans},
+              "public": public_prior_maps(model, public, spans, "all", bias=True)["linear"]}
     held_out_crops = public_loader(model, 336, batch_size=args.batch_size, seed=1)
-    bounds = {kind: public_span_bounds(model, held_out_crops, spans, p, "all", 1.0) for kind, p in priors.items()}
+    bounds = {kind: public_span_bounds(model, held_out_crops, spans, {"linear": p}, "all", 1.0)["linear"]
+              for kind, p in priors.items()}
     _logger.info("per-image bounds (public-photo medians): %s", bounds)
     train = build_dataset(DataConfig(source="fashion_mnist", split="train"), model)
     test = build_dataset(DataConfig(source="fashion_mnist", split="test"), model)

@@ -182,8 +182,8 @@ def reference_bounds(model: torch.nn.Module) -> Bounds:
     loader = DataLoader(ArrayImages(reference.pixels, reference.labels, data_config(model)), batch_size=16)
     norms = public_norms(model, loader, "all")
     spans = parse_plan(PLAN, 6).spans
-    span, folded = (public_span_bounds(model, loader, spans, identity_maps(model.embed_dim), "all", 1.0, kind)[spans[0]]
-                    for kind in ("linear", "folded"))
+    both = public_span_bounds(model, loader, spans, priors(model.embed_dim, "auto"), "all", 1.0)
+    span, folded = (both[kind][spans[0]] for kind in ("linear", "folded"))
     return Bounds(span.as_tuple(), norms.block_bounds(1.0), norms.feature_bound(1.0), folded.as_tuple())
 
 
@@ -199,6 +199,13 @@ def identity_maps(dim: int) -> dict[Span, LinearMap]:
     return {span: LinearMap(torch.eye(dim, dtype=torch.float64), None) for span in parse_plan(PLAN, 6).spans}
 
 
+def priors(dim: int, map_choice: str = "linear") -> dict[str, dict[Span, LinearMap]]:
+    """The identity prior of every span of each kind a run of `map_choice` releases, as the server sends them."""
+    from tba_fed.adapter import collected_kinds
+
+    return {kind: identity_maps(dim) for kind in collected_kinds(map_choice)}
+
+
 def heads(dim: int) -> dict[str, ProbeHead]:
     """Fixed probe heads (any will do: the accuracy counts' sensitivity holds for every head)."""
     g = torch.Generator().manual_seed(5)
@@ -206,9 +213,12 @@ def heads(dim: int) -> dict[str, ProbeHead]:
                          torch.zeros(NUM_CLASSES, dtype=torch.float64)) for m in MODELS}
 
 
-def messages(model: dict, bounds: Bounds, dim: int, map_choice: str = "linear") -> dict[str, Message]:
-    """One message per plain release kind, with the content the server's rounds send (server.run_server)."""
+def messages(model: dict, bounds: Bounds, dim: int, map_choice: str = "linear",
+             prior_maps: Mapping[str, Mapping[Span, LinearMap]] | None = None) -> dict[str, Message]:
+    """One message per plain release kind, with the content the server's rounds send (server.run_server);
+    `prior_maps`: the statistics request's priors (kind -> span -> map; default: the identity, `priors`)."""
     privacy = request(bounds, map_choice=map_choice).to_json()
+    prior_text = encode_priors(prior_maps or priors(dim, map_choice))
     base = {"model": json.dumps(model), "token-mode": "all", "profile": "development", "map": map_choice}
     maps = to_record(encode_maps(identity_maps(dim)))
     evaluation = {"model": json.dumps(model), "profile": "development", "plan": PLAN, "identity-spans": "",
@@ -216,7 +226,7 @@ def messages(model: dict, bounds: Bounds, dim: int, map_choice: str = "linear") 
     contents = {
         "similarity": ("query.similarity", {"config": ConfigRecord({**base, "privacy": privacy})}),
         "statistics": ("query.statistics", {"config": ConfigRecord({**base, "plan": PLAN, "privacy": privacy,
-                                                                     "prior-maps": encode_priors(identity_maps(dim))})}),
+                                                                     "prior-maps": prior_text})}),
         "probe": ("query.probe", {"config": ConfigRecord(evaluation), "maps": maps}),
         "accuracy": ("evaluate.accuracy", {"config": ConfigRecord(evaluation), "maps": maps,
                                            "heads": to_record(encode_heads(heads(dim)))}),
@@ -230,7 +240,7 @@ def secure_settings(model: dict, bounds: Bounds, dim: int, sites: int, max_image
     """The statistics round's settings under secure aggregation (releases.secure_statistics_round)."""
     return {"model": json.dumps(model), "token-mode": "all", "profile": "development", "plan": PLAN, "map": map_choice,
             "privacy": request(bounds, aggregation="secure", noise_sites=sites, map_choice=map_choice).to_json(),
-            "prior-maps": encode_priors(identity_maps(dim)), "max-images": max_images}
+            "prior-maps": encode_priors(priors(dim, map_choice)), "max-images": max_images}
 
 
 # ------------------------------------------------------------------------------------ what is released
@@ -357,8 +367,8 @@ def mechanism(kind: str, bounds: Bounds, sigma: float, dim: int, tokens: int
     spans = parse_plan(PLAN, 6).spans
     if kind == "statistics":
         def release(centre):
-            return encode_spans(noisy_spans(decode_private_spans(dict(centre), spans, dim), list(documented.values()),
-                                            sigma, NoiseSource.secure()))
+            return encode_spans(noisy_spans({"linear": decode_private_spans(dict(centre), spans, dim)},
+                                            list(documented.values()), sigma, NoiseSource.secure())["linear"])
         stds = {}
         for split in ("calibration", "holdout"):
             for span in spans:

@@ -68,11 +68,13 @@ def _request(bounds: nb.Bounds, **terms) -> PrivacyRequest:
 
 
 def _message(kind: str, privacy: PrivacyRequest | str, *, model: dict = MODEL, profile: str = "production",
-             map_choice: str = "linear") -> Message:
-    """A plain request of `kind` as the server's rounds build it, carrying `privacy` (or that JSON) whatever it says."""
+             map_choice: str = "linear", prior_maps: str | None = None) -> Message:
+    """A plain request of `kind` as the server's rounds build it, carrying `privacy` (or that JSON) whatever it says;
+    `prior_maps`: the encoded priors (default: the identity for each kind of an auto run, else the linear kind's)."""
+    priors = encode_priors(nb.priors(48, "auto" if map_choice == "auto" else "linear")) if prior_maps is None else prior_maps
     config = {"model": json.dumps(model), "token-mode": "all", "profile": profile, "plan": nb.PLAN, "map": map_choice,
               "privacy": privacy if isinstance(privacy, str) else privacy.to_json(),
-              "prior-maps": encode_priors(nb.identity_maps(48)), "identity-spans": "",
+              "prior-maps": priors, "identity-spans": "",
               "num-classes": nb.NUM_CLASSES}
     records = {"config": ConfigRecord(config)}
     if kind in ("probe", "accuracy"):
@@ -109,7 +111,7 @@ def test_split_noise_on_a_plain_query_is_refused(tmp_path, audit_bounds):
 def _secure(grid: ClientAppGrid, nodes: list[int], bounds: nb.Bounds, *, noise_sites: int, threshold: int | None = None):
     request = _request(bounds, aggregation="secure", noise_sites=noise_sites)
     settings = {"model": json.dumps(MODEL), "token-mode": "all", "profile": "production", "plan": nb.PLAN,
-                "privacy": request.to_json(), "prior-maps": encode_priors(nb.identity_maps(48)), "max-images": 64}
+                "privacy": request.to_json(), "prior-maps": encode_priors(nb.priors(48)), "max-images": 64}
     return secure_sum(grid, nodes, settings, secure_ranges(request, SPANS, 64), private_span_shapes(SPANS, 48),
                       timeout=10, min_sites=2, reconstruction_threshold=threshold)
 
@@ -220,3 +222,33 @@ def test_an_auto_request_is_served_only_with_both_kinds_bounds_in_policy_and_the
         assert entry.noise_std[f"{kind}/{nb.PLAN}:gram"] == pytest.approx(
             math.sqrt(2) * sigma * bounds[0] / math.sqrt(0.45))
     assert not any(name.startswith(nb.PLAN) for name in entry.noise_std)  # no one-kind part was released
+
+
+def test_an_auto_request_needs_a_prior_of_the_right_shape_for_every_span_of_each_kind(tmp_path, audit_bounds,
+                                                                                      audit_model):
+    """Under map: auto each kind's sums are taken around that kind's own prior. A server that sends priors for one kind
+    only (its public prior fitted for one kind), a prior of the wrong shape, or none, is refused with the field named
+    before anything is spent; the request with each kind's public prior for every span is served, in one release."""
+    from tba_fed.errors import TBAInputError
+    from tba_fed.federation.wire import decode_priors
+    from tba_fed.privacy.public_prior import public_prior_maps
+    from tba_fed.public_images import public_loader
+    from tba_fed.solver import LinearMap
+
+    grid = ClientAppGrid(app, node_configs=[_site(tmp_path, "hospital-a", 1)])
+    valid = _request(audit_bounds, clip_spans=audit_bounds.clip_spans("auto"))
+    public = public_prior_maps(audit_model, public_loader(audit_model, 16), SPANS, "all", True, ("linear", "folded"))
+    narrow = {**public, "folded": {s: LinearMap(m.weight[:, :47], m.bias) for s, m in public["folded"].items()}}
+    one_kind = encode_priors({"linear": public["linear"]})
+    for priors, field in [(one_kind, "prior-maps"), (encode_priors(narrow), f"prior-maps.folded.span.{SPANS[0].key}.weight"),
+                          ("", "prior-maps")]:
+        _refused(grid.answer([_message("statistics", valid, map_choice="auto", prior_maps=priors)])[0], field)
+    assert _ledger(tmp_path, "hospital-a") == []  # nothing spent
+    with pytest.raises(TBAInputError) as err:  # what the site logs and audits: one line, the field and the fix
+        decode_priors(one_kind, ("linear", "folded"), SPANS, 48)
+    assert str(err.value) == ("prior-maps: prior maps for kinds linear, this release needs exactly linear, folded "
+                              "(send one prior map per span of each kind)")
+    served = grid.answer([_message("statistics", valid, map_choice="auto", prior_maps=encode_priors(public))])[0]
+    assert not served.has_error() and "failure" not in served.content.config_records
+    assert {key.split("/")[0] for key in served.content.array_records["statistics"]} == {"linear", "folded"}
+    assert [e.release for e in _ledger(tmp_path, "hospital-a")] == ["statistics"]

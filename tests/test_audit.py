@@ -339,7 +339,7 @@ def _request(privacy: str = "") -> Message:
     from tba_fed.federation.wire import encode_priors
 
     config = {"model": MODEL, "token-mode": "all", "plan": "1->2", "privacy": privacy, "profile": "production",
-              **({"prior-maps": encode_priors(_identity_maps())} if privacy else {})}
+              **({"prior-maps": encode_priors({"linear": _identity_maps()})} if privacy else {})}
     return Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=5, message_type="query.statistics")
 
 

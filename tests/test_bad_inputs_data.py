@@ -185,7 +185,7 @@ def test_39_fewer_images_than_the_site_policy_minimum(tmp_path, model):
     request = PrivacyRequest(epsilon=1.0, delta=1e-5, releases=("statistics",), clip_spans={"1->2": (1.0,) * 5})
     run = run_spec("run-1", {"privacy": request.to_json()})
     with refused("privacy.min_images", error=PolicyRefusal, untouched=[tmp_path]) as err:
-        statistics_reply(model, site, parse_plan("1->2", 6), "all", run, priors={Span(1, 2): LinearMap.identity(48)})
+        statistics_reply(model, site, parse_plan("1->2", 6), "all", run, priors={"linear": {Span(1, 2): LinearMap.identity(48)}})
     assert str(err.value) == ("privacy.min_images: refused by the site's privacy policy: the calibration part of this "
                               "release would summarise fewer images than the site's minimum per release (50)")
     assert "24" not in str(err.value)  # the count stays at the site

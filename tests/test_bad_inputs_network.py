@@ -26,7 +26,8 @@ that do not answer the request they are taken for.
 | 57 | install checksum of other maps                                      | install.checksum                         |
 | 58 | probe heads from the server: wrong key, shape, dtype, NaN, huge     | heads.MODEL/weight, ...                  |
 | 59 | maps from the server: missing, extra key, shape, dtype, NaN         | maps.span.S-E.weight, ...                |
-| 60 | prior maps text: not JSON, bad base64, wrong length, unknown span   | prior-maps, prior-maps.span.S-E.weight   |
+| 60 | prior maps text: not JSON, bad base64, wrong length, unknown span,  | prior-maps,                              |
+|    | not keyed by kind, a kind missing or extra                          | prior-maps.KIND.span.S-E.weight          |
 | 61 | privacy request: not JSON, unknown key, ε <= 0, Inf clip, repeats   | privacy, privacy.epsilon, ...            |
 | 62 | another model than the site declares: name, kwargs, pretrained,     | model (before any weight, image, budget) |
 |    | checkpoint, sha256 other or dropped, seed of a random init          |                                          |
@@ -469,27 +470,34 @@ def test_59_malformed_maps_are_refused_by_the_site(corrupt, field, message):
 
 
 def _prior_text(edit) -> str:
-    raw = json.loads(encode_priors(_maps()))
+    raw = json.loads(encode_priors({"linear": _maps()}))
     edit(raw)
     return json.dumps(raw)
 
 
 @pytest.mark.parametrize("text,field,message", [
     ("{not json", "prior-maps", "not a valid encoding of prior maps"),
-    (_prior_text(lambda r: r["span.0-1.weight"].__setitem__(1, "@@not base64@@")), "prior-maps",
+    (_prior_text(lambda r: r["linear"]["span.0-1.weight"].__setitem__(1, "@@not base64@@")), "prior-maps",
      "not a valid encoding of prior maps"),
-    (_prior_text(lambda r: r["span.0-1.weight"].__setitem__(0, [DIM, DIM + 1])), "prior-maps",
+    (_prior_text(lambda r: r["linear"]["span.0-1.weight"].__setitem__(0, [DIM, DIM + 1])), "prior-maps",
      "not a valid encoding of prior maps (cannot reshape array of size 16 into shape (4,5))"),
-    (_prior_text(lambda r: r.update({"span.7-8.bias": r["span.0-1.bias"]})), "prior-maps",
+    (_prior_text(lambda r: r.update(r.pop("linear"))), "prior-maps",  # not keyed by kind
+     "not a valid encoding of prior maps"),
+    (_prior_text(lambda r: r.update({"folded": r["linear"]})), "prior-maps",
+     "prior maps for kinds folded, linear, this release needs exactly linear"),
+    (_prior_text(lambda r: r.update({"folded": r.pop("linear")})), "prior-maps",
+     "prior maps for kinds folded, this release needs exactly linear"),
+    (_prior_text(lambda r: r["linear"].update({"span.7-8.bias": r["linear"]["span.0-1.bias"]})), "prior-maps.linear",
      "unexpected keys ['span.7-8.bias']"),
-    (_prior_text(lambda r: r["span.2-3.weight"].__setitem__(0, [2, 8])), "prior-maps.span.2-3.weight",
+    (_prior_text(lambda r: r["linear"]["span.2-3.weight"].__setitem__(0, [2, 8])), "prior-maps.linear.span.2-3.weight",
      "shape (2, 8), expected (4, 4)"),
-    (_prior_text(lambda r: r["span.2-3.bias"].__setitem__(1, base64.b64encode(np.full(DIM, np.nan).tobytes()).decode())),
-     "prior-maps.span.2-3.bias", "contains NaN or Inf"),
+    (_prior_text(lambda r: r["linear"]["span.2-3.bias"].__setitem__(
+        1, base64.b64encode(np.full(DIM, np.nan).tobytes()).decode())), "prior-maps.linear.span.2-3.bias",
+     "contains NaN or Inf"),
 ])
 def test_60_malformed_prior_maps_text_is_refused_by_the_site(text, field, message):
     with refused(field) as err:
-        decode_priors(text, SPANS, DIM)
+        decode_priors(text, ("linear",), SPANS, DIM)
     assert message in str(err.value)
 
 

@@ -150,7 +150,8 @@ def _span_release(bounds: SpanBounds, sigma: float) -> tuple[Callable[[Mapping[s
 
     def release(centre: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         sums = ClippedSpanSums(**{k: torch.tensor(v) for k, v in centre.items()})
-        return noisy_spans({"calibration": {SPAN: sums}}, parts, sigma, NoiseSource.secure())["calibration"][SPAN].to_arrays()
+        released = noisy_spans({"linear": {"calibration": {SPAN: sums}}}, parts, sigma, NoiseSource.secure())
+        return released["linear"]["calibration"][SPAN].to_arrays()
 
     return release, stds
 

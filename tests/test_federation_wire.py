@@ -51,7 +51,8 @@ def _private_arrays(seed: int) -> dict:
 
     bounds = SpanBounds(30.0, 8.0, 40.0, 10.0, 20.0)
     sums = {split: {s: ClippedSpanSums.zeros(48) for s in SPANS} for split in ("calibration", "holdout")}
-    return encode_spans(noisy_spans(sums, span_parts(SPANS, dict.fromkeys(SPANS, bounds)), 2.0, NoiseSource(seed)))
+    return encode_spans(noisy_spans({"linear": sums}, span_parts(SPANS, dict.fromkeys(SPANS, bounds)), 2.0,
+                                    NoiseSource(seed))["linear"])
 
 
 def test_a_private_release_decodes_as_released_an_indefinite_noisy_gram_included():

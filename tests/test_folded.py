@@ -188,8 +188,8 @@ def test_folding_refuses_a_block_it_cannot_fold_into():
 def test_public_clipping_bounds_are_set_on_the_folded_pairs():
     model = _model("layerscale")
     spans = [Span(1, 2)]
-    priors = public_prior_maps(model, loader(8), spans, "all", True, "folded")
-    bounds = public_span_bounds(model, loader(16, seed=4), spans, priors, "all", 2.0, "folded")[spans[0]]
+    priors = public_prior_maps(model, loader(8), spans, "all", True, ("folded",))
+    bounds = public_span_bounds(model, loader(16, seed=4), spans, priors, "all", 2.0)["folded"][spans[0]]
     adapter = ViTAdapter(model)
     norms: dict[str, list[torch.Tensor]] = {k: [] for k in STATISTICS}
     with torch.no_grad():
@@ -197,11 +197,11 @@ def test_public_clipping_bounds_are_set_on_the_folded_pairs():
             x1 = adapter.run_blocks(adapter.embed(images), 0, 1)
             h, m = _halves_by_hand(model.blocks[1], x1)
             r = model.blocks[2](h + m) - h
-            for k, v in image_norms(m.double(), residual(m.double(), r.double(), priors[spans[0]])).items():
+            for k, v in image_norms(m.double(), residual(m.double(), r.double(), priors["folded"][spans[0]])).items():
                 norms[k].append(v)
     expected = tuple(float(torch.cat(norms[k]).median()) * 2.0 for k in STATISTICS)
     assert bounds.as_tuple() == pytest.approx(expected, rel=1e-9)
-    linear = public_span_bounds(model, loader(16, seed=4), spans, priors, "all", 2.0)[spans[0]]
+    linear = public_span_bounds(model, loader(16, seed=4), spans, {"linear": priors["folded"]}, "all", 2.0)["linear"][spans[0]]
     assert linear.as_tuple()[0] != pytest.approx(expected[0], rel=1e-3)
 
 
@@ -249,9 +249,10 @@ def test_private_folded_run_clips_the_folded_pairs_to_bounds_set_on_them(tmp_pat
     report = run_server(grid, load_federated_config(path))
     model = cached_model(MODEL.model_dump_json())
     spans = [Span(1, 2)]
-    priors = public_prior_maps(model, public_loader(model, 32), spans, "all", True, "folded")
-    expected = public_span_bounds(model, public_loader(model, 32, seed=1), spans, priors, "all", 1.0, "folded")
-    linear = public_span_bounds(model, public_loader(model, 32, seed=1), spans, priors, "all", 1.0)
+    priors = public_prior_maps(model, public_loader(model, 32), spans, "all", True, ("folded",))
+    expected = public_span_bounds(model, public_loader(model, 32, seed=1), spans, priors, "all", 1.0)["folded"]
+    linear = public_span_bounds(model, public_loader(model, 32, seed=1), spans, {"linear": priors["folded"]}, "all",
+                                1.0)["linear"]
     assert report["privacy"]["clip_spans"]["1->2"] == pytest.approx(list(expected[spans[0]].as_tuple()), rel=1e-9)
     assert report["privacy"]["clip_spans"]["1->2"][0] != pytest.approx(linear[spans[0]].as_tuple()[0], rel=1e-3)
     assert report["map"] == "folded" and report["spans"][0]["kind"] == "folded"
@@ -262,15 +263,15 @@ def test_private_folded_run_clips_the_folded_pairs_to_bounds_set_on_them(tmp_pat
 
 def test_the_clipped_pass_sums_the_folded_pairs():
     from tba_fed.privacy.clipped import SpanBounds
-    from tba_fed.privacy.passes import collect_clipped_span_sums
+    from tba_fed.privacy.passes import collect_clipped_kind_sums
 
     model = _model("layerscale")
     adapter = ViTAdapter(model)
     span, dim = Span(1, 3), model.embed_dim
     zero = LinearMap(torch.zeros(dim, dim, dtype=torch.float64), None)
     loose = SpanBounds(*(1e30,) * len(STATISTICS))  # nothing clipped: the weighted sums are the plain ones
-    clipped = collect_clipped_span_sums(adapter, loader(8), [span], token_mode="all", bounds={span: loose},
-                                        priors={span: zero}, map_kind="folded")[span]
+    clipped = collect_clipped_kind_sums(adapter, loader(8), [span], token_mode="all", bounds={"folded": {span: loose}},
+                                        priors={"folded": {span: zero}})["folded"][span]
     exact = collect_span_stats(adapter, loader(8), [span], map_kind="folded")[span]
     assert clipped.clipped == 0 and float(clipped.weight) == 8
     assert torch.allclose(clipped.gram, exact.gram, rtol=1e-12) and torch.allclose(clipped.cross_residual, exact.cross)

@@ -199,40 +199,112 @@ def _run_yaml(tmp_path: Path, **settings) -> Path:
     return path
 
 
-def test_auto_under_privacy_needs_a_prior_both_kinds_share_and_held_out_images(tmp_path):
-    """Public prior maps are fitted for one kind, and they are the default with privacy: the run says so in one
-    line; with prior identity (or zero) the private auto run is accepted; no held-out images is still refused."""
+def test_auto_under_privacy_takes_every_prior_and_needs_held_out_images(tmp_path):
+    """The public prior is fitted per kind, so a private auto run with the default prior (public) is accepted (it was
+    refused: "public prior maps are fitted for one map kind, and map: auto fits two"), as are identity and zero; no
+    held-out images is still refused, in one line."""
     from tba_fed.federation.config import load_federated_config
 
-    with pytest.raises(TBAInputError, match=r"^prior: .*map: auto fits two \(public is the default with privacy\) "
-                                            r"\(set prior: identity or zero") as err:
-        load_federated_config(_run_yaml(tmp_path, privacy={"epsilon": 4.0}))
+    default = load_federated_config(_run_yaml(tmp_path, privacy={"epsilon": 4.0}))
+    assert default.map == "auto" and default.prior is None and default.prior_kind == "public"
+    for prior in ("public", "identity", "zero"):
+        assert load_federated_config(_run_yaml(tmp_path, privacy={"epsilon": 4.0}, prior=prior)).prior_kind == prior
+    with pytest.raises(TBAInputError, match="^map: auto picks each span's kind by its held-out error") as err:
+        load_federated_config(_run_yaml(tmp_path, privacy={"epsilon": 4.0}, data={"holdout_fraction": 0}))
     assert "\n" not in str(err.value)
-    config = load_federated_config(_run_yaml(tmp_path, privacy={"epsilon": 4.0}, prior="identity"))
-    assert config.map == "auto" and config.prior_kind == "identity"
-    with pytest.raises(TBAInputError, match="^map: auto picks each span's kind by its held-out error"):
-        load_federated_config(_run_yaml(tmp_path, privacy={"epsilon": 4.0}, prior="zero", data={"holdout_fraction": 0}))
+
+
+def test_a_private_auto_release_around_each_kinds_public_prior_rebuilds_each_kinds_exact_sums(tmp_path):
+    """Under map: auto with the default prior (public) the server fits a public prior per kind, each on its own kind's
+    pairs, sets each kind's bounds around its own prior and sends both priors; a site takes each kind's residual-form
+    sums around the prior it received for that kind; the server's release rebuilds each kind's ordinary sums from
+    them. With nothing clipped and no noise (the de-noised release) they are that kind's exact sums (1e-9); rebuilt
+    around the other kind's prior, they are not."""
+    from tba_fed.federation.config import load_federated_config
+    from tba_fed.federation.releases import release_for
+    from tba_fed.federation.site import cached_model
+    from tba_fed.federation.wire import decode_priors, group_name
+    from tba_fed.privacy.clipped import STATISTICS, SpanBounds, to_span_stats
+    from tba_fed.privacy.passes import collect_clipped_kind_sums
+    from tba_fed.privacy.public_prior import public_prior_maps, public_span_bounds
+    from tba_fed.public_images import public_loader
+    from test_server_rounds import MODEL
+
+    config = load_federated_config(_run_yaml(tmp_path, plan="1->2, 3->5", privacy={"epsilon": 4.0, "public_images": 16}))
+    model, plan, kinds = cached_model(MODEL.model_dump_json()), parse_plan("1->2, 3->5", 6), ("linear", "folded")
+    adapter = ViTAdapter(model)
+    public = public_loader(model, 16)
+    priors = public_prior_maps(model, public, plan.spans, "all", True, kinds)  # what run_server fits for auto + public
+    assert set(priors) == set(kinds)
+    assert not torch.allclose(priors["linear"][Span(1, 2)].weight, priors["folded"][Span(1, 2)].weight, atol=1e-2)
+    release = release_for(config, model, public)
+    settings = release.statistics_settings(model, plan, priors)
+    expected = public_span_bounds(model, public_loader(model, 16, seed=1), plan.spans, priors, "all", 1.0)
+    assert release.bounds == expected  # each kind's bounds around its own prior
+    sent = decode_priors(settings["prior-maps"], kinds, plan.spans, adapter.embed_dim)  # what a site receives
+    for kind in kinds:
+        for span in plan.spans:
+            assert torch.equal(sent[kind][span].weight, priors[kind][span].weight)
+            assert torch.equal(sent[kind][span].bias, priors[kind][span].bias)
+    loose = {kind: {span: SpanBounds(*(1e30,) * len(STATISTICS)) for span in plan.spans} for kind in kinds}
+    released, exact = {}, {}
+    for split, seed in (("calibration", 1), ("holdout", 2)):
+        sums = collect_clipped_kind_sums(adapter, loader(12, seed=seed), plan.spans, token_mode="all", bounds=loose,
+                                         priors=sent)
+        released |= {group_name("auto", kind, split): per_span for kind, per_span in sums.items()}
+        exact[split] = collect_kind_stats(adapter, loader(12, seed=seed), plan.spans, kinds, token_mode="all")
+    tokens = adapter.tokens_per_image("all")
+    inputs = release.solver_inputs(released, 1, priors, tokens, plan.spans)
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.allclose(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
+
+    for split, rebuilt in (("calibration", inputs.calibration), ("holdout", inputs.holdout)):
+        for kind in kinds:
+            for span in plan.spans:
+                got, want = rebuilt[kind][span], exact[split][kind][span]
+                assert got.images == want.images == 12 and got.tokens == want.tokens
+                for name in ("gram", "cross", "sum_x", "sum_y", "sum_yy"):
+                    assert close(getattr(got, name), getattr(want, name)), (split, kind, span, name)
+    swapped = to_span_stats(released["folded/holdout"][Span(1, 2)], priors["linear"][Span(1, 2)], tokens)
+    assert not close(swapped.cross, exact["holdout"]["folded"][Span(1, 2)].cross)
 
 
 @pytest.mark.usefixtures("server_identity")
-def test_a_private_auto_run_releases_both_kinds_once_picks_by_noisy_held_out_error_and_installs_the_kinds(tmp_path):
+@pytest.mark.parametrize("prior", ["identity", None])
+def test_a_private_auto_run_releases_both_kinds_once_picks_by_noisy_held_out_error_and_installs_the_kinds(tmp_path,
+                                                                                                         prior):
     """Three in-process sites (the sites' real release code), local DP: one statistics release per site holding
     both kinds' noisy sums (its ledger's noise stds are √2 × a one-kind release's at the same σ), the server picks
-    each span's kind by the noisy held-out errors it reports, states the cost, and every site installs those kinds."""
+    each span's kind by the noisy held-out errors it reports, states the cost, and every site installs those kinds.
+    With the prior unset (public, the default under privacy) each kind's clipping bounds are set around that kind's
+    own public prior, and the report compares each span against its chosen kind's public prior."""
     import math
 
     from tba_fed.federation.config import load_federated_config
     from tba_fed.federation.server import run_server
+    from tba_fed.federation.site import cached_model
     from tba_fed.privacy.accounting import noise_multiplier
     from tba_fed.privacy.ledger import PrivacyLedger
-    from test_server_rounds import InProcessGrid
+    from tba_fed.privacy.public_prior import public_prior_maps, public_span_bounds
+    from tba_fed.public_images import public_loader
+    from test_server_rounds import MODEL, InProcessGrid
 
     grid = InProcessGrid(tmp_path, {1: "good", 2: "good", 3: "good"}, images=40)
-    path = _run_yaml(tmp_path, plan="1->2, 3->5", prior="identity",
+    path = _run_yaml(tmp_path, plan="1->2, 3->5", **({} if prior is None else {"prior": prior}),
                      federation={"num_sites": 3, "min_sites": 2, "round_timeout": 5},
                      privacy={"epsilon": 8.0, "seed": 11, "public_images": 32}, output=str(tmp_path / "server"))
     report = run_server(grid, load_federated_config(path))
     privacy = report["privacy"]
+    assert report["prior"] == (prior or "public")
+    candidates = {"identity", "federated", "public prior", "federated + public prior"}
+    assert all(set(row) == candidates for row in report["prior_comparison"].values())
+    if prior is None:  # each kind's bounds around its own public prior, as the sites were asked to clip
+        model, spans = cached_model(MODEL.model_dump_json()), parse_plan("1->2, 3->5", 6).spans
+        public = public_prior_maps(model, public_loader(model, 32), spans, "all", True, ("linear", "folded"))
+        bounds = public_span_bounds(model, public_loader(model, 32, seed=1), spans, public, "all", 1.0)
+        assert privacy["clip_spans"] == {f"{kind}/{span}": pytest.approx(list(b.as_tuple()), rel=1e-12)
+                                         for kind, per_span in bounds.items() for span, b in per_span.items()}
     sigma = noise_multiplier(8.0, 1e-5, 1)
     assert privacy["releases"] == ["statistics"] and privacy["noise_multiplier"] == pytest.approx(sigma)
     line = "map: auto under privacy: both kinds released, noise std x1.41 per statistic at the same epsilon"

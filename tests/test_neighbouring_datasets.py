@@ -176,34 +176,45 @@ def test_the_secure_release_moves_the_secure_sum_by_at_most_its_sensitivity(tmp_
     _check("statistics", before.arrays, after.arrays, audit_bounds, slack, map_choice)
 
 
-def _auto_release(site: Path, bounds: nb.Bounds) -> dict:
-    """The site's statistics release under map: auto (both kinds in one release), through the real ClientApp."""
+def _auto_release(site: Path, bounds: nb.Bounds, prior_maps=None) -> dict:
+    """The site's statistics release under map: auto (both kinds in one release, each kind's sums around its own
+    prior: `prior_maps`, default the identity), through the real ClientApp."""
     grid = ClientAppGrid(app, node_configs=[{"site-config": str(site)}])
-    message = nb.messages(MODEL, bounds, 48, map_choice="auto")["statistics"]
+    message = nb.messages(MODEL, bounds, 48, map_choice="auto", prior_maps=prior_maps)["statistics"]
     return nb.released("statistics", grid.answer([message])[0], 48, map_choice="auto")
 
 
-@pytest.mark.parametrize("side", ["calibration", "holdout"])
-@pytest.mark.parametrize("variant", ["first", "removed"])
+@pytest.mark.parametrize(("variant", "side", "prior"), [*((v, s, "identity") for v in ("first", "removed")
+                                                           for s in ("calibration", "holdout")),
+                                                         ("first", "holdout", "public"), ("removed", "calibration", "public")])
 @pytest.mark.parametrize("tight", ["linear", "folded"])
 def test_an_auto_release_moves_both_kinds_statistics_by_at_most_their_sensitivity(tmp_path_factory, audit_bounds,
-                                                                                  tight, variant, side):
+                                                                                  audit_model, tight, variant, side,
+                                                                                  prior):
     """map: auto releases both kinds' sums with one weight per image bounding both kinds' statistics: one added
     or removed image moves every statistic of either kind by at most its own kind's bound, the shared count by at
     most 1, and the whole release by at most the mechanism's sensitivity (its parts split evenly over the kinds).
     `tight`: that kind's bounds at a tenth of the reference, so it is the kind that binds: a weight that bounded
-    only the other kind's statistics would let this kind's move past its bound."""
+    only the other kind's statistics would let this kind's move past its bound. `prior`: the identity, or (the default
+    under privacy) each kind's public prior, which the site takes that kind's residuals around."""
+    from tba_fed.privacy.public_prior import public_prior_maps
+    from tba_fed.public_images import public_loader
+
+    spans = parse_plan(nb.PLAN, 6).spans
+    priors = None if prior == "identity" else public_prior_maps(audit_model, public_loader(audit_model, 16), spans, "all",
+                                                                 True, ("linear", "folded"))
     bounds = replace(audit_bounds, **{"spans" if tight == "linear" else "folded_spans":
                                       tuple(0.1 * b for b in (audit_bounds.spans if tight == "linear"
                                                               else audit_bounds.folded_spans))})
     base = nb.two_types(COUNT)
-    cache = tmp_path_factory.getbasetemp() / f"D-auto-{tight}"
+    cache = tmp_path_factory.getbasetemp() / f"D-auto-{tight}-{prior}"
     if not cache.exists():
         cache.mkdir()
-        np.save(cache / "release.npy", _auto_release(_site(cache, "image_folder", base), bounds), allow_pickle=True)
+        np.save(cache / "release.npy", _auto_release(_site(cache, "image_folder", base), bounds, priors), allow_pickle=True)
     before = np.load(cache / "release.npy", allow_pickle=True).item()
     neighbour, names = _neighbour(base, variant, side, "image_folder")
-    after = _auto_release(_site(tmp_path_factory.mktemp(f"auto-{variant}"), "image_folder", neighbour, names), bounds)
+    after = _auto_release(_site(tmp_path_factory.mktemp(f"auto-{variant}"), "image_folder", neighbour, names), bounds,
+                          priors)
     assert {key.split("/")[0] for key in after} == {"linear", "folded"}
     for release in (before, after):  # the one count of each split, noised once: every group carries the same value
         for split in ("calibration", "holdout"):

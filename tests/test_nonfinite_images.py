@@ -23,7 +23,7 @@ from tba_fed.federation.site import RunSpec, Site, accuracy_reply, probe_reply, 
 from tba_fed.plan import Span, parse_plan
 from tba_fed.privacy.clipped import SpanBounds
 from tba_fed.privacy.ledger import PrivacyLedger
-from tba_fed.privacy.passes import collect_clipped_span_sums
+from tba_fed.privacy.passes import collect_clipped_kind_sums
 from tba_fed.privacy.policy import RELEASES, PrivacyRequest, SitePolicy
 from tba_fed.probe import accuracy, collect_probe_stats, solve_probe
 
@@ -93,9 +93,9 @@ def test_exact_passes_leave_the_image_out_and_equal_the_pass_without_it(tiny_vit
 
 def test_a_clipped_pass_leaves_the_image_out_too(tiny_vit):
     adapter = ViTAdapter(tiny_vit)
-    bounds = {SPAN: SpanBounds(gram=20.0, cross_residual=6.0, sum_x=30.0, sum_r=12.0, sum_rr=9.0)}
-    sums = [collect_clipped_span_sums(adapter, _batches(24, 0, bad), [SPAN], token_mode="all", bounds=bounds,
-                                      priors={SPAN: IDENTITY})[SPAN] for bad in ("inf", None)]
+    bounds = {"linear": {SPAN: SpanBounds(gram=20.0, cross_residual=6.0, sum_x=30.0, sum_r=12.0, sum_rr=9.0)}}
+    sums = [collect_clipped_kind_sums(adapter, _batches(24, 0, bad), [SPAN], token_mode="all", bounds=bounds,
+                                      priors={"linear": {SPAN: IDENTITY}})["linear"][SPAN] for bad in ("inf", None)]
     assert sums[0].images == sums[1].images == 24
     for name in ("gram", "cross_residual", "sum_x", "sum_r", "sum_rr", "weight"):
         assert torch.equal(getattr(sums[0], name), getattr(sums[1], name)), name
@@ -141,7 +141,7 @@ def _release(tiny_vit, tmp_path, bad: str | None, release: str) -> dict[str, np.
     if release == "similarity":
         return similarity_reply(tiny_vit, site, "all", run)
     if release == "statistics":
-        return statistics_reply(tiny_vit, site, parse_plan("1->3", 6), "all", run, {SPAN: IDENTITY})
+        return statistics_reply(tiny_vit, site, parse_plan("1->3", 6), "all", run, {"linear": {SPAN: IDENTITY}})
     if release == "probe":
         return probe_reply(tiny_vit, compressed, site, 10, run)
     clean = _batches(24, 0, None)

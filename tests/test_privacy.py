@@ -25,7 +25,7 @@ from tba_fed.privacy.accounting import RDP_ORDERS, epsilon_spent, noise_multipli
 from tba_fed.errors import TBAInputError
 from tba_fed.privacy.ledger import BudgetExceeded, LedgerEntry, PrivacyLedger, ledger_report, now
 from tba_fed.privacy.mechanism import NoiseSource
-from tba_fed.privacy.passes import collect_clipped_span_sums
+from tba_fed.privacy.passes import collect_clipped_kind_sums
 from tba_fed.privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy, check_request
 from tba_fed.privacy.postprocess import adassp_ridge, gram_noise_bound, psd_projection
 from tba_fed.privacy.clipped import STATISTICS, ClippedSpanSums, SpanBounds, release_weights, to_span_stats
@@ -85,7 +85,7 @@ def test_released_noise_is_gaussian_with_the_calibrated_std(noise):
     exact = _clipped(dim, 100, 0, BOUNDS)
     parts = span_parts([SPAN], {SPAN: BOUNDS})
     sigma = noise_multiplier(1.0, 1e-5, 1)
-    released = noisy_spans({"calibration": {SPAN: exact}}, parts, sigma, noise)["calibration"][SPAN]
+    released = noisy_spans({"linear": {"calibration": {SPAN: exact}}}, parts, sigma, noise)["linear"]["calibration"][SPAN]
     std = {p.name.split(":")[-1]: p.std(sigma) for p in parts}
     upper = torch.triu_indices(dim, dim)
     gram_noise = (released.gram - exact.gram)[upper[0], upper[1]].numpy() / std["gram"]
@@ -142,15 +142,15 @@ def test_an_auto_release_draws_each_statistic_at_its_std_and_the_shared_count_on
     bounds = {"linear": {SPAN: BOUNDS}, "folded": {SPAN: SpanBounds(12.0, 3.0, 9.0, 4.0, 5.0)}}
     parts = kind_span_parts(bounds)
     zero = ClippedSpanSums.zeros(dim)
-    groups = {f"{kind}/{split}": {SPAN: zero} for kind in bounds for split in ("calibration", "holdout")}
+    sums = {kind: {split: {SPAN: zero} for split in ("calibration", "holdout")} for kind in bounds}
     noise, samples = NoiseSource.seeded(3), {kind: [] for kind in bounds}
     for _ in range(draws):
-        released = noisy_spans(groups, parts, 1.0, noise)
+        released = noisy_spans(sums, parts, 1.0, noise)
         for split in ("calibration", "holdout"):
-            assert released[f"linear/{split}"][SPAN].weight == released[f"folded/{split}"][SPAN].weight
-        assert released["linear/calibration"][SPAN].weight != released["linear/holdout"][SPAN].weight
+            assert released["linear"][split][SPAN].weight == released["folded"][split][SPAN].weight
+        assert released["linear"]["calibration"][SPAN].weight != released["linear"]["holdout"][SPAN].weight
         for kind in bounds:
-            samples[kind].append(released[f"{kind}/calibration"][SPAN].cross_residual.flatten())
+            samples[kind].append(released[kind]["calibration"][SPAN].cross_residual.flatten())
     for kind, kind_bounds in bounds.items():
         one = {p.name: p for p in span_parts([SPAN], kind_bounds)}
         measured = float(torch.cat(samples[kind]).std())
@@ -199,7 +199,7 @@ def test_a_request_outside_the_policy_is_refused_before_any_image_is_read(tmp_pa
         **request_})
     with pytest.raises(PolicyRefusal, match=reason):
         statistics_reply(tiny_vit, site, parse_plan("1->3", 6), "all", RunSpec("run-1", request),
-                         {SPAN: LinearMap(torch.eye(48, dtype=torch.float64), None)})
+                         {"linear": {SPAN: LinearMap(torch.eye(48, dtype=torch.float64), None)}})
     assert batches.batches == 0
     assert not ledger.exists()
 
@@ -215,8 +215,8 @@ def test_per_image_weights_bound_what_one_crafted_image_can_change(tiny_vit):
         images = torch.stack([base[i][0] for i in range(16)])
         if extra:
             images = torch.cat([images, crafted])
-        return collect_clipped_span_sums(adapter, [(images, torch.zeros(len(images)))], [SPAN], token_mode="all",
-                                         bounds={SPAN: bounds}, priors={SPAN: prior})[SPAN]
+        return collect_clipped_kind_sums(adapter, [(images, torch.zeros(len(images)))], [SPAN], token_mode="all",
+                                         bounds={"linear": {SPAN: bounds}}, priors={"linear": {SPAN: prior}})["linear"][SPAN]
 
     with_image, without = sums(True), sums(False)
     for name in ("gram", "cross_residual", "sum_x", "sum_r", "sum_rr"):
@@ -239,11 +239,12 @@ def test_one_released_count_is_every_spans_weight_sum(tiny_vit):
     exact = collect_span_stats(adapter, [(images, torch.zeros(12))], spans)
     tight = 0.5 * float(torch.linalg.norm(exact[spans[0]].gram)) / 12  # clips the first span's images only
     bounds = {spans[0]: SpanBounds(tight, 1e12, 1e12, 1e12, 1e12), spans[1]: SpanBounds(*[1e12] * 5)}
-    alone = {s: collect_clipped_span_sums(adapter, [(images, torch.zeros(12))], [s], token_mode="all",
-                                          bounds={s: bounds[s]}, priors={s: priors[s]})[s] for s in spans}
+    alone = {s: collect_clipped_kind_sums(adapter, [(images, torch.zeros(12))], [s], token_mode="all",
+                                          bounds={"linear": {s: bounds[s]}}, priors={"linear": {s: priors[s]}})["linear"][s]
+             for s in spans}
     assert float(alone[spans[0]].weight) < 11 and float(alone[spans[1]].weight) == 12  # the spans clip differently
-    both = collect_clipped_span_sums(adapter, [(images, torch.zeros(12))], spans, token_mode="all", bounds=bounds,
-                                     priors=priors)
+    both = collect_clipped_kind_sums(adapter, [(images, torch.zeros(12))], spans, token_mode="all",
+                                     bounds={"linear": bounds}, priors={"linear": priors})["linear"]
     assert float(both[spans[0]].weight) == float(both[spans[1]].weight)
     assert float(both[spans[1]].weight) == pytest.approx(float(alone[spans[0]].weight), rel=1e-12)
 
@@ -362,7 +363,7 @@ def test_secure_aggregation_ranges_hold_every_noisy_release_and_keep_quantisatio
     sigma = noise_multiplier(1.0, 1e-5, 1) / math.sqrt(3)
     ranges = PRIVATE_SPAN.keyed({f"{split}/{SPAN.key}/": span_ranges([SPAN], {SPAN: BOUNDS}, 24, parts, sigma)[SPAN]
                                  for split in ("calibration", "holdout")})
-    arrays = encode_spans(noisy_spans(sums, parts, sigma, NoiseSource.seeded(1)))
+    arrays = encode_spans(noisy_spans({"linear": sums}, parts, sigma, NoiseSource.seeded(1))["linear"])
     shapes = private_span_shapes([SPAN], 48)
     assert set(arrays) == set(ranges) == set(shapes)
     for key, value in arrays.items():
@@ -397,7 +398,7 @@ def _private_site(tmp_path, counting: bool = False) -> tuple[Site, RunSpec]:
 
 def _statistics(tiny_vit, site: Site, run: RunSpec):
     return statistics_reply(tiny_vit, site, parse_plan("1->3", 6), "all", run,
-                            {SPAN: LinearMap(torch.eye(48, dtype=torch.float64), None)})
+                            {"linear": {SPAN: LinearMap(torch.eye(48, dtype=torch.float64), None)}})
 
 
 def test_a_release_asked_again_resends_the_stored_payload_and_spends_nothing_more(tmp_path, tiny_vit):

@@ -175,7 +175,7 @@ def test_a_dropped_site_leaves_the_server_no_sum_over_fewer_sites_than_the_noise
     config = load_federated_config(run)
     request = _request(audit_bounds, aggregation="secure", noise_sites=3)
     settings = {"model": json.dumps(MODEL), "token-mode": "all", "profile": "production", "plan": nb.PLAN,
-                "privacy": request.to_json(), "prior-maps": encode_priors(nb.identity_maps(48))}
+                "privacy": request.to_json(), "prior-maps": encode_priors(nb.priors(48))}
     with pytest.raises(FederationError):
         secure_statistics_round(grid, grid.get_node_ids(), config, request, parse_plan(nb.PLAN, 6), 48,
                                 RecordDict({"config": ConfigRecord(settings)}), RoundLog("statistics", {}))

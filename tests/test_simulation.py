@@ -26,7 +26,7 @@ from tba_fed.federation.site_privacy import noise_source
 from tba_fed.models import create_model
 from tba_fed.plan import parse_plan
 from tba_fed.privacy.ledger import PrivacyLedger
-from tba_fed.privacy.passes import collect_clipped_span_sums
+from tba_fed.privacy.passes import collect_clipped_kind_sums
 from tba_fed.privacy.policy import PrivacyRequest
 from tba_fed.privacy.public_prior import public_prior_maps
 from tba_fed.privacy.release import noisy_spans
@@ -122,19 +122,20 @@ def test_private_secure_aggregation_run_reproduces_the_server_solve(tmp_path):
     request = PrivacyRequest(epsilon=4.0, delta=1e-5, releases=("statistics",), aggregation="secure", noise_sites=3,
                              seed=5, clip_spans={k: tuple(v) for k, v in privacy["clip_spans"].items()})
     tokens = adapter.tokens_per_image("all")
-    bounds = request.kind_bounds([span], ("linear",))["linear"]
-    prior = public_prior_maps(model, public_loader(model, 32), [span], "all", bias=True)
-    parts = span_parts([span], bounds)
+    bounds = request.kind_bounds([span], ("linear",))
+    priors = public_prior_maps(model, public_loader(model, 32), [span], "all", bias=True)
+    prior = priors["linear"]
+    parts = span_parts([span], bounds["linear"])
     p = config.federation.partition
     released = []
     for site in range(3):
         calibration, holdout = simulated_indices(config.data, dataset, np.asarray(dataset.targets), 3, site, p.scheme,
                                                  alpha=p.alpha, shards_per_site=p.shards_per_site, seed=p.seed)
-        sums = {split: collect_clipped_span_sums(adapter, make_loader(Subset(dataset, idx.tolist()), config.data), [span],
-                                                 token_mode="all", bounds=bounds, priors=prior)
+        sums = {split: collect_clipped_kind_sums(adapter, make_loader(Subset(dataset, idx.tolist()), config.data), [span],
+                                                 token_mode="all", bounds=bounds, priors=priors)["linear"]
                 for split, idx in (("calibration", calibration), ("holdout", holdout))}
-        released.append(noisy_spans(sums, parts, privacy["noise_multiplier"] / np.sqrt(3),
-                                    noise_source(request, f"site-{site}", "statistics")))
+        released.append(noisy_spans({"linear": sums}, parts, privacy["noise_multiplier"] / np.sqrt(3),
+                                    noise_source(request, f"site-{site}", "statistics"))["linear"])
         folder = output.with_name(output.name + "-sites") / f"site-{site}"
         ledger = PrivacyLedger(folder / "privacy-ledger.json")
         assert [e.release for e in ledger.entries()] == ["statistics"]
@@ -152,14 +153,15 @@ def test_private_secure_aggregation_run_reproduces_the_server_solve(tmp_path):
 
 
 def test_a_private_secure_auto_run_releases_both_kinds_once_and_installs_the_chosen_kinds(tmp_path, capsys):
-    """`tba-fed simulate` with map: auto, SecAgg+ and seeded split noise, 3 sites: one statistics release per site
-    carries both kinds (ledgered at the run's σ, each kind's stds √2 × a one-kind release's), the server logs and
-    reports the cost, reports both kinds' noisy held-out errors per span and the kind picked, and every site installs
-    the model the server built with those kinds."""
+    """`tba-fed simulate` with map: auto, SecAgg+ and seeded split noise, 3 sites, the prior unset (public, the default
+    under privacy: one public prior per kind): one statistics release per site carries both kinds (ledgered at the
+    run's σ, each kind's stds √2 × a one-kind release's), the server logs and reports the cost, reports both kinds'
+    noisy held-out errors per span and the kind picked, names the prior and compares each span against its chosen
+    kind's public prior, and every site installs the model the server built with those kinds."""
     import math
 
     config = _config(tmp_path, 3, "iid")
-    config.update(plan="1->2, 3->5", budget=None, map="auto", prior="identity", evaluation={"enabled": False},
+    config.update(plan="1->2, 3->5", budget=None, map="auto", evaluation={"enabled": False},
                   privacy={"epsilon": 8.0, "aggregation": "secure", "seed": 5, "public_images": 32},
                   federation={**config["federation"], "max_images_per_site": 100})
     path = tmp_path / "run.yaml"
@@ -178,6 +180,10 @@ def test_a_private_secure_auto_run_releases_both_kinds_once_and_installs_the_cho
         assert set(errors) == {"linear", "folded"}
         assert row["kind"] == row["auto"]["chosen"] == min(errors, key=lambda k: (errors[k], k != "folded"))
         chosen[row["span"]] = row["kind"]
+    assert report["prior"] == "public" and set(chosen) == {"1->2", "3->5"}
+    assert all(set(row) == {"identity", "federated", "public prior", "federated + public prior"}
+               for row in report["prior_comparison"].values())
+    assert "installed prior: public" in (output / "report.md").read_text()
     images = next(iter(make_loader(build_dataset(load_federated_config(path).data, load_compressed(output)),
                                    load_federated_config(path).data)))[0][:4]
     with torch.no_grad():

@@ -69,7 +69,7 @@ def _statistics(*, model: dict = MODEL, profile: str = "development", epsilon: f
         request = PrivacyRequest(epsilon=epsilon, delta=1e-5, releases=("statistics",),
                                  clip_spans={"1->2": (1, 1, 1, 1, 1)})
         identity = {parse_plan("1->2", 6).spans[0]: LinearMap(torch.eye(48, dtype=torch.float64), None)}
-        config.update(privacy=request.to_json(), **{"prior-maps": encode_priors(identity)})
+        config.update(privacy=request.to_json(), **{"prior-maps": encode_priors({"linear": identity})})
     return RecordDict({"config": ConfigRecord(config)})
 
 

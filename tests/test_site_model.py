@@ -72,7 +72,7 @@ def _statistics(model: dict, *, profile: str = "production", private: bool = Fal
     if private:
         request = PrivacyRequest(epsilon=4.0, delta=1e-5, releases=("statistics",), clip_spans={"1->2": (1, 1, 1, 1, 1)})
         identity = {parse_plan("1->2", 6).spans[0]: LinearMap(torch.eye(48, dtype=torch.float64), None)}
-        config.update(privacy=request.to_json(), **{"prior-maps": encode_priors(identity)})
+        config.update(privacy=request.to_json(), **{"prior-maps": encode_priors({"linear": identity})})
     return Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=5, message_type="query.statistics")
 
 

@@ -150,10 +150,6 @@ class FederatedRunConfig(RunConfig):
             raise TBAInputError("privacy.aggregation", "secure aggregation needs federation.min_sites >= 2 "
                                                        "(a SecAgg+ sum over one site is that site's data)",
                                 "set federation.min_sites to 2 or more, or aggregation: local")
-        if self.prior_kind == "public" and self.map == "auto":
-            raise TBAInputError("prior", "public prior maps are fitted for one map kind, and map: auto fits two"
-                                + (" (public is the default with privacy)" if self.prior is None else ""),
-                                "set prior: identity or zero, or map: linear or folded")
         return self
 
 

@@ -3,8 +3,9 @@ strategy per mode.
 
 - `Exact`: each site's exact span sums, checked (PSD, counts, ``min_images_per_site``) and added to the
   running sum as they arrive.
-- `LocalDP`: each site clips and adds the full noise to residual-form sums around the run's priors; the
-  server adds them as they arrive, projects each Gram onto the PSD cone and picks the AdaSSP ridge.
+- `LocalDP`: each site clips and adds the full noise to residual-form sums around the run's priors (`Priors`: one
+  per span of each kind collected); the server adds them as they arrive, projects each Gram onto the PSD cone and
+  picks the AdaSSP ridge.
 - `Secure`: the same noisy sums, each site adding σ/√min_sites of the noise, summed by SecAgg+ so the
   server never holds one site's sums.
 
@@ -44,14 +45,15 @@ from .records import from_record
 from .rounds import RoundLog, Rounds
 from .server_audit import ServerAudit
 from .secure_aggregation import default_threshold, secure_sum
-from .wire import (MODELS, decode_private_spans, decode_spans, encode_priors, group_name, kind_groups, private_span_shapes,
-                   secure_ranges, statistics_groups)
+from .wire import (MODELS, SPLITS, decode_private_spans, decode_spans, encode_priors, group_name, kind_groups,
+                   private_span_shapes, secure_ranges, statistics_groups)
 
 _logger = logging.getLogger(__name__)
 
 NOISE_DRAWS = 20  # re-noisings of the held-out release that give the report's ± on each estimate
 
 PerSplit = dict[str, dict[Span, Any]]
+Priors = Mapping[str, Mapping[Span, LinearMap]]  # kind -> span -> the prior map (both kinds under map: auto)
 
 
 def auto_cost(bounds: Mapping[str, Mapping[Span, SpanBounds]], span: Span) -> str:
@@ -113,7 +115,7 @@ class Exact:
     def probe_request(self) -> PrivacyRequest | None:
         return None
 
-    def statistics_settings(self, model: nn.Module, plan: Plan, priors: Mapping[Span, LinearMap]) -> dict[str, Any]:
+    def statistics_settings(self, model: nn.Module, plan: Plan, priors: Priors) -> dict[str, Any]:
         return {"plan": str(plan), "privacy": ""}
 
     def _decode(self, arrays: Any, plan: Plan, dim: int) -> tuple[PerSplit, int]:
@@ -137,13 +139,13 @@ class Exact:
         replies = rounds.ask("statistics", f"{MessageType.QUERY}.statistics", content, accept, images=lambda count: count)
         return total.per_split, len(replies)
 
-    def solver_inputs(self, released: PerSplit, sites: int, priors: Mapping[Span, LinearMap], tokens: int,
+    def solver_inputs(self, released: PerSplit, sites: int, priors: Priors, tokens: int,
                       spans: Iterable[Span]) -> SolverInputs:
         calibration = kind_groups(released, self.config.map, "calibration")
         return SolverInputs(calibration, kind_groups(released, self.config.map, "holdout"),
                             next(iter(next(iter(calibration.values())).values())).images)
 
-    def holdout_draws(self, released: PerSplit, priors: Mapping[Span, LinearMap], tokens: int
+    def holdout_draws(self, released: PerSplit, priors: Priors, tokens: int
                       ) -> dict[str, dict[Span, list]]:
         """Each kind's held-out sums re-noised as they were released (none for exact sums): the report's spread."""
         return {kind: {s: [] for s in per_span} for kind, per_span in kind_groups(released, self.config.map, "holdout").items()}
@@ -186,10 +188,10 @@ class LocalDP(Exact):
         self.probe = self.request(clip_features=self.norms.feature_bound(self.privacy.clip_scale))
         return self.probe
 
-    def statistics_settings(self, model: nn.Module, plan: Plan, priors: Mapping[Span, LinearMap]) -> dict[str, Any]:
+    def statistics_settings(self, model: nn.Module, plan: Plan, priors: Priors) -> dict[str, Any]:
         held_out_crops = public_loader(model, self.privacy.public_images, seed=1)  # residual bounds not fitted on
-        self.bounds = {kind: public_span_bounds(model, held_out_crops, plan.spans, priors, self.config.token_mode,
-                                                self.privacy.clip_scale, kind) for kind in collected_kinds(self.config.map)}
+        self.bounds = public_span_bounds(model, held_out_crops, plan.spans, priors, self.config.token_mode,
+                                         self.privacy.clip_scale)  # each kind's, around its own prior
         self.statistics = self.request(self.secure, clip_spans={label: b.as_tuple()
                                                                 for label, b in labelled_bounds(self.bounds).items()})
         return {"plan": str(plan), "privacy": self.statistics.to_json(), "prior-maps": encode_priors(priors)}
@@ -198,7 +200,7 @@ class LocalDP(Exact):
         stats = decode_private_spans(arrays, plan.spans, dim, self.config.map)
         return stats, int(round(float(stats[statistics_groups(self.config.map)[0]][plan.spans[0]].weight)))
 
-    def solver_inputs(self, released: PerSplit, sites: int, priors: Mapping[Span, LinearMap], tokens: int,
+    def solver_inputs(self, released: PerSplit, sites: int, priors: Priors, tokens: int,
                       spans: Iterable[Span]) -> SolverInputs:
         """Held-out sums as released, made ordinary sums; calibration sums cleaned (PSD projection, AdaSSP ridge);
         for each kind released (both under ``map: auto``, whose choice per span is then post-processing)."""
@@ -206,8 +208,9 @@ class LocalDP(Exact):
         assert request is not None
         choice = self.config.map
         kinds = collected_kinds(choice)
-        ordinary = {group: {s: to_span_stats(sums, priors[s], tokens) for s, sums in per_span.items()}
-                    for group, per_span in released.items()}
+        ordinary = {group_name(choice, kind, split): {s: to_span_stats(sums, priors[kind][s], tokens)
+                                                       for s, sums in released[group_name(choice, kind, split)].items()}
+                    for kind in kinds for split in SPLITS}
         self.parts = kind_span_parts(self.bounds)
         self.spread = math.sqrt(sites / request.noise_sites)  # total noise over σ per release
         by_name = {p.name: p for p in self.parts}
@@ -221,7 +224,7 @@ class LocalDP(Exact):
         for kind in kinds:
             labels = {s: span_label(kind, s, kinds) for s in spans}
             gram_std = {s: by_name[f"{labels[s]}:gram"].std(sigma) * self.spread for s in spans}
-            calibration[kind], ridges = private_inputs(released[group_name(choice, kind, "calibration")], priors,
+            calibration[kind], ridges = private_inputs(released[group_name(choice, kind, "calibration")], priors[kind],
                                                        gram_std, tokens, bias=self.config.bias)
             holdout[kind] = ordinary[group_name(choice, kind, "holdout")]
             lambdas[kind] = {s: r.ridge_lambda for s, r in ridges.items()}
@@ -244,17 +247,17 @@ class LocalDP(Exact):
             _logger.info("%s", summary["map_auto"])
         return SolverInputs(calibration, holdout, ordinary[first][spans[0]].images, lambdas, summary)
 
-    def holdout_draws(self, released: PerSplit, priors: Mapping[Span, LinearMap], tokens: int
+    def holdout_draws(self, released: PerSplit, priors: Priors, tokens: int
                       ) -> dict[str, dict[Span, list]]:
         choice = self.config.map
         groups = {kind: group_name(choice, kind, "holdout") for kind in collected_kinds(choice)}
         draws: dict[str, dict[Span, list[SpanStats]]] = {kind: {s: [] for s in released[g]} for kind, g in groups.items()}
         for k in range(NOISE_DRAWS):  # both kinds' held-out sums re-noised together, as released (one weight)
-            renoised = noisy_spans({g: released[g] for g in groups.values()}, self.parts, self.sigma * self.spread,
-                                   NoiseSource(k))
-            for kind, group in groups.items():
+            renoised = noisy_spans({kind: {"holdout": released[g]} for kind, g in groups.items()}, self.parts,
+                                   self.sigma * self.spread, NoiseSource(k))
+            for kind in groups:
                 for s in draws[kind]:
-                    draws[kind][s].append(to_span_stats(renoised[group][s], priors[s], tokens))
+                    draws[kind][s].append(to_span_stats(renoised[kind]["holdout"][s], priors[kind][s], tokens))
         return draws
 
     def probe_stats(self, pooled: dict[str, ProbeStats], sites: int) -> dict[str, ProbeStats]:

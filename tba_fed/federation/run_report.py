@@ -88,16 +88,17 @@ def federation_markdown(fed: dict[str, Any], profile: str, superlink_checks: lis
 
 
 def prior_comparison(inputs: SolverInputs, draws: Mapping[str, Mapping[Span, Sequence[SpanStats]]],
-                     kinds: Mapping[Span, str], public_maps: Mapping[Span, LinearMap], identity: Iterable[Span], *,
-                     bias: bool, ridge: float, private: bool) -> dict[str, Any]:
+                     kinds: Mapping[Span, str], public_maps: Mapping[str, Mapping[Span, LinearMap]],
+                     identity: Iterable[Span], *, bias: bool, ridge: float, private: bool) -> dict[str, Any]:
     """What the sites' data bought: each span's held-out error under each prior, relative to dropping the blocks
     (and, for a private release, the spread the release's own noise gives each estimate), on the statistics of the
-    kind each span installs (`kinds`: under ``map: auto``, the kind chosen)."""
+    kind each span installs (`kinds`: under ``map: auto``, the kind chosen) and against that kind's public prior
+    (`public_maps`: kind -> span -> map, empty without public photos)."""
     lambdas = inputs.ridge_lambdas or {}
     comparison = {s: compare_priors(inputs.calibration[kind][s], inputs.holdout[kind][s], bias=bias, ridge=ridge,
                                     shrink_bias=private,
                                     ridge_lambda=lambdas[kind][s] if kind in lambdas else None,
-                                    public=public_maps.get(s), holdout_draws=draws[kind][s])
+                                    public=public_maps.get(kind, {}).get(s), holdout_draws=draws[kind][s])
                   for s, kind in sorted(kinds.items()) if s not in set(identity)}
     out: dict[str, Any] = {"prior_comparison": {str(s): c[0] for s, c in comparison.items()}}
     if private:

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from ..adapter import ViTAdapter
+from ..adapter import ViTAdapter, collected_kinds
 from ..checkpoint import maps_checksum
 from ..compressed import parameter_report
 from ..errors import TBAInputError
@@ -83,16 +83,16 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
                            metric=config.budget.metric, bias=config.bias, map_kind=config.map)
         _logger.info("plan chosen from %d sites' similarity: %s", len(replies), plan)
 
-    # public prior maps are fitted for one map kind: a map: auto run (prior identity or zero) compares without them
-    public_maps = public_prior_maps(model, public, plan.spans, config.token_mode, config.bias, config.map) \
-        if public and config.map != "auto" else {}
-    priors = ({s: LinearMap(torch.eye(dim, dtype=torch.float64), None) for s in plan.spans} if prior_kind == "identity"
-              else public_maps if prior_kind == "public"
-              else {s: LinearMap(torch.zeros(dim, dim, dtype=torch.float64), None) for s in plan.spans})
+    # priors per kind collected (both under map: auto), each kind's public prior fitted on its own pairs, one pass
+    kinds = collected_kinds(config.map)
+    public_maps = public_prior_maps(model, public, plan.spans, config.token_mode, config.bias, kinds) if public else {}
+    fixed = torch.eye(dim, dtype=torch.float64) if prior_kind == "identity" else torch.zeros(dim, dim, dtype=torch.float64)
+    priors = public_maps if prior_kind == "public" else {kind: {s: LinearMap(fixed, None) for s in plan.spans}
+                                                         for kind in kinds}
     released, sites = release.statistics_round(rounds, plan, dim, content(**release.statistics_settings(model, plan, priors)))
     inputs = release.solver_inputs(released, sites, priors, tokens, plan.spans)
     fits = solve_kinds(inputs.calibration, inputs.holdout, map_kind=config.map, bias=config.bias, ridge=config.ridge,
-                       identity=frozenset(identity), priors=dict.fromkeys(inputs.calibration, priors),
+                       identity=frozenset(identity), priors=priors,
                        ridge_lambdas=inputs.ridge_lambdas, shrink_bias=release.private)
     maps = {span: fit.map for span, fit in fits.items()}
     compression = Compression(

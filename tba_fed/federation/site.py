@@ -45,7 +45,7 @@ from .site_admission import admitted_model, check_run_profile
 from .site_context import SiteContext
 from .site_privacy import RunSpec, open_release
 from .wire import (MODELS, Arrays, decode_heads, decode_maps, decode_priors, encode_probe, encode_similarity, encode_spans,
-                   group_name, secure_ranges, statistics_groups)
+                   group_name, secure_ranges)
 
 _logger = logging.getLogger(__name__)
 
@@ -176,46 +176,53 @@ def similarity_reply(model: nn.Module, site: Site, token_mode: str, run: RunSpec
 
 
 def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, run: RunSpec,
-                     priors: Mapping[Span, LinearMap] | None = None, secure: SecureRound | None = None,
+                     priors: Mapping[str, Mapping[Span, LinearMap]] | None = None, secure: SecureRound | None = None,
                      map_kind: str = "linear") -> Arrays:
-    """Exact span sums, or (private run) noisy weighted residual-form sums around the run's priors, of the
-    (input, target) pairs of the run's `map_kind` (`ViTAdapter.span_pairs`): the same statistics either way, and
-    under ``map: auto`` both kinds' from one pass, in one release (private: one weight per image over both kinds'
-    bounds, the shares split evenly between the kinds by the site itself, `kind_span_parts`).
+    """Exact span sums, or (private run) noisy weighted residual-form sums around the run's priors (kind -> span ->
+    map: each kind's sums around its own), of the (input, target) pairs of the run's `map_kind`
+    (`ViTAdapter.span_pairs`): the same statistics either way, and under ``map: auto`` both kinds' from one pass, in
+    one release (private: one weight per image over both kinds' bounds, the shares split evenly between the kinds
+    by the site itself, `kind_span_parts`).
     `secure`: the SecAgg+ round this reply goes into (None: a plain reply, which carries the full noise)."""
     adapter = ViTAdapter(model)
     request = run.privacy
     kinds = collected_kinds(map_kind)
     # the site derives every sensitivity and share itself, from the request's bounds of each kind it releases
     bounds = request.kind_bounds(plan.spans, kinds) if request is not None else None
-    if request is not None and (priors is None or set(priors) != set(plan.spans)):
-        raise TBAInputError("prior", "a private statistics release needs the run's prior map for every span")
+    if request is not None and (priors is None or set(priors) != set(kinds)
+                                or any(set(priors[kind]) != set(plan.spans) for kind in kinds)):
+        raise TBAInputError("prior-maps", f"a private statistics release needs the run's prior map for every span of "
+                                          f"each kind it releases ({', '.join(kinds)})")
     parts = kind_span_parts(bounds) if bounds is not None else None
     summaries = site.images("calibration", "held-out")
     with open_release(site.policy, run, "statistics", summaries, site_name=site.name, parts=parts, secure=secure) as release:
         if release.stored is not None:
             return release.stored
-        per_split = {}
+        sums: dict[str, dict[str, dict[Span, Any]]] = {kind: {} for kind in kinds}  # kind -> split -> span
         for split, loader in (("calibration", site.calibration), ("holdout", site.holdout)):
             if loader is None:
-                per_split |= {group_name(map_kind, kind, split): {
-                    s: (SpanStats if request is None else ClippedSpanSums).zeros(adapter.embed_dim) for s in plan.spans}
-                    for kind in kinds}
+                for kind in kinds:
+                    sums[kind][split] = {s: (SpanStats if request is None else ClippedSpanSums).zeros(adapter.embed_dim)
+                                         for s in plan.spans}
                 continue
             # every kind collected from the same pass (map: auto collects both)
             by_kind = collect_kind_stats(adapter, loader, plan.spans, kinds, token_mode=token_mode, device=site.device) \
                 if request is None else collect_clipped_kind_sums(adapter, loader, plan.spans, token_mode=token_mode,
                                                                   bounds=bounds, priors=priors, device=site.device)
-            per_split |= {group_name(map_kind, kind, split): sums for kind, sums in by_kind.items()}
-        first = per_split[statistics_groups(map_kind)[0]][plan.spans[0]]
+            for kind, per_span in by_kind.items():
+                sums[kind][split] = per_span
+        first = sums[kinds[0]]["calibration"][plan.spans[0]]
         grant = release.grant
         if grant is None:
             _logger.info("%s: span sums over %d calibration and %d held-out images", site.name, first.images,
-                         per_split[statistics_groups(map_kind)[1]][plan.spans[0]].images)
-            return encode_spans(per_split)
-        _logger.info("%s: private span sums over %d calibration images (%d down-weighted to their bounds)", site.name,
-                     first.images, first.clipped)
-        return release.keep(encode_spans(noisy_spans(per_split, parts, grant.site_sigma, grant.noise)))
+                         sums[kinds[0]]["holdout"][plan.spans[0]].images)
+        else:
+            _logger.info("%s: private span sums over %d calibration images (%d down-weighted to their bounds)",
+                         site.name, first.images, first.clipped)
+            sums = noisy_spans(sums, parts, grant.site_sigma, grant.noise)
+        arrays = encode_spans({group_name(map_kind, kind, split): per_span for kind, per_split in sums.items()
+                               for split, per_span in per_split.items()})
+        return arrays if grant is None else release.keep(arrays)
 
 
 def secure_statistics(config: Mapping[str, Any], context: Any, site_context: SiteContext) -> tuple[Arrays, dict[str, float]]:
@@ -238,7 +245,8 @@ def secure_statistics(config: Mapping[str, Any], context: Any, site_context: Sit
     if sum(site.images("calibration", "held-out").values()) > max_images:
         raise PolicyRefusal("federation.max_images_per_site", f"{site.name} holds more images than the fixed-point "
                                                               f"range allows ({max_images})", "raise max_images_per_site")
-    priors = decode_priors(str(config.get("prior-maps", "")), plan.spans, adapter.embed_dim)
+    priors = decode_priors(str(config.get("prior-maps", "")), collected_kinds(map_kind(config)), plan.spans,
+                           adapter.embed_dim)
     arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors, secure, map_kind(config))
     ranges = secure_ranges(request, plan.spans, max_images, map_kind(config))
     return clamp(arrays, ranges), ranges
@@ -325,7 +333,8 @@ def answer(msg: Message, model: nn.Module, site: Site, run: RunSpec) -> dict[str
         return {"similarity": to_record(similarity_reply(model, site, str(config["token-mode"]), run))}
     plan = parse_plan(str(config["plan"]), len(model.blocks))
     if action == "statistics":
-        priors = decode_priors(str(config["prior-maps"]), plan.spans, model.embed_dim) if config.get("prior-maps") else None
+        priors = decode_priors(str(config["prior-maps"]), collected_kinds(map_kind(config)), plan.spans,
+                               model.embed_dim) if config.get("prior-maps") else None
         return {"statistics": to_record(statistics_reply(model, site, plan, str(config["token-mode"]), run, priors,
                                                          map_kind=map_kind(config)))}
     identity = parse_plan(str(config["identity-spans"]), len(model.blocks)).spans if config["identity-spans"] else ()

@@ -19,7 +19,7 @@ import torch
 
 from ..adapter import collected_kinds
 from ..checkpoint import decode_maps, map_tensors
-from ..errors import TBAInputError
+from ..errors import TBAInputError, one_line
 from ..plan import Span
 from ..privacy.clipped import ClippedSpanSums
 from ..privacy.policy import PrivacyRequest
@@ -278,18 +278,26 @@ def payload_sha256(arrays: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def encode_priors(maps: Mapping[Span, LinearMap]) -> str:
-    """Prior maps as text for a config record (Flower's legacy FitIns config holds scalars only):
-    JSON of ``{name: [shape, base64 of little-endian float64]}``, decoded with full validation."""
-    arrays = {k: v.numpy().astype("<f8") for k, v in map_tensors(maps).items()}
-    return json.dumps({k: [list(v.shape), base64.b64encode(v.tobytes()).decode()] for k, v in arrays.items()})
+def encode_priors(priors: Mapping[str, Mapping[Span, LinearMap]]) -> str:
+    """Prior maps (kind -> span -> map: one kind, or both under ``map: auto``) as text for a config record (Flower's
+    legacy FitIns config holds scalars only): JSON of ``{kind: {name: [shape, base64 of little-endian float64]}}``,
+    decoded with full validation."""
+    return json.dumps({kind: {k: [list(v.shape), base64.b64encode(v.numpy().astype("<f8").tobytes()).decode()]
+                              for k, v in map_tensors(maps).items()} for kind, maps in priors.items()})
 
 
-def decode_priors(text: str, spans: Iterable[Span], dim: int) -> dict[Span, LinearMap]:
+def decode_priors(text: str, kinds: Iterable[str], spans: Iterable[Span], dim: int) -> dict[str, dict[Span, LinearMap]]:
+    """The run's prior maps: exactly one for every span of every kind the site releases (`collected_kinds`), each
+    checked like any payload (`decode_maps`; errors name ``prior-maps.KIND...``)."""
+    kinds, spans = list(kinds), list(spans)
     try:
         raw = json.loads(text)
-        arrays = {k: np.frombuffer(base64.b64decode(v[1], validate=True), dtype="<f8").astype(np.float64).reshape(v[0])
-                  for k, v in raw.items()}
+        arrays = {kind: {k: np.frombuffer(base64.b64decode(v[1], validate=True), dtype="<f8").astype(np.float64)
+                         .reshape(v[0]) for k, v in maps.items()} for kind, maps in raw.items()}
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
         raise TBAInputError("prior-maps", f"not a valid encoding of prior maps ({err})") from None
-    return decode_maps(arrays, spans, (), dim, "prior-maps")
+    if sorted(arrays) != sorted(kinds):
+        sent = one_line(", ".join(sorted(arrays)), 80) or "none"
+        raise TBAInputError("prior-maps", f"prior maps for kinds {sent}, this release needs exactly {', '.join(kinds)}",
+                            "send one prior map per span of each kind")
+    return {kind: decode_maps(arrays[kind], spans, (), dim, f"prior-maps.{kind}") for kind in kinds}

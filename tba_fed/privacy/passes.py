@@ -39,26 +39,19 @@ def collect_clipped_probe_stats(model: nn.Module, batches: Iterable, num_classes
                                transform=lambda features: clip_images(features, clip)[0])
 
 
-def collect_clipped_span_sums(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str,
-                              bounds: Mapping[Span, SpanBounds], priors: Mapping[Span, LinearMap],
-                              device: str | torch.device = "cpu", map_kind: str = "linear") -> dict[Span, ClippedSpanSums]:
-    """`collect_clipped_kind_sums` of one map kind."""
-    return collect_clipped_kind_sums(adapter, batches, spans, token_mode=token_mode, bounds={map_kind: bounds},
-                                     priors=priors, device=device)[map_kind]
-
-
 def collect_clipped_kind_sums(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str,
-                              bounds: Mapping[str, Mapping[Span, SpanBounds]], priors: Mapping[Span, LinearMap],
-                              device: str | torch.device = "cpu") -> dict[str, dict[Span, ClippedSpanSums]]:
+                              bounds: Mapping[str, Mapping[Span, SpanBounds]],
+                              priors: Mapping[str, Mapping[Span, LinearMap]], device: str | torch.device = "cpu"
+                              ) -> dict[str, dict[Span, ClippedSpanSums]]:
     """The span pass for a private release of each map kind in `bounds` (kind -> span -> bounds; ``map: auto``
     releases both) from one forward per batch: weighted residual-form sums of every span's (input, target) pair
     of each kind (`clipped`; a folded span's pair is (m_s, x_e − h_s)), with ONE weight per image over every
     statistic of every span of every kind, so the release's one count is every group's exact weight sum and each
-    statistic stays within its kind's bound. `priors` are per span: the identity and zero priors mean the same
-    for both kinds (public priors are fitted for one kind and are refused under ``map: auto``)."""
+    statistic stays within its kind's bound. `priors` are keyed like `bounds` (kind -> span -> prior): each kind's
+    residuals are taken around its own prior (a public prior is fitted on that kind's pairs)."""
     kinds = tuple(bounds)
     sums = {kind: {span: ClippedSpanSums.zeros(adapter.embed_dim) for span in spans} for kind in kinds}
-    keyed_priors = {(kind, span): priors[span] for kind in kinds for span in spans}
+    keyed_priors = {(kind, span): priors[kind][span] for kind in kinds for span in spans}
     keyed_bounds = {(kind, span): bounds[kind][span] for kind in kinds for span in spans}
     with torch.inference_mode():
         for pairs in kind_span_pairs(adapter, batches, spans, token_mode, device, kinds):
@@ -67,5 +60,5 @@ def collect_clipped_kind_sums(adapter: ViTAdapter, batches: Iterable, spans: Seq
             weights = release_weights(pairs, keyed_priors, keyed_bounds)
             for kind, per_span in sums.items():
                 for span, acc in per_span.items():
-                    acc.update(*pairs[kind, span], priors[span], weights)
+                    acc.update(*pairs[kind, span], priors[kind][span], weights)
     return sums

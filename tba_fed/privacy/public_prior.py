@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..adapter import ViTAdapter
-from ..calibrate import collect_span_stats
+from ..calibrate import collect_kind_stats
 from ..plan import Span
 from ..probe import features
 from ..solver import LinearMap, solve_span
@@ -52,27 +52,35 @@ def public_norms(model: nn.Module, batches: Iterable, token_mode: str) -> Public
     return PublicNorms(torch.cat(blocks), torch.cat(feats))
 
 
-def public_span_bounds(model: nn.Module, batches: Iterable, spans: Sequence[Span], priors: Mapping[Span, LinearMap],
-                       token_mode: str, scale: float, map_kind: str = "linear") -> dict[Span, SpanBounds]:
-    """Per-image statistic bounds of each span: `scale` × their medians on public images (pass crops
-    the priors were not fitted on, so residuals are not optimistically small). The norms are those of the
-    (input, target) pairs the sites clip (`ViTAdapter.span_pairs`, the run's map kind)."""
+def public_span_bounds(model: nn.Module, batches: Iterable, spans: Sequence[Span],
+                       priors: Mapping[str, Mapping[Span, LinearMap]], token_mode: str, scale: float
+                       ) -> dict[str, dict[Span, SpanBounds]]:
+    """Per-image statistic bounds of each span of each kind in `priors` (kind -> span -> prior; ``map: auto``: both):
+    `scale` × their medians on public images (pass crops the priors were not fitted on, so residuals are not
+    optimistically small). The norms are those of the (input, target) pairs the sites clip
+    (`ViTAdapter.kind_span_pairs`, one forward for every kind), each kind's residuals around its own prior."""
     adapter = ViTAdapter(model)
-    norms: dict[Span, dict[str, list[torch.Tensor]]] = {s: {k: [] for k in STATISTICS} for s in spans}
+    norms: dict[str, dict[Span, dict[str, list[torch.Tensor]]]] = {
+        kind: {s: {k: [] for k in STATISTICS} for s in spans} for kind in priors}
     with torch.inference_mode():
         for images, _ in batches:
-            for span, (x, y) in adapter.span_pairs(images, spans, map_kind, token_mode).items():
-                x, y = x.double(), y.double()
-                for k, v in image_norms(x, residual(x, y, priors[span])).items():
-                    norms[span][k].append(v)
-    return {span: SpanBounds(*(float(torch.cat(norms[span][k]).median()) * scale for k in STATISTICS)) for span in spans}
+            for kind, pairs in adapter.kind_span_pairs(images, spans, tuple(priors), token_mode).items():
+                for span, (x, y) in pairs.items():
+                    x, y = x.double(), y.double()
+                    for k, v in image_norms(x, residual(x, y, priors[kind][span])).items():
+                        norms[kind][span][k].append(v)
+    return {kind: {span: SpanBounds(*(float(torch.cat(per_span[span][k]).median()) * scale for k in STATISTICS))
+                   for span in spans} for kind, per_span in norms.items()}
 
 
 def public_prior_maps(model: nn.Module, batches: Iterable, spans: Sequence[Span], token_mode: str,
-                      bias: bool, map_kind: str = "linear") -> dict[Span, LinearMap]:
-    """Each span's map fitted on public images: the prior P that private statistics refine (on the same
-    (input, target) pairs as the sites' statistics, the run's map kind)."""
-    stats = collect_span_stats(ViTAdapter(model), batches, spans, token_mode=token_mode, map_kind=map_kind)
-    maps = {span: solve_span(s, bias=bias, ridge=PRIOR_RIDGE)[0] for span, s in stats.items()}
-    _logger.info("public prior fitted for %s on %d images", ", ".join(map(str, spans)), stats[spans[0]].images)
+                      bias: bool, kinds: Sequence[str] = ("linear",)) -> dict[str, dict[Span, LinearMap]]:
+    """Each span's map of each kind in `kinds` (`collected_kinds` of the run's map) fitted on public images, from
+    one pass: the prior P that private statistics refine, each kind's on its own (input, target) pairs, the same
+    as the sites' statistics of that kind."""
+    stats = collect_kind_stats(ViTAdapter(model), batches, spans, kinds, token_mode=token_mode)
+    maps = {kind: {span: solve_span(s, bias=bias, ridge=PRIOR_RIDGE)[0] for span, s in per_span.items()}
+            for kind, per_span in stats.items()}
+    _logger.info("public prior (%s) fitted for %s on %d images", ", ".join(kinds), ", ".join(map(str, spans)),
+                 stats[kinds[0]][spans[0]].images)
     return maps

@@ -18,7 +18,7 @@ from ..probe import ProbeStats
 from ..stats import SimilarityStats
 from .clipped import ClippedSpanSums
 from .mechanism import NoiseSource
-from .sensitivity import Part
+from .sensitivity import Part, span_label
 
 
 def _stds(parts: Sequence[Part], sigma: float) -> dict[str, float]:
@@ -37,28 +37,26 @@ def _count(noise: NoiseSource, count: int, std: float) -> int:
     return max(0, int(round(count + float(noise.normal((1,), std)[0]))))
 
 
-def noisy_spans(per_split: Mapping[str, Mapping[Span, ClippedSpanSums]], parts: Sequence[Part], sigma: float,
-                noise: NoiseSource) -> dict[str, dict[Span, ClippedSpanSums]]:
-    """Noisy weighted residual-form sums for each group: a split (calibration and held-out images are disjoint),
-    or ``kind/split`` when the release carries both map kinds (`sensitivity.span_label` names its parts). The
-    weight sum is one statistic per split, noised once and shared by every span of both kinds (the same images,
-    the same weights): a second draw would release the count twice."""
+def noisy_spans(sums: Mapping[str, Mapping[str, Mapping[Span, ClippedSpanSums]]], parts: Sequence[Part], sigma: float,
+                noise: NoiseSource) -> dict[str, dict[str, dict[Span, ClippedSpanSums]]]:
+    """Noisy weighted residual-form sums (kind -> split -> span; under ``map: auto`` both kinds), each statistic
+    noised by its part (named by `sensitivity.span_label`). A split's calibration and held-out images are disjoint;
+    the weight sum is one statistic per split, noised once and shared by every span of every kind (the same images,
+    the same weights): a second draw would release the count twice. Draws go split by split, kind by kind."""
     std = _stds(parts, sigma)
-    released: dict[str, dict[Span, ClippedSpanSums]] = {}
-    weights: dict[str, torch.Tensor] = {}
-    for group, spans in per_split.items():
-        kind, _, split = group.rpartition("/")
-        if split not in weights:
-            weights[split] = _noisy(noise, next(iter(spans.values())).weight, std["weight"])
-        weight = weights[split]
-        released[group] = {}
-        for span, s in spans.items():
-            key = f"{kind}/{span}" if kind else str(span)
-            released[group][span] = ClippedSpanSums(
-                gram=_noisy_gram(noise, s.gram, std[f"{key}:gram"]),
-                cross_residual=_noisy(noise, s.cross_residual, std[f"{key}:cross_residual"]),
-                sum_x=_noisy(noise, s.sum_x, std[f"{key}:sum_x"]), sum_r=_noisy(noise, s.sum_r, std[f"{key}:sum_r"]),
-                sum_rr=_noisy(noise, s.sum_rr, std[f"{key}:sum_rr"]), weight=weight)
+    kinds = tuple(sums)
+    released: dict[str, dict[str, dict[Span, ClippedSpanSums]]] = {kind: {} for kind in kinds}
+    for split in sums[kinds[0]]:
+        weight = _noisy(noise, next(iter(sums[kinds[0]][split].values())).weight, std["weight"])
+        for kind in kinds:
+            released[kind][split] = {}
+            for span, s in sums[kind][split].items():
+                key = span_label(kind, span, kinds)
+                released[kind][split][span] = ClippedSpanSums(
+                    gram=_noisy_gram(noise, s.gram, std[f"{key}:gram"]),
+                    cross_residual=_noisy(noise, s.cross_residual, std[f"{key}:cross_residual"]),
+                    sum_x=_noisy(noise, s.sum_x, std[f"{key}:sum_x"]), sum_r=_noisy(noise, s.sum_r, std[f"{key}:sum_r"]),
+                    sum_rr=_noisy(noise, s.sum_rr, std[f"{key}:sum_rr"]), weight=weight)
     return released
 
 
