@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +22,7 @@ from ..fileio import writable_location
 from . import certificates as certs
 from ..federation.config import SuperLinkConfig
 from ..federation.flower_internals import database_node_ids, public_key_to_bytes
-from .flower_control import SuperLinkAPIError, accepts_unregistered_nodes, registered_nodes
+from .flower_control import Node, SuperLinkAPIError, accepts_unregistered_nodes, registered_nodes
 
 Status = Literal["OK", "PROBLEM", "NOTE"]
 RESTART = "start the SuperLink with tba-fed superlink RUN.yaml"
@@ -146,6 +146,32 @@ def reachable(field: str, address: str, ca_certfile: Path) -> Check:
     return ok(field, f"{address} reachable, {version} handshake verified against {ca_certfile}")
 
 
+def listed_nodes(nodes: Sequence[Node], keys: Mapping[str, tuple[str, Path]]
+                 ) -> tuple[dict[str, Node | Check | None], list[Node]]:
+    """Each listed public key (name -> (field, .pub path)) matched to its registered node (None: not registered;
+    a PROBLEM Check: the key cannot be read), in the order listed; and the registered nodes whose key is not listed
+    (strangers)."""
+    known = {node.public_key: node for node in nodes}
+    matched: dict[str, Node | Check | None] = {}
+    listed = set()
+    for name, (field, path) in keys.items():
+        try:
+            key = public_key_to_bytes(certs.load_auth_public_key(path, field))
+        except TBAInputError as err:
+            matched[name] = from_error(err)
+            continue
+        listed.add(key)
+        matched[name] = known.get(key)
+    return matched, [node for node in nodes if node.public_key not in listed]
+
+
+def stranger(node: Node) -> Check:
+    """A registered key nobody listed: a site that should no longer connect, or a key registered by hand."""
+    return problem("superlink.sites", f"node {node.node_id} ({node.name or 'no name'}) is registered but its key is not "
+                                      "under superlink.sites",
+                   f"flwr supernode unregister {node.node_id} <connection>, or list its key")
+
+
 def registration_checks(address: str, ca_certfile: Path, keys: Mapping[str, tuple[str, Path]], *,
                         complete: bool = False) -> list[Check]:
     """Whether each public key (name -> (field, .pub path)) is registered at the SuperLink; with `complete`,
@@ -154,30 +180,19 @@ def registration_checks(address: str, ca_certfile: Path, keys: Mapping[str, tupl
         nodes = registered_nodes(address, ca_certfile)
     except (SuperLinkAPIError, httpx.HTTPError, OSError) as err:
         return [problem("superlink", f"cannot list the registered SuperNodes at {address} ({err})", RESTART)]
+    matched, strangers = listed_nodes(nodes, keys)
     found = []
-    known = {node.public_key: node for node in nodes}
-    listed = set()
-    for name, (field, path) in keys.items():
-        try:
-            key = public_key_to_bytes(certs.load_auth_public_key(path, field))
-        except TBAInputError as err:
-            found.append(from_error(err))
-            continue
-        listed.add(key)
-        node = known.get(key)
-        if node is None:
+    for name, node in matched.items():
+        field, path = keys[name]
+        if isinstance(node, Check):
+            found.append(node)
+        elif node is None:
             found.append(problem(field, f"the key of {name} ({path}) is not registered at {address}",
                                  f"flwr supernode register {path} <connection>, or restart tba-fed superlink, which "
                                  "registers every key under superlink.sites"))
         else:
             found.append(ok(field, f"{name} registered as node {node.node_id} ({node.status})"))
-    if complete:
-        for node in nodes:
-            if node.public_key not in listed:
-                found.append(problem("superlink.sites", f"node {node.node_id} ({node.name or 'no name'}) is registered "
-                                                        "but its key is not under superlink.sites",
-                                     f"flwr supernode unregister {node.node_id} <connection>, or list its key"))
-    return found
+    return found + ([stranger(node) for node in strangers] if complete else [])
 
 
 def live_superlink_checks(superlink: SuperLinkConfig) -> list[Check]:

@@ -19,9 +19,8 @@ from ..config import read_yaml, validate
 from ..errors import TBAInputError
 from ..federation.audit_check import read_entries
 from ..federation.config import FederatedRunConfig, SiteConfig
-from ..federation.flower_internals import public_key_to_bytes
 from . import certificates as certs
-from .checks import Check, from_error, note, ok, problem
+from .checks import Check, from_error, listed_nodes, note, ok, problem, stranger
 from .flower_control import Node, SuperLinkAPIError, registered_nodes, runs
 from .preflight import budget_check
 from .profile import run_errors, site_errors
@@ -103,19 +102,14 @@ def _sites(address: str, ca: Path, sites: dict[str, Path], num_sites: int, min_s
     nodes = _nodes(address, ca)
     if isinstance(nodes, Check):
         return [nodes]
-    known = {node.public_key: node for node in nodes}
-    results, listed, online = [], set(), 0
-    for name, path in sites.items():
+    matched, strangers = listed_nodes(nodes, {name: (f"superlink.sites.{name}", path) for name, path in sites.items()})
+    results, online = [], 0
+    for name, node in matched.items():
         field = f"superlink.sites.{name}"
-        try:
-            key = public_key_to_bytes(certs.load_auth_public_key(path, field))
-        except TBAInputError as err:
-            results.append(from_error(err))
-            continue
-        listed.add(key)
-        node = known.get(key)
-        if node is None:
-            results.append(problem(field, f"{name}'s key ({path}) is not registered",
+        if isinstance(node, Check):
+            results.append(node)
+        elif node is None:
+            results.append(problem(field, f"{name}'s key ({sites[name]}) is not registered",
                                    "restart tba-fed superlink (it registers every key under superlink.sites)"))
         elif node.status == ONLINE:
             online += 1
@@ -124,10 +118,7 @@ def _sites(address: str, ca: Path, sites: dict[str, Path], num_sites: int, min_s
             results.append(note(field, f"{name}: node {node.node_id}, registered, {node.status}: its SuperNode is not "
                                        "connected", f"ask {name} to start it (tba-fed supernode SITE.yaml) and run "
                                                     "tba-fed status there"))
-    results += [problem("superlink.sites", f"node {node.node_id} ({node.name or 'no name'}) is registered but its key is "
-                                           "not under superlink.sites", f"flwr supernode unregister {node.node_id} "
-                                                                        "<connection>, or list its key")
-                for node in nodes if node.public_key not in listed]
+    results += [stranger(node) for node in strangers]
     summary = (f"{online} of {len(sites)} listed sites connected; a run waits for num_sites {num_sites} and completes "
                f"with min_sites {min_sites}")
     if online < min_sites:
@@ -142,11 +133,9 @@ def _own_node(name: str, address: str, ca: Path, public_key: Path) -> Check:
     nodes = _nodes(address, ca)
     if isinstance(nodes, Check):
         return nodes
-    try:
-        key = public_key_to_bytes(certs.load_auth_public_key(public_key, field))
-    except TBAInputError as err:
-        return from_error(err)
-    node = next((n for n in nodes if n.public_key == key), None)
+    node = listed_nodes(nodes, {name: (field, public_key)})[0][name]
+    if isinstance(node, Check):
+        return node
     if node is None:
         return problem(field, f"{name}'s key ({public_key}) is not registered at {address}",
                        f"send {public_key} to the coordinator, who lists it under superlink.sites")

@@ -101,8 +101,8 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
                                     map_kind=span_kinds(fits)),
         token_mode=config.token_mode, bias=config.bias, ridge=config.ridge, calibration_images=inputs.calibration_images,
         holdout_images=inputs.holdout_images, source=config.model, map_kind=config.map)
-    compression.model.eval()  # built before any site installs the maps: maps that overflow the dtype are refused
-    report = compression_dict(compression)
+    report = compression_dict(compression)  # builds the compressed model for its FLOPs: maps that overflow the
+    # model's dtype are refused here, before any site installs them
     report["profile"] = config.profile  # sites check it against their own before serving
     if superlink_checks:
         report["superlink_checks"] = superlink_checks
