@@ -20,5 +20,6 @@ test: SETUP_FLAGS := --browser
 test: lint
 	$(VENV)/bin/python -m pytest -q
 
+# Two pytest-xdist workers: the fast tier starts no process that needs the second core to itself.
 test-fast: lint
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(VENV)/bin/python -m pytest -q -m "not slow" -n 2
