@@ -8,6 +8,7 @@ machine. The measured speed-up is set beside the FLOP-theoretical one: what the 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,11 @@ FILE = "benchmark.json"
 FORMAT = "tba-fed/benchmark/1"
 MAX_BATCH = 65_536
 MAX_REPEATS = 100_000
+BATCH_SIZES = (1, 32)  # one image (interactive use) and a batch that fills the cores
+REPEATS = 20
+WARMUP = 3
+ORDER = "alternating, reversed every other round"
+SPEEDUP = "p50 latency of the original / p50 latency of the compressed model, both measured interleaved in one process"
 MEMORY_METHOD = ("peak RSS (VmHWM, reset through /proc/self/clear_refs) of a fresh process that loaded the model "
                  "alone and ran 3 forward passes, minus its RSS once the model and the input were loaded: the memory "
                  "inference itself takes (activations, allocator and ONNX Runtime arena growth), weights excluded")
@@ -220,10 +226,52 @@ class BenchmarkResult:
                 "plan": self.plan, "input_shape": list(self.input_shape), "flops": dict(self.flops),
                 "flops_counted": "torch.utils.flop_counter.FlopCounterMode, one image",
                 "theoretical_speedup": self.theoretical_speedup, "parameters": dict(self.parameters),
-                "speedup": "p50 latency of the original / p50 latency of the compressed model, both measured "
-                           "interleaved in one process",
+                "speedup": SPEEDUP,
                 "memory_method": MEMORY_METHOD, "settings": dict(self.settings), "machine": dict(self.machine),
                 "measurements": [m.as_dict() for m in self.measurements]}
+
+
+def compare(runtime: str, runners: Mapping[str, Callable[[], object]], batch_size: int, theoretical_speedup: float,
+            *, repeats: int, warmup: int) -> Measurement:
+    """The ``original`` and ``compressed`` runners timed interleaved (`interleaved_latency`) on one batch size."""
+    latency = interleaved_latency(runners, batch_size, repeats=repeats, warmup=warmup)
+    measurement = Measurement(runtime, batch_size, latency["original"], latency["compressed"], theoretical_speedup)
+    _logger.info("%s batch %d: p50 %.2f ms -> %.2f ms, speed-up %.3fx (theoretical %.3fx, ratio %.3f)",
+                 runtime, batch_size, measurement.original.p50_ms, measurement.compressed.p50_ms,
+                 measurement.speedup, theoretical_speedup, measurement.speedup_vs_theoretical)
+    return measurement
+
+
+def machine_state(threads: int, load_before: Sequence[float]) -> dict[str, Any]:
+    """What the timings depend on besides the models: cores, torch's threads, the load average around the measuring
+    (a shared machine slows both models alike, but a loaded one widens p95)."""
+    return {"cpus": os.cpu_count(), "threads": threads, "load_average_before": list(load_before),
+            "load_average_after": list(os.getloadavg()), "platform": platform.platform(),
+            "torch": str(torch.__version__)}  # a str subclass, which yaml.safe_dump (the manifest) refuses
+
+
+def eager_latency(original: nn.Module, compressed: nn.Module, *, batch_sizes: Sequence[int] = BATCH_SIZES,
+                  repeats: int = REPEATS, warmup: int = WARMUP) -> dict[str, Any]:
+    """Original vs compressed in PyTorch eager at each batch size, interleaved in this process, with the FLOP-theoretical
+    speed-up beside the measured one: the ``latency`` section of compress's report (`tba-fed compress --benchmark`)
+    and each row of an experiment's latency.json. Timed on the CPU, as `benchmark_compressed` times a saved model (a
+    model on another device is timed as a CPU copy); no file, ONNX export or memory probe: that command does those."""
+    check_settings(batch_sizes, ("eager",), repeats, warmup)
+    models = {name: (model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()).eval()
+              for name, model in (("original", original), ("compressed", compressed))}
+    flops = {name: count_flops(model) for name, model in models.items()}
+    theoretical = flops["original"] / flops["compressed"]
+    threads, load_before = torch.get_num_threads(), os.getloadavg()
+    measurements = []
+    for batch in batch_sizes:
+        images = check_images(models["compressed"], batch)
+        measurements.append(compare("eager", {name: eager_runner(model, images) for name, model in models.items()},
+                                    batch, theoretical, repeats=repeats, warmup=warmup))
+    return {"runtime": "eager", "flops": flops, "theoretical_speedup": theoretical, "speedup": SPEEDUP,
+            "settings": {"batch_sizes": list(batch_sizes), "repeats": repeats, "warmup": warmup, "order": ORDER},
+            "machine": machine_state(threads, load_before),
+            "batches": [{key: value for key, value in m.as_dict().items() if key not in ("runtime", "memory")}
+                        for m in measurements]}
 
 
 def check_settings(batch_sizes: Sequence[int], runtimes: Sequence[str], repeats: int, warmup: int) -> None:
@@ -281,8 +329,9 @@ def save_benchmark(result: BenchmarkResult, path: Path) -> None:
         atomic_write_text(path, text)
 
 
-def benchmark_compressed(directory: str | Path, *, batch_sizes: Sequence[int] = (1, 32),
-                         runtimes: Sequence[str] = RUNTIMES, repeats: int = 20, warmup: int = 3, memory: bool = True,
+def benchmark_compressed(directory: str | Path, *, batch_sizes: Sequence[int] = BATCH_SIZES,
+                         runtimes: Sequence[str] = RUNTIMES, repeats: int = REPEATS, warmup: int = WARMUP,
+                         memory: bool = True,
                          output: str | Path | None = None, save: bool = True) -> BenchmarkResult:
     """Measure the compressed model in `directory` against its original (see the module docstring), for every
     runtime and batch size; with `save`, write benchmark.json into `directory` (or to `output`). Inputs and the
@@ -323,23 +372,19 @@ def benchmark_compressed(directory: str | Path, *, batch_sizes: Sequence[int] = 
                     runners = {name: eager_runner(model, images) for name, model in models.items()}
                 else:
                     runners = {name: onnxruntime_runner(session, images.numpy()) for name, session in sessions.items()}
-                latency = interleaved_latency(runners, batch, repeats=repeats, warmup=warmup)
-                used = {name: inference_memory(runtime, files[runtime][name], batch, shape, threads)
-                        for name in models} if memory else None
-                measurement = Measurement(runtime, batch, latency["original"], latency["compressed"], theoretical, used)
+                measurement = compare(runtime, runners, batch, theoretical, repeats=repeats, warmup=warmup)
+                if memory:
+                    measurement = replace(measurement, memory={
+                        name: inference_memory(runtime, files[runtime][name], batch, shape, threads) for name in models})
                 measurements.append(measurement)
-                _logger.info("%s batch %d: p50 %.2f ms -> %.2f ms, speed-up %.3fx (theoretical %.3fx, ratio %.3f)",
-                             runtime, batch, measurement.original.p50_ms, measurement.compressed.p50_ms,
-                             measurement.speedup, theoretical, measurement.speedup_vs_theoretical)
-    machine = {"cpus": os.cpu_count(), "threads": threads, "load_average_before": list(load_before),
-               "load_average_after": list(os.getloadavg()), "platform": platform.platform(),
-               "torch": torch.__version__, "onnxruntime": _onnxruntime_version() if "onnxruntime" in runtimes else None}
+    machine = machine_state(threads, load_before) | {
+        "onnxruntime": _onnxruntime_version() if "onnxruntime" in runtimes else None}
     result = BenchmarkResult(
         directory=directory, model=opened.manifest.model.name, plan=opened.manifest.plan, input_shape=shape,
         flops=flops, parameters={name: count_parameters(model) for name, model in models.items()},
         measurements=measurements, machine=machine,
         settings={"batch_sizes": list(batch_sizes), "runtimes": list(runtimes), "repeats": repeats, "warmup": warmup,
-                  "memory": memory, "order": "alternating, reversed every other round"})
+                  "memory": memory, "order": ORDER})
     if path is not None:
         save_benchmark(result, path)
         _logger.info("benchmark written to %s", path)

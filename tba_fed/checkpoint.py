@@ -73,15 +73,18 @@ def write_compressed(path: str | Path, maps: Mapping[Span, LinearMap], manifest:
 
 
 def save_compressed(result: Compression, path: str | Path, *, overwrite: bool = False,
-                    similarity: SimilarityStats | None = None, accuracy: dict | None = None) -> Path:
+                    similarity: SimilarityStats | None = None, accuracy: dict | None = None,
+                    latency: dict | None = None) -> Path:
     """Write maps, manifest and report (and the similarity that chose the plan, its heatmap marking the plan's
-    spans) atomically; `accuracy`: the evaluation set's section (`accuracy.evaluate_models`), if one was scored."""
+    spans) atomically; `accuracy`: the evaluation set's section (`accuracy.evaluate_models`), if one was scored;
+    `latency`: the measured section (`benchmark.eager_latency`), if it was measured."""
     if result.source is None:
         raise TBAInputError("source", "saving needs the model's source so load_compressed can rebuild the base weights",
                             "pass source=ModelConfig(...) to calibrate")
     report = compression_dict(result)
     if accuracy is not None:
         report["accuracy"] = accuracy
+    report["latency"] = latency
     maps = {span: fit.map for span, fit in result.fits.items()}
     return write_compressed(
         path, maps, manifest(report, maps), overwrite=overwrite,

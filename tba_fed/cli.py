@@ -213,8 +213,31 @@ def run_analyze(config: RunConfig, metric: str = "mse") -> None:
     print(similarity_markdown(similarity, metric))
 
 
-def run_compress(config: RunConfig) -> None:
+def _benchmark_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """compress --benchmark's batch sizes and repeats (`benchmark.check_settings`), checked before any work; None
+    without --benchmark (its options alone are refused: they would measure nothing)."""
+    from .benchmark import BATCH_SIZES, REPEATS, WARMUP, check_settings
+
+    flags = {"batch_size": "--benchmark-batch-size", "repeats": "--benchmark-repeats"}
+    given = {"batch_size": args.benchmark_batch_sizes, "repeats": args.benchmark_repeats}
+    if not args.benchmark:
+        for name, value in given.items():
+            if value is not None:
+                raise TBAInputError(flags[name], "given without --benchmark", "add --benchmark to measure latency")
+        return None
+    settings = {"batch_sizes": tuple(given["batch_size"] or BATCH_SIZES),
+                "repeats": REPEATS if given["repeats"] is None else given["repeats"], "warmup": WARMUP}
+    try:
+        check_settings(settings["batch_sizes"], ("eager",), settings["repeats"], settings["warmup"])
+    except TBAInputError as err:
+        raise TBAInputError(flags.get(err.field, err.field), err.message, err.fix) from None
+    return settings
+
+
+def run_compress(config: RunConfig, benchmark: dict[str, Any] | None = None) -> None:
+    """``tba-fed compress``; `benchmark`: `eager_latency`'s settings, to measure both models' latency into the report."""
     from .accuracy import evaluate_models
+    from .benchmark import eager_latency
     from .checkpoint import save_compressed
     from .pipeline import analyze, calibrate, choose_plan
 
@@ -235,7 +258,9 @@ def run_compress(config: RunConfig) -> None:
         assert config.evaluation is not None
         accuracy = evaluate_models(model, result.model, calibration, evaluation.batches, config=config.evaluation,
                                    num_classes=evaluation.num_classes, device=config.device)
-    save_compressed(result, config.output, overwrite=config.overwrite, similarity=similarity, accuracy=accuracy)
+    latency = None if benchmark is None else eager_latency(model, result.model, **benchmark)
+    save_compressed(result, config.output, overwrite=config.overwrite, similarity=similarity, accuracy=accuracy,
+                    latency=latency)
     print((config.output / "report.md").read_text())
     print(f"compressed model written to {config.output}/ (maps.safetensors, manifest.yaml, report.md)")
 
@@ -277,14 +302,15 @@ def demo_accuracy_note(federated_probe_images: int, table_probe_images: int) -> 
 
 
 def run_experiment_command(path: Path, output: Path | None) -> None:
-    from .experiment import load_experiment_config, run_experiment
+    from .experiment import ACCURACY_PLOT, LATENCY_FILE, LATENCY_PLOT, load_experiment_config, run_experiment
 
     config = load_experiment_config(path)
     if output is not None:
         config = config.model_copy(update={"output": output})
     folder = run_experiment(config)
     print((folder / "table.md").read_text())
-    print(f"results in {folder}/ (table.md, table.csv, summary.json, accuracy_vs_params.png, rows.jsonl)")
+    latency = "" if config.latency is None else f", {LATENCY_FILE}, {LATENCY_PLOT}"
+    print(f"results in {folder}/ (table.md, table.csv, summary.json, {ACCURACY_PLOT}{latency}, rows.jsonl)")
 
 
 def run_prepare(force: bool) -> None:
@@ -461,11 +487,11 @@ def run_export(compressed: Path, output: Path, format: str, overwrite: bool) -> 
 def run_benchmark(compressed: Path, batch_sizes: list[int] | None, runtimes: list[str] | None, repeats: int,
                   warmup: int, memory: bool, output: Path | None) -> None:
     """``tba-fed benchmark``: original vs compressed, interleaved in one process, eager and ONNX Runtime."""
-    from .benchmark import RUNTIMES, benchmark_compressed, table
+    from .benchmark import BATCH_SIZES, RUNTIMES, benchmark_compressed, table
 
     for noisy in ("onnx_ir", "onnxscript"):  # one line per graph pass otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    result = benchmark_compressed(compressed, batch_sizes=tuple(batch_sizes or (1, 32)), runtimes=tuple(runtimes or RUNTIMES),
+    result = benchmark_compressed(compressed, batch_sizes=tuple(batch_sizes or BATCH_SIZES), runtimes=tuple(runtimes or RUNTIMES),
                                   repeats=repeats, warmup=warmup, memory=memory, output=output)
     print(table(result))
 
@@ -504,6 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bias", dest="bias", action=argparse.BooleanOptionalAction, default=None, help="affine map (default on)")
     g.add_argument("--ridge", dest="ridge", type=float, metavar="R", help="ridge relative to tr(G)/d (default 0)")
     _add_evaluation_flags(p)
+    g = p.add_argument_group("latency (the original and the compressed model, PyTorch eager on the CPU)")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time both models, interleaved in this process, into report.json and report.md (tba-fed "
+                        "benchmark DIR also times ONNX Runtime and measures peak memory)")
+    g.add_argument("--benchmark-batch-size", dest="benchmark_batch_sizes", type=int, action="append", metavar="N",
+                   help="batch size to time (repeatable; default 1 and 32)")
+    g.add_argument("--benchmark-repeats", dest="benchmark_repeats", type=int, metavar="N",
+                   help="timed calls of each model per batch size (20)")
     p = sub.add_parser("experiment", help="the paper's Table-1 protocol: approximations x seeds x datasets")
     p.add_argument("config", type=Path, help="experiment YAML (see configs/table1-*.yaml)")
     p.add_argument("--output", "-o", type=Path, help="output directory: new, empty, or an earlier run's (its "
@@ -640,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
         "supernode": lambda: run_supernode(args.config, args.print_only),
         "submit": lambda: run_submit(args.config, args.print_only, args.stream, args.connection, args.verbose),
         "analyze": lambda: run_analyze(_config_from_args(args), args.metric_name),
-        "compress": lambda: run_compress(_config_from_args(args)),
+        "compress": lambda: run_compress(_config_from_args(args), _benchmark_settings(args)),
     }
     start = time.perf_counter()
     try:

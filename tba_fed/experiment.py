@@ -34,8 +34,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from .adapter import ViTAdapter
+from .benchmark import MAX_REPEATS, eager_latency
 from .calibrate import collect_kind_stats
-from .compressed import count_parameters, parameter_report
+from .compressed import build_compressed, count_parameters, parameter_report
 from .config import (MAX_BATCH, MAX_IMAGES, DataConfig, Device, ModelConfig, Seed, _Section, check_device, load_json,
                      read_yaml, validate)
 from .data import build_dataset
@@ -46,7 +47,7 @@ from .models import create_model, weights_sha256
 from .pipeline import SpanFit, solve_kinds, span_kinds
 from .plan import Plan, Span, parse_plan
 from .probe import ProbeStats, solve_probe
-from .report import accuracy_png
+from .report import accuracy_png, latency_png
 from .solver import LinearMap
 
 _logger = logging.getLogger(__name__)
@@ -55,12 +56,21 @@ PAPER_APPROXIMATIONS = ("0->1", "3->4", "9->10", "10->11", "2->4", "9->11", "1->
 KIND = "experiment"
 ROWS = "rows.jsonl"
 ACCURACY_PLOT = "accuracy_vs_params.png"
+LATENCY_FILE = "latency.json"
+LATENCY_PLOT = "latency_vs_blocks.png"
 
 
 class DatasetSpec(_Section):
     name: str
     train: DataConfig
     test: DataConfig
+
+
+class LatencyConfig(_Section):
+    """The eager CPU latency of one compressed model per number of blocks removed, timed against the original."""
+
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    repeats: int = Field(10, ge=1, le=MAX_REPEATS)
 
 
 class ExperimentConfig(_Section):
@@ -81,6 +91,8 @@ class ExperimentConfig(_Section):
     batch_size: int = Field(50, ge=1, le=MAX_BATCH)
     device: Device = "cpu"
     output: Path = Path("outputs/experiment")
+    latency: LatencyConfig | None = Field(LatencyConfig(), description=f"{LATENCY_FILE} and {LATENCY_PLOT}; null: "
+                                                                        "not measured")
 
     @model_validator(mode="after")
     def _distinct_datasets(self) -> ExperimentConfig:
@@ -274,7 +286,8 @@ def rows_key(config: ExperimentConfig, spec: DatasetSpec, weights: str) -> str:
 
 def run_experiment(config: ExperimentConfig) -> Path:
     """Run (or resume) the protocol; returns the output directory with rows.jsonl, table.md, table.csv, summary.json
-    and accuracy_vs_params.png (accuracy against the exact parameters removed).
+    and accuracy_vs_params.png (accuracy against the exact parameters removed); unless latency is null, latency.json
+    and latency_vs_blocks.png (measured and FLOP-theoretical speed-up against the blocks removed).
     Refused before any work: a device this machine lacks, an output directory holding anything but this
     tool's experiment; before any seed: a line of rows.jsonl that is not a row of this configuration."""
     check_device(config.device)
@@ -306,10 +319,36 @@ def run_experiment(config: ExperimentConfig) -> Path:
             _logger.info("%s seed %d: original %.4f", spec.name, seed, rows[0]["accuracy"])
     rows = [latest[cell] for spec in config.datasets for seed in config.seeds for cell in cells(spec.name, seed)]
     summary = summarise(rows)
-    write_owned(config.output, KIND, files, {"table.md": table_markdown(rows, config), "table.csv": table_csv(rows),
-                                             "summary.json": json.dumps(summary, indent=2) + "\n",
-                                             ACCURACY_PLOT: accuracy_png(summary)})
+    outputs: dict[str, str | bytes] = {"table.md": table_markdown(rows, config), "table.csv": table_csv(rows),
+                                       "summary.json": json.dumps(summary, indent=2) + "\n",
+                                       ACCURACY_PLOT: accuracy_png(summary)}
+    if config.latency is not None:
+        latency = measure_latency(model, plans, config.maps[0], config.bias, config.latency)
+        outputs |= {LATENCY_FILE: json.dumps(latency, indent=2) + "\n", LATENCY_PLOT: latency_png(latency)}
+    write_owned(config.output, KIND, files, outputs)
     return config.output
+
+
+def measure_latency(model: nn.Module, plans: Iterable[Plan], map_choice: str, bias: bool,
+                    settings: LatencyConfig) -> dict:
+    """For each number of blocks removed, the first of `plans` that removes that many, built with maps of the run's
+    first map kind (``auto``: linear, the costlier of its two; the maps' values do not change the time) and timed
+    against `model` (`eager_latency`): one row each, its measured speed-up beside the FLOP-theoretical one."""
+    kind = "folded" if map_choice == "folded" else "linear"
+    dim = ViTAdapter(model).embed_dim
+    chosen: dict[int, Plan] = {}
+    for plan in plans:
+        chosen.setdefault(sum(len(span.removed) for span in plan.spans), plan)
+    sections = {}
+    for blocks, plan in sorted(chosen.items()):
+        maps = {span: LinearMap(torch.eye(dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64)
+                                if bias else None, kind) for span in plan.spans}
+        sections[blocks] = eager_latency(model, build_compressed(model, maps), batch_sizes=(settings.batch_size,),
+                                         repeats=settings.repeats)
+    rows = [{"blocks_removed": blocks, "approximation": str(chosen[blocks]), "map": kind, "flops": section["flops"],
+             **section["batches"][0], "machine": section["machine"]} for blocks, section in sections.items()]
+    first = next(iter(sections.values()))
+    return {"runtime": first["runtime"], "speedup": first["speedup"], "settings": first["settings"], "rows": rows}
 
 
 class Row(BaseModel):

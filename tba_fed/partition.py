@@ -80,6 +80,6 @@ def log_histograms(targets: np.ndarray, parts: list[np.ndarray], num_classes: in
     hist = class_histograms(targets, parts, num_classes)
     header = "site | " + " ".join(f"{c:>5}" for c in range(num_classes)) + " | total"
     rows = [f"{i:>4} | " + " ".join(f"{v:>5}" for v in row) + f" | {len(p):>5}" for i, (row, p) in enumerate(zip(hist, parts))]
-    table = "\n".join([header, *rows])
-    _logger.info("class histogram per site:\n%s", table)
-    return table
+    _logger.info("class histogram per site (classes 0-%d; total): %s", num_classes - 1,
+                 "; ".join(f"site {i}: {' '.join(map(str, row))} ({len(p)})" for i, (row, p) in enumerate(zip(hist, parts))))
+    return "\n".join([header, *rows])

@@ -144,7 +144,8 @@ def solve_kinds(
                                 "hold images out (holdout fraction above 0) or set map: linear or folded")
         assert holdout is not None
         energy = max(float(holdout["linear"][span].sum_yy), 1e-300)  # Σ‖x_e‖² over the held-out tokens
-        errors = {kind: fits[kind][span].holdout.sse / energy for kind in kinds}  # type: ignore[union-attr]
+        # the unclamped estimates: a private release's noisy held-out sums can take both below zero (post-processing)
+        errors = {kind: fits[kind][span].holdout.estimate / energy for kind in kinds}  # type: ignore[union-attr]
         kind = min(kinds, key=lambda k: (errors[k], k != "folded"))
         chosen[span] = replace(fits[kind][span], choice=KindChoice(errors, kind))
         _logger.info("span %s: held-out error linear %.4g, folded %.4g: %s", span, errors["linear"],

@@ -107,6 +107,32 @@ def accuracy_png(summary: list[dict]) -> bytes:
     return png_bytes(accuracy_figure(summary))
 
 
+def latency_figure(latency: dict):
+    """Speed-up of the compressed model over the original against the blocks removed: measured (p50 ratio) and
+    FLOP-theoretical; the original sits at 0 removed, 1x."""
+    plt = _pyplot()
+    rows = latency["rows"]
+    blocks = [0] + [row["blocks_removed"] for row in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(blocks, [1.0] + [row["speedup"] for row in rows], marker="o", label="measured (p50)")
+    ax.plot(blocks, [1.0] + [row["theoretical_speedup"] for row in rows], marker="x", linestyle="--",
+            label="theoretical (FLOPs)")
+    ax.set_xlabel("blocks removed")
+    ax.set_ylabel("speed-up over the original (x)")
+    settings = latency["settings"]
+    ax.set_title(f"Speed-up vs blocks removed\n({latency['runtime']}, batch {settings['batch_sizes'][0]}, "
+                 f"{rows[0]['map']} maps, {settings['repeats']} interleaved calls)")
+    ax.set_xticks(blocks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def latency_png(latency: dict) -> bytes:
+    return png_bytes(latency_figure(latency))
+
+
 def compression_dict(result: Compression) -> dict:
     return {
         "model": None if result.source is None else result.source.model_dump(mode="json"),
@@ -119,7 +145,7 @@ def compression_dict(result: Compression) -> dict:
         "holdout_images": result.holdout_images,
         "parameters": asdict(result.parameters),
         "flops": asdict(result.flops),
-        "latency": None,  # filled by `tba-fed benchmark`, which measures it; never estimated here
+        "latency": None,  # measured (`benchmark.eager_latency`) only when asked: `compress --benchmark`; never estimated
         "spans": [fit.summary() for fit in result.fits.values()],
     }
 
@@ -132,14 +158,22 @@ def relative_change(original: int, compressed: int) -> str:
     return f"{original:,} -> {compressed:,} ({(compressed - original) / original:+.1%})" if original else "n/a"
 
 
+def latency_lines(latency: dict | None) -> list[str]:
+    """One line per batch size of an `eager_latency` section, measured against FLOP-theoretical speed-up."""
+    if latency is None:
+        return ["- latency: not measured (`tba-fed compress --benchmark` or `tba-fed benchmark DIR` measures it)"]
+    return [f"- latency ({latency['runtime']}, batch {row['batch_size']}): p50 {row['original']['p50_ms']:.2f} ms -> "
+            f"{row['compressed']['p50_ms']:.2f} ms, {row['speedup']:.2f}x measured vs {row['theoretical_speedup']:.2f}x "
+            f"theoretical ({row['speedup_vs_theoretical']:.2f})" for row in latency["batches"]]
+
+
 def _cost_lines(report: dict) -> list[str]:
     """FLOPs, latency and accuracy lines of the summary (each only when the report has it)."""
     lines = []
     if flops := report.get("flops"):
         lines.append(f"- FLOPs per image: {relative_change(flops['original'], flops['compressed'])} ({flops['counted']})")
     if "latency" in report:
-        lines.append("- latency: not measured by compress (`tba-fed benchmark DIR` measures it)" if report["latency"]
-                     is None else f"- latency: {report['latency']}")
+        lines += latency_lines(report["latency"])
     if accuracy := report.get("accuracy"):
         how = accuracy["method"] + (f", fitted on {accuracy['probe_images']['original']} calibration images (ridge "
                                     f"{accuracy['probe_ridge']:g})" if accuracy["classifier"] == "probe" else "")

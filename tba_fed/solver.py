@@ -40,11 +40,14 @@ class LinearMap:
 
 @dataclass(frozen=True)
 class FitQuality:
-    """Residual of a map on a set of statistics: Σ‖y − T(x)‖² relative to Σ‖y‖² and R²."""
+    """Residual of a map on a set of statistics: Σ‖y − T(x)‖² relative to Σ‖y‖² and R². `estimate` is the residual
+    as the sums give it, before `sse` clamps it at zero: negative only from noisy (private) sums, where it is still
+    an unbiased estimate; comparing two noisy fits by it keeps their order where clamping would tie them at zero."""
 
     sse: float
     relative_error: float
     r2: float
+    estimate: float
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ def fit_quality(stats: SpanStats, linear_map: LinearMap) -> FitQuality:
         sse=sse_value,
         relative_error=sse_value / max(float(stats.sum_yy), 1e-300),
         r2=1.0 - sse_value / max(total, 1e-300),
+        estimate=float(sse),
     )
 
 

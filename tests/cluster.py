@@ -115,7 +115,7 @@ class Cluster:
             "sites": {name: str(node["key"]) + ".pub" for name, node in self.nodes.items()}}
         self.start_superlink()
         for name, node in self.nodes.items():
-            subprocess.run([str(BIN / "flwr"), "supernode", "register", f"{node['key']}.pub", "hospitals"],
+            subprocess.run([str(BIN / "flwr"), "supernode", "register", f"{node['key']}.pub", "hospitals", "--name", name],
                            env=self.env, check=True, capture_output=True)
             self.start_node(name)
 

@@ -38,7 +38,7 @@ from tba_fed.federation.wire import (MODELS, decode_private_spans, decode_probe,
 from tba_fed.plan import Span, parse_plan
 from tba_fed.privacy.clipped import STATISTICS as SPAN_STATISTICS
 from tba_fed.privacy.policy import RELEASES, PrivacyRequest
-from tba_fed.privacy.sensitivity import Part, accuracy_parts, probe_parts, similarity_parts, span_parts
+from tba_fed.privacy.sensitivity import Part, accuracy_parts, kind_span_parts, probe_parts, similarity_parts
 from tba_fed.probe import ProbeHead
 from tba_fed.solver import LinearMap
 
@@ -153,6 +153,21 @@ class Bounds:
     spans: tuple[float, float, float, float, float]
     blocks: tuple[float, ...]
     features: float
+    folded_spans: tuple[float, float, float, float, float]  # the folded pairs' bounds (map: folded, or auto)
+
+    def clip_spans(self, map_choice: str = "linear") -> dict[str, tuple[float, ...]]:
+        """The request's span bounds: the plan's span, or under ``map: auto`` each kind's (`span_label`)."""
+        if map_choice != "auto":
+            return {PLAN: self.spans}
+        return {f"linear/{PLAN}": self.spans, f"folded/{PLAN}": self.folded_spans}
+
+    def kinds(self, map_choice: str = "linear") -> dict[str, dict[Span, Any]]:
+        """The same bounds as each kind's `SpanBounds` (kind -> span -> bounds), as the site reads them."""
+        from tba_fed.privacy.clipped import SpanBounds
+
+        span = parse_plan(PLAN, 6).spans[0]
+        both = {"linear": {span: SpanBounds(*self.spans)}, "folded": {span: SpanBounds(*self.folded_spans)}}
+        return both if map_choice == "auto" else {"linear": both["linear"]}
 
 
 def reference_bounds(model: torch.nn.Module) -> Bounds:
@@ -167,15 +182,17 @@ def reference_bounds(model: torch.nn.Module) -> Bounds:
     loader = DataLoader(ArrayImages(reference.pixels, reference.labels, data_config(model)), batch_size=16)
     norms = public_norms(model, loader, "all")
     spans = parse_plan(PLAN, 6).spans
-    span = public_span_bounds(model, loader, spans, identity_maps(model.embed_dim), "all", 1.0)[spans[0]]
-    return Bounds(span.as_tuple(), norms.block_bounds(1.0), norms.feature_bound(1.0))
+    span, folded = (public_span_bounds(model, loader, spans, identity_maps(model.embed_dim), "all", 1.0, kind)[spans[0]]
+                    for kind in ("linear", "folded"))
+    return Bounds(span.as_tuple(), norms.block_bounds(1.0), norms.feature_bound(1.0), folded.as_tuple())
 
 
-def request(bounds: Bounds, *, aggregation: str = "local", noise_sites: int = 1) -> PrivacyRequest:
+def request(bounds: Bounds, *, aggregation: str = "local", noise_sites: int = 1, map_choice: str = "linear"
+            ) -> PrivacyRequest:
     """The run's privacy request, declaring every release kind (seeded: the noise must cancel)."""
     return PrivacyRequest(epsilon=EPSILON, delta=1e-5, releases=RELEASES, aggregation=aggregation,
-                          noise_sites=noise_sites, seed=SEED, clip_spans={PLAN: bounds.spans}, clip_blocks=bounds.blocks,
-                          clip_features=bounds.features)
+                          noise_sites=noise_sites, seed=SEED, clip_spans=bounds.clip_spans(map_choice),
+                          clip_blocks=bounds.blocks, clip_features=bounds.features)
 
 
 def identity_maps(dim: int) -> dict[Span, LinearMap]:
@@ -189,10 +206,10 @@ def heads(dim: int) -> dict[str, ProbeHead]:
                          torch.zeros(NUM_CLASSES, dtype=torch.float64)) for m in MODELS}
 
 
-def messages(model: dict, bounds: Bounds, dim: int) -> dict[str, Message]:
+def messages(model: dict, bounds: Bounds, dim: int, map_choice: str = "linear") -> dict[str, Message]:
     """One message per plain release kind, with the content the server's rounds send (server.run_server)."""
-    privacy = request(bounds).to_json()
-    base = {"model": json.dumps(model), "token-mode": "all", "profile": "development"}
+    privacy = request(bounds, map_choice=map_choice).to_json()
+    base = {"model": json.dumps(model), "token-mode": "all", "profile": "development", "map": map_choice}
     maps = to_record(encode_maps(identity_maps(dim)))
     evaluation = {"model": json.dumps(model), "profile": "development", "plan": PLAN, "identity-spans": "",
                   "num-classes": NUM_CLASSES, "privacy": privacy}
@@ -208,10 +225,11 @@ def messages(model: dict, bounds: Bounds, dim: int) -> dict[str, Message]:
             for kind, (message_type, records) in contents.items()}
 
 
-def secure_settings(model: dict, bounds: Bounds, dim: int, sites: int, max_images: int) -> dict[str, Any]:
+def secure_settings(model: dict, bounds: Bounds, dim: int, sites: int, max_images: int, map_choice: str = "linear"
+                    ) -> dict[str, Any]:
     """The statistics round's settings under secure aggregation (releases.secure_statistics_round)."""
-    return {"model": json.dumps(model), "token-mode": "all", "profile": "development", "plan": PLAN,
-            "privacy": request(bounds, aggregation="secure", noise_sites=sites).to_json(),
+    return {"model": json.dumps(model), "token-mode": "all", "profile": "development", "plan": PLAN, "map": map_choice,
+            "privacy": request(bounds, aggregation="secure", noise_sites=sites, map_choice=map_choice).to_json(),
             "prior-maps": encode_priors(identity_maps(dim)), "max-images": max_images}
 
 
@@ -235,12 +253,16 @@ def statistics_of(kind: str, arrays: Mapping[str, Any]) -> dict[str, dict[str, n
     if kind == "similarity":
         for name in ("sq_dist", "cos_sum", "angle_sum", "sq_norm", "images"):
             groups[name] = {name: np.asarray(arrays[name], dtype=np.float64)}
-    elif kind == "statistics":
+    elif kind == "statistics":  # groups "split" or, under map: auto, "kind/split" (one part per kind and span)
         for key, value in arrays.items():
-            split, span, name = key.split("/")
+            *group, span, name = key.split("/")
             statistic = {"gram_triu": "gram"}.get(name, name)
-            part = "weight" if name == "weight" else f"{span.replace('-', '->')}:{statistic}"
-            groups.setdefault(part, {})[key] = np.asarray(value, dtype=np.float64)
+            value = np.asarray(value, dtype=np.float64)
+            if name == "weight":  # one count per split, repeated in every group (a site sends equal copies; a SecAgg+
+                groups.setdefault("weight", {}).setdefault(group[-1], value)  # sum quantises each): counted once
+                continue
+            label = f"{group[0]}/{span.replace('-', '->')}" if len(group) == 2 else span.replace('-', '->')
+            groups.setdefault(f"{label}:{statistic}", {})[key] = value
     elif kind == "probe":
         for key, value in arrays.items():
             which, name = key.split("/")
@@ -263,15 +285,12 @@ def change(kind: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> di
     return norms
 
 
-def parts(kind: str, bounds: Bounds, tokens: int) -> dict[str, Part]:
+def parts(kind: str, bounds: Bounds, tokens: int, map_choice: str = "linear") -> dict[str, Part]:
     """The documented sensitivity of every statistic of a release kind (tba_fed.privacy.sensitivity)."""
     if kind == "similarity":
         found = similarity_parts(bounds.blocks, tokens)
     elif kind == "statistics":
-        from tba_fed.privacy.clipped import SpanBounds
-
-        spans = parse_plan(PLAN, 6).spans
-        found = span_parts(spans, {span: SpanBounds(*bounds.spans) for span in spans})
+        found = kind_span_parts(bounds.kinds(map_choice))
     elif kind == "probe":
         found = probe_parts(MODELS, bounds.features)
     else:
@@ -279,7 +298,7 @@ def parts(kind: str, bounds: Bounds, tokens: int) -> dict[str, Part]:
     return {p.name: p for p in found}
 
 
-def released(kind: str, reply: Message, dim: int) -> dict[str, Any]:
+def released(kind: str, reply: Message, dim: int, map_choice: str = "linear") -> dict[str, Any]:
     """The arrays (or counts) a reply carries, checked by the server's own decoders."""
     assert not reply.has_error(), reply.error.reason
     if kind == "accuracy":
@@ -288,7 +307,7 @@ def released(kind: str, reply: Message, dim: int) -> dict[str, Any]:
     if kind == "similarity":
         decode_similarity(arrays, 6)
     elif kind == "statistics":
-        decode_private_spans(arrays, parse_plan(PLAN, 6).spans, dim)
+        decode_private_spans(arrays, parse_plan(PLAN, 6).spans, dim, map_choice)
     else:
         decode_probe(arrays, dim, NUM_CLASSES, psd_tolerance=None)
     return arrays

@@ -1,7 +1,8 @@
 """compress with an evaluation set: accuracy (probe and head), parameters and FLOPs in the report, the heatmap's
-plan marks, the experiment's accuracy plot; bad evaluation settings end in one line naming the field."""
+plan marks, the experiment's accuracy and latency plots; bad evaluation settings end in one line naming the field."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +16,10 @@ from tba_fed.cli import main
 from tba_fed.compressed import count_flops, count_parameters
 from tba_fed.config import EvaluationSetConfig, ModelConfig
 from tba_fed.data import SyntheticImages
-from tba_fed.experiment import ACCURACY_PLOT, load_experiment_config, run_experiment
+from tba_fed.experiment import ACCURACY_PLOT, LATENCY_FILE, LATENCY_PLOT, load_experiment_config, run_experiment
 from tba_fed.models import create_model
 from tba_fed.plan import parse_plan
-from tba_fed.report import accuracy_figure, similarity_figure, span_cells
+from tba_fed.report import accuracy_figure, latency_figure, similarity_figure, span_cells
 from tba_fed.stats import SimilarityStats
 
 from conftest import TINY, loader
@@ -100,11 +101,11 @@ def test_compress_reports_head_accuracy_params_flops_and_a_latency_slot(tmp_path
     assert (params["original"], params["compressed"]) == (count_parameters(original), count_parameters(compressed))
     assert params["removed"] == 2 * BLOCK_PARAMS - (D * D + D)
     assert (report["flops"]["original"], report["flops"]["compressed"]) == (hand_flops(6), hand_flops(4, maps=1))
-    assert "latency" in report and report["latency"] is None  # `tba-fed benchmark` measures it; nothing is made up
+    assert "latency" in report and report["latency"] is None  # measured only with --benchmark; nothing is made up
     markdown = (out / "report.md").read_text()
     assert f"FLOPs per image: {hand_flops(6):,} -> {hand_flops(4, maps=1):,}" in markdown
     assert f"original {correct['original'] / 40:.4f} ({correct['original']} correct)" in markdown
-    assert "latency: not measured by compress" in markdown
+    assert "- latency: not measured (`tba-fed compress --benchmark` or `tba-fed benchmark DIR` measures it)" in markdown
     assert "accuracy on 40 evaluation images" in capsys.readouterr().out
 
 
@@ -208,3 +209,60 @@ def test_experiment_plots_accuracy_against_parameters_removed(tmp_path):
         rows = sorted([s for s in summary if s["kind"] in (kind, "original")], key=lambda s: s["params_removed"])
         x, y = lines[f"synth, {kind}"].get_data()
         assert list(x) == [r["params_removed"] / 1e6 for r in rows] and list(y) == [r["accuracy_mean"] for r in rows]
+
+
+def _experiment(tmp_path, approximations: list[str], **extra) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": "vit_tiny_patch16_224", "kwargs": TINY},
+        "datasets": [{"name": "synth", "train": {"source": "synthetic", "num_images": 80},
+                      "test": {"source": "synthetic", "num_images": 20, "seed": 1}}],
+        "approximations": approximations, "seeds": [0], "calibration_images": 20, "probe_train_images": 40,
+        "probe_test_images": 20, "batch_size": 20, "output": str(tmp_path / "out"), **extra}))
+    return path
+
+
+def test_experiment_plots_speed_up_against_blocks_removed(tmp_path):
+    """One row per number of blocks removed (the first approximation removing that many), its theoretical speed-up the
+    FLOP ratio counted by hand (linear maps: one d x d map per span)."""
+    path = _experiment(tmp_path, ["2->4", "0->1", "1->2, 4->5", "3->4"], latency={"batch_size": 3, "repeats": 4})
+    out = run_experiment(load_experiment_config(path))
+    with Image.open(out / LATENCY_PLOT) as png:
+        png.verify()
+        assert png.format == "PNG" and png.size[0] > 300 and png.size[1] > 200
+    marker = json.loads((out / "tba-fed-output.json").read_text())
+    assert LATENCY_PLOT in marker["files"] and LATENCY_FILE in marker["files"]  # this tool's own files
+    latency = json.loads((out / LATENCY_FILE).read_text())
+    rows = latency["rows"]
+    assert [(r["blocks_removed"], r["approximation"], r["map"]) for r in rows] == [(1, "0->1", "linear"),
+                                                                                   (2, "2->4", "linear")]
+    hand = {1: (hand_flops(6), hand_flops(5, maps=1)), 2: (hand_flops(6), hand_flops(4, maps=1))}
+    for row in rows:
+        original, compressed = hand[row["blocks_removed"]]
+        assert row["flops"] == {"original": original, "compressed": compressed}
+        assert row["theoretical_speedup"] == original / compressed
+        assert row["batch_size"] == 3 and row["original"]["calls"] == row["compressed"]["calls"] == 4
+        assert row["speedup"] == pytest.approx(row["original"]["p50_ms"] / row["compressed"]["p50_ms"])
+        assert row["original"]["p50_ms"] <= row["original"]["p95_ms"]
+    assert latency["settings"]["batch_sizes"] == [3] and latency["settings"]["repeats"] == 4
+    measured, theoretical = latency_figure(latency).axes[0].get_lines()
+    assert list(measured.get_xdata()) == list(theoretical.get_xdata()) == [0, 1, 2]
+    assert list(theoretical.get_ydata()) == [1.0] + [r["theoretical_speedup"] for r in rows]
+    assert list(measured.get_ydata()) == [1.0] + [r["speedup"] for r in rows]
+
+
+def test_an_experiment_without_latency_writes_no_latency_files(tmp_path):
+    path = _experiment(tmp_path, ["0->1"], latency=None)
+    out = run_experiment(load_experiment_config(path))
+    assert not (out / LATENCY_PLOT).exists() and not (out / LATENCY_FILE).exists() and (out / ACCURACY_PLOT).exists()
+
+
+@pytest.mark.parametrize("latency,field", [({"batch_size": 0}, "latency.batch_size"),
+                                           ({"repeats": 0}, "latency.repeats"),
+                                           ({"batch": 8}, "latency.batch")])
+def test_bad_latency_settings_of_an_experiment_are_refused_in_one_line(tmp_path, capsys, latency, field):
+    path = _experiment(tmp_path, ["0->1"], latency=latency)
+    assert main(["experiment", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tba-fed: error: {field}: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ calibrated with PRV beyond the site's RDP budget.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from tba_fed.federation.secure_aggregation import secure_sum
 from tba_fed.federation.records import to_record
 from tba_fed.federation.wire import encode_heads, encode_maps, encode_priors, private_span_shapes, secure_ranges
 from tba_fed.plan import parse_plan
+from tba_fed.privacy.accounting import noise_multiplier
 from tba_fed.privacy.ledger import PrivacyLedger
 from tba_fed.privacy.policy import RELEASES, PrivacyRequest
 from tba_fed.privacy.site_state import initialise
@@ -65,10 +67,12 @@ def _request(bounds: nb.Bounds, **terms) -> PrivacyRequest:
     return PrivacyRequest(**fields)
 
 
-def _message(kind: str, privacy: PrivacyRequest, *, model: dict = MODEL, profile: str = "production") -> Message:
-    """A plain request of `kind` as the server's rounds build it, carrying `privacy` whatever it says."""
-    config = {"model": json.dumps(model), "token-mode": "all", "profile": profile, "plan": nb.PLAN,
-              "privacy": privacy.to_json(), "prior-maps": encode_priors(nb.identity_maps(48)), "identity-spans": "",
+def _message(kind: str, privacy: PrivacyRequest | str, *, model: dict = MODEL, profile: str = "production",
+             map_choice: str = "linear") -> Message:
+    """A plain request of `kind` as the server's rounds build it, carrying `privacy` (or that JSON) whatever it says."""
+    config = {"model": json.dumps(model), "token-mode": "all", "profile": profile, "plan": nb.PLAN, "map": map_choice,
+              "privacy": privacy if isinstance(privacy, str) else privacy.to_json(),
+              "prior-maps": encode_priors(nb.identity_maps(48)), "identity-spans": "",
               "num-classes": nb.NUM_CLASSES}
     records = {"config": ConfigRecord(config)}
     if kind in ("probe", "accuracy"):
@@ -180,3 +184,39 @@ def test_seeded_noise_is_refused(tmp_path, audit_bounds):
     grid = ClientAppGrid(app, node_configs=[_site(tmp_path, "hospital-a", 1)])
     _refused(grid.answer([_message("statistics", _request(audit_bounds, seed=3))])[0], "privacy.seed")
     assert _ledger(tmp_path, "hospital-a") == []
+
+
+def test_an_auto_request_is_served_only_with_both_kinds_bounds_in_policy_and_the_sites_own_even_split(tmp_path,
+                                                                                                    audit_bounds):
+    """map: auto puts both kinds' sums in one release; the site derives both kinds' parts itself from the bounds
+    the request names for each kind, splitting the shares evenly. A request naming one kind's bounds only (the plain
+    span's: a one-kind split, the other kind unbounded; or the linear kind's alone), a kind's bound above the site's
+    max_clip, an unknown map kind, or shares of its own, is refused before anything is spent; the request within
+    the terms is served and ledgered with the stds of the even split (√2 × a one-kind release's)."""
+    linear, folded = audit_bounds.spans, audit_bounds.folded_spans
+    max_clip = 2 * max(linear + folded)
+    grid = ClientAppGrid(app, node_configs=[_site(tmp_path, "hospital-a", 1, max_clip=max_clip)])
+    auto = audit_bounds.clip_spans("auto")
+    for clip_spans, field, reason in [
+            ({nb.PLAN: linear}, "privacy.clip_spans", f"no clipping bounds for linear/{nb.PLAN}, folded/{nb.PLAN}"),
+            ({f"linear/{nb.PLAN}": linear}, "privacy.clip_spans", f"no clipping bounds for folded/{nb.PLAN}"),
+            ({**auto, f"folded/{nb.PLAN}": (*folded[:4], 1.5 * max_clip)}, "privacy.clip", "exceeds the site's maximum")]:
+        reply = grid.answer([_message("statistics", _request(audit_bounds, clip_spans=clip_spans), map_choice="auto")])[0]
+        _refused(reply, field)
+        assert reason in _failure(reply)
+    valid = _request(audit_bounds, clip_spans=auto)
+    _refused(grid.answer([_message("statistics", valid, map_choice="both")])[0], "map")
+    own_shares = json.dumps({**json.loads(valid.to_json()), "shares": {f"linear/{nb.PLAN}:gram": 0.9}})
+    _refused(grid.answer([_message("statistics", own_shares, map_choice="auto")])[0], "privacy.shares")
+    assert _ledger(tmp_path, "hospital-a") == []  # nothing spent
+    served = grid.answer([_message("statistics", valid, map_choice="auto")])[0]
+    assert not served.has_error() and "failure" not in served.content.config_records
+    assert {key.split("/")[0] for key in served.content.array_records["statistics"]} == {"linear", "folded"}
+    (entry,) = _ledger(tmp_path, "hospital-a")
+    sigma = noise_multiplier(1.0, 1e-5, len(RELEASES))
+    assert entry.noise_multiplier == pytest.approx(sigma)
+    for kind, bounds in (("linear", linear), ("folded", folded)):  # 1 span x 2 kinds: G's 0.45 split two ways
+        assert entry.noise_std[f"{kind}/{nb.PLAN}:gram"] == pytest.approx(sigma * bounds[0] / math.sqrt(0.45 / 2))
+        assert entry.noise_std[f"{kind}/{nb.PLAN}:gram"] == pytest.approx(
+            math.sqrt(2) * sigma * bounds[0] / math.sqrt(0.45))
+    assert not any(name.startswith(nb.PLAN) for name in entry.noise_std)  # no one-kind part was released

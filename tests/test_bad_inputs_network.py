@@ -41,6 +41,7 @@ from __future__ import annotations
 import base64
 import gc
 import json
+import re
 import weakref
 from functools import cache
 from types import SimpleNamespace
@@ -58,7 +59,8 @@ from tba_fed.calibrate import collect_span_stats
 from tba_fed.federation.config import load_federated_config
 from tba_fed.federation.envelope import echo
 from tba_fed.federation.records import to_record
-from tba_fed.federation.rounds import RoundLog, exchange
+from tba_fed.federation.flower_internals import NodeInfo
+from tba_fed.federation.rounds import RoundLog, Rounds, exchange
 from tba_fed.federation.server import run_server
 from tba_fed.federation.site import cached_model
 from tba_fed.federation.site_context import SiteContext
@@ -339,6 +341,32 @@ def test_55_a_second_node_claiming_a_site_name_is_rejected():
     assert log.sites["hospital-a"]["node_id"] == 1 and log.sites["node-2"]["status"] == "rejected"
     assert log.sites["node-2"]["reason"] == ("meta.site: 'hospital-a' is already the name of another site "
                                              "(give every site a unique name in its site YAML)")
+
+
+def test_55_a_round_names_sites_by_their_registered_names_and_refuses_a_node_claiming_one(caplog):
+    """Before a site replies, a round names it as the SuperLink registered it (`tba-fed superlink` registers each
+    key under the site's name in the run YAML), not by its node id; a node that claims another node's registered
+    name is rejected even if it replies first."""
+    class RegisteredSites(ScriptedGrid):
+        def get_nodes(self):
+            return [NodeInfo(node_id=1, name="hospital-a"), NodeInfo(node_id=2), NodeInfo(node_id=3, name="hospital-c"),
+                    NodeInfo(node_id=9, name="not-in-this-run")]
+
+    claims = {1: "hospital-a", 2: "hospital-c", 3: "c"}  # node 2 claims node 3's registered name
+    grid = RegisteredSites(lambda node, msg: [_statistics_reply(node, msg, site=claims[node])])
+    rounds = Rounds(grid, [1, 2, 3], timeout=5, min_sites=1, audit=None)
+    assert rounds.names == {1: "hospital-a", 3: "hospital-c"}
+    caplog.set_level("INFO", "tba_fed.federation.delivery")
+    accepted = rounds.ask("statistics", "query.statistics", lambda: RecordDict({"config": ConfigRecord({"plan": "0->1, 2->3"})}),
+                          lambda content: 1)
+    assert sorted(accepted) == ["c", "hospital-a"] and rounds.nodes == [1, 3]
+    log = rounds.logs[-1]
+    assert log.sites["node-2"]["status"] == "rejected" and "'hospital-c' is already the name of another site" in \
+        log.sites["node-2"]["reason"]
+    lines = [re.sub(r"\d+ s left", "N s left", r.getMessage()) for r in caplog.records
+             if r.getMessage().startswith("statistics:")]
+    assert lines == ["statistics: 1/3 sites replied, waiting for node-2, hospital-c, N s left",
+                     "statistics: 2/3 sites replied, waiting for hospital-c, N s left", "statistics: 3/3 sites replied"], lines
 
 
 MODEL = ModelConfig(name="vit_tiny_patch16_224", kwargs=TINY)

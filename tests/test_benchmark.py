@@ -1,6 +1,7 @@
 """`tba-fed benchmark`: a tiny compressed ViT measured against its original in eager and ONNX Runtime; FLOPs against an
 independent count, consistent summaries, benchmark.json written only where tba-fed may write, bad input refused in
-one line. No timing is asserted (timings are recorded in docs/benchmarks.md)."""
+one line; the same eager measurement in compress's report (`--benchmark`). No timing is asserted (timings are
+recorded in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tba_fed import calibrate, create_model, load_compressed, save_compressed
-from tba_fed.benchmark import FILE, FORMAT, benchmark_compressed, table, time_interleaved
+from tba_fed.benchmark import FILE, FORMAT, benchmark_compressed, eager_latency, table, time_interleaved
 from tba_fed.cli import main
 from tba_fed.compressed import count_flops
+from tba_fed.errors import TBAInputError
 from tba_fed.fileio import MARKER, file_sha256
 
 from conftest import TINY, loader
@@ -157,3 +160,71 @@ def test_the_cli_prints_the_table_and_replaces_its_own_json(fresh, tmp_path, cap
     for _ in range(2):
         assert main(["benchmark", str(fresh), *flags, "--output", str(output)]) == 0
     assert json.loads(output.read_text())["format"] == FORMAT
+
+
+# ---- compress --benchmark: the same measurement in the compressed model's report ----------------------------------
+
+COMPRESS = ["compress", "--model", "vit_tiny_patch16_224", *[f for k, v in TINY.items() for f in ("--model-arg", f"{k}={v}")],
+            "--data", "synthetic", "--num-images", "24", "--plan", PLAN]
+
+
+def test_compress_benchmark_reports_latency_consistent_with_its_flops(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*COMPRESS, "-o", str(out), "--benchmark", "--benchmark-batch-size", "1", "--benchmark-batch-size", "3",
+                 "--benchmark-repeats", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    latency = report["latency"]
+    assert latency["runtime"] == "eager" and latency["settings"]["batch_sizes"] == [1, 3]
+    assert latency["settings"]["repeats"] == 4 and latency["settings"]["warmup"] == 3
+    flops = report["flops"]
+    assert latency["flops"] == {"original": flops["original"], "compressed": flops["compressed"]} \
+        == {"original": tiny_vit_flops(6), "compressed": tiny_vit_flops(4, maps=1)}
+    assert latency["theoretical_speedup"] == flops["original"] / flops["compressed"]
+    machine = latency["machine"]
+    assert machine["threads"] >= 1 and len(machine["load_average_before"]) == len(machine["load_average_after"]) == 3
+    assert [row["batch_size"] for row in latency["batches"]] == [1, 3]
+    lines = []
+    for row in latency["batches"]:
+        assert row["theoretical_speedup"] == latency["theoretical_speedup"]
+        assert row["speedup"] == pytest.approx(row["original"]["p50_ms"] / row["compressed"]["p50_ms"])
+        assert row["speedup_vs_theoretical"] == pytest.approx(row["speedup"] / row["theoretical_speedup"])
+        for name in ("original", "compressed"):
+            timing = row[name]
+            seconds = timing["seconds"]
+            assert timing["calls"] == len(seconds) == 4 and all(s > 0 for s in seconds)
+            assert 0 < timing["p50_ms"] <= timing["p95_ms"] <= max(seconds) * 1e3
+            assert timing["p50_ms"] == pytest.approx(float(np.median(seconds)) * 1e3)
+            assert timing["images_per_s"] == pytest.approx(row["batch_size"] * 4 / sum(seconds))  # as benchmark.json
+        lines.append(f"- latency (eager, batch {row['batch_size']}): p50 {row['original']['p50_ms']:.2f} ms -> "
+                     f"{row['compressed']['p50_ms']:.2f} ms, {row['speedup']:.2f}x measured vs "
+                     f"{row['theoretical_speedup']:.2f}x theoretical ({row['speedup_vs_theoretical']:.2f})")
+    markdown = (out / "report.md").read_text()
+    assert [line for line in markdown.splitlines() if line.startswith("- latency")] == lines
+    assert lines[1] in capsys.readouterr().out
+    assert count_flops(load_compressed(out)) == flops["compressed"]  # the manifest (which holds the report) still loads
+
+
+def test_the_python_api_measures_the_same_section(tmp_path, tiny_config):
+    result = calibrate(create_model(tiny_config), PLAN, loader(), source=tiny_config)
+    latency = eager_latency(result.base, result.model, batch_sizes=(2,), repeats=2, warmup=0)
+    saved = save_compressed(result, tmp_path / "out", latency=latency)
+    assert json.loads((saved / "report.json").read_text())["latency"] == json.loads(json.dumps(latency))
+    assert latency["theoretical_speedup"] == result.flops.original / result.flops.compressed
+    assert [row["batch_size"] for row in latency["batches"]] == [2] and latency["settings"]["warmup"] == 0
+    with pytest.raises(TBAInputError, match="^repeats: "):
+        eager_latency(result.base, result.model, repeats=0)
+
+
+@pytest.mark.parametrize("flags,option", [
+    (["--benchmark", "--benchmark-batch-size", "0"], "--benchmark-batch-size"),
+    (["--benchmark", "--benchmark-batch-size", "1", "--benchmark-batch-size", "70000"], "--benchmark-batch-size"),
+    (["--benchmark", "--benchmark-repeats", "0"], "--benchmark-repeats"),
+    (["--benchmark-repeats", "3"], "--benchmark-repeats"),  # measures nothing without --benchmark
+    (["--benchmark-batch-size", "8"], "--benchmark-batch-size"),
+])
+def test_bad_compress_benchmark_settings_are_refused_before_any_work(tmp_path, capsys, flags, option):
+    out = tmp_path / "out"
+    assert main([*COMPRESS, "-o", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tba-fed: error: {option}: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()

@@ -4,6 +4,8 @@ centralised to 1e-9); a plan of folded and dropped spans is a stock timm ViT. Ti
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import timm
 import pytest
 import torch
@@ -74,6 +76,29 @@ def test_auto_picks_per_span_the_kind_with_the_lower_measured_held_out_error(sil
                                                                    for k in expected.values()]
     summary = {row["span"]: row["auto"] for row in (fit.summary() for fit in result.fits.values())}
     assert {s: a["chosen"] for s, a in summary.items()} == expected
+
+
+def test_auto_keeps_the_order_of_noisy_held_out_errors_that_noise_took_below_zero():
+    """A private release's held-out sums are noisy: noise on Σ‖y‖² can take both kinds' held-out residual estimates
+    below zero. They stay unbiased estimates, so the choice compares them as they are (clamped at zero they tied,
+    and the tie went to folded even where linear was far better)."""
+    from dataclasses import replace as with_
+
+    model, spans = _model(silent_mlp=2), parse_plan(PLAN, 6).spans
+    kinds = ("linear", "folded")
+    calibration = collect_kind_stats(ViTAdapter(model), loader(24), spans, kinds)
+    holdout = collect_kind_stats(ViTAdapter(model), loader(16, seed=3), spans, kinds)
+    exact = solve_kinds(calibration, holdout, map_kind="auto", bias=True)
+    assert {str(s): f.map.kind for s, f in exact.items()} == {"0->1": "folded", "2->4": "linear"}
+    shifted = {kind: {} for kind in kinds}
+    for span, fit in exact.items():  # the same noise draw on Σ‖y‖² of both kinds: both residuals below zero
+        drop = 1.5 * max(fit.choice.holdout_errors.values()) * float(holdout["linear"][span].sum_yy)
+        for kind in kinds:
+            shifted[kind][span] = with_(holdout[kind][span], sum_yy=holdout[kind][span].sum_yy - drop)
+    noisy = solve_kinds(calibration, shifted, map_kind="auto", bias=True)
+    for span, fit in noisy.items():
+        errors = fit.choice.holdout_errors
+        assert max(errors.values()) < 0 and fit.map.kind == exact[span].map.kind, (span, errors)
 
 
 def test_auto_collects_both_kinds_from_one_forward_pass():
@@ -166,13 +191,71 @@ def test_federated_exact_auto_run_equals_the_centralised_fit(tmp_path):
             assert torch.equal(installed(images), server_model(images))
 
 
-def test_auto_is_refused_under_privacy_with_one_line_saying_why(tmp_path):
-    from tba_fed.federation.config import load_federated_config
+def _run_yaml(tmp_path: Path, **settings) -> Path:
     from test_server_rounds import MODEL
 
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({"model": MODEL.model_dump(mode="json"), "plan": "1->2", "map": "auto",
-                                    "privacy": {"epsilon": 4.0}}))
-    with pytest.raises(TBAInputError, match="map.*not available with privacy") as err:
-        load_federated_config(path)
+    path.write_text(yaml.safe_dump({"model": MODEL.model_dump(mode="json"), "plan": "1->2", "map": "auto", **settings}))
+    return path
+
+
+def test_auto_under_privacy_needs_a_prior_both_kinds_share_and_held_out_images(tmp_path):
+    """Public prior maps are fitted for one kind, and they are the default with privacy: the run says so in one
+    line; with prior identity (or zero) the private auto run is accepted; no held-out images is still refused."""
+    from tba_fed.federation.config import load_federated_config
+
+    with pytest.raises(TBAInputError, match=r"^prior: .*map: auto fits two \(public is the default with privacy\) "
+                                            r"\(set prior: identity or zero") as err:
+        load_federated_config(_run_yaml(tmp_path, privacy={"epsilon": 4.0}))
     assert "\n" not in str(err.value)
+    config = load_federated_config(_run_yaml(tmp_path, privacy={"epsilon": 4.0}, prior="identity"))
+    assert config.map == "auto" and config.prior_kind == "identity"
+    with pytest.raises(TBAInputError, match="^map: auto picks each span's kind by its held-out error"):
+        load_federated_config(_run_yaml(tmp_path, privacy={"epsilon": 4.0}, prior="zero", data={"holdout_fraction": 0}))
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_private_auto_run_releases_both_kinds_once_picks_by_noisy_held_out_error_and_installs_the_kinds(tmp_path):
+    """Three in-process sites (the sites' real release code), local DP: one statistics release per site holding
+    both kinds' noisy sums (its ledger's noise stds are √2 × a one-kind release's at the same σ), the server picks
+    each span's kind by the noisy held-out errors it reports, states the cost, and every site installs those kinds."""
+    import math
+
+    from tba_fed.federation.config import load_federated_config
+    from tba_fed.federation.server import run_server
+    from tba_fed.privacy.accounting import noise_multiplier
+    from tba_fed.privacy.ledger import PrivacyLedger
+    from test_server_rounds import InProcessGrid
+
+    grid = InProcessGrid(tmp_path, {1: "good", 2: "good", 3: "good"}, images=40)
+    path = _run_yaml(tmp_path, plan="1->2, 3->5", prior="identity",
+                     federation={"num_sites": 3, "min_sites": 2, "round_timeout": 5},
+                     privacy={"epsilon": 8.0, "seed": 11, "public_images": 32}, output=str(tmp_path / "server"))
+    report = run_server(grid, load_federated_config(path))
+    privacy = report["privacy"]
+    sigma = noise_multiplier(8.0, 1e-5, 1)
+    assert privacy["releases"] == ["statistics"] and privacy["noise_multiplier"] == pytest.approx(sigma)
+    line = "map: auto under privacy: both kinds released, noise std x1.41 per statistic at the same epsilon"
+    assert privacy["map_auto"] == line and line in (tmp_path / "server" / "report.md").read_text()
+    labels = {f"{kind}/{span}" for kind in ("linear", "folded") for span in ("1->2", "3->5")}
+    assert set(privacy["clip_spans"]) == set(privacy["spans"]) == labels
+    chosen = {}
+    for row in report["spans"]:
+        errors = row["auto"]["holdout_error"]
+        assert set(errors) == {"linear", "folded"} and all(math.isfinite(e) for e in errors.values())
+        assert row["kind"] == row["auto"]["chosen"] == min(errors, key=lambda k: (errors[k], k != "folded"))
+        chosen[row["span"]] = row["kind"]
+    assert set(report["prior_comparison"]) == {"1->2", "3->5"}
+    for site in grid.sites.values():
+        (entry,) = PrivacyLedger(site.policy.ledger).entries()  # one release, one entry: both kinds in it
+        assert entry.release == "statistics" and entry.noise_multiplier == pytest.approx(sigma)
+        for label in labels:  # 2 spans x 2 kinds share G's 0.45: std σ·B/√(0.45/4), √2 × the one-kind σ·B/√(0.45/2)
+            assert entry.noise_std[f"{label}:gram"] == pytest.approx(
+                math.sqrt(2) * sigma * privacy["clip_spans"][label][0] / math.sqrt(0.45 / 2))
+        assert entry.noise_std["weight"] == pytest.approx(sigma / math.sqrt(0.025))  # the count: released once
+        manifest = yaml.safe_load((site.output / "compressed" / "manifest.yaml").read_text())
+        assert manifest["map"] == "auto" and manifest["span_maps"] == chosen
+        images = next(iter(loader(4, seed=7)))[0]
+        with torch.no_grad():
+            assert torch.equal(load_compressed(site.output / "compressed")(images),
+                               load_compressed(tmp_path / "server")(images))

@@ -105,6 +105,7 @@ RELAYED = """\
 2026-12-03 13:31:43,713 INFO tba_fed.deploy.simulate: simulating 3 sites
 Using SuperLink: tba-fed-sim (127.0.0.1:56797)
 Successfully started run 13383625095188243520
+Successfully installed tba-fed to /tmp/tba-fed-flwr-7g12/apps/tba-fed.tba-fed.0.1.0.73212037.
 \x1b[92mINFO \x1b[0m:      Starting logstream for run_id `13383625095188243520`
 \x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.
 \x1b[92mINFO \x1b[0m:      To change federation size, use the following command:
@@ -114,6 +115,7 @@ Successfully started run 13383625095188243520
 2026-12-03 13:31:58,001 INFO tba_fed.federation.server: federation: 3 sites connected
 (ClientAppActor pid=4242) \x1b[93mWARNING \x1b[0m:   Manually terminating ClientAppActor
 (ClientAppActor pid=4242) \x1b[93mWARNING \x1b[0m:   Secure aggregation is slow
+\x1b[33m(raylet)\x1b[0m [2026-12-03 13:32:01,002 E 4240 4240] (raylet) file_system_monitor.cc:116: /tmp/ray is over 95% full
 \x1b[91mERROR \x1b[0m:     Exit Code: 201
 An unhandled exception occurred in the ServerApp.
 """
@@ -123,10 +125,10 @@ def test_relayed_flower_output_keeps_tba_feds_lines_and_flowers_warnings_in_one_
     out = list(without_noise(io.StringIO(RELAYED)))
     kept = [re.sub(STAMP, "T", line.rstrip("\n")) for line in out]
     assert kept == ["T INFO tba_fed.deploy.simulate: simulating 3 sites",
-                    "Using SuperLink: tba-fed-sim (127.0.0.1:56797)",
-                    "Successfully started run 13383625095188243520",
+                    "T INFO flwr: Successfully started run 13383625095188243520",
                     "T INFO tba_fed.federation.server: federation: 3 sites connected",
                     "(ClientAppActor pid=4242) T WARNING flwr: Secure aggregation is slow",
+                    "T WARNING ray: file_system_monitor.cc:116: /tmp/ray is over 95% full",
                     "T ERROR flwr: Exit Code: 201",
                     "An unhandled exception occurred in the ServerApp."], kept
     assert list(relayed(io.StringIO(RELAYED), True)) == io.StringIO(RELAYED).readlines()  # --verbose: as it is

@@ -14,6 +14,7 @@ added image moved most others between the parts (the statistics release moved ma
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +79,11 @@ def _neighbour(base: nb.Images, variant: str, side: str = "calibration", source:
     return base.insert(position, pixels, label), names[:position] + [name] + names[position:]
 
 
-def _check(kind: str, before: dict, after: dict, bounds: nb.Bounds, slack: float = 0.0) -> None:
-    documented = nb.parts(kind, bounds, tokens=17)
+def _check(kind: str, before: dict, after: dict, bounds: nb.Bounds, slack: float = 0.0, map_choice: str = "linear"
+           ) -> None:
+    documented = nb.parts(kind, bounds, tokens=17, map_choice=map_choice)
     moved = nb.change(kind, before, after)
+    assert set(moved) == set(documented), kind  # every statistic released is one the site gave a sensitivity
     assert nb.excess(kind, moved, documented, slack) == {}, kind
     assert nb.noise_ratio(moved, documented) <= 1 + 1e-9 + slack, kind
 
@@ -144,19 +147,23 @@ def test_with_the_sites_secret_key_the_same_holds(tmp_path, audit_bounds):
         _check(kind, before[kind], after[kind], audit_bounds)
 
 
-def test_the_secure_release_moves_the_secure_sum_by_at_most_its_sensitivity(tmp_path, audit_bounds, audit_model):
+@pytest.mark.parametrize("map_choice", ["linear", "auto"])
+def test_the_secure_release_moves_the_secure_sum_by_at_most_its_sensitivity(tmp_path, audit_bounds, audit_model,
+                                                                            map_choice):
     """Through a real SecAgg+ round with two other sites: the sum over the three moves by the site's own change,
-    within its sensitivity plus the quantisation error SecAgg+ reports."""
+    within its sensitivity plus the quantisation error SecAgg+ reports (under map: auto, both kinds' arrays, each
+    in the range its own kind's bounds give)."""
     base = nb.two_types(COUNT)
     others = [_site(tmp_path / f"other-{k}", "image_folder", nb.ordinary(COUNT, seed=k + 1)) for k in range(2)]
-    settings = nb.secure_settings(MODEL, audit_bounds, 48, sites=3, max_images=64)
+    settings = nb.secure_settings(MODEL, audit_bounds, 48, sites=3, max_images=64, map_choice=map_choice)
     spans = parse_plan(nb.PLAN, 6).spans
-    request = nb.request(audit_bounds, aggregation="secure", noise_sites=3)
-    ranges = secure_ranges(request, spans, 64)
+    request = nb.request(audit_bounds, aggregation="secure", noise_sites=3, map_choice=map_choice)
+    ranges = secure_ranges(request, spans, 64, map_choice)
+    shapes = private_span_shapes(spans, 48, map_choice)
 
     def secure(site: Path):
         grid = ClientAppGrid(app, node_configs=[{"site-config": str(p)} for p in (site, *others)])
-        result = secure_sum(grid, grid.get_node_ids(), settings, ranges, private_span_shapes(spans, 48), timeout=10,
+        result = secure_sum(grid, grid.get_node_ids(), settings, ranges, shapes, timeout=10,
                             min_sites=3, reconstruction_threshold=3)
         assert result.sites == 3
         return result
@@ -165,8 +172,51 @@ def test_the_secure_release_moves_the_secure_sum_by_at_most_its_sensitivity(tmp_
     neighbour, names = _neighbour(base, "first", "holdout", "image_folder")
     after = secure(_site(tmp_path / "D2", "image_folder", neighbour, names))
     # each entry of each sum is within error_bound of the exact sum: the difference within twice that
-    slack = 2 * max(after.error_bound[k] * np.sqrt(np.prod(shape)) for k, shape in private_span_shapes(spans, 48).items())
-    _check("statistics", before.arrays, after.arrays, audit_bounds, slack)
+    slack = 2 * max(after.error_bound[k] * np.sqrt(np.prod(shape)) for k, shape in shapes.items())
+    _check("statistics", before.arrays, after.arrays, audit_bounds, slack, map_choice)
+
+
+def _auto_release(site: Path, bounds: nb.Bounds) -> dict:
+    """The site's statistics release under map: auto (both kinds in one release), through the real ClientApp."""
+    grid = ClientAppGrid(app, node_configs=[{"site-config": str(site)}])
+    message = nb.messages(MODEL, bounds, 48, map_choice="auto")["statistics"]
+    return nb.released("statistics", grid.answer([message])[0], 48, map_choice="auto")
+
+
+@pytest.mark.parametrize("side", ["calibration", "holdout"])
+@pytest.mark.parametrize("variant", ["first", "removed"])
+@pytest.mark.parametrize("tight", ["linear", "folded"])
+def test_an_auto_release_moves_both_kinds_statistics_by_at_most_their_sensitivity(tmp_path_factory, audit_bounds,
+                                                                                  tight, variant, side):
+    """map: auto releases both kinds' sums with one weight per image bounding both kinds' statistics: one added
+    or removed image moves every statistic of either kind by at most its own kind's bound, the shared count by at
+    most 1, and the whole release by at most the mechanism's sensitivity (its parts split evenly over the kinds).
+    `tight`: that kind's bounds at a tenth of the reference, so it is the kind that binds: a weight that bounded
+    only the other kind's statistics would let this kind's move past its bound."""
+    bounds = replace(audit_bounds, **{"spans" if tight == "linear" else "folded_spans":
+                                      tuple(0.1 * b for b in (audit_bounds.spans if tight == "linear"
+                                                              else audit_bounds.folded_spans))})
+    base = nb.two_types(COUNT)
+    cache = tmp_path_factory.getbasetemp() / f"D-auto-{tight}"
+    if not cache.exists():
+        cache.mkdir()
+        np.save(cache / "release.npy", _auto_release(_site(cache, "image_folder", base), bounds), allow_pickle=True)
+    before = np.load(cache / "release.npy", allow_pickle=True).item()
+    neighbour, names = _neighbour(base, variant, side, "image_folder")
+    after = _auto_release(_site(tmp_path_factory.mktemp(f"auto-{variant}"), "image_folder", neighbour, names), bounds)
+    assert {key.split("/")[0] for key in after} == {"linear", "folded"}
+    for release in (before, after):  # the one count of each split, noised once: every group carries the same value
+        for split in ("calibration", "holdout"):
+            assert np.array_equal(release[f"linear/{split}/1-3/weight"], release[f"folded/{split}/1-3/weight"])
+    _check("statistics", before, after, bounds, map_choice="auto")
+    documented = nb.parts("statistics", bounds, 17, "auto")
+    moved = nb.change("statistics", before, after)
+    # not vacuous: the image reached both kinds' sums of its part; an added canary, far outside every bound, got the
+    # one weight that brings its most binding statistic, one of the tight kind's, to its bound
+    for kind in ("linear", "folded"):
+        assert max(v for name, v in moved.items() if name.startswith(f"{kind}/")) > 0, (kind, moved)
+    if variant != "removed":
+        assert max(v / documented[name].sensitivity for name, v in moved.items() if name.startswith(f"{tight}/")) > 0.999
 
 
 # ------------------------------------------------------------------------------- membership, per source

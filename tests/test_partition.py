@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 
@@ -42,3 +44,12 @@ def test_partition_errors():
     with pytest.raises(TBAInputError, match="scheme"):
         partition(TARGETS, 2, scheme="random")  # type: ignore[arg-type]
     assert "total" in log_histograms(TARGETS, partition(TARGETS, 2), 10)
+
+
+def test_the_class_histogram_is_one_log_line_and_a_table_for_the_report(caplog):
+    caplog.set_level(logging.INFO, "tba_fed.partition")
+    targets = np.array([0, 1, 1, 2, 2, 2])
+    table = log_histograms(targets, [np.array([0, 1]), np.array([2, 3, 4, 5])], 3)
+    assert [r.getMessage() for r in caplog.records] == \
+        ["class histogram per site (classes 0-2; total): site 0: 1 1 0 (2); site 1: 0 1 3 (4)"]
+    assert table.splitlines()[1:] == ["   0 |     1     1     0 |     2", "   1 |     0     1     3 |     4"]

@@ -28,7 +28,7 @@ from tba_fed.privacy.mechanism import NoiseSource
 from tba_fed.privacy.passes import collect_clipped_span_sums
 from tba_fed.privacy.policy import PolicyRefusal, PrivacyRequest, SitePolicy, check_request
 from tba_fed.privacy.postprocess import adassp_ridge, gram_noise_bound, psd_projection
-from tba_fed.privacy.clipped import ClippedSpanSums, SpanBounds, release_weights, to_span_stats
+from tba_fed.privacy.clipped import STATISTICS, ClippedSpanSums, SpanBounds, release_weights, to_span_stats
 from tba_fed.privacy.release import noisy_spans
 from tba_fed.privacy.release_store import ReleaseStore
 from tba_fed.privacy.sensitivity import clip_images, span_parts
@@ -95,6 +95,66 @@ def test_released_noise_is_gaussian_with_the_calibrated_std(noise):
         assert sample.std() == pytest.approx(1.0, rel=0.03)
     assert torch.allclose(released.gram, released.gram.T)  # symmetric noise
     assert std["gram"] == pytest.approx(sigma * 30.0 / math.sqrt(0.45))  # σ·Δ/√share with Δ = B_G
+
+
+def test_an_auto_release_is_one_mechanism_at_the_same_epsilon_with_sqrt2_times_the_noise_per_statistic():
+    """map: auto releases both kinds' sums in one release: the span shares split evenly between the kinds, so the
+    release is one Gaussian mechanism with the run's σ (the accountant charges it exactly as a one-kind release),
+    and every span statistic of either kind gets √2 times the noise std of a one-kind release of that kind."""
+    from tba_fed.federation.releases import auto_cost
+    from tba_fed.privacy.sensitivity import kind_span_parts
+
+    spans = [Span(1, 2), Span(3, 5)]
+    folded = SpanBounds(gram=12.0, cross_residual=3.0, sum_x=9.0, sum_r=4.0, sum_rr=5.0)
+    bounds = {"linear": dict.fromkeys(spans, BOUNDS), "folded": dict.fromkeys(spans, folded)}
+    both = {p.name: p for p in kind_span_parts(bounds)}
+    sigma = noise_multiplier(4.0, 1e-5, 3)
+
+    def multiplier(parts) -> float:  # (Σ_j (Δ_j/σ_j)²)^(−1/2): the noise multiplier of the whole release
+        return sum((p.sensitivity / p.std(sigma)) ** 2 for p in parts) ** -0.5
+
+    for kind, kind_bounds in bounds.items():
+        one = {p.name: p for p in span_parts(spans, kind_bounds)}
+        assert multiplier(both.values()) == pytest.approx(sigma, rel=1e-12)
+        assert multiplier(one.values()) == pytest.approx(sigma, rel=1e-12)
+        for span in spans:
+            for name in STATISTICS:
+                std = both[f"{kind}/{span}:{name}"].std(sigma)
+                assert std == pytest.approx(math.sqrt(2) * one[f"{span}:{name}"].std(sigma), rel=1e-12)
+                assert std == pytest.approx(sigma * getattr(kind_bounds[span], name) / math.sqrt(
+                    {"gram": 0.45, "cross_residual": 0.45}.get(name, 0.025) / 4), rel=1e-12)  # 2 spans x 2 kinds
+        assert both["weight"].std(sigma) == one["weight"].std(sigma) == pytest.approx(sigma / math.sqrt(0.025))
+    assert set(both) == {"weight"} | {f"{k}/{s}:{n}" for k in bounds for s in spans for n in STATISTICS}
+    # the same σ: the run's three releases spend the same ε whether its statistics release carries one kind or two
+    spent = epsilon_spent([(multiplier(both.values()), 3)], 1e-5)
+    assert spent == pytest.approx(epsilon_spent([(multiplier(one.values()), 3)], 1e-5), rel=1e-9)
+    assert spent <= 4.0 * (1 + 1e-9)
+    assert auto_cost(bounds, spans[0]) == ("map: auto under privacy: both kinds released, noise std x1.41 per statistic "
+                                           "at the same epsilon")
+
+
+def test_an_auto_release_draws_each_statistic_at_its_std_and_the_shared_count_once_per_split():
+    """The noise itself, not just the formula: both kinds' statistics are drawn at √2 × the one-kind std, and the
+    count (one weight per image over both kinds) is noised once per split and shared, never drawn twice."""
+    from tba_fed.privacy.sensitivity import kind_span_parts
+
+    dim, draws = 6, 400
+    bounds = {"linear": {SPAN: BOUNDS}, "folded": {SPAN: SpanBounds(12.0, 3.0, 9.0, 4.0, 5.0)}}
+    parts = kind_span_parts(bounds)
+    zero = ClippedSpanSums.zeros(dim)
+    groups = {f"{kind}/{split}": {SPAN: zero} for kind in bounds for split in ("calibration", "holdout")}
+    noise, samples = NoiseSource.seeded(3), {kind: [] for kind in bounds}
+    for _ in range(draws):
+        released = noisy_spans(groups, parts, 1.0, noise)
+        for split in ("calibration", "holdout"):
+            assert released[f"linear/{split}"][SPAN].weight == released[f"folded/{split}"][SPAN].weight
+        assert released["linear/calibration"][SPAN].weight != released["linear/holdout"][SPAN].weight
+        for kind in bounds:
+            samples[kind].append(released[f"{kind}/calibration"][SPAN].cross_residual.flatten())
+    for kind, kind_bounds in bounds.items():
+        one = {p.name: p for p in span_parts([SPAN], kind_bounds)}
+        measured = float(torch.cat(samples[kind]).std())
+        assert measured == pytest.approx(math.sqrt(2) * one[f"{SPAN}:cross_residual"].std(1.0), rel=0.03)
 
 
 def test_secure_noise_refuses_a_seed_and_seeded_mode_says_so():

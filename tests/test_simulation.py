@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 from torch.utils.data import Subset
@@ -121,7 +122,7 @@ def test_private_secure_aggregation_run_reproduces_the_server_solve(tmp_path):
     request = PrivacyRequest(epsilon=4.0, delta=1e-5, releases=("statistics",), aggregation="secure", noise_sites=3,
                              seed=5, clip_spans={k: tuple(v) for k, v in privacy["clip_spans"].items()})
     tokens = adapter.tokens_per_image("all")
-    bounds = request.span_bounds([span])
+    bounds = request.kind_bounds([span], ("linear",))["linear"]
     prior = public_prior_maps(model, public_loader(model, 32), [span], "all", bias=True)
     parts = span_parts([span], bounds)
     p = config.federation.partition
@@ -150,6 +151,49 @@ def test_private_secure_aggregation_run_reproduces_the_server_solve(tmp_path):
     assert float((got - expected.weight).norm() / expected.weight.norm()) < 1e-3
 
 
+def test_a_private_secure_auto_run_releases_both_kinds_once_and_installs_the_chosen_kinds(tmp_path, capsys):
+    """`tba-fed simulate` with map: auto, SecAgg+ and seeded split noise, 3 sites: one statistics release per site
+    carries both kinds (ledgered at the run's σ, each kind's stds √2 × a one-kind release's), the server logs and
+    reports the cost, reports both kinds' noisy held-out errors per span and the kind picked, and every site installs
+    the model the server built with those kinds."""
+    import math
+
+    config = _config(tmp_path, 3, "iid")
+    config.update(plan="1->2, 3->5", budget=None, map="auto", prior="identity", evaluation={"enabled": False},
+                  privacy={"epsilon": 8.0, "aggregation": "secure", "seed": 5, "public_images": 32},
+                  federation={**config["federation"], "max_images_per_site": 100})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["simulate", str(path)]) == 0
+    captured = capsys.readouterr()
+    line = "map: auto under privacy: both kinds released, noise std x1.41 per statistic at the same epsilon"
+    assert line in captured.out + captured.err
+    output = tmp_path / "out"
+    report = json.loads((output / "report.json").read_text())
+    privacy = report["privacy"]
+    assert privacy["map_auto"] == line and privacy["sites_summed"] == 3 and privacy["releases"] == ["statistics"]
+    chosen = {}
+    for row in report["spans"]:
+        errors = row["auto"]["holdout_error"]
+        assert set(errors) == {"linear", "folded"}
+        assert row["kind"] == row["auto"]["chosen"] == min(errors, key=lambda k: (errors[k], k != "folded"))
+        chosen[row["span"]] = row["kind"]
+    images = next(iter(make_loader(build_dataset(load_federated_config(path).data, load_compressed(output)),
+                                   load_federated_config(path).data)))[0][:4]
+    with torch.no_grad():
+        server = load_compressed(output)(images)
+    for site in range(3):
+        folder = output.with_name(output.name + "-sites") / f"site-{site}"
+        (entry,) = PrivacyLedger(folder / "privacy-ledger.json").entries()
+        assert entry.release == "statistics" and entry.noise_multiplier == pytest.approx(privacy["noise_multiplier"])
+        for label, bounds in privacy["clip_spans"].items():  # 2 spans x 2 kinds; the site's share of σ: σ/√3
+            assert entry.noise_std[f"{label}:gram"] == pytest.approx(
+                privacy["noise_multiplier"] / math.sqrt(3) * bounds[0] / math.sqrt(0.45 / 4))
+        assert yaml.safe_load((folder / "compressed" / "manifest.yaml").read_text())["span_maps"] == chosen
+        with torch.no_grad():
+            assert torch.equal(load_compressed(folder / "compressed")(images), server)
+
+
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"  # tba-fed's one timestamp format
 OURS = re.compile(rf"^(?:\(\w+ pid=\d+[^)]*\) )?({STAMP}) (DEBUG|INFO|WARNING|ERROR|CRITICAL) ([\w.]+): (.*)$")
 
@@ -169,6 +213,11 @@ def test_the_demo_log_has_one_line_per_event_in_one_format_and_a_refusal_is_one_
     text = captured.out + captured.err
     lines = text.splitlines()
     ours = [found for line in lines if (found := OURS.match(strip_escapes(line)))]
+    # the log (stderr, and Flower's output relayed to stdout until the result) holds tba-fed's lines only: Flower's
+    # CLI's chatter ("Using SuperLink", "Successfully installed") left out, its run id and Ray's warnings rewritten
+    log = captured.err.splitlines() + captured.out.split("\n# TBA compression", 1)[0].splitlines()
+    assert [line for line in log if line.strip() and not OURS.match(strip_escapes(line))] == [], text[-4000:]
+    assert sum("INFO flwr: Successfully started run " in line for line in log) == 1
     # no Flower DEBUG line, no Ray FutureWarning, no shutdown chatter, no traceback
     for noise in ("DEBUG", "FutureWarning", "warnings.warn(", "Manually terminating", "Starting logstream",
                   "Traceback", "traceback left out", "Exit Code", "unhandled exception"):

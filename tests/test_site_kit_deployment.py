@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import time
@@ -84,6 +85,10 @@ def test_three_hospitals_from_site_kits(tmp_path, capsys, monkeypatch):
         assert code == 0 and any(line.startswith(f"OK      runs: run {number}: ") for line in lines), lines
         out, _ = submit.communicate(timeout=900)
         assert submit.returncode == 0, "".join(seen) + out[-3000:]
+        # the server names the sites it waits for as the SuperLink registered them (the statistics round is secure:
+        # SecAgg+ says nothing per site; install is the first round the sites answer one by one)
+        assert re.search(r"install: [0-2]/3 sites replied, waiting for hospital-\w(, hospital-\w)*, \d+ s left", out), out[-3000:]
+        assert "waiting for node-" not in out
         report = json.loads((tmp_path / "kits" / "report.json").read_text())
         assert report["privacy"]["sites_summed"] == 3 and report["privacy"]["noise_sites"] == 2
 

@@ -28,6 +28,12 @@ ACTOR = re.compile(r"^\(\w+ pid=\d+[^)]*\) ")  # Ray's prefix of a line a simula
 # Flower's console format: the level, a timestamp only at FLWR_LOG_LEVEL=DEBUG, a colon and the message
 FLOWER_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) ?(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)?\s*: ?(.*)$")
 LIBRARY_WARNING = re.compile(r"^\S+:\d+: (?:FutureWarning|DeprecationWarning): ")  # Python's warning line
+# `flwr run`'s own plain lines: the run id is what an operator needs (flwr ls, stop, status); the rest is chatter
+STARTED_RUN = "Successfully started run "
+FLOWER_CLI_NOISE = ("Using SuperLink:", "Successfully installed ", "Successfully built ", "Loading project configuration")
+# a line of Ray's own daemons (only warnings and errors reach a driver's output), with the header some carry:
+# "(raylet) [2026-12-03 13:31:50,123 W 123 456] (raylet) file_system_monitor.cc:111: ... is over 95% full"
+RAY_DAEMON = re.compile(r"^\((?:raylet|gcs_server|autoscaler|monitor|dashboard)[^)]*\) (?:\[[^\]]*\] )?(?:\(raylet\) )?")
 
 
 def app_directory() -> Path:
@@ -118,6 +124,13 @@ def local_superlink(home: Path, port: int, *, simulation: bool = False, certific
         log.close()
 
 
+def _ours(name: str, level: int, message: str) -> str:
+    """`message` as a line of tba-fed's format, logged now by `name`."""
+    record = logging.makeLogRecord({"name": name, "levelno": level, "levelname": logging.getLevelName(level),
+                                    "msg": message})
+    return formatter().format(record)
+
+
 def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
     process.terminate()
     try:
@@ -157,8 +170,9 @@ def relayed(lines: Iterable[str], verbose: bool) -> Iterable[str]:
 def without_noise(lines: Iterable[str]) -> Iterator[str]:
     """A log with the lines of Flower's own format below WARNING and Flower's `NOISE` left out (with the indented
     lines that continue them) and its other lines rewritten in tba-fed's format, so the log has one format;
-    Python's FutureWarnings and DeprecationWarnings (Ray's at start-up), with the source line they quote, left out.
-    Lines in tba-fed's format and plain output pass as they are."""
+    `flwr run`'s plain lines left out but for the run it started, and Ray's daemons' warnings (raylet) rewritten in
+    that format too; Python's FutureWarnings and DeprecationWarnings (Ray's at start-up), with the source line they
+    quote, left out. Lines in tba-fed's format and other plain output pass as they are."""
     dropping = False  # inside a left-out message: its indented continuation lines go too
     for line in lines:
         plain = strip_escapes(line).rstrip("\n")
@@ -168,9 +182,15 @@ def without_noise(lines: Iterable[str]) -> Iterator[str]:
             level, message = logging.getLevelName(flower[1]), flower[2].strip()
             dropping = level < logging.WARNING or not message or message.startswith(NOISE)
             if not dropping:
-                record = logging.makeLogRecord({"name": "flwr", "levelno": level, "levelname": flower[1],
-                                                "msg": message})
-                yield f"{prefix}{formatter().format(record)}\n"
+                yield f"{prefix}{_ours('flwr', level, message)}\n"
+        elif body.startswith(STARTED_RUN):
+            dropping = False
+            yield f"{_ours('flwr', logging.INFO, body.strip())}\n"
+        elif body.startswith(FLOWER_CLI_NOISE):
+            dropping = False
+        elif daemon := RAY_DAEMON.match(body):
+            dropping = False
+            yield f"{_ours('ray', logging.WARNING, body[daemon.end():].strip())}\n"
         elif LIBRARY_WARNING.match(body):
             dropping = True
         elif dropping and (not body.strip() or body[:1].isspace()):

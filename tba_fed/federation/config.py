@@ -119,10 +119,6 @@ class PrivacyConfig(_Section):
     public_images: int = Field(336, ge=16, description="random crops of the bundled public photos (prior, clip bounds)")
 
 
-AUTO_UNDER_DP = ("auto is not available with privacy yet: the statistics release would carry both kinds' sums, "
-                 "whose clipping, sensitivities and budget split are not implemented")
-
-
 class FederatedRunConfig(RunConfig):
     """A RunConfig plus the federation section; ``data`` is the pooled data a simulation partitions."""
 
@@ -139,6 +135,11 @@ class FederatedRunConfig(RunConfig):
                                                  "<output>.audit.jsonl beside the output directory")
 
     @property
+    def prior_kind(self) -> str:
+        """What the ridge shrinks maps toward: the setting, or its default (public with privacy, zero without)."""
+        return self.prior or ("public" if self.privacy is not None else "zero")
+
+    @property
     def audit_log(self) -> Path:
         """Beside the output, not in it: the output directory is replaced whole at the end of a run."""
         return self.audit or self.output.with_name(self.output.name + ".audit.jsonl")
@@ -149,11 +150,10 @@ class FederatedRunConfig(RunConfig):
             raise TBAInputError("privacy.aggregation", "secure aggregation needs federation.min_sites >= 2 "
                                                        "(a SecAgg+ sum over one site is that site's data)",
                                 "set federation.min_sites to 2 or more, or aggregation: local")
-        if self.privacy is not None and self.map == "auto":
-            raise TBAInputError("map", AUTO_UNDER_DP, "set map: linear or folded for a private run")
-        if self.prior == "public" and self.map == "auto":
-            raise TBAInputError("prior", "public prior maps are fitted for one map kind, and map: auto fits two",
-                                "set prior: zero or identity, or map: linear or folded")
+        if self.prior_kind == "public" and self.map == "auto":
+            raise TBAInputError("prior", "public prior maps are fitted for one map kind, and map: auto fits two"
+                                + (" (public is the default with privacy)" if self.prior is None else ""),
+                                "set prior: identity or zero, or map: linear or folded")
         return self
 
 

@@ -23,15 +23,16 @@ from flwr.app import MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
+from ..adapter import collected_kinds
 from ..errors import TBAInputError
 from ..plan import Plan, Span
 from ..privacy.accounting import noise_multiplier, replace_one_epsilon
-from ..privacy.clipped import to_span_stats
+from ..privacy.clipped import SpanBounds, to_span_stats
 from ..privacy.mechanism import NoiseSource, describe_noise
 from ..privacy.policy import PrivacyRequest
 from ..privacy.postprocess import adassp_ridge, psd_projection
 from ..privacy.release import noisy_spans
-from ..privacy.sensitivity import probe_parts, span_parts
+from ..privacy.sensitivity import kind_span_parts, labelled_bounds, probe_parts, span_label, span_parts
 from ..privacy.solve import private_inputs
 from ..probe import ProbeStats
 from ..public_images import public_loader
@@ -43,14 +44,25 @@ from .records import from_record
 from .rounds import RoundLog, Rounds
 from .server_audit import ServerAudit
 from .secure_aggregation import default_threshold, secure_sum
-from .wire import (MODELS, decode_private_spans, decode_spans, encode_priors, kind_groups, private_span_shapes,
-                   secure_ranges)
+from .wire import (MODELS, decode_private_spans, decode_spans, encode_priors, group_name, kind_groups, private_span_shapes,
+                   secure_ranges, statistics_groups)
 
 _logger = logging.getLogger(__name__)
 
 NOISE_DRAWS = 20  # re-noisings of the held-out release that give the report's ± on each estimate
 
 PerSplit = dict[str, dict[Span, Any]]
+
+
+def auto_cost(bounds: Mapping[str, Mapping[Span, SpanBounds]], span: Span) -> str:
+    """The one line a run under ``map: auto`` with privacy reports: what releasing both kinds costs. The factor is
+    read off the parts themselves (a statistic's noise std in this release over a one-kind release's at the same σ):
+    √2, the span shares being split evenly between the kinds (docs/privacy.md)."""
+    kinds = tuple(bounds)
+    both = {p.name: p for p in kind_span_parts(bounds)}[f"{span_label(kinds[0], span, kinds)}:gram"]
+    one = {p.name: p for p in span_parts(list(bounds[kinds[0]]), bounds[kinds[0]])}[f"{span}:gram"]
+    return (f"map: auto under privacy: both kinds released, noise std x{both.std(1.0) / one.std(1.0):.2f} per statistic "
+            "at the same epsilon")
 
 
 def check_images(images: int, minimum: int, field: str) -> None:
@@ -131,9 +143,10 @@ class Exact:
         return SolverInputs(calibration, kind_groups(released, self.config.map, "holdout"),
                             next(iter(next(iter(calibration.values())).values())).images)
 
-    def holdout_draws(self, released: PerSplit, priors: Mapping[Span, LinearMap], tokens: int) -> dict[Span, list]:
-        """The held-out sums re-noised as they were released (none for exact sums): the report's spread."""
-        return {s: [] for s in next(iter(kind_groups(released, self.config.map, "holdout").values()))}
+    def holdout_draws(self, released: PerSplit, priors: Mapping[Span, LinearMap], tokens: int
+                      ) -> dict[str, dict[Span, list]]:
+        """Each kind's held-out sums re-noised as they were released (none for exact sums): the report's spread."""
+        return {kind: {s: [] for s in per_span} for kind, per_span in kind_groups(released, self.config.map, "holdout").items()}
 
     def probe_stats(self, pooled: dict[str, ProbeStats], sites: int) -> dict[str, ProbeStats]:
         return pooled
@@ -153,7 +166,7 @@ class LocalDP(Exact):
         # block and feature norms bound only the similarity and probe releases: a full forward pass, so only when asked
         self.norms = public_norms(model, public, config.token_mode) if {"similarity", "probe"} & set(releases) else None
         self.sigma = noise_multiplier(self.privacy.epsilon, self.privacy.delta, len(releases), self.privacy.accountant)
-        self.bounds: dict[Span, Any] = {}
+        self.bounds: dict[str, dict[Span, SpanBounds]] = {}  # per kind released (both under map: auto)
         self.statistics: PrivacyRequest | None = None
         self.probe: PrivacyRequest | None = None
         self.parts: list = []  # the statistics release's per-statistic sensitivities, once it is solved
@@ -175,32 +188,46 @@ class LocalDP(Exact):
 
     def statistics_settings(self, model: nn.Module, plan: Plan, priors: Mapping[Span, LinearMap]) -> dict[str, Any]:
         held_out_crops = public_loader(model, self.privacy.public_images, seed=1)  # residual bounds not fitted on
-        self.bounds = public_span_bounds(model, held_out_crops, plan.spans, priors, self.config.token_mode,
-                                         self.privacy.clip_scale, self.config.map)
-        self.statistics = self.request(self.secure, clip_spans={str(s): b.as_tuple() for s, b in self.bounds.items()})
+        self.bounds = {kind: public_span_bounds(model, held_out_crops, plan.spans, priors, self.config.token_mode,
+                                                self.privacy.clip_scale, kind) for kind in collected_kinds(self.config.map)}
+        self.statistics = self.request(self.secure, clip_spans={label: b.as_tuple()
+                                                                for label, b in labelled_bounds(self.bounds).items()})
         return {"plan": str(plan), "privacy": self.statistics.to_json(), "prior-maps": encode_priors(priors)}
 
     def _decode(self, arrays: Any, plan: Plan, dim: int) -> tuple[PerSplit, int]:
-        stats = decode_private_spans(arrays, plan.spans, dim)
-        return stats, int(round(float(stats["calibration"][plan.spans[0]].weight)))
+        stats = decode_private_spans(arrays, plan.spans, dim, self.config.map)
+        return stats, int(round(float(stats[statistics_groups(self.config.map)[0]][plan.spans[0]].weight)))
 
     def solver_inputs(self, released: PerSplit, sites: int, priors: Mapping[Span, LinearMap], tokens: int,
                       spans: Iterable[Span]) -> SolverInputs:
-        """Held-out sums as released, made ordinary sums; calibration sums cleaned (PSD projection, AdaSSP ridge)."""
+        """Held-out sums as released, made ordinary sums; calibration sums cleaned (PSD projection, AdaSSP ridge);
+        for each kind released (both under ``map: auto``, whose choice per span is then post-processing)."""
         spans, privacy, request, sigma = list(spans), self.privacy, self.statistics, self.sigma
         assert request is not None
-        ordinary = {split: {s: to_span_stats(sums, priors[s], tokens) for s, sums in per_span.items()}
-                    for split, per_span in released.items()}
-        self.parts = span_parts(spans, self.bounds)
+        choice = self.config.map
+        kinds = collected_kinds(choice)
+        ordinary = {group: {s: to_span_stats(sums, priors[s], tokens) for s, sums in per_span.items()}
+                    for group, per_span in released.items()}
+        self.parts = kind_span_parts(self.bounds)
         self.spread = math.sqrt(sites / request.noise_sites)  # total noise over σ per release
         by_name = {p.name: p for p in self.parts}
-        count = float(released["calibration"][spans[0]].weight)
-        if ordinary["calibration"][spans[0]].images < 1:  # nothing to solve: say why instead of failing in the solver
+        first = group_name(choice, kinds[0], "calibration")
+        count = float(released[first][spans[0]].weight)
+        if ordinary[first][spans[0]].images < 1:  # nothing to solve: say why instead of failing in the solver
             raise TBAInputError("privacy", f"the released calibration image count is {count:.1f} (noise std "
                                            f"{by_name['weight'].std(sigma) * self.spread:.1f}): the sites' clipped "
                                            "images are too few for this ε", "add images, raise epsilon or clip_scale")
-        gram_std = {s: by_name[f"{s}:gram"].std(sigma) * self.spread for s in spans}
-        calibration, ridges = private_inputs(released["calibration"], priors, gram_std, tokens, bias=self.config.bias)
+        calibration, holdout, lambdas, per_span = {}, {}, {}, {}
+        for kind in kinds:
+            labels = {s: span_label(kind, s, kinds) for s in spans}
+            gram_std = {s: by_name[f"{labels[s]}:gram"].std(sigma) * self.spread for s in spans}
+            calibration[kind], ridges = private_inputs(released[group_name(choice, kind, "calibration")], priors,
+                                                       gram_std, tokens, bias=self.config.bias)
+            holdout[kind] = ordinary[group_name(choice, kind, "holdout")]
+            lambdas[kind] = {s: r.ridge_lambda for s, r in ridges.items()}
+            per_span |= {labels[s]: {"gram_noise_std": gram_std[s], "ridge_lambda": r.ridge_lambda,
+                                     "noise_bound": r.noise_bound, "min_eigenvalue_estimate": r.min_eigenvalue_estimate}
+                         for s, r in ridges.items()}
         summary = {
             "epsilon": privacy.epsilon, "delta": privacy.delta, "accountant": privacy.accountant,
             "adjacency": "add/remove one image",
@@ -210,20 +237,24 @@ class LocalDP(Exact):
             "noise_sites": request.noise_sites, "sites_summed": sites,
             "noise": describe_noise(privacy.seed),
             "clip_spans": {k: list(v) for k, v in request.clip_spans.items()},
-            "spans": {str(s): {"gram_noise_std": gram_std[s], "ridge_lambda": r.ridge_lambda, "noise_bound": r.noise_bound,
-                               "min_eigenvalue_estimate": r.min_eigenvalue_estimate} for s, r in ridges.items()},
+            "spans": per_span,
         }
-        kind = self.config.map  # a private run has one kind (config refuses auto under privacy)
-        return SolverInputs({kind: calibration}, {kind: ordinary["holdout"]}, ordinary["calibration"][spans[0]].images,
-                            {kind: {s: r.ridge_lambda for s, r in ridges.items()}}, summary)
+        if len(kinds) > 1:
+            summary["map_auto"] = auto_cost(self.bounds, spans[0])
+            _logger.info("%s", summary["map_auto"])
+        return SolverInputs(calibration, holdout, ordinary[first][spans[0]].images, lambdas, summary)
 
-    def holdout_draws(self, released: PerSplit, priors: Mapping[Span, LinearMap], tokens: int) -> dict[Span, list]:
-        draws: dict[Span, list[SpanStats]] = {s: [] for s in released["holdout"]}
-        for k in range(NOISE_DRAWS):
-            renoised = noisy_spans({"holdout": released["holdout"]}, self.parts, self.sigma * self.spread,
-                                   NoiseSource(k))["holdout"]
-            for s in draws:
-                draws[s].append(to_span_stats(renoised[s], priors[s], tokens))
+    def holdout_draws(self, released: PerSplit, priors: Mapping[Span, LinearMap], tokens: int
+                      ) -> dict[str, dict[Span, list]]:
+        choice = self.config.map
+        groups = {kind: group_name(choice, kind, "holdout") for kind in collected_kinds(choice)}
+        draws: dict[str, dict[Span, list[SpanStats]]] = {kind: {s: [] for s in released[g]} for kind, g in groups.items()}
+        for k in range(NOISE_DRAWS):  # both kinds' held-out sums re-noised together, as released (one weight)
+            renoised = noisy_spans({g: released[g] for g in groups.values()}, self.parts, self.sigma * self.spread,
+                                   NoiseSource(k))
+            for kind, group in groups.items():
+                for s in draws[kind]:
+                    draws[kind][s].append(to_span_stats(renoised[group][s], priors[s], tokens))
         return draws
 
     def probe_stats(self, pooled: dict[str, ProbeStats], sites: int) -> dict[str, ProbeStats]:
@@ -265,12 +296,12 @@ def secure_statistics_round(grid: Grid, nodes: list[int], config: FederatedRunCo
     """SecAgg+ sum of the sites' noisy span sums (each site adds σ/√noise_sites of the noise); returns the sum
     and how many sites it holds."""
     fed = config.federation
-    ranges = secure_ranges(request, plan.spans, fed.max_images_per_site)
+    ranges = secure_ranges(request, plan.spans, fed.max_images_per_site, config.map)
     settings = {**dict(content.config_records["config"].items()), "max-images": fed.max_images_per_site}
     try:
         # the server must not be able to unmask a sum over fewer sites than the noise is split across
         threshold = max(default_threshold(len(nodes)), request.noise_sites)
-        result = secure_sum(grid, nodes, settings, ranges, private_span_shapes(plan.spans, dim),
+        result = secure_sum(grid, nodes, settings, ranges, private_span_shapes(plan.spans, dim, config.map),
                             timeout=fed.round_timeout, min_sites=fed.min_sites, reconstruction_threshold=threshold,
                             site_names=log.names)
     except Exception as err:  # recorded, then the run stops
@@ -279,10 +310,10 @@ def secure_statistics_round(grid: Grid, nodes: list[int], config: FederatedRunCo
         raise
     if audit is not None:
         audit.secure_round(log.name, log.names, nodes, settings, result)
-    summed = decode_private_spans(result.arrays, plan.spans, dim)
+    summed = decode_private_spans(result.arrays, plan.spans, dim, config.map)
     log.seconds = result.seconds
     log.sites["secure sum"] = {"node_id": -1, "status": "ok",
-                               "images": int(round(float(summed["calibration"][plan.spans[0]].weight))),
+                               "images": int(round(float(summed[statistics_groups(config.map)[0]][plan.spans[0]].weight))),
                                "reason": f"SecAgg+ sum of {result.sites} sites; quantisation error <= "
                                          f"{max(b / ranges[k] for k, b in result.error_bound.items()):.2e} of each range"}
     log.nodes = list(nodes)

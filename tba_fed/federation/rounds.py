@@ -32,7 +32,7 @@ _logger = logging.getLogger(__name__)
 @dataclass
 class RoundLog:
     """One round's outcome per site; `nodes` are the sites whose replies were valid (asked next round);
-    `names` maps node ids to the names sites gave, shared by all rounds of a run."""
+    `names` maps node ids to the sites' names (`Rounds.names`), shared by all rounds of a run."""
 
     name: str
     names: dict[int, str]
@@ -47,7 +47,8 @@ def record_bytes(content: RecordDict) -> int:
 
 
 def _site_name(node_id: int, reply: Message | None, names: dict[int, str]) -> str:
-    """A site's own name once it has sent one (remembered in `names` for later rounds), else its node id."""
+    """A site's own name once it has sent one (remembered in `names` for later rounds), else the name it is
+    registered under, else its node id."""
     if reply is not None and not reply.has_error() and "meta" in reply.content.config_records:
         claimed = str(reply.content.config_records["meta"].get("site", node_id))
         if claimed not in (name for other, name in names.items() if other != node_id):  # a taken name is refused
@@ -137,14 +138,22 @@ def wait_for_nodes(grid: Grid, wanted: int, minimum: int, timeout: float) -> lis
         time.sleep(1.0)
 
 
+def registered_names(grid: Grid, nodes: list[int]) -> dict[int, str]:
+    """The names the SuperLink holds for `nodes` (`tba-fed superlink` registers each site's key under its name in
+    the run YAML), so a round names a site it waits for before that site has replied; none in a simulation. A site's
+    reply may name it otherwise, but never by another site's name (`_site_name`)."""
+    wanted = set(nodes)
+    return {int(node.node_id): str(node.name) for node in grid.get_nodes() if node.node_id in wanted and node.name}
+
+
 class Rounds:
-    """A run's rounds in order: the sites still taking part (those whose last reply was valid), the names they
-    gave (shared by every round) and each round's log, for the report."""
+    """A run's rounds in order: the sites still taking part (those whose last reply was valid), their names
+    (registered at the SuperLink, or given in their replies; shared by every round) and each round's log."""
 
     def __init__(self, grid: Grid, nodes: list[int], *, timeout: float, min_sites: int, audit: ServerAudit) -> None:
         self.grid, self.nodes, self.timeout, self.min_sites, self.audit = grid, nodes, timeout, min_sites, audit
         self.connected = len(nodes)
-        self.names: dict[int, str] = {}
+        self.names = registered_names(grid, nodes)
         self.logs: list[RoundLog] = []
 
     def start(self, name: str) -> RoundLog:

@@ -35,6 +35,8 @@ def privacy_markdown(report: Mapping[str, Any]) -> str:
                   "- the Gram matrices were projected onto the PSD cone; ridge λ from AdaSSP (noise bound minus a "
                   "private estimate of the smallest eigenvalue):", ""]
         lines += [f"  - {s}: λ = {v['ridge_lambda']:.4g} (noise bound {v['noise_bound']:.4g})" for s, v in p["spans"].items()]
+        if "map_auto" in p:
+            lines += ["", f"- {p['map_auto']} (each span's kind then chosen by its noisy held-out error: post-processing)"]
     if "prior_comparison" in report:
         noisy = (" (estimated from the noisy held-out sums; ± is the spread those estimates get from the release's "
                  "own noise, and the calibration columns above come from noisy sums too)") if "privacy" in report else ""
@@ -85,16 +87,18 @@ def federation_markdown(fed: dict[str, Any], profile: str, superlink_checks: lis
     return "\n".join(lines) + "\n"
 
 
-def prior_comparison(inputs: SolverInputs, draws: Mapping[Span, Sequence[SpanStats]], public_maps: Mapping[Span, LinearMap],
-                     identity: Iterable[Span], *, bias: bool, ridge: float, private: bool) -> dict[str, Any]:
+def prior_comparison(inputs: SolverInputs, draws: Mapping[str, Mapping[Span, Sequence[SpanStats]]],
+                     kinds: Mapping[Span, str], public_maps: Mapping[Span, LinearMap], identity: Iterable[Span], *,
+                     bias: bool, ridge: float, private: bool) -> dict[str, Any]:
     """What the sites' data bought: each span's held-out error under each prior, relative to dropping the blocks
-    (and, for a private release, the spread the release's own noise gives each estimate)."""
-    (kind, calibration), = inputs.calibration.items()  # one kind: public priors and privacy refuse map: auto
-    holdout, lambdas = inputs.holdout[kind], (inputs.ridge_lambdas or {}).get(kind)
-    comparison = {s: compare_priors(calibration[s], holdout[s], bias=bias, ridge=ridge, shrink_bias=private,
-                                    ridge_lambda=None if lambdas is None else lambdas[s],
-                                    public=public_maps.get(s), holdout_draws=draws[s])
-                  for s in holdout if s not in set(identity)}
+    (and, for a private release, the spread the release's own noise gives each estimate), on the statistics of the
+    kind each span installs (`kinds`: under ``map: auto``, the kind chosen)."""
+    lambdas = inputs.ridge_lambdas or {}
+    comparison = {s: compare_priors(inputs.calibration[kind][s], inputs.holdout[kind][s], bias=bias, ridge=ridge,
+                                    shrink_bias=private,
+                                    ridge_lambda=lambdas[kind][s] if kind in lambdas else None,
+                                    public=public_maps.get(s), holdout_draws=draws[kind][s])
+                  for s, kind in sorted(kinds.items()) if s not in set(identity)}
     out: dict[str, Any] = {"prior_comparison": {str(s): c[0] for s, c in comparison.items()}}
     if private:
         out["prior_comparison_std"] = {str(s): c[1] for s, c in comparison.items()}

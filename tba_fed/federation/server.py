@@ -56,7 +56,7 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
     rounds = Rounds(grid, wait_for_nodes(grid, fed.num_sites, fed.min_sites, fed.round_timeout),
                     timeout=fed.round_timeout, min_sites=fed.min_sites, audit=audit)
     _logger.info("federation: %d sites connected", rounds.connected)
-    prior_kind = config.prior or ("public" if config.privacy is not None else "zero")
+    prior_kind = config.prior_kind
     public = public_loader(model, config.privacy.public_images if config.privacy else 336) \
         if config.privacy or prior_kind == "public" else None
     release = release_for(config, model, public)
@@ -83,7 +83,9 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
                            metric=config.budget.metric, bias=config.bias, map_kind=config.map)
         _logger.info("plan chosen from %d sites' similarity: %s", len(replies), plan)
 
-    public_maps = public_prior_maps(model, public, plan.spans, config.token_mode, config.bias, config.map) if public else {}
+    # public prior maps are fitted for one map kind: a map: auto run (prior identity or zero) compares without them
+    public_maps = public_prior_maps(model, public, plan.spans, config.token_mode, config.bias, config.map) \
+        if public and config.map != "auto" else {}
     priors = ({s: LinearMap(torch.eye(dim, dtype=torch.float64), None) for s in plan.spans} if prior_kind == "identity"
               else public_maps if prior_kind == "public"
               else {s: LinearMap(torch.zeros(dim, dim, dtype=torch.float64), None) for s in plan.spans})
@@ -108,7 +110,8 @@ def run_server(grid: Grid, config: FederatedRunConfig, superlink_checks: list[st
     if inputs.privacy is not None:
         report["privacy"] = inputs.privacy
     if (release.private or public_maps) and inputs.holdout_images > 0:
-        report |= prior_comparison(inputs, release.holdout_draws(released, priors, tokens), public_maps, identity,
+        report |= prior_comparison(inputs, release.holdout_draws(released, priors, tokens),
+                                   {s: fit.map.kind for s, fit in fits.items()}, public_maps, identity,
                                    bias=config.bias, ridge=config.ridge, private=release.private)
 
     expected = maps_checksum(maps)

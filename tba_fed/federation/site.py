@@ -28,24 +28,24 @@ from ..partition import partition
 from ..plan import Plan, Span, parse_plan
 from ..privacy.policy import RELEASES, PolicyRefusal, PrivacyRequest, SecureRound, SitePolicy, check_request
 from ..privacy.clipped import ClippedSpanSums
-from ..privacy.passes import collect_clipped_probe_stats, collect_clipped_similarity, collect_clipped_span_sums
+from ..privacy.passes import collect_clipped_kind_sums, collect_clipped_probe_stats, collect_clipped_similarity
 from ..privacy.ranges import clamp
 from ..privacy.release import noisy_counts, noisy_probe, noisy_similarity, noisy_spans
-from ..privacy.sensitivity import accuracy_parts, probe_parts, similarity_parts, span_parts
+from ..privacy.sensitivity import accuracy_parts, kind_span_parts, probe_parts, similarity_parts
 from ..privacy.site_state import open_state
 from ..probe import ProbeHead, accuracy, collect_probe_stats
 from ..selection import Records, development_key, split_indices
 from ..solver import LinearMap
 from ..stats import SpanStats
-from .config import AUTO_UNDER_DP, SiteConfig
+from .config import SiteConfig
 from .envelope import echo
 from .records import from_record, to_record
 from .secure_aggregation import secure_round
 from .site_admission import admitted_model, check_run_profile
 from .site_context import SiteContext
 from .site_privacy import RunSpec, open_release
-from .wire import (MODELS, Arrays, decode_heads, decode_maps, decode_priors, encode_probe, encode_similarity, statistics_groups,
-                   encode_spans, secure_ranges)
+from .wire import (MODELS, Arrays, decode_heads, decode_maps, decode_priors, encode_probe, encode_similarity, encode_spans,
+                   group_name, secure_ranges, statistics_groups)
 
 _logger = logging.getLogger(__name__)
 
@@ -179,34 +179,34 @@ def statistics_reply(model: nn.Module, site: Site, plan: Plan, token_mode: str, 
                      priors: Mapping[Span, LinearMap] | None = None, secure: SecureRound | None = None,
                      map_kind: str = "linear") -> Arrays:
     """Exact span sums, or (private run) noisy weighted residual-form sums around the run's priors, of the
-    (input, target) pairs of the run's `map_kind` (`ViTAdapter.span_pairs`): the same statistics either way.
+    (input, target) pairs of the run's `map_kind` (`ViTAdapter.span_pairs`): the same statistics either way, and
+    under ``map: auto`` both kinds' from one pass, in one release (private: one weight per image over both kinds'
+    bounds, the shares split evenly between the kinds by the site itself, `kind_span_parts`).
     `secure`: the SecAgg+ round this reply goes into (None: a plain reply, which carries the full noise)."""
     adapter = ViTAdapter(model)
     request = run.privacy
-    if request is not None and map_kind == "auto":
-        raise TBAInputError("map", AUTO_UNDER_DP, "set map: linear or folded for a private run")
-    bounds = request.span_bounds(plan.spans) if request is not None else None
+    kinds = collected_kinds(map_kind)
+    # the site derives every sensitivity and share itself, from the request's bounds of each kind it releases
+    bounds = request.kind_bounds(plan.spans, kinds) if request is not None else None
     if request is not None and (priors is None or set(priors) != set(plan.spans)):
         raise TBAInputError("prior", "a private statistics release needs the run's prior map for every span")
-    parts = span_parts(plan.spans, bounds) if bounds is not None else None
+    parts = kind_span_parts(bounds) if bounds is not None else None
     summaries = site.images("calibration", "held-out")
     with open_release(site.policy, run, "statistics", summaries, site_name=site.name, parts=parts, secure=secure) as release:
         if release.stored is not None:
             return release.stored
         per_split = {}
-        kinds = collected_kinds(map_kind)
         for split, loader in (("calibration", site.calibration), ("holdout", site.holdout)):
             if loader is None:
-                per_split |= {group: {s: (SpanStats if request is None else ClippedSpanSums).zeros(adapter.embed_dim)
-                                      for s in plan.spans} for group in statistics_groups(map_kind)
-                              if group.endswith(split)}
-            elif request is None:  # every kind collected from the same pass (map: auto collects both)
-                by_kind = collect_kind_stats(adapter, loader, plan.spans, kinds, token_mode=token_mode, device=site.device)
-                per_split |= {(split if map_kind != "auto" else f"{kind}/{split}"): stats for kind, stats in by_kind.items()}
-            else:
-                per_split[split] = collect_clipped_span_sums(adapter, loader, plan.spans, token_mode=token_mode,
-                                                             bounds=bounds, priors=priors, device=site.device,
-                                                             map_kind=map_kind)
+                per_split |= {group_name(map_kind, kind, split): {
+                    s: (SpanStats if request is None else ClippedSpanSums).zeros(adapter.embed_dim) for s in plan.spans}
+                    for kind in kinds}
+                continue
+            # every kind collected from the same pass (map: auto collects both)
+            by_kind = collect_kind_stats(adapter, loader, plan.spans, kinds, token_mode=token_mode, device=site.device) \
+                if request is None else collect_clipped_kind_sums(adapter, loader, plan.spans, token_mode=token_mode,
+                                                                  bounds=bounds, priors=priors, device=site.device)
+            per_split |= {group_name(map_kind, kind, split): sums for kind, sums in by_kind.items()}
         first = per_split[statistics_groups(map_kind)[0]][plan.spans[0]]
         grant = release.grant
         if grant is None:
@@ -240,7 +240,7 @@ def secure_statistics(config: Mapping[str, Any], context: Any, site_context: Sit
                                                               f"range allows ({max_images})", "raise max_images_per_site")
     priors = decode_priors(str(config.get("prior-maps", "")), plan.spans, adapter.embed_dim)
     arrays = statistics_reply(model, site, plan, str(config["token-mode"]), run, priors, secure, map_kind(config))
-    ranges = secure_ranges(request, plan.spans, max_images)
+    ranges = secure_ranges(request, plan.spans, max_images, map_kind(config))
     return clamp(arrays, ranges), ranges
 
 

@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapter import MAP_KINDS, collected_kinds
+from ..adapter import collected_kinds
 from ..checkpoint import decode_maps, map_tensors
 from ..errors import TBAInputError
 from ..plan import Span
 from ..privacy.clipped import ClippedSpanSums
 from ..privacy.policy import PrivacyRequest
 from ..privacy.ranges import statistics_ranges
+from ..privacy.sensitivity import span_label
 from ..probe import ProbeHead, ProbeStats
 from ..solver import LinearMap
 from ..stats import SimilarityStats, SpanStats, check_arrays, check_counts
@@ -35,15 +36,17 @@ SPLITS = ("calibration", "holdout")
 def statistics_groups(map_choice: str) -> tuple[str, ...]:
     """The groups of span sums a statistics reply holds: one per split, and under ``map: auto`` one per split of
     each kind (``linear/calibration``, ``folded/holdout``, ...): sums like any other, so they merge and travel alike."""
-    if map_choice != "auto":
-        return SPLITS
-    return tuple(f"{kind}/{split}" for kind in MAP_KINDS for split in SPLITS)
+    return tuple(group_name(map_choice, kind, split) for kind in collected_kinds(map_choice) for split in SPLITS)
+
+
+def group_name(map_choice: str, kind: str, split: str) -> str:
+    """The group holding one kind's sums of one split: the split alone, or ``kind/split`` under ``map: auto``."""
+    return split if map_choice != "auto" else f"{kind}/{split}"
 
 
 def kind_groups(per_group: Mapping[str, Mapping[Span, Any]], map_choice: str, split: str) -> dict[str, dict[Span, Any]]:
     """One split's sums per kind collected (`collected_kinds`), from a reply's groups (`statistics_groups`)."""
-    return {kind: dict(per_group[split if map_choice != "auto" else f"{kind}/{split}"])
-            for kind in collected_kinds(map_choice)}
+    return {kind: dict(per_group[group_name(map_choice, kind, split)]) for kind in collected_kinds(map_choice)}
 
 
 def pack_symmetric(matrix: np.ndarray) -> np.ndarray:
@@ -159,15 +162,20 @@ def encode_spans(per_split: Mapping[str, Mapping[Span, SpanStats | ClippedSpanSu
     return schema.encode({prefix: acc.to_arrays() for prefix, acc in groups.items()})
 
 
-def private_span_shapes(spans: Iterable[Span], dim: int) -> dict[str, tuple[int, ...]]:
-    """What a private statistics release holds (the shapes a SecAgg+ sum of it is read back with)."""
-    return PRIVATE_SPAN.shapes(_span_prefixes(spans), dim=dim)
+def private_span_shapes(spans: Iterable[Span], dim: int, map_choice: str = "linear") -> dict[str, tuple[int, ...]]:
+    """What a private statistics release of the run's `map_choice` holds (the shapes a SecAgg+ sum of it is read
+    back with)."""
+    return PRIVATE_SPAN.shapes(_span_prefixes(spans, statistics_groups(map_choice)), dim=dim)
 
 
-def secure_ranges(request: PrivacyRequest, spans: Iterable[Span], max_images: int) -> dict[str, float]:
-    """The SecAgg+ range of every array of a private statistics release (`privacy.ranges`, per statistic)."""
-    ranges = statistics_ranges(request, list(spans), max_images)
-    return PRIVATE_SPAN.keyed({f"{split}/{span.key}/": ranges[span] for split in SPLITS for span in ranges})
+def secure_ranges(request: PrivacyRequest, spans: Iterable[Span], max_images: int, map_choice: str = "linear"
+                  ) -> dict[str, float]:
+    """The SecAgg+ range of every array of a private statistics release of the run's `map_choice` (`privacy.ranges`,
+    per statistic of each kind, from that kind's bounds)."""
+    spans, kinds = list(spans), collected_kinds(map_choice)
+    ranges = statistics_ranges(request, spans, max_images, kinds)
+    return PRIVATE_SPAN.keyed({f"{group_name(map_choice, kind, split)}/{span.key}/": ranges[span_label(kind, span, kinds)]
+                               for kind in kinds for split in SPLITS for span in spans})
 
 
 def decode_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int, *,
@@ -181,13 +189,13 @@ def decode_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: i
     return {name: {span: SpanStats(**groups[f"{name}/{span.key}/"]) for span in spans} for name in names}
 
 
-def decode_private_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int
+def decode_private_spans(arrays: Mapping[str, np.ndarray], spans: Iterable[Span], dim: int, map_choice: str = "linear"
                          ) -> dict[str, dict[Span, ClippedSpanSums]]:
-    """A private release, checked by its schema (noise makes the Gram indefinite and the weight fractional, so
-    neither PSD nor integrality is checked here)."""
-    spans = list(spans)
-    groups = PRIVATE_SPAN.decode(arrays, _span_prefixes(spans), dim=dim)
-    return {split: {span: ClippedSpanSums(**groups[f"{split}/{span.key}/"]) for span in spans} for split in SPLITS}
+    """A private release of the run's `map_choice` (`statistics_groups`), checked by its schema (noise makes the Gram
+    indefinite and the weight fractional, so neither PSD nor integrality is checked here)."""
+    spans, names = list(spans), statistics_groups(map_choice)
+    groups = PRIVATE_SPAN.decode(arrays, _span_prefixes(spans, names), dim=dim)
+    return {name: {span: ClippedSpanSums(**groups[f"{name}/{span.key}/"]) for span in spans} for name in names}
 
 
 MODELS = ("original", "compressed")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..adapter import ViTAdapter
-from ..calibrate import collect_similarity, span_pairs
+from ..calibrate import collect_similarity, kind_span_pairs
 from ..errors import TBAInputError
 from ..plan import Span
 from ..probe import ProbeStats, collect_probe_stats
@@ -42,14 +42,30 @@ def collect_clipped_probe_stats(model: nn.Module, batches: Iterable, num_classes
 def collect_clipped_span_sums(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str,
                               bounds: Mapping[Span, SpanBounds], priors: Mapping[Span, LinearMap],
                               device: str | torch.device = "cpu", map_kind: str = "linear") -> dict[Span, ClippedSpanSums]:
-    """The span pass for a private release: weighted residual-form sums of every span's (input, target) pair
-    (`clipped`), one weight per image for all spans; a folded span's pair is (m_s, x_e − h_s), with bounds set on
-    the same pairs."""
-    sums = {span: ClippedSpanSums.zeros(adapter.embed_dim) for span in spans}
+    """`collect_clipped_kind_sums` of one map kind."""
+    return collect_clipped_kind_sums(adapter, batches, spans, token_mode=token_mode, bounds={map_kind: bounds},
+                                     priors=priors, device=device)[map_kind]
+
+
+def collect_clipped_kind_sums(adapter: ViTAdapter, batches: Iterable, spans: Sequence[Span], *, token_mode: str,
+                              bounds: Mapping[str, Mapping[Span, SpanBounds]], priors: Mapping[Span, LinearMap],
+                              device: str | torch.device = "cpu") -> dict[str, dict[Span, ClippedSpanSums]]:
+    """The span pass for a private release of each map kind in `bounds` (kind -> span -> bounds; ``map: auto``
+    releases both) from one forward per batch: weighted residual-form sums of every span's (input, target) pair
+    of each kind (`clipped`; a folded span's pair is (m_s, x_e − h_s)), with ONE weight per image over every
+    statistic of every span of every kind, so the release's one count is every group's exact weight sum and each
+    statistic stays within its kind's bound. `priors` are per span: the identity and zero priors mean the same
+    for both kinds (public priors are fitted for one kind and are refused under ``map: auto``)."""
+    kinds = tuple(bounds)
+    sums = {kind: {span: ClippedSpanSums.zeros(adapter.embed_dim) for span in spans} for kind in kinds}
+    keyed_priors = {(kind, span): priors[span] for kind in kinds for span in spans}
+    keyed_bounds = {(kind, span): bounds[kind][span] for kind in kinds for span in spans}
     with torch.inference_mode():
-        for pairs in span_pairs(adapter, batches, spans, token_mode, device, map_kind):
-            pairs = {span: (x.cpu().to(torch.float64), y.cpu().to(torch.float64)) for span, (x, y) in pairs.items()}
-            weights = release_weights(pairs, priors, bounds)
-            for span, acc in sums.items():
-                acc.update(*pairs[span], priors[span], weights)
+        for pairs in kind_span_pairs(adapter, batches, spans, token_mode, device, kinds):
+            pairs = {(kind, span): (x.cpu().to(torch.float64), y.cpu().to(torch.float64))
+                     for kind, per_span in pairs.items() for span, (x, y) in per_span.items()}
+            weights = release_weights(pairs, keyed_priors, keyed_bounds)
+            for kind, per_span in sums.items():
+                for span, acc in per_span.items():
+                    acc.update(*pairs[kind, span], priors[span], weights)
     return sums

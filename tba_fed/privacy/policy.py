@@ -22,6 +22,7 @@ from ..errors import SiteRefusal, TBAInputError
 from ..plan import Span
 from .accounting import MAX_RUN_EPSILON, noise_multiplier
 from .clipped import SpanBounds
+from .sensitivity import span_label
 
 RELEASES = ("similarity", "statistics", "probe", "accuracy")
 Release = Literal["similarity", "statistics", "probe", "accuracy"]
@@ -43,7 +44,8 @@ class PrivacyRequest(_Section):
     noise_sites: int = Field(1, ge=1, description="secure aggregation: sites whose noise shares add up to σ")
     seed: int | None = Field(None, description="seeded noise for tests and simulations; None draws from the CSPRNG")
     clip_spans: dict[str, tuple[float, float, float, float, float]] = Field(
-        default_factory=dict, description="span -> per-image bounds of ‖XᵀX‖, ‖XᵀR‖, ‖Σx‖, ‖Σr‖, ‖R‖² (clipped.SpanBounds)")
+        default_factory=dict, description="span (kind/span under map: auto) -> per-image bounds of ‖XᵀX‖, ‖XᵀR‖, ‖Σx‖, ‖Σr‖, "
+                                    "‖R‖² (clipped.SpanBounds)")
     clip_blocks: tuple[float, ...] = ()
     clip_features: float | None = None
 
@@ -74,11 +76,15 @@ class PrivacyRequest(_Section):
         """The share one site adds: σ, or σ/√noise_sites when secure aggregation splits the noise."""
         return self.noise_multiplier() / math.sqrt(self.noise_sites)
 
-    def span_bounds(self, spans: Sequence[Span]) -> dict[Span, SpanBounds]:
-        """Per-image bounds of each span's statistics; a span without bounds is an error."""
-        if missing := [str(s) for s in spans if str(s) not in self.clip_spans]:
-            raise TBAInputError("privacy.clip_spans", f"no clipping bounds for {', '.join(missing)}")
-        return {span: SpanBounds(*self.clip_spans[str(span)]) for span in spans}
+    def kind_bounds(self, spans: Sequence[Span], kinds: Sequence[str]) -> dict[str, dict[Span, SpanBounds]]:
+        """Per-image bounds of each span's statistics of each map kind released (``clip_spans`` names them by
+        `span_label`: ``kind/span`` when both kinds are released); a span of a kind without bounds is an error."""
+        labels = {(kind, span): span_label(kind, span, kinds) for kind in kinds for span in spans}
+        if missing := [label for label in labels.values() if label not in self.clip_spans]:  # nothing unbounded is released
+            _refuse("privacy.clip_spans", f"no clipping bounds for {', '.join(missing)}",
+                    "a release of both map kinds (map: auto) needs bounds for each: 'linear/s->e' and 'folded/s->e'"
+                    if len(kinds) > 1 else None)
+        return {kind: {span: SpanBounds(*self.clip_spans[labels[kind, span]]) for span in spans} for kind in kinds}
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -18,17 +18,17 @@ import numpy as np
 from ..plan import Span
 from .clipped import SpanBounds
 from .policy import PrivacyRequest
-from .sensitivity import SPAN_SHARES, Part, span_parts
+from .sensitivity import SPAN_SHARES, Part, labelled_bounds, span_parts
 
 NOISE_MARGIN = 8.0
 
 
-def span_ranges(spans: Sequence[Span], bounds: Mapping[Span, SpanBounds], max_images: int, parts: Sequence[Part],
-                site_sigma: float) -> dict[Span, dict[str, float]]:
-    """Range of each statistic of each span's noisy sums (the same in both splits), for one site's release;
-    the statistics are those `span_parts` gives a sensitivity, so the two cannot drift apart."""
+def span_ranges(spans: Sequence[Span | str], bounds: Mapping[Span | str, SpanBounds], max_images: int,
+                parts: Sequence[Part], site_sigma: float) -> dict[Span | str, dict[str, float]]:
+    """Range of each statistic of each span's (or `span_label`'s) noisy sums (the same in both splits), for one
+    site's release; the statistics are those `span_parts` gives a sensitivity, so the two cannot drift apart."""
     std = {p.name: p.std(site_sigma) for p in parts}
-    out: dict[Span, dict[str, float]] = {}
+    out: dict[Span | str, dict[str, float]] = {}
     for span in spans:
         limits = {name: (getattr(bounds[span], name), std[f"{span}:{name}"]) for name in SPAN_SHARES}
         limits["weight"] = (1.0, std["weight"])  # the weighted image count: each weight at most 1
@@ -36,10 +36,12 @@ def span_ranges(spans: Sequence[Span], bounds: Mapping[Span, SpanBounds], max_im
     return out
 
 
-def statistics_ranges(request: PrivacyRequest, spans: Sequence[Span], max_images: int) -> dict[Span, dict[str, float]]:
-    """The ranges of a secure statistics release: what the server expects and each site enforces."""
-    bounds = request.span_bounds(spans)
-    return span_ranges(spans, bounds, max_images, span_parts(spans, bounds), request.site_noise_multiplier())
+def statistics_ranges(request: PrivacyRequest, spans: Sequence[Span], max_images: int, kinds: Sequence[str]
+                      ) -> dict[Span | str, dict[str, float]]:
+    """The ranges of a secure statistics release of `kinds`, by `span_label`: what the server expects and each
+    site enforces."""
+    bounds = labelled_bounds(request.kind_bounds(spans, kinds))
+    return span_ranges(list(bounds), bounds, max_images, span_parts(list(bounds), bounds), request.site_noise_multiplier())
 
 
 def clamp(arrays: Mapping[str, np.ndarray], ranges: Mapping[str, float]) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """Add the Gaussian mechanism's noise to clipped sums: what a site sends instead of exact sums.
 
-Span sums are noised in their weighted residual form (`clipped`), symmetric noise on Gram matrices;
+Span sums are noised in their weighted residual form (`clipped`; under ``map: auto`` both kinds' in one release),
+symmetric noise on Gram matrices;
 counts are noised, rounded and clamped at zero (post-processing). Noise stds come from `sensitivity`
 parts, so the whole release is one Gaussian mechanism with noise multiplier σ.
 """
@@ -38,15 +39,22 @@ def _count(noise: NoiseSource, count: int, std: float) -> int:
 
 def noisy_spans(per_split: Mapping[str, Mapping[Span, ClippedSpanSums]], parts: Sequence[Part], sigma: float,
                 noise: NoiseSource) -> dict[str, dict[Span, ClippedSpanSums]]:
-    """Noisy weighted residual-form sums for each split (calibration and held-out images are disjoint)."""
+    """Noisy weighted residual-form sums for each group: a split (calibration and held-out images are disjoint),
+    or ``kind/split`` when the release carries both map kinds (`sensitivity.span_label` names its parts). The
+    weight sum is one statistic per split, noised once and shared by every span of both kinds (the same images,
+    the same weights): a second draw would release the count twice."""
     std = _stds(parts, sigma)
     released: dict[str, dict[Span, ClippedSpanSums]] = {}
-    for split, spans in per_split.items():
-        weight = _noisy(noise, next(iter(spans.values())).weight, std["weight"])
-        released[split] = {}
+    weights: dict[str, torch.Tensor] = {}
+    for group, spans in per_split.items():
+        kind, _, split = group.rpartition("/")
+        if split not in weights:
+            weights[split] = _noisy(noise, next(iter(spans.values())).weight, std["weight"])
+        weight = weights[split]
+        released[group] = {}
         for span, s in spans.items():
-            key = str(span)
-            released[split][span] = ClippedSpanSums(
+            key = f"{kind}/{span}" if kind else str(span)
+            released[group][span] = ClippedSpanSums(
                 gram=_noisy_gram(noise, s.gram, std[f"{key}:gram"]),
                 cross_residual=_noisy(noise, s.cross_residual, std[f"{key}:cross_residual"]),
                 sum_x=_noisy(noise, s.sum_x, std[f"{key}:sum_x"]), sum_r=_noisy(noise, s.sum_r, std[f"{key}:sum_r"]),

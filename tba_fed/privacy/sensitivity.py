@@ -61,14 +61,33 @@ SPAN_SHARES = {"gram": 0.45, "cross_residual": 0.45, "sum_x": 0.025, "sum_r": 0.
 IMAGES_SHARE = 0.025  # the (weighted) image count, released once for all spans (shares sum to 1)
 
 
-def span_parts(spans: Sequence[Span], bounds: Mapping[Span, SpanBounds]) -> list[Part]:
-    """Parts of one statistics release over `spans`: each statistic's sensitivity is its per-image
-    bound (`clipped.image_weights` enforces it); each span gets an equal share of what the count leaves."""
+def span_label(kind: str, span: Span, kinds: Sequence[str]) -> str:
+    """A span's name in a statistics release (its parts, its bounds in ``clip_spans``, its noise): the span alone
+    when the release carries one map kind, ``kind/span`` when it carries both (``map: auto``)."""
+    return str(span) if len(kinds) == 1 else f"{kind}/{span}"
+
+
+def labelled_bounds(bounds: Mapping[str, Mapping[Span, SpanBounds]]) -> dict[str, SpanBounds]:
+    """Each kind's span bounds (kind -> span -> bounds) keyed by their `span_label`."""
+    return {span_label(kind, span, tuple(bounds)): b for kind, per_span in bounds.items() for span, b in per_span.items()}
+
+
+def span_parts(spans: Sequence[Span | str], bounds: Mapping[Span | str, SpanBounds]) -> list[Part]:
+    """Parts of one statistics release over `spans` (or `span_label`s): each statistic's sensitivity is its
+    per-image bound (`clipped.image_weights` enforces it); each gets an equal share of what the count leaves."""
     parts = [Part("weight", 1.0, IMAGES_SHARE)]
     for span in spans:
         parts += [Part(f"{span}:{k}", getattr(bounds[span], k), SPAN_SHARES[k] / len(spans)) for k in SPAN_SHARES]
     check_shares(parts)
     return parts
+
+
+def kind_span_parts(bounds: Mapping[str, Mapping[Span, SpanBounds]]) -> list[Part]:
+    """Parts of a statistics release of each kind in `bounds` (kind -> span -> bounds), one Gaussian mechanism:
+    under ``map: auto`` the span shares split evenly over both kinds' spans, so at the same σ (the same ε) every
+    statistic's noise std is √2 times a one-kind release's (docs/privacy.md)."""
+    labelled = labelled_bounds(bounds)
+    return span_parts(list(labelled), labelled)
 
 
 SIMILARITY_SHARES = {"sq_dist": 0.3, "sq_norm": 0.1, "cos_sum": 0.25, "angle_sum": 0.25, "images": 0.1}
