@@ -20,5 +20,7 @@ test: SETUP_FLAGS := --browser
 test: lint
 	$(VENV)/bin/python -m pytest -q
 
+# Two pytest-xdist workers (tests/conftest.py gives each its share of torch's threads); `make test` stays serial:
+# its Flower processes are heavy.
 test-fast: lint
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(VENV)/bin/python -m pytest -q -m "not slow" -n 2

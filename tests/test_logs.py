@@ -21,21 +21,6 @@ from tba_fed.logs import VERBOSE_ENV, configure, verbose_env
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 
 
-@pytest.fixture(autouse=True)
-def restored_logging():
-    """Every test here reconfigures the process's logging: put it back afterwards."""
-    loggers = {name: logging.getLogger(name) for name in ("", "tba_fed", "flwr")}
-    saved = {name: (list(lg.handlers), lg.level, lg.propagate) for name, lg in loggers.items()}
-    with warnings.catch_warnings():
-        yield
-    logging.captureWarnings(False)
-    for name, (handlers, level, propagate) in saved.items():
-        logger = loggers[name]
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-        logger.propagate = propagate
-
-
 def _printing(name: str = "") -> list[logging.Handler]:
     """The handlers of logger `name` that print (pytest's own capture handlers aside)."""
     return [h for h in logging.getLogger(name).handlers if not type(h).__module__.startswith("_pytest")]
