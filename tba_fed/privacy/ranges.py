@@ -18,7 +18,7 @@ import numpy as np
 from ..plan import Span
 from .clipped import SpanBounds
 from .policy import PrivacyRequest
-from .sensitivity import SPAN_SHARES, Part, labelled_bounds, span_parts
+from .sensitivity import SPAN_SHARES, Part, kind_span_parts, labelled_bounds
 
 NOISE_MARGIN = 8.0
 
@@ -40,8 +40,9 @@ def statistics_ranges(request: PrivacyRequest, spans: Sequence[Span], max_images
                       ) -> dict[Span | str, dict[str, float]]:
     """The ranges of a secure statistics release of `kinds`, by `span_label`: what the server expects and each
     site enforces."""
-    bounds = labelled_bounds(request.kind_bounds(spans, kinds))
-    return span_ranges(list(bounds), bounds, max_images, span_parts(list(bounds), bounds), request.site_noise_multiplier())
+    bounds = request.kind_bounds(spans, kinds)
+    labelled = labelled_bounds(bounds)
+    return span_ranges(list(labelled), labelled, max_images, kind_span_parts(bounds), request.site_noise_multiplier())
 
 
 def clamp(arrays: Mapping[str, np.ndarray], ranges: Mapping[str, float]) -> dict[str, np.ndarray]:
