@@ -32,6 +32,7 @@ class RestartingSites(AnsweringGrid):
         super().__init__()
         self.offline, self.down = set(offline), down
         self.asked: dict[int, list[Message]] = {11: [], 12: [], 13: []}
+        self.activated = dict.fromkeys(self.asked, "2026-01-01T00:00:00+00:00")  # online before the round
 
     def get_node_ids(self) -> list[int]:
         self.down -= 1
@@ -84,6 +85,7 @@ class RestartedBetweenPolls(AnsweringGrid):
     def __init__(self) -> None:
         super().__init__()
         self.asked: dict[int, list[Message]] = {11: [], 12: [], 13: []}
+        self.activated = dict.fromkeys(self.asked, "2026-01-01T00:00:00+00:00")  # online before the round
 
     def answer(self, messages):
         replies = []
@@ -227,3 +229,85 @@ def test_a_reply_is_taken_as_soon_as_it_arrives_and_one_after_the_deadline_is_no
                 for node, _ in replies_as_they_arrive(LateSite(delay=0.3), _messages([11, 12]), timeout=5)]
     assert [node for node, _ in arrivals] == [11, 12] and arrivals[0][1] < 0.1 and 0.3 <= arrivals[1][1] < 0.5
     assert dict(replies_as_they_arrive(LateSite(delay=1.0), _messages([11, 12]), timeout=0.3)).keys() == {11}
+
+
+class HalfUploaded(AnsweringGrid):
+    """Node 12's SuperNode stops while uploading its reply to its first message: the SuperLink holds the pull of
+    that message until the upload's push session expires (`upload_seconds` here, 180 s in Flower), then
+    answers it with MESSAGE_UNAVAILABLE. `restarts`: the SuperNode comes back at once (a new activation time);
+    else it stays connected. Node 12 answers its later messages; 11 and 13 answer at once."""
+
+    def __init__(self, restarts: bool, upload_seconds: float) -> None:
+        super().__init__()
+        self.restarts, self.upload_seconds = restarts, upload_seconds
+        self.asked: dict[int, list[Message]] = {11: [], 12: [], 13: []}
+        self.activated = dict.fromkeys(self.asked, "2026-01-01T00:00:00+00:00")
+        self.half: set[str] = set()
+        self.pulled_half = 0
+
+    def answer(self, messages):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.asked[node].append(msg)
+            if node == 12 and len(self.asked[12]) == 1:
+                self.half.add(msg.metadata.message_id)
+                if self.restarts:
+                    self.activated[12] = "2026-01-01T00:00:07+00:00"
+                continue
+            replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
+                                           content=msg.content))
+        return replies
+
+    def pull_messages(self, message_ids):
+        message_ids = list(message_ids)
+        for message_id in set(message_ids) & self.half:
+            self.pulled_half += 1
+            time.sleep(self.upload_seconds)  # Flower's pull_objects, retrying the parts that never come
+            self.half.discard(message_id)
+            self._waiting[message_id] = [SimpleNamespace(
+                metadata=SimpleNamespace(src_node_id=SUPERLINK, reply_to_message_id=message_id), has_error=lambda: True,
+                error=SimpleNamespace(code=ErrorCode.MESSAGE_UNAVAILABLE, reason="Reply message objects are unavailable"))]
+        return super().pull_messages(message_ids)
+
+
+def test_a_site_restarted_with_its_reply_half_uploaded_is_asked_again_without_pulling_the_half_reply():
+    """The CI failure of stop 22: hospital-c was stopped while sending its statistics and started again; the
+    server pulled the half-uploaded reply first, the pull outlasted round_timeout and the run ended with "the
+    SuperLink did not answer (pull_messages)" although the SuperLink was up."""
+    grid = HalfUploaded(restarts=True, upload_seconds=30)
+    start = time.monotonic()
+    replies = dict(replies_as_they_arrive(BoundedGrid(grid, patience=1.0), _messages([11, 12, 13]), timeout=5))
+    assert time.monotonic() - start < 2 and grid.pulled_half == 0
+    assert sorted(replies) == [11, 12, 13] and not any(r.has_error() for rs in replies.values() for r in rs)
+    assert [len(grid.asked[n]) for n in (11, 12, 13)] == [1, 2, 1]
+
+
+def test_a_pull_that_waits_for_an_upload_past_patience_goes_on_while_the_superlink_answers(caplog):
+    grid = HalfUploaded(restarts=False, upload_seconds=2.5)
+    start = time.monotonic()
+    with caplog.at_level("INFO", logger=delivery.__name__):
+        replies = dict(replies_as_they_arrive(BoundedGrid(grid, patience=1.0), _messages([11, 12, 13]), timeout=10))
+    # the reply lost in upload is asked for again, like one lost to a site that went offline
+    assert 2.5 <= time.monotonic() - start < 5 and grid.pulled_half == 1
+    assert sorted(replies) == [11, 12, 13] and not any(r.has_error() for rs in replies.values() for r in rs)
+    assert [len(grid.asked[n]) for n in (11, 12, 13)] == [1, 2, 1]
+    waits = [r.getMessage() for r in caplog.records if "still receiving" in r.getMessage()]
+    assert len(waits) == 2 and waits[0].startswith("pull_messages: still receiving after 1 s; the SuperLink answers")
+
+
+class PullHangs(SuperLinkGone):
+    """The SuperLink gone while a pull is under way: the pull and every later call retry without limit."""
+
+    def pull_messages(self, message_ids):
+        self.never.wait()
+
+    def get_nodes(self):
+        self.never.wait()
+
+
+def test_a_pull_waiting_for_a_superlink_that_is_gone_still_ends_the_run():
+    start = time.monotonic()
+    with pytest.raises(FederationError, match=r"^the SuperLink did not answer \(get_nodes\) within 1 s: it is down"):
+        BoundedGrid(PullHangs(), patience=1.0).pull_messages(["m"])
+    assert 2 <= time.monotonic() - start < 4  # its patience for the pull, then for the SuperLink's answer

@@ -15,6 +15,12 @@ Two things Flower 1.41 leaves to the app (measured on loopback: docs/deployment.
   ``NodeInfo.last_activated_at`` (from ``Grid.get_nodes``; it changes only when a node comes online). A site's
   privacy ledger makes the repeat idempotent: a release it produced is re-sent as stored, one granted but never
   produced is produced once; nothing is noised or spent twice.
+* A pull waits for a reply's parts to finish uploading, and a SuperNode that stops mid-upload leaves its reply
+  half there: Flower's SuperLink releases it, as a ``MESSAGE_UNAVAILABLE`` error, only
+  ``OBJECT_PUSH_SESSION_TTL_SECONDS`` (180 s) after its last part (``flwr/supercore/corestate``). So a pull
+  that outlasts `patience` is not taken for a SuperLink that is gone while the SuperLink still answers, a
+  restarted site's request is dropped before it is pulled, and a reply lost in upload is asked for again
+  like one lost to a node that went offline.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ from flwr.app import Message
 
 from ..errors import FederationError
 from ..logs import PROGRESS_SECONDS
-from .flower_internals import ErrorCode, RunNotRunningException
+from .flower_internals import OBJECT_PUSH_SESSION_TTL_SECONDS, ErrorCode, RunNotRunningException
 
 _logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 3.0  # how often replies are pulled and an offline site is looked for (as Flower's send_and_receive pulls)
 WAKE_SECONDS = 0.5  # longest uninterrupted wait of the main thread
+LOST = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE)  # the SuperLink's replies for a request never answered
 
 
 def progress_line(name: str, done: int, total: int, waiting: Sequence[str], seconds_left: float,
@@ -89,15 +96,20 @@ class BoundedGrid:
         return list(self._bounded("push_messages", self.patience, self._grid.push_messages, list(messages)))
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return list(self._bounded("pull_messages", self.patience, self._grid.pull_messages, list(message_ids)))
+        """Waits longer than `patience` as long as the SuperLink answers a `get_nodes` every `patience`: the
+        pull is then waiting for a reply still being uploaded, not for a SuperLink that is gone."""
+        return list(self._bounded("pull_messages", self.patience, self._grid.pull_messages, list(message_ids),
+                                  still_there=self.get_nodes))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         limit = (timeout or 0.0) + self.patience
         return list(self._bounded("send_and_receive", limit, self._grid.send_and_receive, list(messages),
                                   timeout=timeout))
 
-    def _bounded(self, what: str, limit: float, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """`call` in a daemon thread (Flower's retry loop cannot be interrupted), waited for at most `limit`."""
+    def _bounded(self, what: str, limit: float, call: Callable[..., Any], *args: Any,
+                 still_there: Callable[[], object] | None = None, **kwargs: Any) -> Any:
+        """`call` in a daemon thread (Flower's retry loop cannot be interrupted), waited for at most `limit`, or
+        for another `limit` each time `still_there` (itself bounded) shows the SuperLink answering meanwhile."""
         outcome: dict[str, Any] = {}
         done = threading.Event()
 
@@ -110,11 +122,20 @@ class BoundedGrid:
                 done.set()
 
         threading.Thread(target=target, name=f"grid.{what}", daemon=True).start()
-        deadline = time.monotonic() + limit
-        # short waits: a signal raised by another thread (Flower's parent-pid monitor raises SIGINT) is handled
-        # only when this, the main thread, runs Python code again
-        while not done.wait(min(WAKE_SECONDS, max(deadline - time.monotonic(), 0.0))) and time.monotonic() < deadline:
-            pass
+        start = time.monotonic()
+        deadline = start + limit
+        while True:
+            # short waits: a signal raised by another thread (Flower's parent-pid monitor raises SIGINT) is
+            # handled only when this, the main thread, runs Python code again
+            while not done.wait(min(WAKE_SECONDS, max(deadline - time.monotonic(), 0.0))) and time.monotonic() < deadline:
+                pass
+            if done.is_set() or still_there is None:
+                break
+            still_there()  # raises FederationError if the SuperLink does not answer either
+            _logger.info("%s: still receiving after %.0f s; the SuperLink answers, so a reply is still being "
+                         "uploaded (one whose site stopped mid-upload is released %d s after its last part)",
+                         what, time.monotonic() - start, OBJECT_PUSH_SESSION_TTL_SECONDS)
+            deadline = time.monotonic() + limit
         if not done.is_set():
             raise FederationError(f"the SuperLink did not answer ({what}) within {limit:.0f} s: it is down or "
                                   "unreachable, so the run stops. Restart it with the same --database and submit "
@@ -138,10 +159,11 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *, timeout: f
     the server held every site's reply at once (+126 MiB per site with 113 MB statistics replies,
     docs/benchmarks.md); here the caller judges and drops one before the next is pulled. `replies` holds
     several messages if the SuperLink returned several to one request, none if it did not accept the request.
-    A node reported unavailable, or online again since it was asked, is asked again with a copy of its message
-    before the deadline (if it does not come back, its replies are that error). A reply that reached the
-    SuperLink before the deadline is taken even if the caller's work on earlier ones ran past it. A node never
-    yielded did not answer within `timeout`. `progress` hears of each node yielded and of the wait in between.
+    A node reported unavailable (offline, or its reply lost in upload), or online again since it was asked, is
+    asked again with a copy of its message before the deadline (if it does not come back, its replies are that
+    error). A reply that reached the SuperLink before the deadline is taken even if the caller's work on earlier
+    ones ran past it. A node never yielded did not answer within `timeout`. `progress` hears of each node
+    yielded and of the wait in between.
     """
     deadline = time.monotonic() + timeout
     asked = {message.metadata.dst_node_id: message for message in messages}
@@ -155,16 +177,32 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *, timeout: f
         if progress is not None:
             progress.reply(node, left())
         yield node, []
-    offline: dict[int, Message] = {}  # node -> the SuperLink's "node unavailable" reply
+    offline: dict[int, Message] = {}  # node -> the SuperLink's "node unavailable" or "message unavailable" reply
     while pending or offline:
         expired = time.monotonic() >= deadline
+        # before pulling: a restarted node's request went to its previous life, and a reply that life left
+        # half-uploaded would hold the pull until the SuperLink gives up on it
+        online = _activations(grid)
+        restarted = {message_id: node for message_id, node in pending.items()
+                     if node in activated and online.get(node, activated[node]) != activated[node]}
+        for message_id in restarted:
+            del pending[message_id]
+        back = [] if expired else sorted(set(offline) & set(online) | set(restarted.values()))
+        if back:
+            _logger.info("node(s) %s connected again: asking again", ", ".join(map(str, back)))
+            for node in back:
+                offline.pop(node, None)
+                activated[node] = online[node]
+            pending.update(_push(grid, [_copy(asked[node]) for node in back]))
         for message_id, node in list(pending.items()):
             replies = list(grid.pull_messages([message_id]))
             if not replies:
                 continue
             del pending[message_id]
-            if len(replies) == 1 and replies[0].has_error() and replies[0].error.code == ErrorCode.NODE_UNAVAILABLE:
-                _logger.warning("node %s went offline during the round; it is asked again if it reconnects in time", node)
+            if len(replies) == 1 and replies[0].has_error() and replies[0].error.code in LOST:
+                _logger.warning("node %s: its reply was lost (%s); it is asked again if it is connected in time",
+                                node, "it went offline" if replies[0].error.code == ErrorCode.NODE_UNAVAILABLE
+                                else "its upload did not complete")
                 offline[node] = replies[0]
                 continue
             if progress is not None:
@@ -173,18 +211,6 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *, timeout: f
             del replies  # the caller's copy is the only one left
         if expired:
             break
-        online = _activations(grid)
-        restarted = {message_id: node for message_id, node in pending.items()
-                     if online.get(node, activated.get(node)) != activated.get(node)}
-        back = sorted(set(offline) & set(online) | set(restarted.values()))
-        if back:
-            _logger.info("node(s) %s connected again: asking again", ", ".join(map(str, back)))
-            for node in back:
-                offline.pop(node, None)
-                activated[node] = online[node]
-            for message_id in restarted:  # delivered to the SuperNode's previous life: never answered
-                del pending[message_id]
-            pending.update(_push(grid, [_copy(asked[node]) for node in back]))
         if pending or offline:
             if progress is not None:
                 progress.wait(left())

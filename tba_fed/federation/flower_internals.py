@@ -18,6 +18,9 @@ Why each is needed (Flower 1.42 offers no public way):
   are not; a Grid raises ``RunNotRunningException`` once the SuperLink stopped the run. A SuperNode restarted
   between two pulls is seen only by its ``NodeInfo.last_activated_at`` (from the public ``Grid.get_nodes``;
   the field's meaning, set only when a node comes online, is read off ``sql_linkstate.activate_node``).
+  A reply whose SuperNode stopped mid-upload holds a pull until its push session expires,
+  ``OBJECT_PUSH_SESSION_TTL_SECONDS`` after its last part (``corestate.store_object``/``get_object``), and
+  then comes as a ``MESSAGE_UNAVAILABLE`` error (``HttpGrid.pull_messages``).
 - SuperNode keys (tests/test_preflight.py, test_deployment.py): the byte form the SuperLink stores and lists
   keys in, and the curves it accepts.
 - Flower's config file (tests/test_submit.py): where ``flwr`` reads connections, and its default content.
@@ -65,6 +68,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
+from flwr.supercore.constant import OBJECT_PUSH_SESSION_TTL_SECONDS
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
 from flwr.supercore.run import RunNotRunningException
 from flwr.supercore.task_identity import TaskIdentity
@@ -72,7 +76,8 @@ from flwr.supercore.task_identity import TaskIdentity
 FLOWER_CHECKED = "1.42.0"
 
 __all__ = ["ActivateNodeRequest", "ClientAppException", "ClientProxy", "ErrorCode", "FleetNode", "NodeInfo",  # re-exported
-           "PullMessagesRequest", "RunNotRunningException", "public_key_to_bytes", "uses_nist_ec_curve"]
+           "OBJECT_PUSH_SESSION_TTL_SECONDS", "PullMessagesRequest", "RunNotRunningException", "public_key_to_bytes",
+           "uses_nist_ec_curve"]
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 
