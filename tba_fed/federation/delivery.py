@@ -18,9 +18,9 @@ Two things Flower 1.41 leaves to the app (measured on loopback: docs/deployment.
 * A pull waits for a reply's parts to finish uploading, and a SuperNode that stops mid-upload leaves its reply
   half there: Flower's SuperLink releases it, as a ``MESSAGE_UNAVAILABLE`` error, only
   ``OBJECT_PUSH_SESSION_TTL_SECONDS`` (180 s) after its last part (``flwr/supercore/corestate``). So a pull
-  that outlasts `patience` is not taken for a SuperLink that is gone while the SuperLink still answers, a
-  restarted site's request is dropped before it is pulled, and a reply lost in upload is asked for again
-  like one lost to a node that went offline.
+  is left to run while the SuperLink answers, a restarted site's request is dropped
+  (before its pull, or during it), and a reply lost in upload is asked for again like one lost to a node
+  that went offline.
 """
 
 from __future__ import annotations
@@ -77,7 +77,10 @@ class RoundProgress:
 
 class BoundedGrid:
     """A Grid whose calls to the SuperLink return within a deadline or raise FederationError. `patience`: how
-    long one call may wait for an unreachable SuperLink (``send_and_receive`` gets its own timeout on top)."""
+    long one call may wait for an unreachable SuperLink (``send_and_receive`` gets its own timeout on top).
+    ``pull_messages`` passes through: it also waits for a reply's parts still being uploaded, for as long as
+    they take, so `replies_as_they_arrive` asks for the nodes (a bounded call) every POLL_SECONDS while it
+    waits, and says what a Flower error from it means."""
 
     def __init__(self, grid: Any, patience: float) -> None:
         self._grid = grid
@@ -95,60 +98,36 @@ class BoundedGrid:
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         return list(self._bounded("push_messages", self.patience, self._grid.push_messages, list(messages)))
 
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        """Waits longer than `patience` as long as the SuperLink answers a `get_nodes` every `patience`: the
-        pull is then waiting for a reply still being uploaded, not for a SuperLink that is gone."""
-        return list(self._bounded("pull_messages", self.patience, self._grid.pull_messages, list(message_ids),
-                                  still_there=self.get_nodes))
-
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         limit = (timeout or 0.0) + self.patience
         return list(self._bounded("send_and_receive", limit, self._grid.send_and_receive, list(messages),
                                   timeout=timeout))
 
-    def _bounded(self, what: str, limit: float, call: Callable[..., Any], *args: Any,
-                 still_there: Callable[[], object] | None = None, **kwargs: Any) -> Any:
-        """`call` in a daemon thread (Flower's retry loop cannot be interrupted), waited for at most `limit`, or
-        for another `limit` each time `still_there` (itself bounded) shows the SuperLink answering meanwhile."""
-        outcome: dict[str, Any] = {}
-        done = threading.Event()
-
-        def target() -> None:
-            try:
-                outcome["value"] = call(*args, **kwargs)
-            except BaseException as err:  # noqa: B036 - RunNotRunningException is a BaseException
-                outcome["error"] = err
-            finally:
-                done.set()
-
-        threading.Thread(target=target, name=f"grid.{what}", daemon=True).start()
-        start = time.monotonic()
-        deadline = start + limit
-        while True:
-            # short waits: a signal raised by another thread (Flower's parent-pid monitor raises SIGINT) is
-            # handled only when this, the main thread, runs Python code again
-            while not done.wait(min(WAKE_SECONDS, max(deadline - time.monotonic(), 0.0))) and time.monotonic() < deadline:
-                pass
-            if done.is_set() or still_there is None:
-                break
-            still_there()  # raises FederationError if the SuperLink does not answer either
-            _logger.info("%s: still receiving after %.0f s; the SuperLink answers, so a reply is still being "
-                         "uploaded (one whose site stopped mid-upload is released %d s after its last part)",
-                         what, time.monotonic() - start, OBJECT_PUSH_SESSION_TTL_SECONDS)
-            deadline = time.monotonic() + limit
+    def _bounded(self, what: str, limit: float, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`call` in a daemon thread (Flower's retry loop cannot be interrupted), waited for at most `limit`."""
+        done, outcome = _in_thread(f"grid.{what}", call, *args, **kwargs)
+        deadline = time.monotonic() + limit
+        # short waits: a signal raised by another thread (Flower's parent-pid monitor raises SIGINT) is handled
+        # only when this, the main thread, runs Python code again
+        while not done.wait(min(WAKE_SECONDS, max(deadline - time.monotonic(), 0.0))) and time.monotonic() < deadline:
+            pass
         if not done.is_set():
             raise FederationError(f"the SuperLink did not answer ({what}) within {limit:.0f} s: it is down or "
                                   "unreachable, so the run stops. Restart it with the same --database and submit "
                                   "the run again")
-        error = outcome.get("error")
-        if isinstance(error, RunNotRunningException):
-            raise FederationError("the SuperLink no longer runs this run (stopped with `flwr stop`, or marked failed "
-                                  "because the ServerApp's heartbeat did not reach it): submit the run again") from None
-        if isinstance(error, httpx.HTTPError):
-            raise FederationError(f"the SuperLink refused {what}: {error}") from error
-        if error is not None:
-            raise error
+        if "error" in outcome:
+            _raise(what, outcome["error"])
         return outcome["value"]
+
+
+def _raise(what: str, error: BaseException) -> None:
+    """Raise `error` from Flower's Grid, as a FederationError that says what to do when it is the SuperLink's."""
+    if isinstance(error, RunNotRunningException):
+        raise FederationError("the SuperLink no longer runs this run (stopped with `flwr stop`, or marked failed "
+                              "because the ServerApp's heartbeat did not reach it): submit the run again") from None
+    if isinstance(error, httpx.HTTPError):
+        raise FederationError(f"the SuperLink refused {what}: {error}") from error
+    raise error
 
 
 def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *, timeout: float,
@@ -195,8 +174,8 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *, timeout: f
                 activated[node] = online[node]
             pending.update(_push(grid, [_copy(asked[node]) for node in back]))
         for message_id, node in list(pending.items()):
-            replies = list(grid.pull_messages([message_id]))
-            if not replies:
+            replies = _pull_unless_restarted(grid, message_id, node, activated.get(node))
+            if not replies:  # none in yet, or dropped: the next pass asks the restarted node again
                 continue
             del pending[message_id]
             if len(replies) == 1 and replies[0].has_error() and replies[0].error.code in LOST:
@@ -217,6 +196,51 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *, timeout: f
             time.sleep(min(POLL_SECONDS, max(left(), 0.0)))
     for node, error in offline.items():
         yield node, [error]
+
+
+def _in_thread(name: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[threading.Event, dict[str, Any]]:
+    """Start `call` in a daemon thread (Flower's Grid calls cannot be interrupted); the event is set when its
+    outcome holds its "value" or its "error"."""
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["value"] = call(*args, **kwargs)
+        except BaseException as err:  # noqa: B036 - RunNotRunningException is a BaseException
+            outcome["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return done, outcome
+
+
+def _pull_unless_restarted(grid: Any, message_id: str, node: int, since: str | None) -> list[Message]:
+    """The replies the SuperLink has for `message_id`, or none if `node` comes online again (its activation
+    time is no longer `since`) while the pull waits for its reply's parts: the life that was sending them is
+    gone, and the SuperLink would hold the pull until the upload's push session expires. Asking for the nodes
+    every POLL_SECONDS also ends the wait, with FederationError, if the SuperLink is gone."""
+    done, outcome = _in_thread("grid.pull_messages", grid.pull_messages, [message_id])
+    start = time.monotonic()
+    look, say = start + POLL_SECONDS, start + PROGRESS_SECONDS
+    while not done.wait(WAKE_SECONDS):
+        now = time.monotonic()
+        if now >= look:
+            online = _activations(grid)  # also the SuperLink's sign of life
+            if since is not None and online.get(node, since) != since:
+                _logger.warning("node %s came online again while its reply was being received: that reply is "
+                                "dropped", node)
+                return []
+            look = time.monotonic() + POLL_SECONDS
+        if now >= say:
+            _logger.info("node %s: its reply still being received after %.0f s (one whose site stopped mid-upload "
+                         "is released by the SuperLink %d s after its last part)", node, now - start,
+                         OBJECT_PUSH_SESSION_TTL_SECONDS)
+            say = now + PROGRESS_SECONDS
+    if "error" in outcome:
+        _raise("pull_messages", outcome["error"])
+    return list(outcome["value"])
 
 
 def _push(grid: Any, messages: list[Message]) -> dict[str, int]:
