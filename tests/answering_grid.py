@@ -1,14 +1,17 @@
 """The Grid calls the server makes of Flower's (`push_messages`, `pull_messages`), over stand-in sites
 that answer the moment a message is pushed. Replies are filed under the message they answer, as the
 SuperLink files them: by `reply_to_message_id` when a reply names it (the SuperLink's own error replies
-do), else by the node that sent it. Nodes are online from the first message pushed to them, with the
-activation time (Flower's ``NodeInfo.last_activated_at``) in `activated`."""
+do), else by the node that sent it. Nodes are online from when they are first listed or sent a message, with
+the activation time (Flower's ``NodeInfo.last_activated_at``) in `activated`, as a SuperLink keeps it: set
+once when a node comes online."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 from tba_fed.federation.flower_internals import NodeInfo
+
+FIRST_ACTIVATION = "2026-01-01T00:00:00+00:00"
 
 
 class AnsweringGrid:
@@ -22,7 +25,8 @@ class AnsweringGrid:
         return list(self.activated)
 
     def get_nodes(self) -> list[NodeInfo]:
-        return [NodeInfo(node_id=node, last_activated_at=self.activated.get(node, "")) for node in self.get_node_ids()]
+        return [NodeInfo(node_id=node, last_activated_at=self.activated.setdefault(node, FIRST_ACTIVATION))
+                for node in self.get_node_ids()]
 
     def answer(self, messages: list) -> list:
         raise NotImplementedError
@@ -33,7 +37,7 @@ class AnsweringGrid:
             msg.metadata.__dict__["_message_id"] = msg.object_id  # what Flower's grid does when it pushes
         by_node = {msg.metadata.dst_node_id: msg.metadata.message_id for msg in messages}
         for node in by_node:
-            self.activated.setdefault(node, "2026-01-01T00:00:00+00:00")
+            self.activated.setdefault(node, FIRST_ACTIVATION)
         for reply in self.answer(messages):
             message_id = getattr(reply.metadata, "reply_to_message_id", None) or by_node[reply.metadata.src_node_id]
             self._waiting.setdefault(message_id, []).append(reply)

@@ -32,7 +32,6 @@ class RestartingSites(AnsweringGrid):
         super().__init__()
         self.offline, self.down = set(offline), down
         self.asked: dict[int, list[Message]] = {11: [], 12: [], 13: []}
-        self.activated = dict.fromkeys(self.asked, "2026-01-01T00:00:00+00:00")  # online before the round
 
     def get_node_ids(self) -> list[int]:
         self.down -= 1
@@ -85,7 +84,9 @@ class RestartedBetweenPolls(AnsweringGrid):
     def __init__(self) -> None:
         super().__init__()
         self.asked: dict[int, list[Message]] = {11: [], 12: [], 13: []}
-        self.activated = dict.fromkeys(self.asked, "2026-01-01T00:00:00+00:00")  # online before the round
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.asked)  # connected before the round
 
     def answer(self, messages):
         replies = []
@@ -251,9 +252,11 @@ class HalfUploaded(AnsweringGrid):
         super().__init__()
         self.restarts, self.upload_seconds = restarts, upload_seconds
         self.asked: dict[int, list[Message]] = {11: [], 12: [], 13: []}
-        self.activated = dict.fromkeys(self.asked, "2026-01-01T00:00:00+00:00")
         self.half: set[str] = set()
         self.pulled_half = 0
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.asked)  # connected before the round
 
     def answer(self, messages):
         replies = []
