@@ -163,7 +163,7 @@ def replies_as_they_arrive(grid: Any, messages: Sequence[Message], *, timeout: f
         # half-uploaded would hold the pull until the SuperLink gives up on it
         online = _activations(grid)
         restarted = {message_id: node for message_id, node in pending.items()
-                     if node in activated and online.get(node, activated[node]) != activated[node]}
+                     if _restarted(online, node, activated.get(node))}
         for message_id in restarted:
             del pending[message_id]
         back = [] if expired else sorted(set(offline) & set(online) | set(restarted.values()))
@@ -227,8 +227,7 @@ def _pull_unless_restarted(grid: Any, message_id: str, node: int, since: str | N
     while not done.wait(WAKE_SECONDS):
         now = time.monotonic()
         if now >= look:
-            online = _activations(grid)  # also the SuperLink's sign of life
-            if since is not None and online.get(node, since) != since:
+            if _restarted(_activations(grid), node, since):  # asking is also the SuperLink's sign of life
                 _logger.warning("node %s came online again while its reply was being received: that reply is "
                                 "dropped", node)
                 return []
@@ -252,6 +251,11 @@ def _push(grid: Any, messages: list[Message]) -> dict[str, int]:
 def _activations(grid: Any) -> dict[int, str]:
     """Online node id -> when it last came online (the SuperLink changes it only when a node connects)."""
     return {int(node.node_id): node.last_activated_at for node in grid.get_nodes()}
+
+
+def _restarted(online: Mapping[int, str], node: int, since: str | None) -> bool:
+    """Whether `node`, online since `since` when it was asked, has come online again (offline counts as not yet)."""
+    return since is not None and online.get(node, since) != since
 
 
 def _copy(message: Message) -> Message:
