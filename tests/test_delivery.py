@@ -94,11 +94,18 @@ class RestartedBetweenPolls(AnsweringGrid):
             node = msg.metadata.dst_node_id
             self.asked[node].append(msg)
             if node == 12 and len(self.asked[12]) == 1:  # delivered to the life that was stopped
-                self.activated[12] = "2026-01-01T00:00:07+00:00"
+                self.lost(msg)
                 continue
             replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
                                            content=msg.content))
         return replies
+
+    def lost(self, msg: Message) -> None:
+        """Node 12's first message: its SuperNode stops and starts again."""
+        self.restart()
+
+    def restart(self) -> None:
+        self.activated[12] = "2026-01-01T00:00:07+00:00"
 
 
 def test_a_site_restarted_between_two_pulls_is_asked_again_from_its_new_activation_time():
@@ -241,7 +248,7 @@ def test_a_reply_is_taken_as_soon_as_it_arrives_and_one_after_the_deadline_is_no
     assert dict(replies_as_they_arrive(LateSite(delay=1.0), _messages([11, 12]), timeout=0.3)).keys() == {11}
 
 
-class HalfUploaded(AnsweringGrid):
+class HalfUploaded(RestartedBetweenPolls):
     """Node 12's SuperNode stops while uploading its reply to its first message: the SuperLink holds the pull of
     that message until the upload's push session expires (`upload_seconds` here, 180 s in Flower), then
     answers it with MESSAGE_UNAVAILABLE. `restarts`: the SuperNode comes back (a new activation time) before
@@ -251,33 +258,20 @@ class HalfUploaded(AnsweringGrid):
     def __init__(self, restarts: str | None, upload_seconds: float) -> None:
         super().__init__()
         self.restarts, self.upload_seconds = restarts, upload_seconds
-        self.asked: dict[int, list[Message]] = {11: [], 12: [], 13: []}
         self.half: set[str] = set()
         self.pulled_half = 0
 
-    def get_node_ids(self) -> list[int]:
-        return list(self.asked)  # connected before the round
-
-    def answer(self, messages):
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            self.asked[node].append(msg)
-            if node == 12 and len(self.asked[12]) == 1:
-                self.half.add(msg.metadata.message_id)
-                if self.restarts == "before":
-                    self.activated[12] = "2026-01-01T00:00:07+00:00"
-                continue
-            replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
-                                           content=msg.content))
-        return replies
+    def lost(self, msg: Message) -> None:
+        self.half.add(msg.metadata.message_id)
+        if self.restarts == "before":
+            self.restart()
 
     def pull_messages(self, message_ids):
         message_ids = list(message_ids)
         for message_id in set(message_ids) & self.half:
             self.pulled_half += 1
             if self.restarts == "during":
-                self.activated[12] = "2026-01-01T00:00:07+00:00"
+                self.restart()
             time.sleep(self.upload_seconds)  # Flower's pull_objects, retrying the parts that never come
             self.half.discard(message_id)
             self._waiting[message_id] = [SimpleNamespace(
