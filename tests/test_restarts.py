@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tba_fed.plan import parse_plan
+from tba_fed.privacy.accounting import epsilon_spent
 from tba_fed.privacy.ledger import PrivacyLedger
 
 from cluster import SITES, Cluster, alive, assert_maps_equal, descendants, run_id, wait_for_line, wait_gone
@@ -154,7 +155,9 @@ def test_supernode_restarted_mid_round_rejoins_and_spends_its_budget_once(cluste
     ledgers = {site: PrivacyLedger(cluster.tmp / site / "privacy-ledger.json") for site in SITES}
     this_run = str(run_id(out.splitlines()))
     for ledger in ledgers.values():  # exactly one entry per (run, release) at each site, the restarted one included
-        assert [e.release for e in ledger.entries() if e.run_id == this_run] == ["statistics"]
+        entries = [e for e in ledger.entries() if e.run_id == this_run]
+        assert [e.release for e in entries] == ["statistics"]
+        assert epsilon_spent([(e.noise_multiplier, 1) for e in entries], 1e-5, "rdp") == pytest.approx(8.0, rel=0.02)
     # one run's ε, not two: what a site that never restarted, in the same runs, spent (≥ one run's 8)
     spent = {site: ledger.spent(1e-5) for site, ledger in ledgers.items()}
     assert spent["hospital-c"] == pytest.approx(spent["hospital-a"], rel=1e-9) and spent["hospital-a"] >= 7.8
